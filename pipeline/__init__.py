@@ -1,0 +1,21 @@
+"""sinktrace: replay training checkpoints and trace how attention sinks form."""
+
+__version__ = "0.1.0"
+
+
+def open_sinks(path: str, group: str | None = None):
+    """Open a sinktrace store: one probe group as an xarray.Dataset, or the whole store as an xarray.DataTree."""
+    from .store import open_sinks as _open
+
+    return _open(path, group)
+
+
+def demo_store() -> str:
+    """The demo run's store, building and replaying the demo run first if needed."""
+    from .cli import checkpoint_root, compose, run, store_path
+
+    cfg = compose(["stages=[replay]"])
+    status = run(cfg)
+    if status != 0:
+        raise RuntimeError(f"replaying the demo run failed (exit status {status})")
+    return store_path(cfg, checkpoint_root(cfg)[0])

@@ -1,0 +1,532 @@
+"""The built-in demo: a real training run, built from scratch, in which a first-token sink emerges.
+
+The task is Bigram-Backcopy (Guo et al. 2024, "Active-Dormant Attention Heads"): every sequence starts with BOS;
+after one of a few trigger tokens the next token repeats the token before the trigger; everywhere else the next
+token follows a fixed random bigram chain. A tiny Llama-style model learns to copy at triggers with a layer-0
+head and, with nothing to do at the other positions, parks that head on position 0: the sink.
+
+`build_demo_run` trains such a model and saves checkpoints in the Hugging Face Trainer layout
+(`checkpoint-<step>/` with `config.json`, `model.safetensors`, `trainer_state.json`, `optimizer.pt`), so the
+demo exercises the same discovery and loading code as a user's run. Each checkpoint is written under a
+`checkpoint-<step>.tmp` name and renamed when complete; the build resumes from its last checkpoint after a kill
+and writes `DEMO_COMPLETE` when done. `ensure_demo_run` builds once into a cache folder and reuses it after.
+
+Run `python -m pipeline.demo --help` to build a run and print its layer-0 emergence table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RECIPE_VERSION = 1
+COMPLETE_MARKER = "DEMO_COMPLETE"
+RECIPE_FILE = "demo_recipe.json"
+BOS = 0  # token id of BOS; content tokens are 1..vocab_size-1
+
+
+# --------------------------------------------------------------------------------------------------- the recipe
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    """Everything that determines the demo run: same recipe, same checkpoints (on the same thread count)."""
+
+    steps: int = 6000
+    every: int = 250  # checkpoint interval; step 0 (the initialisation) is always saved
+    seed: int = 0  # model initialisation, the task's chain and triggers, and the data stream
+    # task
+    vocab_size: int = 64  # BOS + 63 content tokens
+    n_triggers: int = 3
+    trigger_share: float = 0.1  # probability that a bigram step lands on a trigger (the triggers are frequent)
+    branching: int = 8  # non-trigger successors per token in the bigram chain
+    seq_len: int = 64
+    # model
+    hidden_size: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    # optimisation
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+    def __post_init__(self):
+        if self.steps < 1 or self.every < 1:
+            raise ValueError(f"steps and every must be >= 1 (got steps={self.steps}, every={self.every})")
+        if self.vocab_size < self.n_triggers + 3 or self.n_triggers < 1:
+            raise ValueError(f"vocab_size={self.vocab_size} leaves no room for {self.n_triggers} triggers")
+        if not 1 <= self.branching <= self.vocab_size - 1 - self.n_triggers:
+            raise ValueError(f"branching must be in 1..{self.vocab_size - 1 - self.n_triggers} (got {self.branching})")
+        if not 0 <= self.trigger_share < 1:
+            raise ValueError(f"trigger_share must be in [0, 1) (got {self.trigger_share})")
+        if self.seq_len < 3:
+            raise ValueError(f"seq_len must be >= 3 (got {self.seq_len})")
+
+    def schedule(self) -> list[int]:
+        """The steps that get a checkpoint: 0, every, 2*every, ..., and always the last step."""
+        steps = list(range(0, self.steps, self.every)) + [self.steps]
+        return sorted(set(steps))
+
+    def to_dict(self) -> dict:
+        return {"recipe_version": RECIPE_VERSION, **dataclasses.asdict(self)}
+
+    def name(self) -> str:
+        digest = hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+        return f"bigram-backcopy-seed{self.seed}-{self.steps}steps-{digest}"
+
+
+# ----------------------------------------------------------------------------------------------------- the task
+
+
+@dataclass(frozen=True, eq=False)
+class BigramBackcopy:
+    """One instance of the task: the trigger tokens and the bigram chain, fixed by a seed."""
+
+    vocab_size: int
+    triggers: tuple[int, ...]
+    successors: np.ndarray  # int64 [vocab_size, n]: the tokens that may follow each token (row 0, BOS, unused)
+    probs: np.ndarray  # float64 [vocab_size, n]: their probabilities
+
+    def is_trigger(self, tokens) -> np.ndarray:
+        return np.isin(np.asarray(tokens), np.asarray(self.triggers))
+
+    def allowed_next(self, token: int) -> set[int]:
+        """The tokens the bigram chain may put after `token` (the rule for non-trigger tokens)."""
+        return {int(t) for t, p in zip(self.successors[token], self.probs[token]) if p > 0}
+
+    def first_tokens(self) -> np.ndarray:
+        """Tokens that may follow BOS: any non-trigger content token (a trigger there would copy BOS)."""
+        content = np.arange(1, self.vocab_size)
+        return content[~self.is_trigger(content)]
+
+
+def demo_task(*, vocab_size: int = DemoRecipe.vocab_size, n_triggers: int = DemoRecipe.n_triggers,
+              trigger_share: float = DemoRecipe.trigger_share, branching: int = DemoRecipe.branching,
+              seed: int = 0) -> BigramBackcopy:
+    """The task instance for a seed: random triggers and a random sparse bigram chain over the content tokens.
+
+    Each content token is followed by one of `branching` random non-trigger tokens (Dirichlet(1) weights) with
+    total probability 1 - trigger_share, or by one of the triggers (equal weights) with total trigger_share.
+    """
+    rng = np.random.default_rng([seed, 1])
+    content = np.arange(1, vocab_size)
+    triggers = np.sort(rng.choice(content, size=n_triggers, replace=False))
+    plain = np.setdiff1d(content, triggers)
+    successors = np.zeros((vocab_size, branching + n_triggers), dtype=np.int64)
+    probs = np.zeros((vocab_size, branching + n_triggers), dtype=np.float64)
+    for token in content:
+        successors[token] = np.concatenate([np.sort(rng.choice(plain, size=branching, replace=False)), triggers])
+        probs[token] = np.concatenate([(1 - trigger_share) * rng.dirichlet(np.ones(branching)),
+                                       np.full(n_triggers, trigger_share / n_triggers)])
+    return BigramBackcopy(vocab_size=vocab_size, triggers=tuple(int(t) for t in triggers), successors=successors,
+                          probs=probs)
+
+
+def demo_batch(task: BigramBackcopy, *, batch_size: int, seq_len: int, seed: int, step: int) -> torch.Tensor:
+    """The training batch for one step: int64 [batch_size, seq_len], a function of (task, seed, step) only.
+
+    Position 0 is BOS, position 1 a uniform non-trigger content token; then, for t >= 1, the token after a trigger
+    at t repeats the token at t-1, and the token after any other token is drawn from the bigram chain.
+    """
+    rng = np.random.default_rng([seed, 2, step])
+    tokens = np.empty((batch_size, seq_len), dtype=np.int64)
+    tokens[:, 0] = BOS
+    tokens[:, 1] = rng.choice(task.first_tokens(), size=batch_size)
+    cdf = np.cumsum(task.probs, axis=1)
+    cdf[:, -1] = 1.0  # guard against rounding: u < 1 always lands in the row
+    for t in range(1, seq_len - 1):
+        current = tokens[:, t]
+        pick = (rng.random(batch_size)[:, None] >= cdf[current]).sum(axis=1)
+        bigram = task.successors[current, pick]
+        tokens[:, t + 1] = np.where(task.is_trigger(current), tokens[:, t - 1], bigram)
+    return torch.from_numpy(tokens)
+
+
+# ---------------------------------------------------------------------------------------------------- the model
+
+
+def demo_config(*, vocab_size: int = DemoRecipe.vocab_size, hidden_size: int = DemoRecipe.hidden_size,
+                n_layers: int = DemoRecipe.n_layers, n_heads: int = DemoRecipe.n_heads,
+                seq_len: int = DemoRecipe.seq_len):
+    """The demo model: a tiny Llama (RoPE, RMSNorm, SwiGLU), BOS = token 0, no EOS or padding."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_heads,
+        head_dim=hidden_size // n_heads,
+        max_position_embeddings=seq_len,
+        bos_token_id=BOS,
+        eos_token_id=None,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+        use_cache=False,
+    )
+
+
+def _recipe_config(recipe: DemoRecipe):
+    return demo_config(vocab_size=recipe.vocab_size, hidden_size=recipe.hidden_size, n_layers=recipe.n_layers,
+                       n_heads=recipe.n_heads, seq_len=recipe.seq_len)
+
+
+def _recipe_task(recipe: DemoRecipe) -> BigramBackcopy:
+    return demo_task(vocab_size=recipe.vocab_size, n_triggers=recipe.n_triggers,
+                     trigger_share=recipe.trigger_share, branching=recipe.branching, seed=recipe.seed)
+
+
+def _lr_at(recipe: DemoRecipe, step: int) -> float:
+    """Linear warm-up, then constant: a decay would slow the sink down right where the demo wants to show it."""
+    return recipe.lr * min(1.0, (step + 1) / max(1, recipe.warmup))
+
+
+# ----------------------------------------------------------------------------------------------------- the build
+
+
+def build_demo_run(root: str | Path, *, steps: int = DemoRecipe.steps, every: int = DemoRecipe.every,
+                   seed: int = DemoRecipe.seed, progress: bool = True, **recipe_overrides) -> Path:
+    """Train the demo model into `root`, one `checkpoint-<step>/` folder per scheduled step; returns `root`.
+
+    Resumable: after a kill, calling again with the same recipe continues from the last complete checkpoint
+    (leftover `*.tmp` folders are removed). A folder holding a different recipe is refused, not overwritten.
+
+    Args:
+        root: the run folder (created if missing).
+        steps, every, seed: the run's length, checkpoint interval and seed.
+        progress: draw a tqdm bar over the training steps.
+        **recipe_overrides: any other `DemoRecipe` field (lr, warmup, vocab_size, ...).
+    """
+    recipe = DemoRecipe(steps=steps, every=every, seed=seed, **recipe_overrides)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with _build_lock(root):
+        _check_recipe(root, recipe)
+        if _is_complete(root, recipe):
+            return root
+        (root / COMPLETE_MARKER).unlink(missing_ok=True)
+        for leftover in root.glob("checkpoint-*.tmp"):
+            shutil.rmtree(leftover)
+        _train(root, recipe, progress)
+        _write_json_atomic(root / COMPLETE_MARKER, recipe.to_dict())
+    return root
+
+
+def ensure_demo_run(cache_dir: str | Path, **kwargs) -> Path:
+    """The demo run for this recipe under `cache_dir/<recipe name>/`: built on the first call, reused after."""
+    progress = kwargs.pop("progress", True)
+    recipe = DemoRecipe(**kwargs)
+    root = Path(cache_dir) / recipe.name()
+    if _is_complete(root, recipe):
+        return root
+    overrides = {k: v for k, v in dataclasses.asdict(recipe).items() if k not in ("steps", "every", "seed")}
+    return build_demo_run(root, steps=recipe.steps, every=recipe.every, seed=recipe.seed, progress=progress,
+                          **overrides)
+
+
+def _train(root: Path, recipe: DemoRecipe, progress: bool) -> None:
+    from transformers import LlamaForCausalLM
+
+    task = _recipe_task(recipe)
+    torch.manual_seed(recipe.seed)
+    model = LlamaForCausalLM(_recipe_config(recipe))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.95),
+                                  weight_decay=recipe.weight_decay)
+    schedule = recipe.schedule()
+    resumed = _resume(root, recipe, model, optimizer)
+    if resumed is not None:
+        start, log_history = resumed
+    else:
+        start, log_history = 0, []
+        _save_checkpoint(root, recipe, 0, model, optimizer, log_history)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=recipe.steps, initial=start, desc="demo training", unit="step", dynamic_ncols=True)
+    window = {"loss": 0.0, "loss_backcopy": 0.0, "loss_bigram": 0.0, "grad_norm": 0.0, "n": 0}
+    model.train()
+    try:
+        for step in range(start, recipe.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(recipe, step)
+            batch = demo_batch(task, batch_size=recipe.batch_size, seq_len=recipe.seq_len, seed=recipe.seed,
+                               step=step)
+            logits = model(input_ids=batch).logits[:, :-1]
+            per_token = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
+            ).view(batch.shape[0], -1)
+            loss = per_token.mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+            optimizer.step()
+
+            with torch.no_grad():  # split the loss by what the target needs: a copy or a bigram step
+                after_trigger = torch.from_numpy(task.is_trigger(batch[:, :-1].numpy()))
+                after_trigger[:, 0] = False  # the token after BOS is neither
+                bigram_mask = ~after_trigger
+                bigram_mask[:, 0] = False
+            window["loss"] += float(loss.detach())
+            window["loss_backcopy"] += float(per_token.detach()[after_trigger].mean()) if after_trigger.any() else 0.0
+            window["loss_bigram"] += float(per_token.detach()[bigram_mask].mean())
+            window["grad_norm"] += float(grad_norm)
+            window["n"] += 1
+            if bar is not None:
+                bar.update(1)
+                if step % 50 == 0:
+                    bar.set_postfix(loss=f"{float(loss):.3f}")
+            done = step + 1
+            if done in schedule:
+                n = window.pop("n")
+                log_history.append({"step": done, "learning_rate": _lr_at(recipe, step),
+                                    **{k: round(v / n, 6) for k, v in window.items()}})
+                window = {k: 0.0 for k in window} | {"n": 0}
+                _save_checkpoint(root, recipe, done, model, optimizer, log_history)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _save_checkpoint(root: Path, recipe: DemoRecipe, step: int, model, optimizer, log_history) -> None:
+    """Write `checkpoint-<step>.tmp/` in full, then rename it: a complete name always means a complete folder."""
+    final = root / f"checkpoint-{step}"
+    tmp = root / f"checkpoint-{step}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    with _quiet_transformers():
+        model.save_pretrained(tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    _write_trainer_state(tmp, recipe, step, log_history)
+    if final.exists():  # a stale copy past the resume point (see _resume): this run's version replaces it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _write_trainer_state(folder: Path, recipe: DemoRecipe, step: int, log_history) -> None:
+    state = {
+        "global_step": step,
+        "max_steps": recipe.steps,
+        "num_input_tokens_seen": step * recipe.batch_size * recipe.seq_len,
+        "save_steps": recipe.every,
+        "logging_steps": recipe.every,
+        "train_batch_size": recipe.batch_size,
+        "log_history": list(log_history),
+        "is_world_process_zero": True,
+        "is_local_process_zero": True,
+    }
+    _write_json_atomic(folder / "trainer_state.json", state)
+
+
+def _resume(root: Path, recipe: DemoRecipe, model, optimizer):
+    """Load the latest checkpoint that, with every scheduled one before it, is complete; None if there is none."""
+    from safetensors.torch import load_file
+
+    usable = []
+    for step in recipe.schedule():
+        if not _checkpoint_complete(root / f"checkpoint-{step}", step):
+            break
+        usable.append(step)
+    for step in reversed(usable):
+        folder = root / f"checkpoint-{step}"
+        try:
+            state = json.loads((folder / "trainer_state.json").read_text())
+            model.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
+            optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        except Exception:  # unreadable (e.g. a disk filled mid-write before the rename): fall back one checkpoint
+            continue
+        return step, state.get("log_history", [])
+    return None
+
+
+def _checkpoint_complete(folder: Path, step: int) -> bool:
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    names = ("config.json", "model.safetensors", "optimizer.pt")
+    return state.get("global_step") == step and all((folder / n).is_file() for n in names)
+
+
+def _is_complete(root: Path, recipe: DemoRecipe) -> bool:
+    try:
+        marker = json.loads((root / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    if marker != recipe.to_dict():
+        return False
+    return all((root / f"checkpoint-{s}" / "model.safetensors").is_file() for s in recipe.schedule())
+
+
+def _check_recipe(root: Path, recipe: DemoRecipe) -> None:
+    path = root / RECIPE_FILE
+    if path.exists():
+        try:
+            found = json.loads(path.read_text())
+        except ValueError:
+            found = None
+        if found is not None and found != recipe.to_dict():
+            raise ValueError(
+                f"{path}: this folder holds a demo run with another recipe ({_recipe_diff(found, recipe.to_dict())}); "
+                "use another folder or delete this one"
+            )
+        if found is not None:
+            return
+    elif any(root.glob("checkpoint-*")):
+        raise ValueError(f"{root}: holds checkpoint folders but no {RECIPE_FILE}; refusing to build a demo run into it")
+    _write_json_atomic(path, recipe.to_dict())
+
+
+def _recipe_diff(found: dict, wanted: dict) -> str:
+    keys = sorted(set(found) | set(wanted))
+    return ", ".join(f"{k}: {found.get(k)!r} there, {wanted.get(k)!r} asked" for k in keys if found.get(k) != wanted.get(k))
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Hide transformers' per-call progress bars ("Writing model shards") under the demo's own bar."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _build_lock(root: Path):
+    """One builder per folder at a time (a second caller waits), so two processes never interleave checkpoints."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(root / ".build.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------- a reference check of the emergence
+
+
+def layer0_sink(folder: str | Path, task_tokens: torch.Tensor, task: BigramBackcopy,
+                random_tokens: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+    """Attention to position 0 per (layer, head) with eager attention, over queries 1..T-1.
+
+    Returns "all" (task rows, every query), "non_trigger" (task rows, queries whose token is not a trigger) and,
+    with `random_tokens`, "random" (those rows, every query).
+    """
+    from transformers import AutoModelForCausalLM
+
+    with _quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+
+    def first_column(tokens):
+        with torch.no_grad():
+            out = model(input_ids=tokens, output_attentions=True, use_cache=False)
+        return torch.stack([a[:, :, 1:, 0] for a in out.attentions], dim=1)  # [rows, layer, head, T-1]
+
+    col = first_column(task_tokens)
+    keep = torch.from_numpy(~task.is_trigger(task_tokens[:, 1:].numpy()))[:, None, None, :]
+    result = {
+        "all": col.mean(dim=(0, 3)).numpy(),
+        "non_trigger": ((col * keep).sum(dim=(0, 3)) / keep.sum(dim=(0, 3))).numpy(),
+    }
+    if random_tokens is not None:
+        result["random"] = first_column(random_tokens).mean(dim=(0, 3)).numpy()
+    return result
+
+
+def emergence_table(root: str | Path, *, rows: int = 32, probe_seed: int = 0) -> list[dict]:
+    """Layer-0 sink (mean over heads) at every checkpoint of a demo run, measured with eager attention."""
+    root = Path(root)
+    recipe_dict = json.loads((root / RECIPE_FILE).read_text())
+    recipe = DemoRecipe(**{k: v for k, v in recipe_dict.items() if k != "recipe_version"})
+    task = _recipe_task(recipe)
+    task_tokens = demo_batch(task, batch_size=rows, seq_len=recipe.seq_len, seed=recipe.seed + 10_000, step=0)
+    # like pipeline.probe's random probe: uniform ids over the whole vocabulary, then BOS at position 0
+    random_tokens = np.random.default_rng(probe_seed).integers(0, recipe.vocab_size, size=(rows, recipe.seq_len))
+    random_tokens[:, 0] = BOS
+    table = []
+    for step in recipe.schedule():
+        folder = root / f"checkpoint-{step}"
+        state = json.loads((folder / "trainer_state.json").read_text())
+        sink = layer0_sink(folder, task_tokens, task, torch.from_numpy(random_tokens))
+        last_log = state["log_history"][-1] if state["log_history"] else {}
+        table.append({
+            "step": step,
+            "all": float(sink["all"][0].mean()),
+            "non_trigger": float(sink["non_trigger"][0].mean()),
+            "random": float(sink["random"][0].mean()),
+            "heads_non_trigger": [round(float(x), 3) for x in sink["non_trigger"][0]],
+            "layer1_all": float(sink["all"][1].mean()) if sink["all"].shape[0] > 1 else math.nan,
+            "loss_bigram": last_log.get("loss_bigram", math.nan),
+            "loss_backcopy": last_log.get("loss_backcopy", math.nan),
+        })
+    return table
+
+
+def _main(argv=None) -> None:
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(description="Build a demo run and print its layer-0 sink emergence table.")
+    parser.add_argument("root", help="the run folder")
+    parser.add_argument("--steps", type=int, default=DemoRecipe.steps)
+    parser.add_argument("--every", type=int, default=DemoRecipe.every)
+    parser.add_argument("--seed", type=int, default=DemoRecipe.seed)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override another DemoRecipe field, e.g. --set lr=0.005")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = {}
+    types = {f.name: f.type for f in dataclasses.fields(DemoRecipe)}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in types:
+            parser.error(f"--set {item}: no DemoRecipe field {key!r}")
+        overrides[key] = float(value) if types[key] in ("float", float) else int(value)
+    t0 = time.perf_counter()
+    build_demo_run(args.root, steps=args.steps, every=args.every, seed=args.seed, progress=not args.no_progress,
+                   **overrides)
+    build_s = time.perf_counter() - t0
+    print(f"# {args.root}: built in {build_s:.1f} s with {torch.get_num_threads()} thread(s)")
+    print("step   all  non_trig  random  heads(non_trig)  layer1_all  loss_bigram  loss_backcopy")
+    for row in emergence_table(args.root):
+        print(f"{row['step']:5d}  {row['all']:.3f}  {row['non_trigger']:.3f}    {row['random']:.3f}   "
+              f"{row['heads_non_trigger']}  {row['layer1_all']:.3f}  {row['loss_bigram']:.3f}  "
+              f"{row['loss_backcopy']:.3f}")
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,413 @@
+"""Discover stage: find a run's checkpoint folders and tell which are ready to replay.
+
+A checkpoint folder is a direct child of the root named like one of the layouts trainers write:
+`checkpoint-<N>` (Hugging Face Trainer), `step<N>`, `step_<N>`, `step-<N>`, `iter_<N>` (Megatron, zero-padded
+too) or `global_step<N>` (DeepSpeed). Other folders and files are ignored. When the root holds no such folder
+but is itself a checkpoint (it has a config.json, weights or a trainer_state.json), it is the one checkpoint.
+
+Discovery answers "is this folder finished?", not "is it valid?": it lists files and reads only the two small
+JSON files it needs (trainer_state.json, model.safetensors.index.json). A folder that is still being written
+is reported with `complete=False` and a reason, and a later run picks it up. A finished folder whose weights
+are damaged is reported complete; loading fails on it with a CheckpointError naming the file (pipeline/load.py),
+so the store records it as failed instead of waiting on it forever.
+
+Roots may be local paths or fsspec URLs (s3://, gs://, memory://, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import posixpath
+import re
+import time
+
+from .records import Checkpoint, CheckpointError
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_INDEX_NAME = "model.safetensors.index.json"
+TRAINER_STATE_NAME = "trainer_state.json"
+
+# `(?P<tmp>...)` catches staging names: HF Trainer's old `tmp-checkpoint-N` (transformers #27820), OLMo-core's
+# `stepN-tmp`, and `checkpoint-N.tmp` (what pipeline/demo.py writes before its rename).
+_STAGING = r"tmp|temp|partial|incomplete|unfinished|in[-_]?progress"
+STEP_DIR = re.compile(
+    rf"^(?P<pre>tmp[-_])?(?:checkpoint-|global_step|step[-_]?|iter_)(?P<step>\d+)(?P<tmp>[-_.](?:{_STAGING}))?$",
+    re.IGNORECASE,
+)
+# A file or folder inside a checkpoint whose name says it is still being written (`*.tmp`, `*.partial`, an
+# `.incomplete` or `unfinished` marker, a `tmpXXXXXX` from tempfile). Names need a separator around the word, so
+# `chat_template.jinja` or `temperature.json` do not match.
+TEMP_NAME = re.compile(rf"(?:^|[-_.])(?:{_STAGING})(?:[-_.]|$)|^\.?tmp", re.IGNORECASE)
+# Pickles a trainer writes beside the weights; they never hold the model, so they neither count as weights nor
+# make a folder "pickled-only".
+TRAINING_STATE = re.compile(
+    r"^(optimizer|scheduler|lr_scheduler|scaler|rng_state|training_args)([-_.].*)?\.(pt|pth|bin)$"
+    r"|optim_states\.pt$",
+    re.IGNORECASE,
+)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def discover(root: str, *, quiet_seconds: float = 30.0, now: float | None = None) -> list[Checkpoint]:
+    """Find the checkpoints under `root`, one record per training step, sorted by step.
+
+    Args:
+        root: the run's checkpoint folder, a local path or an fsspec URL.
+        quiet_seconds: a folder counts as complete only when nothing in it changed for this long (a live
+            training run may still be writing it). 0 turns the check off.
+        now: the current time (seconds since the epoch) to measure quiet periods against; default time.time().
+
+    Returns:
+        One Checkpoint per step. Incomplete ones carry `complete=False` and a human `reason`.
+
+    Raises:
+        FileNotFoundError, NotADirectoryError: the root is missing or not a folder.
+        CheckpointError: the root is a single checkpoint whose training step cannot be told.
+    """
+    now = time.time() if now is None else float(now)
+    fs = _Folder.open(root)
+    top = fs.list_top()
+    by_name = {e.name: e for e in top}
+    candidates, unnamed = [], []
+    for e in top:
+        m = STEP_DIR.match(e.name) if e.is_dir else None
+        if m:
+            staging = e.name if (m.group("pre") or m.group("tmp")) else None
+            candidates.append((fs.child(e.name), int(m.group("step")), staging))
+        elif e.is_dir and fs.child(e.name).has(CONFIG_NAME):
+            unnamed.append(e.name)
+    if unnamed:  # otherwise a run saved as `ckpt100/` or `epoch-3/` would just come back empty
+        log.warning(
+            "%s: ignoring %s: they hold a config.json, but their names match no checkpoint layout "
+            "(checkpoint-<N>, step<N>, step_<N>, step-<N>, iter_<N>, global_step<N>)", fs.url, _some(sorted(unnamed)),
+        )
+
+    # The root is one checkpoint when it looks like one and its step-named children do not (DeepSpeed keeps
+    # `global_step<N>/` optimizer shards inside `checkpoint-<N>/`). A root holding a model *and* checkpoint
+    # folders is an HF Trainer output_dir with its final save_model(): the folders are the run.
+    m = STEP_DIR.match(posixpath.basename(fs.path.rstrip("/")))
+    if _looks_like_checkpoint({e.name for e in top}) and (
+        m or not any(folder.has(CONFIG_NAME) for folder, _, _ in candidates)
+    ):
+        name_step = int(m.group("step")) if m else None
+        staging = fs.path if m and (m.group("pre") or m.group("tmp")) else None
+        found = _inspect(fs, name_step, staging, [], now, quiet_seconds)
+        if found is None:
+            raise CheckpointError(fs.url, "the folder vanished while it was being read")
+        return [found]
+
+    found = []
+    for folder, name_step, staging in candidates:
+        name = posixpath.basename(folder.path)
+        # NeMo-style markers sit next to the folder: `step100-unfinished`, `checkpoint-100.incomplete`.
+        siblings = [
+            n for n, e in by_name.items()
+            if not e.is_dir and n != name and n.startswith(name) and TEMP_NAME.fullmatch(n[len(name):])
+        ]
+        ckpt = _inspect(folder, name_step, staging, siblings, now, quiet_seconds)
+        if ckpt is not None:  # None: rotated away by the trainer while we looked
+            found.append(ckpt)
+    return _one_per_step(found)
+
+
+# --------------------------------------------------------------------------------------------- one folder
+
+
+def _inspect(folder, name_step, staging, sibling_markers, now, quiet_seconds) -> Checkpoint | None:
+    try:
+        entries = folder.walk()
+    except FileNotFoundError:
+        return None
+    files = {e.name for e in entries if not e.is_dir and "/" not in e.name}
+    problems = []
+
+    step, tokens_seen = name_step, None
+    if TRAINER_STATE_NAME in files:
+        try:
+            state = json.loads(folder.read_text(TRAINER_STATE_NAME))
+            if isinstance(state.get("global_step"), int):
+                step = state["global_step"]
+            tokens_seen = _tokens_seen(state, step)
+        except (ValueError, AttributeError) as e:  # a half-written file reads as bad JSON
+            problems.append(f"{TRAINER_STATE_NAME} is not a valid JSON object ({e})")
+        except FileNotFoundError:
+            return None
+    if step is None:
+        raise CheckpointError(
+            folder.url,
+            "looks like a checkpoint, but its training step is unknown: it has no trainer_state.json with a "
+            "global_step and its name does not end in a step number (rename it step<N>)",
+        )
+
+    if CONFIG_NAME not in files:
+        problems.append(f"{CONFIG_NAME} is missing")
+    weight_files, weight_problems = _weights(folder, files, entries)
+    problems += weight_problems
+
+    if staging is not None:
+        problems.append(f"its name {posixpath.basename(staging)!r} marks a checkpoint still being written")
+    problems += [f"marker {n!r} next to it says it is still being written" for n in sibling_markers]
+    markers = sorted(e.name for e in entries if TEMP_NAME.search(posixpath.basename(e.name)))
+    if markers:
+        problems.append(f"{_some(markers)} {'marks' if len(markers) == 1 else 'mark'} files still being written")
+
+    if quiet_seconds > 0:
+        stamps = [e.mtime for e in entries if e.mtime is not None]
+        if folder.mtime is not None:
+            stamps.append(folder.mtime)
+        if stamps:
+            age = max(0.0, now - max(stamps))
+            if age < quiet_seconds:
+                problems.append(f"modified {age:.0f} s ago; waiting {quiet_seconds:g} s quiet period")
+
+    return Checkpoint(
+        step=step,
+        path=folder.url,
+        weight_files=tuple(weight_files),
+        complete=not problems,
+        reason="; ".join(problems) or None,
+        tokens_seen=tokens_seen,
+    )
+
+
+def _weights(folder, files, entries) -> tuple[list[str], list[str]]:
+    """The safetensors files transformers would load (it prefers model.safetensors over an index), and problems."""
+    if SAFE_WEIGHTS_NAME in files:
+        return [folder.file_url(SAFE_WEIGHTS_NAME)], []
+    if SAFE_INDEX_NAME in files:
+        try:
+            shards = shard_names(json.loads(folder.read_text(SAFE_INDEX_NAME)))
+        except ValueError as e:
+            return [], [f"{SAFE_INDEX_NAME} is unusable: {e}"]
+        except FileNotFoundError:
+            return [], [f"{SAFE_INDEX_NAME} vanished while it was read"]
+        present = {e.name for e in entries if not e.is_dir}
+        problems = [f"{s} listed in {SAFE_INDEX_NAME} is missing" for s in shards if s not in present]
+        return [folder.file_url(s) for s in shards], problems
+
+    pickles = sorted(
+        e.name for e in entries
+        if not e.is_dir and e.name.lower().endswith(PICKLE_SUFFIXES)
+        and not TRAINING_STATE.search(posixpath.basename(e.name))
+    )
+    if pickles:
+        return [], [
+            f"only pickled weights ({_some(pickles)}); pickled files are never loaded because unpickling can run "
+            "code: convert them to safetensors (model.save_pretrained(..., safe_serialization=True))"
+        ]
+    other = sorted(n for n in files if n.endswith(".safetensors"))
+    if other:
+        return [], [f"no {SAFE_WEIGHTS_NAME} or {SAFE_INDEX_NAME} (found {_some(other)})"]
+    if ".metadata" in files and any(n.endswith(".distcp") for n in files):
+        return [], [
+            "torch.distributed.checkpoint (.distcp) format, which sinktrace does not read: "
+            "export it to Hugging Face safetensors"
+        ]
+    return [], [f"no weights: neither {SAFE_WEIGHTS_NAME} nor {SAFE_INDEX_NAME}"]
+
+
+def shard_names(index) -> list[str]:
+    """The shard files a parsed model.safetensors.index.json lists, sorted; ValueError if malformed."""
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError("it has no weight_map (tensor name -> shard file)")
+    shards = set()
+    for name in weight_map.values():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"its weight_map maps to {name!r}, not a file name")
+        norm = posixpath.normpath(name)
+        if norm.startswith("..") or posixpath.isabs(norm) or "\\" in name:
+            raise ValueError(f"its weight_map names {name!r}, outside the checkpoint folder")
+        shards.add(name)
+    return sorted(shards)
+
+
+def _tokens_seen(state: dict, step: int | None) -> int | None:
+    tokens = state.get("num_input_tokens_seen", state.get("tokens_seen"))
+    if isinstance(tokens, bool) or not isinstance(tokens, (int, float)):
+        return None
+    # The HF Trainer always writes num_input_tokens_seen and leaves it 0 when token counting is off.
+    if tokens == 0 and step:
+        return None
+    return int(tokens)
+
+
+def _looks_like_checkpoint(names: set[str]) -> bool:
+    return bool(names & {CONFIG_NAME, SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME, TRAINER_STATE_NAME}) or any(
+        n.endswith(".safetensors") or n == "pytorch_model.bin" for n in names
+    )
+
+
+def _one_per_step(found: list[Checkpoint]) -> list[Checkpoint]:
+    """One record per step. Several folders may claim one step (a copy, a staging folder beside its final name,
+    trainer_state.json disagreeing with a name): exactly one complete claimant wins; several complete ones make
+    the step an error, because guessing could replay the wrong weights."""
+    by_step: dict[int, list[Checkpoint]] = {}
+    for c in sorted(found, key=lambda c: (c.step, c.path)):
+        by_step.setdefault(c.step, []).append(c)
+    out = []
+    for step, group in by_step.items():
+        complete = [c for c in group if c.complete]
+        if len(group) == 1:
+            out.append(group[0])
+        elif len(complete) == 1:
+            others = [c.path for c in group if c is not complete[0]]
+            log.info("step %d: using %s; ignoring incomplete %s", step, complete[0].path, ", ".join(others))
+            out.append(complete[0])
+        elif complete:
+            names = ", ".join(posixpath.basename(c.path) for c in complete)
+            out.append(dataclasses.replace(
+                complete[0], complete=False,
+                reason=f"{len(complete)} complete folders claim step {step} ({names}); sinktrace will not guess "
+                       "which one to replay: remove or rename all but one",
+            ))
+        else:
+            first, rest = group[0], group[1:]
+            also = ", ".join(posixpath.basename(c.path) for c in rest)
+            out.append(dataclasses.replace(first, reason=f"{first.reason}; step {step} is also claimed by {also}"))
+    return out
+
+
+def _some(names: list[str], n: int = 3) -> str:
+    shown = ", ".join(names[:n])
+    return shown if len(names) <= n else f"{shown} and {len(names) - n} more"
+
+
+# --------------------------------------------------------------------------------------------- listing
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    name: str  # relative to the folder listed, "/"-separated
+    is_dir: bool
+    mtime: float | None
+
+
+class _Folder:
+    """A folder on the local disk (plain os calls: exact and cheap) or behind fsspec (for URLs)."""
+
+    def __init__(self, path: str, fs=None, mtime: float | None = None):
+        self.path, self.fs, self.mtime = path, fs, mtime
+
+    @classmethod
+    def open(cls, root) -> _Folder:
+        root = os.fspath(root)
+        if "://" in root and not root.startswith("file://"):
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(root)
+            path = path.rstrip("/") or "/"
+            if not fs.exists(path):
+                raise FileNotFoundError(f"checkpoint root {root} does not exist")
+            if not fs.isdir(path):
+                raise NotADirectoryError(f"checkpoint root {root} is not a folder")
+            return cls(path, fs, _mtime(fs.info(path)))
+        path = os.path.abspath(os.path.expanduser(root.removeprefix("file://")))
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"checkpoint root {path} does not exist")
+        if not os.path.isdir(path):
+            raise NotADirectoryError(f"checkpoint root {path} is not a folder")
+        return cls(path, None, os.stat(path).st_mtime)
+
+    @property
+    def url(self) -> str:
+        return self.path if self.fs is None else self.fs.unstrip_protocol(self.path)
+
+    def file_url(self, name: str) -> str:
+        if self.fs is None:
+            return os.path.join(self.path, *name.split("/"))
+        return self.fs.unstrip_protocol(posixpath.join(self.path, name))
+
+    def child(self, name: str) -> _Folder:
+        if self.fs is None:
+            path = os.path.join(self.path, name)
+            try:
+                mtime = os.stat(path).st_mtime
+            except FileNotFoundError:
+                mtime = None
+            return _Folder(path, None, mtime)
+        path = posixpath.join(self.path, name)
+        try:
+            mtime = _mtime(self.fs.info(path))
+        except FileNotFoundError:
+            mtime = None
+        return _Folder(path, self.fs, mtime)
+
+    def list_top(self) -> list[_Entry]:
+        if self.fs is None:
+            with os.scandir(self.path) as it:
+                return [_Entry(d.name, d.is_dir(), None) for d in it]
+        return [
+            _Entry(posixpath.basename(i["name"].rstrip("/")), i.get("type") == "directory", None)
+            for i in self.fs.ls(self.path, detail=True)
+        ]
+
+    def walk(self) -> list[_Entry]:
+        """Every file and folder below, with modification times; FileNotFoundError if the folder is gone."""
+        if self.fs is None:
+            out = []
+            self._walk_local(self.path, "", out)
+            return out
+        base = self.path.rstrip("/") + "/"
+        found = self.fs.find(self.path, withdirs=True, detail=True)
+        if not found and not self.fs.exists(self.path):
+            raise FileNotFoundError(self.url)
+        return [
+            _Entry(name[len(base):], info.get("type") == "directory", _mtime(info))
+            for name, info in found.items()
+            if name.startswith(base) and name != base
+        ]
+
+    def _walk_local(self, path: str, prefix: str, out: list) -> None:
+        with os.scandir(path) as it:
+            for d in it:
+                name = prefix + d.name
+                try:  # follow links: a linked shard counts with its target's time; a dangling link is missing
+                    st = d.stat()
+                except FileNotFoundError:
+                    continue  # deleted while we walked, or a dangling link
+                is_dir = d.is_dir()
+                out.append(_Entry(name, is_dir, st.st_mtime))
+                if is_dir and not d.is_symlink():
+                    try:
+                        self._walk_local(d.path, name + "/", out)
+                    except FileNotFoundError:
+                        pass
+
+    def has(self, name: str) -> bool:
+        if self.fs is None:
+            return os.path.exists(os.path.join(self.path, name))
+        return self.fs.exists(posixpath.join(self.path, name))
+
+    def read_text(self, name: str) -> str:
+        if self.fs is None:
+            with open(os.path.join(self.path, name), encoding="utf-8") as f:
+                return f.read()
+        return self.fs.cat_file(posixpath.join(self.path, name)).decode("utf-8")
+
+
+def _mtime(info: dict) -> float | None:
+    """Modification time from an fsspec info dict; each backend names it differently."""
+    for key in ("mtime", "LastModified", "last_modified", "updated", "modified", "mtime_ns", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if key == "mtime_ns":
+            return float(value) / 1e9
+        if isinstance(value, dt.datetime):
+            return (value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)).timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return None

@@ -1,0 +1,125 @@
+"""Build the probe: the fixed token batch every checkpoint is measured on."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from .records import Probe
+
+FIRST_TOKEN_POLICIES = ("keep", "bos", "random")
+
+
+def special_token_ids(model_config: dict) -> set[int]:
+    ids = set()
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = model_config.get(key)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, int):
+                ids.add(v)
+    return ids
+
+
+def vocab_size(model_config: dict) -> int:
+    size = model_config.get("vocab_size")
+    if size is None and isinstance(model_config.get("text_config"), dict):
+        size = model_config["text_config"].get("vocab_size")
+    if not isinstance(size, int) or size < 2:
+        raise ValueError(f"config.json has no usable vocab_size (got {size!r})")
+    return size
+
+
+def resolve_first_token(policy: str, model_config: dict) -> str:
+    if policy == "auto":
+        return "bos" if isinstance(model_config.get("bos_token_id"), int) else "keep"
+    if policy not in FIRST_TOKEN_POLICIES:
+        raise ValueError(f"probe.first_token={policy!r}: expected one of auto, {', '.join(FIRST_TOKEN_POLICIES)}")
+    if policy == "bos" and not isinstance(model_config.get("bos_token_id"), int):
+        raise ValueError("probe.first_token=bos, but the model's config.json names no bos_token_id")
+    return policy
+
+
+def tokens_hash(tokens: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(tokens, dtype=np.int64).tobytes()).hexdigest()
+
+
+def build_probe(cfg, model_config: dict) -> Probe:
+    """The probe for `cfg` (the `probe` config group) and a model config (the checkpoint's config.json)."""
+    vocab = vocab_size(model_config)
+    first_token = resolve_first_token(cfg.first_token, model_config)
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.kind == "random":
+        if cfg.seq_len < 2 or cfg.rows < 1:
+            raise ValueError(f"probe.seq_len must be >= 2 and probe.rows >= 1 (got {cfg.seq_len}, {cfg.rows})")
+        tokens = rng.integers(0, vocab, size=(cfg.rows, cfg.seq_len), dtype=np.int64)
+        source = None
+        default_name = f"random-T{cfg.seq_len}-r{cfg.rows}-s{cfg.seed}-{first_token}"
+    elif cfg.kind == "tokens":
+        tokens = load_token_file(cfg.path, vocab)
+        source = str(Path(cfg.path).resolve())
+        default_name = f"tokens-{Path(cfg.path).stem}-{tokens_hash(tokens)[:8]}-{first_token}"
+    else:
+        raise ValueError(f"probe.kind={cfg.kind!r}: expected random or tokens")
+
+    tokens = apply_first_token(tokens, first_token, model_config, rng)
+    return Probe(
+        name=cfg.name or default_name,
+        kind=cfg.kind,
+        tokens=tokens,
+        seed=cfg.seed,
+        first_token=first_token,
+        source=source,
+    )
+
+
+def apply_first_token(tokens: np.ndarray, policy: str, model_config: dict, rng) -> np.ndarray:
+    tokens = tokens.copy()
+    if policy == "bos":
+        tokens[:, 0] = model_config["bos_token_id"]
+    elif policy == "random":
+        # a fresh non-special token per row: is the sink tied to position 0 or to the token there?
+        special = special_token_ids(model_config)
+        allowed = np.setdiff1d(np.arange(vocab_size(model_config)), np.fromiter(special, dtype=np.int64))
+        tokens[:, 0] = rng.choice(allowed, size=tokens.shape[0])
+    return tokens
+
+
+def load_token_file(path: str, vocab: int) -> np.ndarray:
+    try:
+        tokens = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise ValueError(f"probe.path={path}: no such file") from None
+    except (ValueError, OSError) as e:
+        raise ValueError(f"probe.path={path}: not a readable .npy array ({e})") from None
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"probe.path={path}: expected an integer array [rows, T], got {tokens.dtype} {tokens.shape}")
+    if tokens.shape[1] < 2 or tokens.shape[0] < 1:
+        raise ValueError(f"probe.path={path}: needs at least one row of at least 2 tokens, got shape {tokens.shape}")
+    check_in_vocab(tokens, vocab, f"probe.path={path}")
+    return tokens.astype(np.int64)
+
+
+def check_in_vocab(tokens: np.ndarray, vocab: int, what: str) -> None:
+    bad = (tokens < 0) | (tokens >= vocab)
+    if bad.any():
+        row, col = map(int, np.argwhere(bad)[0])
+        raise ValueError(
+            f"{what}: token id {int(tokens[row, col])} at row {row}, position {col} is outside the model's "
+            f"vocabulary [0, {vocab}) ({int(bad.sum())} ids out of range)"
+        )
+
+
+def probe_attrs(probe: Probe) -> dict:
+    """The probe as store attributes (DESIGN.md: kind, seed, length, rows, first-token policy, hash of ids)."""
+    return {
+        "probe_name": probe.name,
+        "probe_kind": probe.kind,
+        "probe_seed": probe.seed,
+        "probe_seq_len": probe.seq_len,
+        "probe_rows": probe.rows,
+        "probe_first_token": probe.first_token,
+        "probe_tokens_sha256": tokens_hash(probe.tokens),
+        "probe_source": probe.source or "",
+    }

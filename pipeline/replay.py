@@ -1,0 +1,88 @@
+"""Replay stage: one checkpoint in, a few kilobytes of sink statistics out (runs on a Dask worker)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import xarray as xr
+
+from .records import Checkpoint, CheckpointError, Probe
+
+# dims of each statistic, after the leading `layer`
+DIMS = {
+    "sink_mass": ("layer", "head"),
+    "entropy": ("layer", "head"),
+    "learned_sink_mass": ("layer", "head"),
+    "sink_mass_by_q": ("layer", "head", "qbin"),
+    "key_mass": ("layer", "head", "key"),
+    "key_norm_p0": ("layer", "kv_head"),
+    "value_norm_p0": ("layer", "kv_head"),
+    "key_norm": ("layer", "kv_head"),
+    "value_norm": ("layer", "kv_head"),
+    "resid_norm_p0": ("layer",),
+    "resid_norm": ("layer",),
+    "resid_max_p0": ("layer",),
+    "resid_median": ("layer",),
+}
+
+
+@dataclass(frozen=True)
+class ReplaySettings:
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 16
+    key_positions: int = 4
+    trust_remote_code: bool = False
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def replay(ckpt: Checkpoint, probe: Probe, settings: ReplaySettings) -> xr.Dataset:
+    """Build the checkpoint's model, run the probe through it and return its statistics (no step dim)."""
+    from .load import load_model
+    from .measure import measure
+
+    device = resolve_device(settings.device)
+    model = load_model(ckpt, device=device, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code)
+    vocab = model.get_input_embeddings().num_embeddings
+    if int(probe.tokens.max()) >= vocab:
+        raise CheckpointError(
+            ckpt.path,
+            f"probe {probe.name!r} holds token id {int(probe.tokens.max())}, outside this model's vocabulary of {vocab}",
+        )
+    tokens = torch.from_numpy(probe.tokens).to(device)
+    stats = measure(model, tokens, batch_size=settings.batch_size, key_positions=settings.key_positions)
+    return to_dataset(stats, model.config, probe.seq_len)
+
+
+def to_dataset(stats: dict[str, np.ndarray], config, seq_len: int) -> xr.Dataset:
+    from .load import config_fingerprint
+    from .measure import qbin_edges
+
+    missing = [name for name in DIMS if name not in stats and name != "learned_sink_mass"]
+    if missing:
+        raise RuntimeError(f"the measurement returned no {', '.join(missing)}")
+    data_vars = {name: (DIMS[name], np.asarray(value, dtype=np.float64)) for name, value in stats.items() if name in DIMS}
+    n_layer, n_head = data_vars["sink_mass"][1].shape
+    edges = np.asarray(qbin_edges(seq_len))
+    n_qbin = data_vars["sink_mass_by_q"][1].shape[-1]
+    if len(edges) != n_qbin + 1:
+        raise RuntimeError("the measurement's qbin edges do not match sink_mass_by_q")
+    coords = {
+        "layer": np.arange(n_layer),
+        "head": np.arange(n_head),
+        "kv_head": np.arange(data_vars["key_norm"][1].shape[-1]),
+        "key": np.arange(data_vars["key_mass"][1].shape[-1]),
+        "qbin": np.arange(n_qbin),
+        "qbin_start": ("qbin", edges[:-1].astype(np.int64)),
+        "qbin_stop": ("qbin", edges[1:].astype(np.int64)),
+    }
+    config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    attrs = {"architecture": config_dict.get("model_type", "unknown"), "config_fingerprint": config_fingerprint(config_dict)}
+    return xr.Dataset(data_vars, coords=coords, attrs=attrs)

@@ -1,0 +1,468 @@
+"""The Zarr store of the sink cube: one writer (the driver), one group per probe, one step per chunk.
+
+One group opens as an ``xarray.Dataset``:
+
+* data variables ``(step, ...)``: NaN until the step is written;
+* ``step``: index coordinate, sorted;
+* ``tokens_seen`` ``(step)`` float64 coordinate, NaN where the checkpoint does not say;
+* ``status`` ``(step)`` string coordinate, ``pending`` | ``done`` | ``failed``;
+* ``error`` ``(step)`` string coordinate: why a step failed, ``""`` otherwise.
+
+``status``, ``error`` and ``tokens_seen`` are coordinates rather than data variables so that they
+follow every DataArray taken from the cube and stay out of whole-Dataset arithmetic:
+``ds.where(ds.status == "done")`` works, which it does not for a string data variable.
+
+Nothing stored may be lost when the writer is killed at any moment. Three rules make it so:
+
+* A step's data goes in before its status says ``done``: a kill leaves the step not done, and the
+  rerun computes it again.
+* Changes of layout that move data (creating the group, adding the data variables on the first
+  write, inserting a step between stored ones) write the whole new group under a staging name,
+  mark the staging group complete, and only then overwrite the real group from it. While a complete
+  staging group exists it is the truth: the next writer finishes the copy, readers read it.
+* Appends (new steps after all stored ones, the live-training case) resize the arrays in place under
+  a journal attribute; an interrupted append is rolled back, since its new steps held no data yet.
+
+Consolidated metadata is dropped before any metadata change and written again by
+:meth:`SinkStore.finalize`, so it can be missing but never stale.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import xarray as xr
+import zarr
+from zarr.errors import ZarrUserWarning
+
+PENDING, DONE, FAILED = "pending", "done", "failed"
+STATUSES = (PENDING, DONE, FAILED)
+STEP_COORDS = ("tokens_seen", "status", "error")
+# attributes every step's Dataset must share with the group: one cube, one model
+STEP_ATTRS = ("architecture", "config_fingerprint")
+
+# Variable-length UTF-8 strings (zarr v3 "string"): no fixed width to outgrow, no warning on write or
+# read, unlike numpy "U" arrays, which zarr 3.1 stores as an unspecified fixed-width type and warns.
+_STR = np.dtypes.StringDType()
+_STAGING_SUFFIX = ".staging"
+_COMPLETE = "sinktrace_staging_complete"
+_RESIZE_FROM = "sinktrace_resize_from"
+
+
+class StoreMismatchError(ValueError):
+    """A step's statistics do not fit the cube already stored (another model or probe)."""
+
+
+@dataclass
+class _Layout:
+    """What the group holds, read once per writer and after each change of layout."""
+
+    steps: np.ndarray
+    index: dict[int, int]
+    data_vars: dict[str, dict[str, int]]  # name -> {dim: size}, step excluded
+    coords: dict[str, np.ndarray] = field(default_factory=dict)  # coordinates without a step dim
+    attrs: dict = field(default_factory=dict)
+
+
+class SinkStore:
+    """The writer of one probe group. Only one process may write a store at a time."""
+
+    def __init__(self, path: str | os.PathLike, group: str):
+        if not group or "/" in group or group.startswith("__") or group.endswith(_STAGING_SUFFIX):
+            raise ValueError(f"invalid probe group name {group!r}")
+        self.path = os.fspath(path)
+        self.group = group
+        self._staging = group + _STAGING_SUFFIX
+        self._layout: _Layout | None = None
+        self._repaired = False
+
+    # ---------------------------------------------------------------- public API
+
+    def prepare(
+        self,
+        steps: Sequence[int],
+        *,
+        tokens_seen: Mapping[int, int | None] = {},
+        attrs: Mapping = {},
+    ) -> None:
+        """Allocate every step in ``steps`` (status pending) and merge ``attrs`` into the group's."""
+        layout = self._ready()
+        wanted = sorted({int(s) for s in steps})
+        tokens = {int(s): float(t) for s, t in tokens_seen.items() if t is not None}
+        if layout is None:
+            self._rebuild(self._allocated(None, wanted, tokens))
+        else:
+            new = [s for s in wanted if s not in layout.index]
+            if new and layout.steps.size and new[0] < layout.steps[-1]:
+                self._rebuild(self._allocated(self._load(self.group), new, tokens))
+            elif new:
+                self._append(layout, new, tokens)
+        self._layout = self._load_layout()
+        self._update_tokens(tokens)
+        if attrs:
+            self._drop_consolidated()
+            self._zgroup().update_attributes(_jsonable(dict(attrs)))
+            self._layout.attrs.update(_jsonable(dict(attrs)))
+
+    def status(self) -> dict[int, str]:
+        """step -> "pending" | "done" | "failed", for every allocated step."""
+        layout = self._ready()
+        if layout is None:
+            return {}
+        values = self._zgroup()["status"][:]
+        return {int(s): str(v) for s, v in zip(layout.steps, values, strict=True)}
+
+    def write_step(self, step: int, ds: xr.Dataset) -> None:
+        """Store one step's statistics (a Dataset without a step dim), then mark the step done."""
+        layout = self._ready()
+        i = self._position(step)
+        ds = self._conform(int(step), ds, layout)
+        if not layout.data_vars:
+            self._rebuild(self._with_variables(self._load(self.group), ds))
+            self._layout = self._load_layout()
+        region = {"step": slice(i, i + 1)}
+        if self._zgroup()["status"][i] != PENDING:
+            # an overwrite: while the data changes, the step must not claim to be done
+            self._write_strings(i, status=PENDING)
+        ds.drop_vars(list(ds.coords)).drop_attrs().expand_dims("step").to_zarr(
+            self.path, group=self.group, mode="r+", region=region, consolidated=False
+        )
+        self._write_strings(i, error="")
+        self._write_strings(i, status=DONE)
+
+    def mark_failed(self, step: int, error: str) -> None:
+        """Record that ``step`` failed and why; its data, if any, stays as it was."""
+        self._ready()
+        i = self._position(step)
+        self._write_strings(i, error=str(error))
+        self._write_strings(i, status=FAILED)
+
+    def finalize(self) -> None:
+        """Consolidate the store's metadata (once, at the end of a run)."""
+        self._ready()
+        with warnings.catch_warnings():
+            # the inline v3 form is known to be outside the spec; readers cope without it
+            warnings.filterwarnings("ignore", "Consolidated metadata", ZarrUserWarning)
+            zarr.consolidate_metadata(self.path)
+
+    # ---------------------------------------------------------------- layout
+
+    def _ready(self) -> _Layout | None:
+        if not self._repaired:
+            self._repair()
+            self._repaired = True
+            self._layout = self._load_layout()
+        return self._layout
+
+    def _position(self, step: int) -> int:
+        layout = self._layout
+        if layout is None or int(step) not in layout.index:
+            raise KeyError(
+                f"step {int(step)} is not allocated in {self.path} group {self.group!r}; "
+                "call prepare() with it first"
+            )
+        return layout.index[int(step)]
+
+    def _load_layout(self) -> _Layout | None:
+        root = self._root()
+        if root is None or self.group not in root:
+            return None
+        with xr.open_dataset(
+            self.path, group=self.group, engine="zarr", consolidated=False, chunks=None
+        ) as ds:
+            steps = ds["step"].values.astype(np.int64)
+            return _Layout(
+                steps=steps,
+                index={int(s): i for i, s in enumerate(steps)},
+                data_vars={
+                    k: {d: n for d, n in v.sizes.items() if d != "step"}
+                    for k, v in ds.data_vars.items()
+                },
+                coords={k: c.values for k, c in ds.coords.items() if "step" not in c.dims},
+                attrs=dict(ds.attrs),
+            )
+
+    def _load(self, name: str) -> xr.Dataset:
+        with xr.open_dataset(
+            self.path, group=name, engine="zarr", consolidated=False, chunks=None
+        ) as ds:
+            ds = ds.load()
+        ds.attrs.pop(_COMPLETE, None)
+        return ds.drop_encoding()
+
+    def _allocated(
+        self, cur: xr.Dataset | None, new: list[int], tokens: Mapping[int, float]
+    ) -> xr.Dataset:
+        """``cur`` (or an empty group) with the steps ``new`` added, pending, in sorted order."""
+        if cur is None:
+            n = len(new)
+            ds = xr.Dataset(
+                coords={
+                    "step": ("step", np.asarray(new, dtype=np.int64)),
+                    "tokens_seen": ("step", np.full(n, np.nan)),
+                    "status": ("step", np.full(n, PENDING, dtype=_STR)),
+                    "error": ("step", np.full(n, "", dtype=_STR)),
+                }
+            )
+        else:
+            fill = {k: np.nan for k in cur.data_vars} | {
+                "tokens_seen": np.nan,
+                "status": PENDING,
+                "error": "",
+            }
+            ds = cur.reindex(step=np.union1d(cur["step"].values, new), fill_value=fill)
+        seen = ds["tokens_seen"].values.copy()
+        fresh = set(new)
+        for i, s in enumerate(ds["step"].values.tolist()):
+            if s in fresh and s in tokens:
+                seen[i] = tokens[s]
+        return ds.assign_coords(tokens_seen=("step", seen))
+
+    def _with_variables(self, cur: xr.Dataset, ds: xr.Dataset) -> xr.Dataset:
+        """``cur`` with every data variable of one step's ``ds`` added for all steps, NaN filled."""
+        n = cur.sizes["step"]
+        new = cur.assign(
+            {
+                k: xr.Variable(
+                    ("step", *v.dims),
+                    np.full((n, *v.shape), np.nan, dtype=np.result_type(v.dtype, np.float32)),
+                    attrs=v.attrs,
+                )
+                for k, v in ds.data_vars.items()
+            }
+        ).assign_coords({k: c.variable for k, c in ds.coords.items()})
+        new.attrs.update(ds.attrs)
+        return new
+
+    def _rebuild(self, new: xr.Dataset) -> None:
+        self._drop_consolidated()
+        self._delete_staging()
+        self._write_group(new, self._staging)
+        self._zgroup(self._staging).update_attributes({_COMPLETE: True})
+        self._promote_staging(new)
+
+    def _promote_staging(self, ds: xr.Dataset) -> None:
+        self._write_group(ds, self.group)
+        self._delete_staging()
+
+    def _write_group(self, ds: xr.Dataset, name: str) -> None:
+        encoding = {
+            k: {"chunks": (1, *v.shape[1:])} for k, v in ds.variables.items() if "step" in v.dims
+        }
+        ds.transpose("step", ...).to_zarr(
+            self.path, group=name, mode="w", consolidated=False, zarr_format=3, encoding=encoding
+        )
+
+    def _delete_staging(self) -> None:
+        root = self._root()
+        if root is None:
+            return
+        if self._staging in root:
+            # unmark before deleting: a half-deleted staging group must never pass for complete
+            staging = root[self._staging]
+            if _COMPLETE in staging.attrs:
+                del staging.attrs[_COMPLETE]
+        del root[self._staging]
+
+    def _append(self, layout: _Layout, new: list[int], tokens: Mapping[int, float]) -> None:
+        n, k = layout.steps.size, len(new)
+        self._drop_consolidated()
+        group = self._zgroup()
+        group.update_attributes({_RESIZE_FROM: n})
+        for array in _step_arrays(group):
+            array.resize((n + k, *array.shape[1:]))
+        # xarray drops index coordinates from region writes, so the step values go in through zarr
+        group["step"][n:] = np.asarray(new, dtype=np.int64)
+        xr.Dataset(
+            {
+                "tokens_seen": ("step", np.array([tokens.get(s, np.nan) for s in new])),
+                "status": ("step", np.full(k, PENDING, dtype=_STR)),
+                "error": ("step", np.full(k, "", dtype=_STR)),
+            }
+        ).to_zarr(
+            self.path, group=self.group, mode="r+", region={"step": slice(n, n + k)},
+            consolidated=False,
+        )
+        del group.attrs[_RESIZE_FROM]
+
+    def _update_tokens(self, tokens: Mapping[int, float]) -> None:
+        """Record token counts learnt for steps already stored (never erase a known one)."""
+        layout = self._layout
+        current = self._zgroup()["tokens_seen"][:]
+        updated = current.copy()
+        for s, t in tokens.items():
+            updated[layout.index[s]] = t
+        if not np.array_equal(updated, current, equal_nan=True):
+            xr.Dataset({"tokens_seen": ("step", updated)}).to_zarr(
+                self.path, group=self.group, mode="r+", region={"step": slice(0, updated.size)},
+                consolidated=False,
+            )
+
+    def _repair(self) -> None:
+        """Finish or undo whatever a killed writer left half done."""
+        root = self._root()
+        if root is None:
+            return
+        if self._staging in root:
+            if root[self._staging].attrs.get(_COMPLETE):
+                self._drop_consolidated()
+                self._promote_staging(self._load(self._staging))
+            else:
+                self._delete_staging()
+        else:
+            self._delete_staging()  # a half-deleted one leaves files without zarr.json
+        if self.group in root:
+            group = self._zgroup()
+            n = group.attrs.get(_RESIZE_FROM)
+            if n is not None:
+                self._drop_consolidated()
+                for array in _step_arrays(group):
+                    if array.shape[0] != n:
+                        array.resize((n, *array.shape[1:]))
+                del group.attrs[_RESIZE_FROM]
+        self._remove_orphans()
+
+    def _remove_orphans(self) -> None:
+        # zarr's LocalStore writes each key to "<key>.<uuid>.partial" and renames it; a SIGKILL in
+        # between leaves the partial file, and in a group folder zarr then warns on every listing
+        if "://" in self.path:
+            return
+        for folder in (self.path, os.path.join(self.path, self.group)):
+            if os.path.isdir(folder):
+                for name in os.listdir(folder):
+                    if name.endswith(".partial"):
+                        os.unlink(os.path.join(folder, name))
+
+    # ---------------------------------------------------------------- checks and small writes
+
+    def _conform(self, step: int, ds: xr.Dataset, layout: _Layout) -> xr.Dataset:
+        """``ds`` checked against the stored cube, with its variables in the stored dim order."""
+        where = f"step {step} for {self.path} group {self.group!r}"
+        if "step" in ds.dims:
+            raise StoreMismatchError(f"{where}: the Dataset must hold one step, without a step dim")
+        if "step" in ds.coords:
+            if int(ds["step"]) != step:
+                raise StoreMismatchError(f"{where}: the Dataset says step {int(ds['step'])}")
+            ds = ds.drop_vars("step")
+        if clash := [k for k in STEP_COORDS if k in ds.variables]:
+            raise StoreMismatchError(f"{where}: {clash} are reserved names")
+        if not ds.data_vars:
+            raise StoreMismatchError(f"{where}: no data variables")
+        problems = [
+            f"{key} {ds.attrs[key]!r}, stored {layout.attrs[key]!r}"
+            for key in STEP_ATTRS
+            if key in ds.attrs and key in layout.attrs and ds.attrs[key] != layout.attrs[key]
+        ]
+        if layout.data_vars:
+            if set(ds.data_vars) != set(layout.data_vars):
+                problems.append(
+                    f"variables {sorted(ds.data_vars)}, stored {sorted(layout.data_vars)}"
+                )
+            for k, v in ds.data_vars.items():
+                stored = layout.data_vars.get(k)
+                if stored is not None and dict(v.sizes) != stored:
+                    problems.append(f"{k} {_dims(v.sizes)}, stored {_dims(stored)}")
+            for k, c in ds.coords.items():
+                stored = layout.coords.get(k)
+                if stored is not None and not np.array_equal(c.values, stored):
+                    problems.append(f"coordinate {k} {c.values.tolist()}, stored {stored.tolist()}")
+        if problems:
+            raise StoreMismatchError(f"{where} does not match the stored cube: " + "; ".join(problems))
+        if layout.data_vars:
+            ds = xr.Dataset({k: v.transpose(*layout.data_vars[k]) for k, v in ds.data_vars.items()})
+        return ds
+
+    def _write_strings(self, i: int, **values: str) -> None:
+        xr.Dataset({k: ("step", np.array([v], dtype=_STR)) for k, v in values.items()}).to_zarr(
+            self.path, group=self.group, mode="r+", region={"step": slice(i, i + 1)},
+            consolidated=False,
+        )
+
+    # ---------------------------------------------------------------- zarr handles
+
+    def _root(self) -> zarr.Group | None:
+        try:
+            return zarr.open_group(self.path, mode="r+", use_consolidated=False)
+        except FileNotFoundError:
+            return None
+
+    def _zgroup(self, name: str | None = None) -> zarr.Group:
+        return zarr.open_group(
+            self.path, mode="r+", path=name or self.group, use_consolidated=False
+        )
+
+    def _drop_consolidated(self) -> None:
+        """Remove the consolidated metadata before the metadata it copies changes."""
+        try:
+            root = zarr.open_group(self.path, mode="r")
+        except FileNotFoundError:
+            return
+        if root.metadata.consolidated_metadata is not None:
+            # opened without it, the root's metadata is saved back without it
+            zarr.open_group(self.path, mode="r+", use_consolidated=False).update_attributes({})
+
+
+def open_sinks(path: str | os.PathLike, group: str | None = None) -> xr.Dataset | xr.DataTree:
+    """Open a sink store: one probe's Dataset, or all of them.
+
+    ``group`` given: that probe's Dataset. ``None``: the Dataset when the store holds exactly one
+    probe, else a DataTree with one node per probe. Works with or without consolidated metadata.
+    """
+    path = os.fspath(path)
+    root = zarr.open_group(path, mode="r")
+    consolidated = root.metadata.consolidated_metadata is not None
+    nodes = _probe_nodes(root)
+    if group is not None:
+        if group not in nodes:
+            raise KeyError(f"{path} has no probe group {group!r}; it has {sorted(nodes)}")
+        return _open_node(path, nodes[group], consolidated)
+    if not nodes:
+        raise KeyError(f"{path} holds no probe groups")
+    datasets = {name: _open_node(path, node, consolidated) for name, node in nodes.items()}
+    if len(datasets) == 1:
+        return next(iter(datasets.values()))
+    return xr.DataTree.from_dict({f"/{name}": ds for name, ds in sorted(datasets.items())})
+
+
+def _probe_nodes(root: zarr.Group) -> dict[str, str]:
+    """probe name -> the group to read it from."""
+    groups = dict(root.groups())
+    nodes = {name: name for name in groups if not name.endswith(_STAGING_SUFFIX)}
+    for name, g in groups.items():
+        if name.endswith(_STAGING_SUFFIX) and g.attrs.get(_COMPLETE):
+            # a writer died while copying this complete group over the real one
+            nodes[name.removesuffix(_STAGING_SUFFIX)] = name
+    return nodes
+
+
+def _open_node(path: str, node: str, consolidated: bool) -> xr.Dataset:
+    ds = xr.open_dataset(path, group=node, engine="zarr", consolidated=consolidated, chunks=None)
+    ds.attrs.pop(_COMPLETE, None)
+    if not ds.indexes["step"].is_monotonic_increasing:
+        ds = ds.sortby("step")
+    return ds
+
+
+def _step_arrays(group: zarr.Group) -> list[zarr.Array]:
+    return [a for _, a in group.arrays() if (a.metadata.dimension_names or (None,))[0] == "step"]
+
+
+def _dims(sizes: Mapping[str, int]) -> str:
+    return "(" + ", ".join(f"{d}: {n}" for d, n in sizes.items()) + ")"
+
+
+def _jsonable(value):
+    """Attributes as plain JSON types (zarr stores attributes as JSON)."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

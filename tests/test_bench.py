@@ -1,0 +1,143 @@
+"""The benchmark command: it runs, prints one table and writes the same table as JSON (timings never gate tests)."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import bench
+
+REPO = Path(__file__).resolve().parent.parent
+CONTENDERS = ["sinktrace", "eager", "sdpa", "read"]
+
+
+def numbers(row):
+    keys = ["e2e_s_per_ckpt", "forward_s", "e2e_vs_eager", "forward_vs_eager", "forward_vs_sdpa", "e2e_vs_read",
+            "peak_rss_bytes", "peak_device_bytes"]
+    return {k: row[k] for k in keys if row[k] is not None}
+
+
+def test_smoke_preset_prints_the_table_and_writes_the_json(tmp_path, sinktrace_home):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.bench", "preset=smoke", f"out={out}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "SINKTRACE_HOME": str(sinktrace_home)},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = proc.stdout
+
+    doc = json.loads(out.read_text())
+    assert f"JSON: {out}" in text
+    lens = doc["probe"]["seq_lens"]
+    assert lens == [32, 64] and doc["preset"] == "smoke"
+    assert {(r["seq_len"], r["contender"]) for r in doc["rows"]} == {(t, c) for t in lens for c in CONTENDERS}
+    for r in doc["rows"]:
+        assert r["status"] == "ok", r
+        values = numbers(r)
+        assert all(math.isfinite(v) and v > 0 for v in values.values()), r
+        if r["contender"] in ("sinktrace", "eager"):
+            assert {"e2e_s_per_ckpt", "forward_s", "forward_vs_sdpa", "e2e_vs_read", "peak_rss_bytes"} <= set(values)
+        if r["contender"] == "sdpa":
+            assert {"forward_s", "forward_vs_eager", "peak_rss_bytes"} <= set(values)
+        assert r["peak_device_bytes"] is None  # CPU
+    read = doc["read_floor"]
+    assert read["status"] == "ok" and read["bytes_per_s"] > 0 and read["bytes"] == 2 * doc["checkpoints"][
+        "bytes_per_checkpoint"]
+    assert read["cache"]["method"] and "cold" in read["cache"]
+    # sinktrace and eager measured the same checkpoints and probe, so their statistics agree
+    for t in map(str, lens):
+        assert doc["agreement_with_eager"][t]["max_abs_sink_mass"] < 1e-4
+        assert doc["agreement_with_eager"][t]["max_abs_entropy"] < 1e-3
+    assert {t["target"].split(" at ")[0] for t in doc["targets"]}  # listed, not judged on the CPU
+    assert not any(t["judged"] for t in doc["targets"])
+
+    # the printed table: one line per contender and length, in the JSON's order
+    table = [line for line in text.splitlines() if re.match(r"^\s*\d+\s+(\d+|-)\s+\S", line)]
+    assert len(table) == len(doc["rows"])
+    for line, r in zip(table, doc["rows"]):
+        assert line.split()[0] == str(r["seq_len"]) and r["label"] in line
+    assert "RSS GiB" in text and "dev GiB" in text and "n/a" in text
+    assert "GPU targets: not judged on the CPU" in text
+
+    # a second run reuses the checkpoints
+    again = bench.compose(["preset=smoke", f"out={tmp_path / 'again.json'}", "contenders=[sdpa]",
+                           "probe.seq_lens=[32]"])
+    assert bench.run_bench(again) == 0
+    assert json.loads((tmp_path / "again.json").read_text())["checkpoints"]["root"] == doc["checkpoints"]["root"]
+
+
+def test_eager_over_its_memory_budget_is_skipped_with_the_memory_it_would_need(tmp_path, capsys):
+    cfg = bench.compose(["preset=smoke", "contenders=[eager]", "probe.seq_lens=[64]", "eager_budget_gib=0.0001",
+                         f"out={tmp_path / 'b.json'}"])
+    assert bench.run_bench(cfg) == 0
+    (row,) = [r for r in json.loads((tmp_path / "b.json").read_text())["rows"] if r["contender"] == "eager"]
+    assert row["status"] == "skipped"
+    assert re.search(r"skipped: would need [\d.]+ GiB", row["note"])
+    assert "skipped: would need" in capsys.readouterr().out
+
+
+def test_contenders_in_their_own_subprocesses(tmp_path):
+    """isolate=length: each contender and length in a fresh worker process, peaks from that process."""
+    cfg = bench.compose(["preset=smoke", "isolate=length", "contenders=[sdpa]", "probe.seq_lens=[32]",
+                         f"out={tmp_path / 'b.json'}"])
+    assert bench.run_bench(cfg) == 0
+    doc = json.loads((tmp_path / "b.json").read_text())
+    (row,) = [r for r in doc["rows"] if r["contender"] == "sdpa"]
+    assert row["status"] == "ok" and row["forward_s"] > 0 and row["peak_rss_bytes"] > 0
+    assert doc["read_floor"]["status"] == "ok"
+
+
+def test_usage_errors_are_one_line(capsys):
+    assert bench.run_bench(bench.compose(["preset=smoke", "isolate=threads"])) == 2
+    assert "isolate='threads'" in capsys.readouterr().err
+    if not bench.resolve_device("auto").startswith("cuda"):
+        # the default preset is a 1B model for a GPU: on the CPU it says what to run instead
+        assert bench.run_bench(bench.compose([])) == 2
+        assert "bench_preset=cpu" in capsys.readouterr().err
+
+
+def test_presets_compose():
+    gpu, cpu, smoke = (bench.compose(o) for o in ([], ["preset=cpu"], ["bench_preset=smoke"]))
+    assert gpu.model.hidden_size == 2048 and gpu.dtype == "bfloat16" and gpu.checkpoints.count >= 8
+    assert list(gpu.probe.seq_lens) == [512, 2048, 8192, 32768]
+    assert 1e9 < bench._param_count(gpu.model) < 1.5e9
+    assert list(cpu.probe.seq_lens) == [128, 512, 2048] and cpu.allow_cpu
+    assert smoke.isolate == "none"
+    # a command-line override wins over the preset
+    assert bench.compose(["preset=cpu", "checkpoints.count=2"]).checkpoints.count == 2
+
+
+def test_page_cache_drop_and_residency(tmp_path):
+    f = tmp_path / "w.bin"
+    f.write_bytes(os.urandom(1 << 20))
+    before = bench.resident_fraction([str(f)])
+    if before is None:
+        pytest.skip("no mincore here")
+    assert before > 0.9  # just written
+    info = bench.drop_page_cache([str(f)], "fadvise")
+    assert info["method"] == "posix_fadvise(DONTNEED)"
+    assert info["resident_after"] < 0.05 and info["cold"] is True
+    read = bench.read_floor([str(f)], "fadvise")
+    assert read["bytes"] == 1 << 20 and read["bytes_per_s"] > 0
+    assert bench.drop_page_cache([str(f)], "off")["cold"] is False
+
+
+def test_eager_memory_estimate():
+    one = bench.eager_attention_bytes(4, 8, 2048, 2, 4)
+    # 4 layers of (2, 8, 2048, 2048) float32 matrices kept for the output, and more in flight
+    assert 4 * 2 * 8 * 2048**2 * 4 < one < 3 * 4 * 2 * 8 * 2048**2 * 4
+    assert bench.eager_attention_bytes(4, 8, 4096, 2, 4) > 3.9 * one
+
+
+def test_oom_is_recognised():
+    import torch
+
+    assert bench.is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB"))
+    assert bench.is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
+    assert not bench.is_oom(RuntimeError("shape mismatch"))
