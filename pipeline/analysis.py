@@ -246,8 +246,9 @@ def early_share(ds: xr.Dataset, k: int = 2) -> xr.DataArray:
     """Per step, the share of the total sink mass found in the first ``k`` layers.
 
     Definition: ``sum(sink_mass[layer < k]) / sum(sink_mass)`` over layers and heads,
-    on stored sink mass; NaN where the total is 0. Note that uniform attention puts
-    the same mass in every layer, so an untrained model sits near k / n_layers.
+    on stored sink mass; NaN where the total is 0. Uniform attention puts the same
+    mass in every layer, so an untrained model sits near k / n_layers, and a model
+    with k layers or fewer has a share of 1 throughout.
     """
     m = _done_data(ds)["sink_mass"]
     total = m.sum(("layer", "head"))
@@ -325,7 +326,8 @@ def massive_activation_ratio(
         definition = "resid_norm_p0 / resid_norm (L2 norm at position 0 over mean norm at 1..T-1)"
     elif kind == "max_median":
         num, den = d["resid_max_p0"], d["resid_median"]
-        definition = "resid_max_p0 / resid_median (Sun et al. 2024: max |component| at position 0 over median |component|)"
+        definition = ("resid_max_p0 / resid_median (Sun et al. 2024: max |component| at position 0 "
+                      "over median |component|)")
     else:
         raise ValueError(f"kind must be 'norm' or 'max_median', not {kind!r}")
     return (num / den).where(den > 0).rename("massive_activation_ratio").assign_attrs(

@@ -150,8 +150,10 @@ def bench(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     started = dt.datetime.now(dt.timezone.utc)
     root = Path(cfg.checkpoints.root).expanduser() if cfg.checkpoints.root else default_checkpoint_root(cfg)
     print(f"{log_prefix} {command}")
+    # (no CUDA call in this process: the contenders' subprocesses have the device to themselves)
+    where = device_name(device) if device == "cpu" or cfg.isolate == "none" else device
     print(f"{log_prefix} preset {preset}: {_model_words(cfg)}, {cfg.checkpoints.count} checkpoints, probe lengths "
-          f"{list(cfg.probe.seq_lens)}, on {device_name(device)}")
+          f"{list(cfg.probe.seq_lens)}, on {where}")
     ensure_checkpoints(cfg, root)
     ckpts = find_checkpoints(root, int(cfg.checkpoints.count))
     weight_bytes = [sum(os.path.getsize(f) for f in c.weight_files) for c in ckpts]
@@ -519,6 +521,8 @@ def run_job(job: dict) -> dict:
         row["peak_device_bytes"] = peaks.device()
         row["rows"] = int(tokens.shape[0])
         results[str(t)] = row
+        if job["device"].startswith("cuda"):
+            row["device_name"] = device_name(job["device"])
         _free(job["device"])
     return {"results": results}
 
@@ -680,8 +684,10 @@ def _run_sinktrace(job, ckpts, tokens, meta, peaks) -> dict:
     return {
         "e2e_s": e2e,
         "forward_s": fwd,
-        "breakdown": {"load_model_s": sum(loads) / n, "measure_s": sum(measures) / n,
-                      "other_s": e2e - (sum(loads) + sum(measures)) / n},
+        # None when replay stops calling pipeline.load.load_model / pipeline.measure.measure through their modules
+        "breakdown": {"load_model_s": sum(loads) / n if loads else None,
+                      "measure_s": sum(measures) / n if measures else None,
+                      "other_s": e2e - (sum(loads) + sum(measures)) / n if loads and measures else None},
         "cache": cache,
         "io": _io_per_ckpt(io0, io1, n),
         "sink_mass": sink,
@@ -991,7 +997,7 @@ def assemble(cfg, preset, command, device, ckpts, bytes_per_ckpt, model_config, 
         "command": command,
         "preset": preset,
         "created": started.isoformat(timespec="seconds"),
-        "device": {"kind": "cuda" if device.startswith("cuda") else "cpu", "name": device_name(device),
+        "device": {"kind": "cuda" if device.startswith("cuda") else "cpu", "name": _device_words(device, results),
                    "cpu_count": os.cpu_count()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "sinktrace": _version()},
@@ -1011,6 +1017,13 @@ def assemble(cfg, preset, command, device, ckpts, bytes_per_ckpt, model_config, 
     }
     doc["targets"] = targets(doc)
     return _finite(doc)
+
+
+def _device_words(device: str, results: dict) -> str:
+    if not device.startswith("cuda"):
+        return device_name(device)
+    names = [r["device_name"] for r in results.values() if r.get("device_name")]
+    return names[0] if names else device
 
 
 def _row(t, contender, r, eager, sdpa, read_s) -> dict:

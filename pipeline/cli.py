@@ -150,7 +150,8 @@ def run_replays(cluster_cfg, todo, probe, settings, store, fingerprint) -> list[
     client, cluster = connect(cluster_cfg)
     try:
         futures = {
-            client.submit(replay, c, probe, settings, key=f"replay-{probe.name}-{c.step}", pure=False): c for c in todo
+            client.submit(replay, c, probe, settings, nxt, key=f"replay-{probe.name}-{c.step}", pure=False): c
+            for c, nxt in zip(todo, [*todo[1:], None])
         }
         with tqdm(total=len(futures), desc="replay", unit="ckpt") as bar:
             for future in as_completed(futures):

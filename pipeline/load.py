@@ -23,6 +23,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+import threading
 
 import torch
 
@@ -37,6 +38,10 @@ _DTYPE_NAMES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
 }
+# Models built in this process, ready for the next checkpoint of the same architecture (see release_model).
+_BUILT: dict[tuple, torch.nn.Module] = {}
+_BUILT_LOCK = threading.Lock()
+
 # Keys that do not change the network a config describes: bookkeeping, runtime switches, the storage dtype.
 VOLATILE_CONFIG_KEYS = frozenset({
     "transformers_version", "torch_dtype", "dtype", "name_or_path", "use_cache", "attn_implementation",
@@ -80,7 +85,45 @@ def load_model(
         weights = validate_weights(folder)
         if want is None:
             want = torch.float32 if device.type == "cpu" else _main_dtype(weights)
-        return _from_pretrained(folder, device, want, trust_remote_code, attn_implementation)
+        key = (config_fingerprint(config), str(device), want, attn_implementation)
+        with _BUILT_LOCK:
+            built = _BUILT.pop(key, None)  # taken, so no other thread of this worker uses it meanwhile
+        if built is not None and _load_into(built, folder, weights):
+            model = built
+        else:
+            model = _from_pretrained(folder, device, want, trust_remote_code, attn_implementation)
+        model._sinktrace_key = key
+        return model
+
+
+def release_model(model) -> None:
+    """Hand a model back for the next checkpoint of the same architecture in this process: building a model
+    (from_pretrained) costs more than reading a small checkpoint, so a replay reuses one per architecture."""
+    key = getattr(model, "_sinktrace_key", None)
+    if key is not None:
+        with _BUILT_LOCK:
+            _BUILT.clear()  # one model at a time: memory is for the checkpoint being replayed
+            _BUILT[key] = model
+
+
+def read_ahead(ckpt: Checkpoint) -> None:
+    """Ask the kernel to start reading a checkpoint's weight files into the page cache, without waiting: the next
+    checkpoint is read from disk while the current one runs. A no-op where the OS or the path does not allow it."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for path in ckpt.weight_files:
+        if _is_url(path):
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def read_config(ckpt: Checkpoint | str | os.PathLike) -> dict:
@@ -257,6 +300,41 @@ def _check_loading(folder: str, info: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------- building
+
+
+def _load_into(model, folder: str, weights: dict[str, str]) -> bool:
+    """Copy a checkpoint's tensors into a model built for the same architecture. False when the file's names or
+    shapes are not exactly the model's (transformers renames or fuses some families' weights on loading: those go
+    through from_pretrained every time); the caller then drops this model, which may be partly overwritten."""
+    from safetensors import safe_open
+
+    params = model.state_dict()
+    tied = {name for name in params if name not in weights and _shares_storage(params, name, weights)}
+    if set(weights) - set(params) or set(params) - set(weights) - tied:
+        return False
+    with torch.no_grad():
+        for path in _weight_paths(folder):
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    if tuple(f.get_slice(name).get_shape()) != tuple(params[name].shape):
+                        return False
+                    params[name].copy_(f.get_tensor(name), non_blocking=True)
+    if next(iter(params.values())).is_cuda:
+        torch.cuda.synchronize()
+    return True
+
+
+def _shares_storage(params: dict, name: str, present) -> bool:
+    ptr = params[name].data_ptr()
+    return any(params[other].data_ptr() == ptr for other in present if other in params)
+
+
+def _weight_paths(folder: str) -> list[str]:
+    single = os.path.join(folder, SAFE_WEIGHTS_NAME)
+    if os.path.isfile(single):
+        return [single]
+    index = json.loads(_read_bytes(os.path.join(folder, SAFE_INDEX_NAME)).decode("utf-8"))
+    return [os.path.join(folder, *shard.split("/")) for shard in shard_names(index)]
 
 
 def _from_pretrained(folder, device, dtype, trust_remote_code, attn_implementation):

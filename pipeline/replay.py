@@ -43,13 +43,18 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def replay(ckpt: Checkpoint, probe: Probe, settings: ReplaySettings) -> xr.Dataset:
-    """Build the checkpoint's model, run the probe through it and return its statistics (no step dim)."""
-    from .load import load_model
+def replay(ckpt: Checkpoint, probe: Probe, settings: ReplaySettings, read_next: Checkpoint | None = None) -> xr.Dataset:
+    """Build the checkpoint's model, run the probe through it and return its statistics (no step dim).
+
+    `read_next`: the checkpoint that will be replayed after this one; its files are read from disk meanwhile.
+    """
+    from .load import load_model, read_ahead, release_model
     from .measure import measure
 
     device = resolve_device(settings.device)
     model = load_model(ckpt, device=device, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code)
+    if read_next is not None:
+        read_ahead(read_next)
     vocab = model.get_input_embeddings().num_embeddings
     if int(probe.tokens.max()) >= vocab:
         raise CheckpointError(
@@ -58,6 +63,7 @@ def replay(ckpt: Checkpoint, probe: Probe, settings: ReplaySettings) -> xr.Datas
         )
     tokens = torch.from_numpy(probe.tokens).to(device)
     stats = measure(model, tokens, batch_size=settings.batch_size, key_positions=settings.key_positions)
+    release_model(model)
     return to_dataset(stats, model.config, probe.seq_len)
 
 

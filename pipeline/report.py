@@ -398,7 +398,9 @@ def fig_massive(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Path
             ax.plot(ratio.step, ratio.sel(layer=layer), color=colors[i], marker="o",
                     markersize=_marker_size(n.steps.size),
                     label=f"layer {layer}")
-        if (ratio > 0).any():
+        positive = ratio.where(ratio > 0)
+        # Log scale once the ratios span a decade; below that it would leave hardly a tick label.
+        if positive.count() and float(positive.max()) / float(positive.min()) >= 10:
             _log_axis(ax)
         ax.set_ylabel(ylabel + ", ratio")
         ax.set_title(name, fontsize=9)
@@ -411,7 +413,8 @@ def fig_massive(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Path
 
 
 def fig_first_token(fixed: xr.Dataset, random: xr.Dataset, index: xr.DataArray, path: Path) -> Path:
-    """Fixed vs random first token: sink mass per layer at the last common step, and the index over training."""
+    """Fixed vs random first token: sink mass per layer at the last common step, and the
+    positional index over training."""
     last = int(index.step.values[-1])
     m_f = an.layer_sink_mass(fixed).sel(step=last)
     m_r = an.layer_sink_mass(random).sel(step=last)
@@ -525,7 +528,8 @@ def _group_section(name: str, ds: xr.Dataset, out: Path, eps: float, tol: float,
          "Sink mass per layer and step (mean over heads). Cells sit at the real checkpoint steps; "
          "diamonds mark emergence steps; grey columns are failed or pending steps.", ()),
         (fig_emergence, "emergence_curves.png",
-         f"Per-layer sink mass over training with eps = {eps:g} (dashed) and each layer's emergence step (diamond).", ()),
+         f"Per-layer sink mass over training with eps = {eps:g} (dashed) and each layer's "
+         "emergence step (diamond).", ()),
         (fig_heads, "heads_last_step.png", f"Sink mass of every head at step {n.last_step}.", ()),
         (fig_by_query, "sink_by_query.png",
          f"Sink mass by query position at step {n.last_step}: does the sink grow with context?",

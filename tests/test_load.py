@@ -88,7 +88,7 @@ def test_auto_dtype_on_an_accelerator_is_the_checkpoints_own(tmp_path, monkeypat
 
     folder, _ = save_checkpoint(tmp_path / "step1", dtype=stored, sharded=True)
     seen = {}
-    monkeypatch.setattr(mod, "_from_pretrained", lambda folder, device, dtype, *a: seen.update(dtype=dtype))
+    monkeypatch.setattr(mod, "_from_pretrained", lambda folder, device, dtype, *a: seen.update(dtype=dtype) or torch.nn.Module())
     load_model(ckpt(folder), device="cuda", attn_implementation="eager")
     assert seen["dtype"] == stored
     load_model(ckpt(folder), device="cpu", attn_implementation="eager")
@@ -389,3 +389,28 @@ def test_validate_weights_reports_dtypes(tmp_path):
     folder, saved = save_checkpoint(tmp_path / "a", dtype=torch.bfloat16, sharded=True)
     dtypes = validate_weights(str(folder))
     assert sorted(dtypes) == sorted(saved) and set(dtypes.values()) == {"BF16"}
+
+
+def test_a_released_model_is_reused_with_the_next_checkpoints_weights(tmp_path):
+    from pipeline import load as mod
+    from pipeline.load import release_model
+
+    first, _ = save_checkpoint(tmp_path / "step1", seed=1)
+    second, saved = save_checkpoint(tmp_path / "step2", seed=2)
+    model = load_model(ckpt(first), attn_implementation="eager")
+    release_model(model)
+    again = load_model(ckpt(second), attn_implementation="eager")
+    assert again is model  # built once, loaded twice
+    assert_same_weights(again, saved, torch.float32)
+
+
+def test_a_model_is_not_reused_across_architectures(tmp_path):
+    from pipeline.load import release_model
+
+    small, _ = save_checkpoint(tmp_path / "step1")
+    wide, saved = save_checkpoint(tmp_path / "step2", hidden_size=48)
+    model = load_model(ckpt(small), attn_implementation="eager")
+    release_model(model)
+    other = load_model(ckpt(wide), attn_implementation="eager")
+    assert other is not model
+    assert_same_weights(other, saved, torch.float32)

@@ -385,3 +385,33 @@ def test_every_step_variable_is_one_step_per_chunk(tmp_path):
     ds = open_sinks(path)
     for name in step_arrays:
         assert ds[name].encoding["chunks"] == (1, *ds[name].shape[1:]), name
+
+
+def test_first_write_interrupted_while_creating_variables(tmp_path, monkeypatch):
+    ref, path = tmp_path / "ref.zarr", tmp_path / "s.zarr"
+    store = SinkStore(ref, "random")
+    store.prepare([1, 2], attrs=ATTRS)
+    store.mark_failed(1, "truncated")
+    store.write_step(2, step_ds(2))
+    store = SinkStore(path, "random")
+    store.prepare([1, 2], attrs=ATTRS)
+    store.mark_failed(1, "truncated")
+    original, calls = zarr.Group.create_array, []
+
+    def dies_on_third(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Killed
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(zarr.Group, "create_array", dies_on_third)
+    with pytest.raises(Killed):
+        store.write_step(2, step_ds(2))
+    monkeypatch.setattr(zarr.Group, "create_array", original)
+    assert len(list(zarr.open_group(path, mode="r", path="random").array_keys())) > 4
+    store = SinkStore(path, "random")
+    assert store.status() == {1: "failed", 2: "pending"}
+    assert sorted(zarr.open_group(path, mode="r", path="random").array_keys()) == [
+        "error", "status", "step", "tokens_seen"]
+    store.write_step(2, step_ds(2))
+    xr.testing.assert_identical(load(path), load(ref))
