@@ -2,6 +2,8 @@
 
 __version__ = "0.1.0"
 
+from . import analysis  # noqa: E402,F401  (registers the `ds.sinks` accessor)
+
 
 def open_sinks(path: str, group: str | None = None):
     """Open a sinktrace store: one probe group as an xarray.Dataset, or the whole store as an xarray.DataTree."""

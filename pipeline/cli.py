@@ -191,8 +191,7 @@ def report_stage(cfg: DictConfig, store_location: str) -> None:
 
     if not _exists(store_location):
         raise UsageError(f"store.path={store_location}: no store there yet; run the replay stage first")
-    out_dir = cfg.report.out_dir or str(Path(store_location).parent / "report")
-    page = write_report(store_location, out_dir, eps=float(cfg.report.eps))
+    page = write_report(store_location, cfg.report.out_dir or None, eps=float(cfg.report.eps))
     tree = open_sinks(store_location)
     groups = tree.children.items() if hasattr(tree, "children") else [(tree.attrs.get("probe_name", "probe"), tree)]
     for name, node in groups:

@@ -278,6 +278,9 @@ class SinkStore:
         encoding = {
             k: {"chunks": (1, *v.shape[1:])} for k, v in ds.variables.items() if "step" in v.dims
         }
+        # unwritten chunks read as these, so pending steps and empty errors cost no files
+        encoding["status"]["fill_value"] = PENDING
+        encoding["error"]["fill_value"] = ""
         ds.transpose("step", ...).to_zarr(
             self.path, group=name, mode="w", consolidated=False, zarr_format=3, encoding=encoding
         )
@@ -333,7 +336,7 @@ class SinkStore:
         if root is None:
             return
         if self._staging in root:
-            if False:
+            if root[self._staging].attrs.get(_COMPLETE):
                 self._drop_consolidated()
                 self._promote_staging(self._load(self._staging))
             else:
