@@ -107,22 +107,16 @@ def run_bench(cfg: DictConfig, overrides: list[str] | None = None) -> int:
     return 1 if any(r["status"] == "error" for r in result["rows"]) else 0
 
 
-def _command_line(overrides: list[str] | None) -> tuple[str, str]:
-    """(the command line as typed, the preset name)."""
-    preset = None
+def _command_line(cfg, overrides: list[str] | None) -> str:
+    """The command line as typed (under @hydra.main), or as it would be typed (from Python: `overrides`)."""
     if overrides is None:
         try:
             from hydra.core.hydra_config import HydraConfig
 
-            hc = HydraConfig.get()
-            overrides = list(hc.overrides.task)
-            preset = hc.runtime.choices.get("bench_preset")
+            overrides = list(HydraConfig.get().overrides.task)
         except (ValueError, ImportError):  # not under @hydra.main
-            overrides = []
-    if preset is None:
-        picked = [o.split("=", 1)[1] for o in overrides if o.startswith(("bench_preset=", "preset="))]
-        preset = picked[-1] if picked else "gpu"
-    return " ".join(["python -m pipeline.bench", *map(shlex.quote, overrides)]), preset
+            overrides = [f"bench_preset={cfg.preset_name}"]
+    return " ".join(["python -m pipeline.bench", *map(shlex.quote, overrides)])
 
 
 # =============================================================================================== the benchmark
@@ -134,7 +128,7 @@ def bench(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     Returns the JSON document as a dict (its `out` key says where it was written)."""
     import torch
 
-    command, preset = _command_line(overrides)
+    command, preset = _command_line(cfg, overrides), str(cfg.preset_name)
     _check_config(cfg)
     device = resolve_device(str(cfg.device))
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -562,17 +556,20 @@ def _torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[str(name)]
 
 
-def _median_time(fn, repeats: int, device: str, warm: bool) -> float:
+def _median_time(fn, repeats: int, device: str, warm: bool) -> tuple[float, float]:
+    """Median wall-clock seconds of `repeats` calls, and median CPU seconds of this process over the same calls
+    (all its threads: on a CPU shared with other work, CPU time drifts less with the load than wall time)."""
     if warm:
         fn()
-    times = []
+    walls, cpus = [], []
     for _ in range(max(1, repeats)):
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 class Peaks:
@@ -699,7 +696,7 @@ def _run_sinktrace(job, ckpts, tokens, meta, peaks) -> dict:
     model = load_mod.load_model(ckpts[0], device=device, dtype=job["dtype"])
     ids = torch.from_numpy(tokens).to(device)
     # (no extra warm-up call: the end-to-end pass just ran this code)
-    fwd = _median_time(
+    fwd, fwd_cpu = _median_time(
         lambda: measure_mod.measure(model, ids, batch_size=job["batch_size"], key_positions=job["key_positions"]),
         job["forward_repeats"], device, warm=False,
     )
@@ -708,6 +705,7 @@ def _run_sinktrace(job, ckpts, tokens, meta, peaks) -> dict:
     return {
         "e2e_s": e2e,
         "forward_s": fwd,
+        "forward_cpu_s": fwd_cpu,
         # None when replay stops calling pipeline.load.load_model / pipeline.measure.measure through their modules
         "breakdown": {"load_model_s": sum(loads) / n if loads else None,
                       "measure_s": sum(measures) / n if measures else None,
@@ -813,12 +811,14 @@ def _run_eager(job, ckpts, tokens, meta, peaks) -> dict:
     _free(device)
 
     model = _hf_load(ckpts[0].path, device, job["dtype"], "eager")
-    fwd = _median_time(lambda: eager_stats(model, ids, bs, keep), job["forward_repeats"], device, warm=False)
+    fwd, fwd_cpu = _median_time(lambda: eager_stats(model, ids, bs, keep), job["forward_repeats"], device,
+                                warm=False)
     del model
     n = len(ckpts)
     return {
         "e2e_s": e2e,
         "forward_s": fwd,
+        "forward_cpu_s": fwd_cpu,
         "breakdown": {"from_pretrained_s": sum(loads) / n, "forward_and_stats_s": e2e - sum(loads) / n},
         "cache": cache,
         "io": _io_per_ckpt(io0, io1, n),
@@ -842,8 +842,8 @@ def _run_sdpa(job, ckpts, tokens, meta, peaks) -> dict:
             for start in range(0, ids.shape[0], bs):
                 model(input_ids=ids[start:start + bs], use_cache=False, logits_to_keep=keep)
 
-    fwd = _median_time(forward, job["forward_repeats"], device, warm=job["warmup"] > 0)
-    return {"e2e_s": None, "forward_s": fwd}
+    fwd, fwd_cpu = _median_time(forward, job["forward_repeats"], device, warm=job["warmup"] > 0)
+    return {"e2e_s": None, "forward_s": fwd, "forward_cpu_s": fwd_cpu}
 
 
 # =============================================================================================== the read floor
@@ -1071,6 +1071,8 @@ def _row(t, contender, r, eager, sdpa, read_s) -> dict:
         "e2e_vs_eager": ratio(e2e, eager, "e2e_s"),
         "forward_vs_eager": ratio(fwd, eager, "forward_s"),
         "forward_vs_sdpa": ratio(fwd, sdpa, "forward_s"),
+        "forward_cpu_s": r.get("forward_cpu_s") if ok else None,
+        "forward_cpu_vs_sdpa": ratio(r.get("forward_cpu_s") if ok else None, sdpa, "forward_cpu_s"),
         "e2e_vs_read": e2e / read_s if e2e is not None and read_s else None,
         "peak_rss_bytes": r.get("peak_rss_bytes"),
         "peak_device_bytes": r.get("peak_device_bytes"),
@@ -1205,12 +1207,15 @@ def render(doc: dict) -> str:
     lines.append(
         "e2e: read + build + probe forward + statistics, per checkpoint (read floor: its files' read time); "
         "fwd: the probe forward with the weights already on the device; ratios are time / reference time"
+        + ("" if on_gpu else "; cpu: the same ratio in CPU seconds of the process (steadier than wall time on a "
+                             "shared machine)")
     )
-    header = ["T", "rows", "contender", "e2e s", "fwd s", "e2e/eager", "fwd/eager", "fwd/sdpa", "e2e/read",
-              "RSS GiB", "dev GiB", "note"]
+    header = ["T", "rows", "contender", "e2e s", "fwd s", "e2e/eager", "fwd/eager", "fwd/sdpa",
+              *([] if on_gpu else ["cpu"]), "e2e/read", "RSS GiB", "dev GiB", "note"]
     table = []
     for r in doc["rows"]:
         ok = r["status"] == "ok"
+        measured = r["contender"] != "read" and r["status"] != "skipped"  # an out-of-memory row keeps its peaks
         note = r["note"] if not ok else ("" if r["cold_cache"] is not False or r["contender"] in ("sdpa", "read")
                                          else "page cache not cold")
         if not ok and r["status"] not in note:
@@ -1218,9 +1223,10 @@ def render(doc: dict) -> str:
         table.append([
             str(r["seq_len"]), str(r["rows"] or "-"), r["label"], _fmt_s(r["e2e_s_per_ckpt"]), _fmt_s(r["forward_s"]),
             _fmt_x(r["e2e_vs_eager"]), _fmt_x(r["forward_vs_eager"]), _fmt_x(r["forward_vs_sdpa"]),
+            *([] if on_gpu else [_fmt_x(r.get("forward_cpu_vs_sdpa"))]),
             _fmt_x(r["e2e_vs_read"]),
-            _fmt_gib(r["peak_rss_bytes"]) if r["contender"] != "read" else "-",
-            (_fmt_gib(r["peak_device_bytes"]) if on_gpu else "n/a") if r["contender"] != "read" else "-",
+            _fmt_gib(r["peak_rss_bytes"]) if measured else "-",
+            (_fmt_gib(r["peak_device_bytes"]) if on_gpu else "n/a") if measured else "-",
             note,
         ])
     widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header[:-1])]

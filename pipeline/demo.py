@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -99,8 +100,14 @@ class BigramBackcopy:
     successors: np.ndarray  # int64 [vocab_size, n]: the tokens that may follow each token (row 0, BOS, unused)
     probs: np.ndarray  # float64 [vocab_size, n]: their probabilities
 
+    @functools.cached_property
+    def _trigger_lookup(self) -> np.ndarray:
+        lookup = np.zeros(self.vocab_size, dtype=bool)
+        lookup[list(self.triggers)] = True
+        return lookup
+
     def is_trigger(self, tokens) -> np.ndarray:
-        return np.isin(np.asarray(tokens), np.asarray(self.triggers))
+        return self._trigger_lookup[np.asarray(tokens)]
 
     def allowed_next(self, token: int) -> set[int]:
         """The tokens the bigram chain may put after `token` (the rule for non-trigger tokens)."""
@@ -246,7 +253,7 @@ def _train(root: Path, recipe: DemoRecipe, progress: bool) -> None:
     model = LlamaForCausalLM(_recipe_config(recipe))
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.95),
                                   weight_decay=recipe.weight_decay)
-    schedule = recipe.schedule()
+    schedule = set(recipe.schedule())
     resumed = _resume(root, recipe, model, optimizer)
     if resumed is not None:
         start, log_history = resumed
@@ -259,7 +266,7 @@ def _train(root: Path, recipe: DemoRecipe, progress: bool) -> None:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=recipe.steps, initial=start, desc="demo training", unit="step", dynamic_ncols=True)
-    window = {"loss": 0.0, "loss_backcopy": 0.0, "loss_bigram": 0.0, "grad_norm": 0.0, "n": 0}
+    window = _LossWindow()
     model.train()
     try:
         for step in range(start, recipe.steps):
@@ -277,30 +284,41 @@ def _train(root: Path, recipe: DemoRecipe, progress: bool) -> None:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
             optimizer.step()
 
-            with torch.no_grad():  # split the loss by what the target needs: a copy or a bigram step
-                after_trigger = torch.from_numpy(task.is_trigger(batch[:, :-1].numpy()))
-                after_trigger[:, 0] = False  # the token after BOS is neither
-                bigram_mask = ~after_trigger
-                bigram_mask[:, 0] = False
-            window["loss"] += float(loss.detach())
-            window["loss_backcopy"] += float(per_token.detach()[after_trigger].mean()) if after_trigger.any() else 0.0
-            window["loss_bigram"] += float(per_token.detach()[bigram_mask].mean())
-            window["grad_norm"] += float(grad_norm)
-            window["n"] += 1
+            window.add(task, batch, per_token.detach(), float(grad_norm))
             if bar is not None:
                 bar.update(1)
                 if step % 50 == 0:
-                    bar.set_postfix(loss=f"{float(loss):.3f}")
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
             done = step + 1
             if done in schedule:
-                n = window.pop("n")
-                log_history.append({"step": done, "learning_rate": _lr_at(recipe, step),
-                                    **{k: round(v / n, 6) for k, v in window.items()}})
-                window = {k: 0.0 for k in window} | {"n": 0}
+                log_history.append({"step": done, "learning_rate": _lr_at(recipe, step), **window.summary()})
+                window = _LossWindow()
                 _save_checkpoint(root, recipe, done, model, optimizer, log_history)
     finally:
         if bar is not None:
             bar.close()
+
+
+class _LossWindow:
+    """Mean losses since the last checkpoint, split by what the target needs: a copy or a bigram step."""
+
+    def __init__(self):
+        self.sums = {"loss": 0.0, "loss_backcopy": 0.0, "loss_bigram": 0.0, "grad_norm": 0.0}
+        self.counts = dict.fromkeys(self.sums, 0)
+
+    def add(self, task: BigramBackcopy, batch: torch.Tensor, per_token: torch.Tensor, grad_norm: float) -> None:
+        after_trigger = torch.from_numpy(task.is_trigger(batch[:, :-1].numpy()))
+        after_bigram = ~after_trigger
+        after_bigram[:, 0] = False  # the token after BOS is uniform, neither a copy nor a bigram step
+        for key, value, n in (("loss", per_token.sum(), per_token.numel()),
+                              ("loss_backcopy", per_token[after_trigger].sum(), int(after_trigger.sum())),
+                              ("loss_bigram", per_token[after_bigram].sum(), int(after_bigram.sum())),
+                              ("grad_norm", grad_norm, 1)):
+            self.sums[key] += float(value)
+            self.counts[key] += n
+
+    def summary(self) -> dict:
+        return {k: round(self.sums[k] / self.counts[k], 6) for k in self.sums if self.counts[k]}
 
 
 def _save_checkpoint(root: Path, recipe: DemoRecipe, step: int, model, optimizer, log_history) -> None:

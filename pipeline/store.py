@@ -1,4 +1,4 @@
-"""The Zarr store of the sink cube: one writer (the driver), one group per probe, one step per chunk.
+"""The Zarr store of the sink cube: one writer (the driver), one group per probe, 1 step per chunk.
 
 One group opens as an ``xarray.Dataset``:
 
@@ -26,9 +26,9 @@ job. Four rules make it so:
 * The data variables are created by the first write, which is when their dims are known, as
   metadata only and under a marker attribute; a half-made set is deleted by the repair.
 
-The repair runs when a writer first touches the store.
-Consolidated metadata is dropped before any metadata change and written again by
-:meth:`SinkStore.finalize`, so it can be missing but never stale.
+The repair runs when a writer first touches the store. Consolidated metadata is dropped before
+any metadata change and written again by :meth:`SinkStore.finalize`, so it can be missing but
+never stale.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import dask.array
 import numpy as np
@@ -45,13 +45,13 @@ import zarr
 from zarr.errors import ZarrUserWarning
 
 PENDING, DONE, FAILED = "pending", "done", "failed"
-STATUSES = (PENDING, DONE, FAILED)
 STEP_COORDS = ("tokens_seen", "status", "error")
 # attributes every step's Dataset must share with the group: one cube, one model
 STEP_ATTRS = ("architecture", "config_fingerprint")
 
-# Variable-length UTF-8 strings (zarr v3 "string"): no fixed width to outgrow, no warning on write or
-# read, unlike numpy "U" arrays, which zarr 3.1 stores as an unspecified fixed-width type and warns.
+# Variable-length UTF-8 strings (zarr v3 "string"): no fixed width to outgrow, no warning on write
+# or read, unlike numpy "U" arrays, which zarr 3.1 stores as an unspecified fixed-width type, with
+# an UnstableSpecificationWarning.
 _STR = np.dtypes.StringDType()
 _STAGING_SUFFIX = ".staging"
 _COMPLETE = "sinktrace_staging_complete"
@@ -70,8 +70,8 @@ class _Layout:
     steps: np.ndarray
     index: dict[int, int]
     data_vars: dict[str, dict[str, int]]  # name -> {dim: size}, step excluded
-    coords: dict[str, np.ndarray] = field(default_factory=dict)  # coordinates without a step dim
-    attrs: dict = field(default_factory=dict)
+    coords: dict[str, np.ndarray]  # coordinates without a step dim
+    attrs: dict
 
 
 class SinkStore:
@@ -95,7 +95,13 @@ class SinkStore:
         tokens_seen: Mapping[int, int | None] = {},
         attrs: Mapping = {},
     ) -> None:
-        """Allocate every step in ``steps`` (status pending) and merge ``attrs`` into the group's."""
+        """Allocate every step in ``steps`` (status pending) and merge ``attrs`` into the group's.
+
+        Args:
+            steps: training steps; those already stored keep their data and status.
+            tokens_seen: step -> tokens seen, where the checkpoint says; None leaves it unknown.
+            attrs: run attributes (JSON types), merged into the group's attributes.
+        """
         layout = self._ready()
         wanted = sorted({int(s) for s in steps})
         tokens = {int(s): float(t) for s, t in tokens_seen.items() if t is not None}
@@ -123,7 +129,14 @@ class SinkStore:
         return {int(s): str(v) for s, v in zip(layout.steps, values, strict=True)}
 
     def write_step(self, step: int, ds: xr.Dataset) -> None:
-        """Store one step's statistics (a Dataset without a step dim), then mark the step done."""
+        """Store one step's statistics, then mark the step done. Writing it again is harmless.
+
+        Args:
+            step: an allocated training step.
+            ds: that step's statistics, without a step dim. Its variables, dims, coordinates,
+                architecture and config fingerprint must match what the group already holds,
+                else StoreMismatchError is raised and nothing is written.
+        """
         layout = self._ready()
         i = self._position(step)
         ds = self._conform(int(step), ds, layout)
@@ -150,8 +163,11 @@ class SinkStore:
     def finalize(self) -> None:
         """Consolidate the store's metadata (once, at the end of a run)."""
         self._ready()
+        if self._root() is None:
+            return
         with warnings.catch_warnings():
-            # the inline v3 form is known to be outside the spec; readers cope without it
+            # the inline v3 form is outside the spec and may go (zarr-specs #371, zarr-python
+            # #3709); it is only a read speed-up, and readers cope without it
             warnings.filterwarnings("ignore", "Consolidated metadata", ZarrUserWarning)
             zarr.consolidate_metadata(self.path)
 
@@ -275,6 +291,8 @@ class SinkStore:
         self._delete_staging()
 
     def _write_group(self, ds: xr.Dataset, name: str) -> None:
+        # one step per chunk: region writes into chunks shared by several steps lose data
+        # silently (xarray #8371, zarr-python #3682)
         encoding = {
             k: {"chunks": (1, *v.shape[1:])} for k, v in ds.variables.items() if "step" in v.dims
         }
@@ -303,7 +321,8 @@ class SinkStore:
         group.update_attributes({_RESIZE_FROM: n})
         for array in _step_arrays(group):
             array.resize((n + k, *array.shape[1:]))
-        # xarray drops index coordinates from region writes, so the step values go in through zarr
+        # region writes drop index coordinates ("can't modify indexes with region writes" in
+        # xarray/backends/zarr.py), so the step values go in through zarr
         group["step"][n:] = np.asarray(new, dtype=np.int64)
         xr.Dataset(
             {
@@ -335,14 +354,11 @@ class SinkStore:
         root = self._root()
         if root is None:
             return
-        if self._staging in root:
-            if root[self._staging].attrs.get(_COMPLETE):
-                self._drop_consolidated()
-                self._promote_staging(self._load(self._staging))
-            else:
-                self._delete_staging()
+        if self._staging in root and root[self._staging].attrs.get(_COMPLETE):
+            self._drop_consolidated()
+            self._promote_staging(self._load(self._staging))
         else:
-            self._delete_staging()  # a half-deleted one leaves files without zarr.json
+            self._delete_staging()  # also the remains of a half-deleted one, without zarr.json
         if self.group in root:
             group = self._zgroup()
             n = group.attrs.get(_RESIZE_FROM)
@@ -405,7 +421,8 @@ class SinkStore:
                 if stored is not None and not np.array_equal(c.values, stored):
                     problems.append(f"coordinate {k} {c.values.tolist()}, stored {stored.tolist()}")
         if problems:
-            raise StoreMismatchError(f"{where} does not match the stored cube: " + "; ".join(problems))
+            problems = "; ".join(problems)
+            raise StoreMismatchError(f"{where} does not match the stored cube: {problems}")
         if layout.data_vars:
             ds = xr.Dataset({k: v.transpose(*layout.data_vars[k]) for k, v in ds.data_vars.items()})
         return ds

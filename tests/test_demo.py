@@ -212,3 +212,14 @@ def test_ensure_demo_run_builds_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "_train", lambda *a, **k: pytest.fail("the cached run was rebuilt"))
     assert ensure_demo_run(tmp_path, steps=4, every=2, seed=0, batch_size=8, progress=False) == root
     assert DemoRecipe(steps=4, every=2, seed=1, batch_size=8).name() != root.name
+
+
+def test_emergence_table_reads_every_checkpoint(tiny_run):
+    table = demo.emergence_table(tiny_run, rows=4)
+    assert [row["step"] for row in table] == TINY_STEPS
+    for row in table:
+        assert 0 < row["non_trigger"] < 1 and 0 < row["all"] < 1 and 0 < row["random"] < 1
+    # at initialisation attention is close to uniform over the t+1 visible keys: mean of 1/(t+1) over t=1..T-1
+    T = DemoRecipe.seq_len
+    uniform = np.mean([1 / (t + 1) for t in range(1, T)])
+    assert abs(table[0]["all"] - uniform) < 0.01

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -58,7 +57,8 @@ def run(path, steps, *, group="random", overwrite=False, tokens=None) -> list[in
     """What the driver does: allocate, skip done steps, write the rest, consolidate."""
     store = SinkStore(path, group)
     store.prepare(steps, tokens_seen=tokens or {}, attrs=ATTRS)
-    todo = [s for s, st in store.status().items() if s in set(steps) and (overwrite or st != "done")]
+    wanted = set(steps)
+    todo = [s for s, st in store.status().items() if s in wanted and (overwrite or st != "done")]
     for s in todo:
         store.write_step(s, step_ds(s))
     store.finalize()
@@ -78,7 +78,8 @@ def check_step(ds: xr.Dataset, step: int, full: bool = False) -> None:
 
 
 def files(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(folder)): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 class Killed(BaseException):
@@ -105,6 +106,7 @@ def test_any_order_roundtrip(tmp_path):
     assert np.isnan(ds["sink_mass"].sel(step=100)).all()
     assert ds.attrs["architecture"] == "llama" and ds.attrs["probe"] == "random"
     assert store.status() == {0: "done", 100: "pending", 200: "done", 300: "done"}
+    xr.testing.assert_identical(open_sinks(path).load(), ds)  # the only probe: its Dataset
     # status and error are coordinates, so a string never meets NaN in whole-Dataset operations
     assert ds.where(ds.status == "done", drop=True)["step"].values.tolist() == [0, 200, 300]
 
