@@ -32,6 +32,7 @@ import platform
 import re
 import resource
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -243,10 +244,9 @@ def device_name(device: str) -> str:
 
 
 def _model_words(cfg) -> str:
-    return f"{_param_count(cfg.model) / 1e9:.3g} B-parameter Llama ({cfg.model.num_hidden_layers} layers, " \
-           f"{cfg.model.hidden_size} wide) in {cfg.dtype}" if _param_count(cfg.model) >= 1e8 else \
-           f"{_param_count(cfg.model) / 1e6:.3g} M-parameter Llama ({cfg.model.num_hidden_layers} layers, " \
-           f"{cfg.model.hidden_size} wide) in {cfg.dtype}"
+    n = _param_count(cfg.model)
+    size = f"{n / 1e9:.3g} B" if n >= 1e8 else f"{n / 1e6:.3g} M"
+    return f"{size}-parameter Llama ({cfg.model.num_hidden_layers} layers, {cfg.model.hidden_size} wide) in {cfg.dtype}"
 
 
 def _param_count(m) -> int:
@@ -357,16 +357,12 @@ def ensure_checkpoints(cfg, root: Path) -> None:
             folder = root / f"checkpoint-{i * every}"
             tmp = root / f"checkpoint-{i * every}.tmp"
             if tmp.exists():
-                import shutil
-
                 shutil.rmtree(tmp)
             model.save_pretrained(tmp)
             _write_json_atomic(tmp / "trainer_state.json", {"global_step": i * every})
             for f in tmp.iterdir():
                 _fsync(f)
             if folder.exists():
-                import shutil
-
                 shutil.rmtree(folder)
             os.replace(tmp, folder)
             print(f"{log_prefix}   {folder.name} ({time.perf_counter() - t0:.1f} s)", flush=True)
@@ -641,8 +637,6 @@ def _copy_of(ckpt):
     """A throw-away copy of a checkpoint, beside it (same file system), removed afterwards. Warm-up runs on it, so
     that whatever the warm-up leaves mapped (a model kept for reuse holds its weights) pins the copy's pages in
     the page cache, not those of the files the timed pass reads."""
-    import shutil
-
     src = Path(ckpt.path)
     tmp = Path(tempfile.mkdtemp(prefix=".bench-warmup-", dir=src.parent))
     try:
