@@ -104,7 +104,12 @@ def _median(x: torch.Tensor) -> torch.Tensor:
     """Row medians as numpy defines them (mean of the two middle values for an even count)."""
     n = x.shape[-1]
     lo = torch.kthvalue(x, (n + 1) // 2, dim=-1).values
-    hi = torch.kthvalue(x, n // 2 + 1, dim=-1).values
+    if n % 2:
+        return lo.double()
+    # the upper middle value is the smallest value above `lo`, unless `lo` itself repeats past the middle;
+    # two elementwise passes instead of a second selection, which cost a quarter of the statistics' CPU time
+    above = torch.where(x > lo[..., None], x, torch.inf).amin(-1)
+    hi = torch.where((x <= lo[..., None]).sum(-1) > n // 2, lo, above)
     return (lo.double() + hi.double()) / 2
 
 
