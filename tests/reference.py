@@ -18,10 +18,14 @@ import torch
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm")
 
 
-def reference_stats(model, input_ids, key_positions: int = 4) -> dict[str, np.ndarray]:
-    ref = copy.deepcopy(model).float().eval()
+def reference_stats(model, input_ids, key_positions: int = 4, *, keep_dtype: bool = False) -> dict[str, np.ndarray]:
+    """keep_dtype: run eager in the model's own dtype and device (the GPU half-precision check) instead of a
+    float32 copy."""
+    ref = copy.deepcopy(model).eval()
+    if not keep_dtype:
+        ref = ref.float()
     ref.set_attn_implementation("eager")
-    ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
+    ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long, device=next(ref.parameters()).device)
     n_layers = ref.config.num_hidden_layers
 
     # Keys (after rotary) and values as eager attention receives them.
@@ -30,8 +34,8 @@ def reference_stats(model, input_ids, key_positions: int = 4) -> dict[str, np.nd
     keys, values = {}, {}
 
     def recording_eager(module, query, key, value, *args, **kwargs):
-        keys[module.layer_idx] = key.double().numpy()
-        values[module.layer_idx] = value.double().numpy()
+        keys[module.layer_idx] = key.double().cpu().numpy()
+        values[module.layer_idx] = value.double().cpu().numpy()
         return eager(module, query, key, value, *args, **kwargs)
 
     # hidden_states[-1] is the final norm's output in most models, so take the last block's output at the norm.
@@ -45,10 +49,10 @@ def reference_stats(model, input_ids, key_positions: int = 4) -> dict[str, np.nd
         hook.remove()
     assert len(out.attentions) == n_layers and len(out.hidden_states) == n_layers + 1
     assert sorted(keys) == list(range(n_layers)), "eager_attention_forward was not called for every layer"
-    blocks = [h.double().numpy() for h in out.hidden_states[1:n_layers]] + [last_block["x"].double().numpy()]
+    blocks = [h.double().cpu().numpy() for h in out.hidden_states[1:n_layers]] + [last_block["x"].double().cpu().numpy()]
     has_sinks = any(hasattr(m, "sinks") for m in ref.modules())
 
-    stats = [_layer_stats(out.attentions[i].double().numpy(), has_sinks, key_positions) for i in range(n_layers)]
+    stats = [_layer_stats(out.attentions[i].double().cpu().numpy(), has_sinks, key_positions) for i in range(n_layers)]
     result = {name: np.stack([s[name] for s in stats]) for name in stats[0]}
     for name, per_layer in (("key_norm", keys), ("value_norm", values)):
         norms = np.stack([np.linalg.norm(per_layer[i], axis=-1) for i in range(n_layers)])  # (L, N, Hkv, T)

@@ -212,3 +212,20 @@ def test_qbin_edges():
     assert qbin_edges(40).tolist() == [1, 2, 4, 8, 16, 32, 40]
     assert qbin_edges(33).tolist() == [1, 2, 4, 8, 16, 32, 33]
     assert qbin_edges(2).tolist() == [1, 2]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the half-precision GPU matrix needs CUDA")
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_family_on_gpu_in_half_precision(family, dtype, record_property):
+    """Issue 3's GPU matrix: the fused CUDA kernels in half precision against eager in the same dtype and device."""
+    model = build(family).to("cuda", dtype)
+    ids = probe()
+    got = measure(model, torch.as_tensor(ids, device="cuda"))
+    want = reference_stats(model, ids, keep_dtype=True)
+    worst = max(float(np.abs(got[n] - want[n]).max()) for n in ("sink_mass", "sink_mass_by_q", "key_mass", "entropy"))
+    record_property("max_abs_error", worst)
+    print(f"{family} {dtype}: max abs error {worst:.2e}")
+    for name in ("sink_mass", "sink_mass_by_q", "key_mass", "entropy", "learned_sink_mass"):
+        if name in want:
+            np.testing.assert_allclose(got[name], want[name], atol=2e-3, err_msg=name)
