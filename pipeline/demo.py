@@ -2,8 +2,17 @@
 
 The task is Bigram-Backcopy (Guo et al. 2024, "Active-Dormant Attention Heads"): every sequence starts with BOS;
 after one of a few trigger tokens the next token repeats the token before the trigger; everywhere else the next
-token follows a fixed random bigram chain. A tiny Llama-style model learns to copy at triggers with a layer-0
-head and, with nothing to do at the other positions, parks that head on position 0: the sink.
+token follows a fixed random bigram chain. A tiny Llama (2 layers, width 64, 2 heads) learns it in a few hundred
+steps; its heads then park their attention on position 0 at the queries where they have nothing to copy, and the
+heads that do the copy look at the previous token from trigger queries.
+
+Two choices make the layer-0 sink appear reliably within the demo's few minutes (measured with
+`python -m pipeline.demo DIR --seed N --threads 1` for seeds 0-9):
+- the vocabulary (512) is large for the width: in an earlier variant with 64 tokens in 64 dimensions (and no weight
+  decay) the model solved the task with no sink at all (layer-0 attention on position 0 stayed below 0.1 for
+  4,000 steps, at lr 3e-3 and at 1e-2);
+- weight decay 0.1: without it one seed in six put the sink in layer 1 only (its layer-0 value peaked at 0.22 and
+  faded); with it every seed tried passed 0.3 in layer 0, by step 1,300 at the latest.
 
 `build_demo_run` trains such a model and saves checkpoints in the Hugging Face Trainer layout
 (`checkpoint-<step>/` with `config.json`, `model.safetensors`, `trainer_state.json`, `optimizer.pt`), so the
@@ -11,7 +20,7 @@ demo exercises the same discovery and loading code as a user's run. Each checkpo
 `checkpoint-<step>.tmp` name and renamed when complete; the build resumes from its last checkpoint after a kill
 and writes `DEMO_COMPLETE` when done. `ensure_demo_run` builds once into a cache folder and reuses it after.
 
-Run `python -m pipeline.demo --help` to build a run and print its layer-0 emergence table.
+`python -m pipeline.demo RUN_DIR` builds a run and prints its layer-0 emergence table (eager attention).
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ BOS = 0  # token id of BOS; content tokens are 1..vocab_size-1
 class DemoRecipe:
     """Everything that determines the demo run: same recipe, same checkpoints (on the same thread count)."""
 
-    steps: int = 2500
+    steps: int = 3000
     every: int = 100  # checkpoint interval; step 0 (the initialisation) is always saved
     seed: int = 0  # model initialisation, the task's chain and triggers, and the data stream
     # task
@@ -60,7 +69,7 @@ class DemoRecipe:
     batch_size: int = 32
     lr: float = 3e-3
     warmup: int = 100
-    weight_decay: float = 0.0
+    weight_decay: float = 0.1
     grad_clip: float = 1.0
 
     def __post_init__(self):
