@@ -179,6 +179,9 @@ def run_replays(cluster_cfg, todo, probe, settings, store, fingerprint) -> list[
 def connect(cluster_cfg):
     from distributed import Client
 
+    # Hydra's job logging sets the root logger to INFO; the scheduler's bookkeeping would drown the progress bar
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+
     if "address" in cluster_cfg:
         return Client(cluster_cfg.address), None
     cluster = instantiate(cluster_cfg, _convert_="all")
