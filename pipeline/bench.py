@@ -486,7 +486,7 @@ def run_job(job: dict) -> dict:
     ckpts = [Checkpoint(**{**c, "weight_files": tuple(c["weight_files"])}) for c in job["checkpoints"]]
     if job["kind"] == "read":
         try:
-            return {"read": read_floor([f for c in ckpts for f in c.weight_files], job["cold_cache"])}
+            return {"read": read_floor(_weight_files(ckpts), job["cold_cache"])}
         except Exception as e:  # noqa: BLE001  (reported in the table)
             traceback.print_exc()
             return {"read": {"status": "error", "note": f"{type(e).__name__}: {e}"}}
