@@ -46,9 +46,10 @@ from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 REPO_DIR = CONF_DIR.parent
-CONTENDERS = ("sinktrace", "eager", "sdpa")
+CONTENDERS = ("sinktrace", "layered", "eager", "sdpa")
 LABELS = {
     "sinktrace": "sinktrace replay",
+    "layered": "sinktrace, layer by layer",
     "eager": "eager+output_attentions",
     "sdpa": "compute floor (sdpa)",
     "read": "read floor",
@@ -269,20 +270,10 @@ def eager_budget_bytes(cfg, device: str) -> int | None:
     if cfg.eager_budget_gib is not None:
         return int(float(cfg.eager_budget_gib) * GIB)
     if device == "cpu":
-        return int(_available_host_bytes() * 0.5)
+        from .load import available_host_bytes
+
+        return int(available_host_bytes() * 0.5)
     return None
-
-
-def _available_host_bytes() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import psutil
-
-    return int(psutil.virtual_memory().available)
 
 
 def _gib(n) -> float:
@@ -490,7 +481,7 @@ def run_job(job: dict) -> dict:
         except Exception as e:  # noqa: BLE001  (reported in the table)
             traceback.print_exc()
             return {"read": {"status": "error", "note": f"{type(e).__name__}: {e}"}}
-    fn = {"sinktrace": _run_sinktrace, "eager": _run_eager, "sdpa": _run_sdpa}[job["kind"]]
+    fn = {"sinktrace": _run_sinktrace, "layered": _run_sinktrace, "eager": _run_eager, "sdpa": _run_sdpa}[job["kind"]]
     results = {}
     for t in job["seq_lens"]:
         meta = job["probes"][str(t)]
@@ -659,8 +650,9 @@ def _run_sinktrace(job, ckpts, tokens, meta, peaks) -> dict:
     from .replay import ReplaySettings, replay
 
     device = job["device"]
+    layered = job["kind"] == "layered"  # a 1-byte budget: every checkpoint streams block by block
     settings = ReplaySettings(device=device, dtype=job["dtype"], batch_size=job["batch_size"],
-                              key_positions=job["key_positions"])
+                              key_positions=job["key_positions"], max_device_memory=1 if layered else None)
     probe = Probe(name=meta["name"], kind="random", tokens=tokens, seed=meta["seed"], first_token=meta["first_token"])
     if job["warmup"]:
         with _copy_of(ckpts[0]) as copy:
@@ -686,15 +678,17 @@ def _run_sinktrace(job, ckpts, tokens, meta, peaks) -> dict:
     io1 = read_io()
     _free(device)
 
-    # the statistics forward alone, weights already on the device
-    model = load_mod.load_model(ckpts[0], device=device, dtype=job["dtype"])
-    ids = torch.from_numpy(tokens).to(device)
-    # (no extra warm-up call: the end-to-end pass just ran this code)
-    fwd, fwd_cpu = _median_time(
-        lambda: measure_mod.measure(model, ids, batch_size=job["batch_size"], key_positions=job["key_positions"]),
-        job["forward_repeats"], device, warm=False,
-    )
-    del model
+    # the statistics forward alone, weights already on the device (layer by layer, the forward is the replay)
+    fwd = fwd_cpu = None
+    if not layered:
+        model = load_mod.load_model(ckpts[0], device=device, dtype=job["dtype"])
+        ids = torch.from_numpy(tokens).to(device)
+        # (no extra warm-up call: the end-to-end pass just ran this code)
+        fwd, fwd_cpu = _median_time(
+            lambda: measure_mod.measure(model, ids, batch_size=job["batch_size"], key_positions=job["key_positions"]),
+            job["forward_repeats"], device, warm=False,
+        )
+        del model
     n = len(ckpts)
     return {
         "e2e_s": e2e,
@@ -1006,12 +1000,14 @@ def assemble(cfg, preset, command, device, ckpts, bytes_per_ckpt, model_config, 
             rows.append(_row(t, c, r, eager, sdpa, read_s))
         rows.append(_row(t, "read", {"status": read.get("status", "error"), "e2e_s": read_s,
                                      "note": read.get("note", "")}, eager, sdpa, read_s))
-        s, e = got.get("sinktrace", {}), got.get("eager", {})
-        if s.get("status") == "ok" and e.get("status") == "ok":
-            agreement[str(t)] = {
-                "max_abs_sink_mass": float(np.max(np.abs(np.subtract(s["sink_mass"], e["sink_mass"])))),
-                "max_abs_entropy": float(np.max(np.abs(np.subtract(s["entropy"], e["entropy"])))),
-            }
+        e = got.get("eager", {})
+        for c in ("sinktrace", "layered"):
+            s = got.get(c, {})
+            if s.get("status") == "ok" and e.get("status") == "ok":
+                agreement[f"{c}@{t}"] = {
+                    "max_abs_sink_mass": float(np.max(np.abs(np.subtract(s["sink_mass"], e["sink_mass"])))),
+                    "max_abs_entropy": float(np.max(np.abs(np.subtract(s["entropy"], e["entropy"])))),
+                }
     doc = {
         "command": command,
         "preset": preset,
@@ -1115,6 +1111,16 @@ def targets(doc: dict) -> list[dict]:
                 add(f"<= {EAGER_MEMORY_SHARE} of eager's peak device memory at T={EAGER_TARGET_LEN}", share,
                     EAGER_MEMORY_SHARE, None if share is None else share <= EAGER_MEMORY_SHARE,
                     "" if share is not None else "no device memory figures (CPU)")
+    for t in lens:
+        s, w = rows.get((t, "layered")), rows.get((t, "sinktrace"))
+        if s and w and s["status"] == "ok" and w["status"] == "ok":
+            limit = layered_memory_limit(doc, w, t)
+            v = s["peak_device_bytes"]
+            add(f"layer by layer at T={t}: peak device memory <= two blocks' weights + embeddings + activations "
+                f"(GiB)", None if v is None else _gib(v), None if limit is None else _gib(limit),
+                None if v is None or limit is None else v <= limit,
+                "limit: the whole-model replay's peak, less the weights beyond the embeddings and two blocks, "
+                "plus every probe row's hidden state" if v is not None else "no device memory figures (CPU)")
     n = doc["checkpoints"]["count"]
     read = doc["read_floor"]
     t = min(lens)
@@ -1126,6 +1132,22 @@ def targets(doc: dict) -> list[dict]:
             f"checkpoints (T={t})", share, READ_TARGET_SHARE, (share >= READ_TARGET_SHARE) if enough else None,
             "" if enough else f"only {n} checkpoints: not judged (checkpoints.count={READ_TARGET_MIN_CKPTS} or more)")
     return out
+
+
+def layered_memory_limit(doc: dict, whole: dict, seq_len: int) -> int | None:
+    """What layer-by-layer replay may hold on the device: the whole-model replay's peak, with the weights of all
+    blocks but two taken out and the hidden states of every probe row (kept between blocks) put in."""
+    c = doc["model"]["config"]
+    if whole.get("peak_device_bytes") is None or "hidden_size" not in c:
+        return None
+    h, n_layers = c["hidden_size"], c["num_hidden_layers"]
+    hd = c.get("head_dim") or h // c["num_attention_heads"]
+    kv = c.get("num_key_value_heads") or c["num_attention_heads"]
+    itemsize = 4 if doc["model"]["dtype"] in ("float32", "fp32") else 2
+    block = itemsize * (2 * h * c["num_attention_heads"] * hd + 2 * h * kv * hd + 3 * h * c["intermediate_size"] + 2 * h)
+    weights = doc["checkpoints"]["bytes_per_checkpoint"]
+    hidden = itemsize * (whole.get("rows") or 0) * seq_len * h
+    return int(whole["peak_device_bytes"] - weights + itemsize * c["vocab_size"] * h + 2 * block + hidden)
 
 
 def _finite(obj):
@@ -1248,7 +1270,8 @@ def render(doc: dict) -> str:
     if doc["agreement_with_eager"]:
         worst = max(doc["agreement_with_eager"].items(), key=lambda kv: kv[1]["max_abs_sink_mass"])
         lines.append(
-            f"agreement with eager: max |sink mass difference| {worst[1]['max_abs_sink_mass']:.2g} (T={worst[0]}), "
+            f"agreement with eager: max |sink mass difference| {worst[1]['max_abs_sink_mass']:.2g} "
+            f"({worst[0].replace('@', ' at T=')}), "
             f"max |entropy difference| "
             f"{max(v['max_abs_entropy'] for v in doc['agreement_with_eager'].values()):.2g} nats"
         )

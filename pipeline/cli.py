@@ -87,11 +87,16 @@ def select(checkpoints: list[Checkpoint], steps) -> tuple[list[Checkpoint], list
 
 def replay_stage(cfg: DictConfig, root: str, quiet: float, store_location: str) -> list[tuple[int, str]]:
     from .discover import discover
+    from .layered import device_budget
     from .load import config_fingerprint, read_config
     from .probe import build_probe, probe_attrs
     from .replay import ReplaySettings
     from .store import SinkStore
 
+    try:
+        device_budget(cfg.replay.max_device_memory, "cpu")  # a typo stops here, not in every replay task
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     checkpoints = discover(root, quiet_seconds=quiet)
     ready, skipped = select(checkpoints, cfg.replay.steps)
     print(f"sinktrace: {root}: {len(checkpoints)} checkpoint(s), {len(ready)} ready, {len(skipped)} skipped")
@@ -131,7 +136,9 @@ def replay_stage(cfg: DictConfig, root: str, quiet: float, store_location: str) 
         batch_size=int(cfg.replay.batch_size),
         key_positions=int(cfg.replay.key_positions),
         trust_remote_code=bool(cfg.replay.trust_remote_code),
+        max_device_memory=cfg.replay.max_device_memory,
     )
+
     failures = run_replays(cfg.cluster, todo, probe, settings, store, fingerprint)
     store.finalize()
     return failures

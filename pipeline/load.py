@@ -106,14 +106,35 @@ def release_model(model) -> None:
             _BUILT[key] = model
 
 
+def forget_models() -> None:
+    """Drop the model kept for reuse (see release_model), freeing its memory."""
+    with _BUILT_LOCK:
+        _BUILT.clear()
+
+
+def weights_in_memory(ckpt: Checkpoint, device, dtype="auto") -> tuple[torch.dtype, int]:
+    """The dtype `load_model(ckpt, device=device, dtype=dtype)` loads the weights in, and the bytes they then take
+    (from the files' sizes, scaled from the dtype most of them are stored in). Reads headers only."""
+    with _local_folder(ckpt.path) as folder:
+        main = _main_dtype(validate_weights(folder))
+        stored = sum(os.path.getsize(p) for p in _weight_paths(folder))
+    want = _parse_dtype(dtype) or (torch.float32 if torch.device(device).type == "cpu" else main)
+    return want, stored * want.itemsize // main.itemsize
+
+
 def read_ahead(ckpt: Checkpoint) -> None:
     """Ask the kernel to start reading a checkpoint's weight files into the page cache, without waiting: the next
-    checkpoint is read from disk while the current one runs. A no-op where the OS or the path does not allow it."""
+    checkpoint is read from disk while the current one runs. A no-op where the OS or the path does not allow it, and
+    for a checkpoint over half the available memory: its pages would push out those of the one being replayed."""
     if not hasattr(os, "posix_fadvise"):
         return
-    for path in ckpt.weight_files:
-        if _is_url(path):
-            continue
+    local = [p for p in ckpt.weight_files if not _is_url(p)]
+    try:
+        if sum(os.path.getsize(p) for p in local) > available_host_bytes() // 2:
+            return
+    except OSError:
+        return
+    for path in local:
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
@@ -124,6 +145,20 @@ def read_ahead(ckpt: Checkpoint) -> None:
             pass
         finally:
             os.close(fd)
+
+
+def available_host_bytes() -> int:
+    """Memory the OS can hand out now without swapping (MemAvailable), page cache it may take back included."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def read_config(ckpt: Checkpoint | str | os.PathLike) -> dict:
@@ -312,14 +347,17 @@ def _load_into(model, folder: str, weights: dict[str, str]) -> bool:
     tied = {name for name in params if name not in weights and _shares_storage(params, name, weights)}
     if set(weights) - set(params) or set(params) - set(weights) - tied:
         return False
+    cuda = next(iter(params.values())).is_cuda
     with torch.no_grad():
         for path in _weight_paths(folder):
             with safe_open(path, framework="pt") as f:
                 for name in f.keys():
                     if tuple(f.get_slice(name).get_shape()) != tuple(params[name].shape):
                         return False
-                    params[name].copy_(f.get_tensor(name), non_blocking=True)
-    if next(iter(params.values())).is_cuda:
+                    tensor = f.get_tensor(name)
+                    # from pinned memory the copy to the GPU is a DMA that runs while the next tensor is read
+                    params[name].copy_(tensor.pin_memory() if cuda else tensor, non_blocking=True)
+    if cuda:
         torch.cuda.synchronize()
     return True
 

@@ -113,13 +113,15 @@ def _median(x: torch.Tensor) -> torch.Tensor:
     return (lo.double() + hi.double()) / 2
 
 
-def measure(model, input_ids, *, batch_size: int = 16, key_positions: int = 4) -> dict[str, np.ndarray]:
+def measure(model, input_ids, *, batch_size: int = 16, key_positions: int = 4, run_rows=None) -> dict[str, np.ndarray]:
     """Sink statistics of `model` (loaded with attn_implementation="sinkstats") on probe rows `input_ids` (rows, T).
 
     Returns float64 arrays: sink_mass, entropy (layer, head); sink_mass_by_q (layer, head, qbin) over the bins of
     `qbin_edges(T)`; key_mass (layer, head, key_positions); key_norm_p0, value_norm_p0, key_norm, value_norm
     (layer, kv_head); resid_norm_p0, resid_norm, resid_max_p0, resid_median (layer,); and learned_sink_mass
-    (layer, head) only for models with learned sink logits. Rows run in micro-batches of `batch_size`.
+    (layer, head) only for models with learned sink logits. Rows run in micro-batches of `batch_size`, through
+    `run_rows(base_model, micro_batches)`: by default each micro-batch through the whole model in turn
+    (pipeline/layered.py runs them block by block instead).
     """
     config = model.config.get_text_config()
     arch = config.model_type
@@ -131,7 +133,6 @@ def measure(model, input_ids, *, batch_size: int = 16, key_positions: int = 4) -
     problem = support_problem(model)
     if problem:
         raise attention.UnsupportedAttention(problem)
-    device = next(model.parameters()).device
     ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
     if ids.ndim != 2 or ids.shape[0] < 1:
         raise ValueError(f"input_ids must be (rows, seq_len), got shape {tuple(ids.shape)}")
@@ -147,9 +148,8 @@ def measure(model, input_ids, *, batch_size: int = 16, key_positions: int = 4) -
     model.eval()
     try:
         with torch.inference_mode(), attention.collecting(key_positions) as collector:
-            for start in range(0, n_rows, batch_size):
-                # The base model skips the LM head: its (rows, T, vocab) logits would dwarf everything else.
-                body(input_ids=ids[start : start + batch_size].to(device), use_cache=False)
+            # The base model skips the LM head: its (rows, T, vocab) logits would dwarf everything else.
+            (run_rows or _whole_model)(body, [ids[s : s + batch_size] for s in range(0, n_rows, batch_size)])
     finally:
         resid.remove()
         model.train(was_training)
@@ -171,6 +171,12 @@ def measure(model, input_ids, *, batch_size: int = 16, key_positions: int = 4) -
     out = _attention_stats(layers, n_rows, seq_len)
     out.update(_resid_stats([resid.sums[i] for i in range(n_layers)]))
     return out
+
+
+def _whole_model(body, batches):
+    device = next(body.parameters()).device
+    for rows in batches:
+        body(input_ids=rows.to(device), use_cache=False)
 
 
 def _attention_stats(layers: list[LayerSums], n_rows: int, seq_len: int) -> dict[str, np.ndarray]:

@@ -35,6 +35,7 @@ class ReplaySettings:
     batch_size: int = 16
     key_positions: int = 4
     trust_remote_code: bool = False
+    max_device_memory: int | str | None = "auto"  # weights above this replay layer by layer (pipeline/layered.py)
 
 
 def resolve_device(device: str) -> str:
@@ -47,14 +48,34 @@ def replay(ckpt: Checkpoint, probe: Probe, settings: ReplaySettings, read_next: 
     """Build the checkpoint's model, run the probe through it and return its statistics (no step dim).
 
     `read_next`: the checkpoint that will be replayed after this one; its files are read from disk meanwhile.
+    Weights larger than `settings.max_device_memory` are streamed block by block (pipeline/layered.py).
     """
-    from .load import load_model, read_ahead, release_model
-    from .measure import measure
+    from .layered import device_budget, open_layered
+    from .load import forget_models, load_model, read_ahead, release_model, weights_in_memory
 
     device = resolve_device(settings.device)
-    model = load_model(ckpt, device=device, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code)
+    budget = device_budget(settings.max_device_memory, device)
+    dtype, nbytes = weights_in_memory(ckpt, device, settings.dtype)
+    if budget is not None and nbytes > budget:
+        forget_models()  # the memory a kept model holds is what the budget is short of
+        with open_layered(ckpt, device=device, dtype=dtype, trust_remote_code=settings.trust_remote_code) as (
+            model, run_rows,
+        ):
+            if read_next is not None:
+                read_ahead(read_next)
+            stats = _measure(ckpt, model, probe, settings, device, run_rows)
+        return to_dataset(stats, model.config, probe.seq_len)
+    model = load_model(ckpt, device=device, dtype=dtype, trust_remote_code=settings.trust_remote_code)
     if read_next is not None:
         read_ahead(read_next)
+    stats = _measure(ckpt, model, probe, settings, device)
+    release_model(model)
+    return to_dataset(stats, model.config, probe.seq_len)
+
+
+def _measure(ckpt, model, probe, settings, device, run_rows=None):
+    from .measure import measure
+
     vocab = model.get_input_embeddings().num_embeddings
     if int(probe.tokens.max()) >= vocab:
         raise CheckpointError(
@@ -62,9 +83,8 @@ def replay(ckpt: Checkpoint, probe: Probe, settings: ReplaySettings, read_next: 
             f"probe {probe.name!r} holds token id {int(probe.tokens.max())}, outside this model's vocabulary of {vocab}",
         )
     tokens = torch.from_numpy(probe.tokens).to(device)
-    stats = measure(model, tokens, batch_size=settings.batch_size, key_positions=settings.key_positions)
-    release_model(model)
-    return to_dataset(stats, model.config, probe.seq_len)
+    return measure(model, tokens, batch_size=settings.batch_size, key_positions=settings.key_positions,
+                   run_rows=run_rows)
 
 
 def to_dataset(stats: dict[str, np.ndarray], config, seq_len: int) -> xr.Dataset:

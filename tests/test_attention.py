@@ -8,12 +8,7 @@ import torch
 from pipeline import attention as A
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add overhead
 
 
 def make_qkv(b=2, hq=6, hkv=2, t=37, d=16, dtype=torch.float32, seed=0, magnitude=1.0):

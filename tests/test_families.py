@@ -40,12 +40,7 @@ EXPECTED = {"sink_mass", "entropy", "sink_mass_by_q", "key_mass", "key_norm_p0",
             "value_norm", "resid_norm_p0", "resid_norm", "resid_max_p0", "resid_median"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add overhead
 
 
 def build(family, dtype=torch.float32, **overrides):

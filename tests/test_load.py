@@ -414,3 +414,19 @@ def test_a_model_is_not_reused_across_architectures(tmp_path):
     other = load_model(ckpt(wide), attn_implementation="eager")
     assert other is not model
     assert_same_weights(other, saved, torch.float32)
+
+
+def test_read_ahead_asks_for_the_files_unless_they_would_crowd_out_the_current_one(tmp_path, monkeypatch):
+    import pipeline.load as load_mod
+
+    folder, _ = save_checkpoint(tmp_path / "step1", sharded=True)
+    c = Checkpoint(step=1, path=str(folder), weight_files=tuple(str(p) for p in shards(folder)), complete=True)
+    asked = []
+    monkeypatch.setattr(load_mod.os, "posix_fadvise", lambda fd, off, n, advice: asked.append(advice), raising=False)
+    load_mod.read_ahead(c)
+    assert asked == [os.POSIX_FADV_WILLNEED] * len(shards(folder)) and len(asked) > 1
+    asked.clear()
+    size = sum(p.stat().st_size for p in shards(folder))
+    monkeypatch.setattr(load_mod, "available_host_bytes", lambda: size)  # the checkpoint is over half of it
+    load_mod.read_ahead(c)
+    assert asked == []

@@ -1,0 +1,281 @@
+"""Layer-by-layer replay, for models whose weights exceed the device memory budget (`replay.max_device_memory`).
+
+The model is built with its parameters on the meta device (they take no memory) and the probe runs layer-major
+instead of row-major: every micro-batch passes through block i while block i's weights are resident, then block i
+is dropped and block i+1, read from the safetensors files by a background thread meanwhile, takes its place. Each
+weight byte is read once, and the device holds one block's weights (the next block's are meanwhile read into host
+memory, pinned for a GPU), the weights outside the blocks, and the probe's hidden states between two blocks.
+
+Each pass still runs the model's own forward (embeddings, rotary tables, masks: cheap next to a block), so every
+family whole-model replay measures runs here unchanged: the blocks already done are stood in for by modules that
+hand on the stored hidden states, and a hook on the current block ends the forward after it. Weights go through
+transformers' own loader, so renamed and fused tensors (Qwen3-MoE's experts) load as they do in from_pretrained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import nn
+
+from .load import (
+    CONFIG_NAME, _check_architecture, _check_loading, _describe, _local_folder, _main_dtype, _parse_dtype,
+    _weight_paths, read_config, validate_weights,
+)
+from .measure import find_blocks
+from .records import Checkpoint, CheckpointError
+
+
+def device_budget(setting, device: str | torch.device) -> int | None:
+    """`replay.max_device_memory` in bytes: an int, a size like "8GB" or "512MiB", null (no limit), or "auto":
+    70% of the device's memory (the GPU's, or the machine's RAM on the CPU), leaving the rest for activations."""
+    if setting is None:
+        return None
+    if isinstance(setting, str) and setting.strip().lower() == "auto":
+        device = torch.device(device)
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device.index or torch.cuda.current_device()).total_memory
+        else:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return int(0.7 * total)
+    from dask.utils import parse_bytes
+
+    try:
+        budget = parse_bytes(setting)
+    except (ValueError, TypeError):
+        raise ValueError(f"replay.max_device_memory={setting!r}: give a size like 24GB or 512MiB, auto, or null") from None
+    if budget <= 0:
+        raise ValueError(f"replay.max_device_memory={setting!r}: must be positive")
+    return budget
+
+
+@contextlib.contextmanager
+def open_layered(ckpt: Checkpoint, *, device: str | torch.device, dtype, trust_remote_code: bool = False):
+    """The checkpoint's model with only the weights outside its blocks loaded, and the `run_rows` that streams
+    its blocks. `dtype` as for load_model.
+
+    Yields (model, run_rows); pass both to `measure(model, ids, run_rows=run_rows)`. Checks the files as
+    `load_model` does; a tensor that is missing, unexpected or of the wrong shape raises CheckpointError.
+    """
+    from . import attention  # noqa: F401  (registers "sinkstats")
+
+    device = torch.device(device)
+    with _local_folder(ckpt.path) as folder:
+        config = read_config(folder)
+        _check_architecture(folder, config, trust_remote_code)
+        weights = validate_weights(folder)
+        want = _parse_dtype(dtype) or (torch.float32 if device.type == "cpu" else _main_dtype(weights))
+        model = _skeleton(folder, device, want, trust_remote_code)
+        with BlockStream(folder, model, device, want) as stream:
+            yield model, stream.run_rows
+
+
+def _skeleton(folder, device, dtype, trust_remote_code):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+        with _parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(
+                config, attn_implementation="sinkstats", dtype=dtype, trust_remote_code=trust_remote_code
+            )
+    except Exception as e:
+        raise CheckpointError(os.path.join(folder, CONFIG_NAME), f"transformers rejects it: {_describe(e)}") from e
+    for module in model.modules():  # buffers (rotary tables) are real: computed by the model's own __init__
+        for name, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[name] = buf.to(device)
+    return model.eval()
+
+
+_META = threading.local()  # set in the thread building a skeleton; other threads build models as usual
+_PATCH = {"depth": 0, "register": None}
+_PATCH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Build modules with their parameters on the meta device but their buffers real, as accelerate's
+    init_empty_weights(include_buffers=False) does: non-persistent buffers (rotary frequencies) are in no file.
+    The patch of nn.Module.register_parameter acts only in this thread: a Dask worker may build models in others."""
+    with _PATCH_LOCK:
+        if _PATCH["depth"] == 0:
+            register = _PATCH["register"] = nn.Module.register_parameter
+
+            def on_meta(module, name, param):
+                register(module, name, param)
+                if param is not None and getattr(_META, "active", False):
+                    p = module._parameters[name]
+                    module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+            nn.Module.register_parameter = on_meta
+        _PATCH["depth"] += 1
+    _META.active = True
+    try:
+        yield
+    finally:
+        _META.active = False
+        with _PATCH_LOCK:
+            _PATCH["depth"] -= 1
+            if _PATCH["depth"] == 0:
+                nn.Module.register_parameter = _PATCH["register"]
+
+
+class _Stop(Exception):
+    """Raised by the hook on the current block: the rest of the forward has nothing to compute yet."""
+
+
+class _StandIn(nn.Module):
+    """Takes the place of a block already replayed: hands on its input, or (for the block just before the current
+    one) the stored output of that block for the micro-batch being run. Attribute reads fall through to the block."""
+
+    def __init__(self, block: nn.Module, fmt, stored: list | None = None):
+        super().__init__()
+        object.__setattr__(self, "_block", block)  # not a submodule: its meta parameters stay out of the tree
+        self.fmt, self.stored, self.batch = fmt, stored, 0
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_block"), name)
+
+    def forward(self, *args, **kwargs):
+        h = self.stored[self.batch] if self.stored is not None else (args[0] if args else kwargs["hidden_states"])
+        return h if self.fmt is None else (h, *([None] * (self.fmt - 1)))
+
+
+class BlockStream:
+    """A skeleton model's weights, read from the checkpoint's files: everything outside the blocks at once, each
+    block when its turn comes (see `run_rows`)."""
+
+    def __init__(self, folder: str, model, device: torch.device, dtype: torch.dtype):
+        from safetensors import safe_open
+
+        self.folder, self.model, self.device, self.dtype = folder, model, device, dtype
+        self.blocks = find_blocks(model)
+        self.prefix = next(name for name, m in model.named_modules() if m is self.blocks)
+        self._files = [safe_open(p, framework="pt") for p in _weight_paths(folder)]
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sinktrace-read")
+        try:
+            self.slices = self._group()
+            self._load(None, self._read(None))
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._files.clear()
+        self.model.to("meta")  # drop every weight now, not when the caller lets go of the model
+
+    def _group(self) -> dict[int | None, dict]:
+        """File tensors by the block their model name falls in (None: outside the blocks), the output head left out:
+        statistics stop at the last block's output."""
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        self.mapping = get_model_conversion_mapping(self.model)
+        renamings = [m for m in self.mapping if isinstance(m, WeightRenaming)]
+        converters = [m for m in self.mapping if isinstance(m, WeightConverter)]
+        names = self.model.state_dict()
+        head = self.model.get_output_embeddings()
+        head_names = {f"{n}." for n, m in self.model.named_modules() if head is not None and m is head}
+        in_block = re.compile(rf"^{re.escape(self.prefix)}\.(\d+)\.")
+        groups: dict[int | None, dict] = {}
+        for f in self._files:
+            for key in f.keys():
+                target, _ = rename_source_key(key, renamings, converters, self.model.base_model_prefix, names)
+                if any(target.startswith(h) for h in head_names):
+                    continue
+                m = in_block.match(target)
+                groups.setdefault(int(m.group(1)) if m else None, {})[key] = f.get_slice(key)
+        return groups
+
+    def _read(self, index: int | None) -> dict[str, torch.Tensor]:
+        """Read a group's tensors from the files (this is where the disk time goes), into pinned memory for a GPU."""
+        pin = self.device.type == "cuda"
+        out = {}
+        for key, sl in self.slices.get(index, {}).items():
+            t = sl[...]
+            out[key] = t.pin_memory() if pin else t
+        return out
+
+    def _load(self, index: int | None, tensors: dict[str, torch.Tensor]) -> None:
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+        from transformers.utils import logging as hf_logging
+
+        config = LoadStateDictConfig(device_map={"": self.device}, dtype=self.dtype, weight_mapping=self.mapping)
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # one bar per block would bury the replay's own
+        try:
+            info, _ = convert_and_load_state_dict_in_model(self.model, tensors, config)
+        except Exception as e:
+            where = "outside the blocks" if index is None else f"of block {index}"
+            raise CheckpointError(self.folder, f"transformers could not load the weights {where}: {_describe(e)}") from e
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
+        part = self.model if index is None else self.blocks[index]
+        skip = {id(p) for p in self.blocks.parameters()} if index is None else set()
+        head = self.model.get_output_embeddings()
+        skip |= {id(p) for p in head.parameters()} if head is not None and index is None else set()
+        prefix = "" if index is None else f"{self.prefix}.{index}."
+        missing = [prefix + n for n, p in part.named_parameters() if p.is_meta and id(p) not in skip]
+        _check_loading(self.folder, {
+            "missing_keys": missing,
+            "unexpected_keys": info.unexpected_keys,
+            "mismatched_keys": [(k, a, b) for k, a, b in info.mismatched_keys],
+        })
+
+    def run_rows(self, body, batches: list[torch.Tensor]) -> None:
+        """Run every micro-batch of probe rows through the model, block after block."""
+        blocks, originals = self.blocks, list(self.blocks)
+        stored: list = [None] * len(batches)
+        current = {"batch": 0, "fmt": None}
+
+        def keep(module, args, output):
+            h = output[0] if isinstance(output, (tuple, list)) else output
+            current["fmt"] = len(output) if isinstance(output, (tuple, list)) else None
+            stored[current["batch"]] = h
+            raise _Stop
+
+        pending = self._pool.submit(self._read, 0)
+        try:
+            for i, block in enumerate(originals):
+                tensors = pending.result()
+                self._load(i, tensors)
+                del tensors
+                if i + 1 < len(originals):
+                    pending = self._pool.submit(self._read, i + 1)
+                if i:
+                    blocks[i - 1] = _StandIn(originals[i - 1], current["fmt"], stored)
+                if i > 1:
+                    blocks[i - 2] = _StandIn(originals[i - 2], current["fmt"])
+                feeder = blocks[i - 1] if i else None
+                handle = block.register_forward_hook(keep)
+                try:
+                    for b, rows in enumerate(batches):
+                        current["batch"] = b
+                        if feeder is not None:
+                            feeder.batch = b
+                        try:
+                            body(input_ids=rows.to(self.device), use_cache=False)
+                        except _Stop:
+                            continue
+                        raise RuntimeError(f"block {i} of {type(self.model).__name__} never ran in its forward")
+                finally:
+                    handle.remove()
+                block.to("meta")  # its output is in `stored`; its weights make room for the next block's
+        finally:
+            for i, block in enumerate(originals):
+                blocks[i] = block
