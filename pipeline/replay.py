@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,6 +10,8 @@ import torch
 import xarray as xr
 
 from .records import Checkpoint, CheckpointError, Probe
+
+log = logging.getLogger("sinktrace")
 
 # dims of each statistic, after the leading `layer`
 DIMS = {
@@ -48,28 +51,49 @@ def replay(ckpt: Checkpoint, probe: Probe, settings: ReplaySettings, read_next: 
     """Build the checkpoint's model, run the probe through it and return its statistics (no step dim).
 
     `read_next`: the checkpoint that will be replayed after this one; its files are read from disk meanwhile.
-    Weights larger than `settings.max_device_memory` are streamed block by block (pipeline/layered.py).
+    Weights larger than `settings.max_device_memory`, or a whole model that runs out of device memory under such a
+    budget, are streamed block by block instead (pipeline/layered.py).
     """
-    from .layered import device_budget, open_layered
-    from .load import forget_models, load_model, read_ahead, release_model, weights_in_memory
+    from .layered import device_budget
+    from .load import forget_models, weights_in_memory
 
     device = resolve_device(settings.device)
     budget = device_budget(settings.max_device_memory, device)
     dtype, nbytes = weights_in_memory(ckpt, device, settings.dtype)
-    if budget is not None and nbytes > budget:
-        forget_models()  # the memory a kept model holds is what the budget is short of
-        with open_layered(ckpt, device=device, dtype=dtype, trust_remote_code=settings.trust_remote_code) as (
-            model, run_rows,
-        ):
-            if read_next is not None:
-                read_ahead(read_next)
-            stats = _measure(ckpt, model, probe, settings, device, run_rows)
-        return to_dataset(stats, model.config, probe.seq_len)
+    if budget is None or nbytes <= budget:
+        try:
+            return _replay_whole(ckpt, probe, settings, device, dtype, read_next)
+        except torch.OutOfMemoryError:
+            if budget is None:
+                raise
+        log.warning("%s: out of device memory with the whole model loaded; replaying it layer by layer", ckpt.path)
+    forget_models()  # the memory a kept model holds is what the device is short of
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return _replay_layered(ckpt, probe, settings, device, dtype, read_next)
+
+
+def _replay_whole(ckpt, probe, settings, device, dtype, read_next):
+    from .load import load_model, read_ahead, release_model
+
     model = load_model(ckpt, device=device, dtype=dtype, trust_remote_code=settings.trust_remote_code)
     if read_next is not None:
         read_ahead(read_next)
     stats = _measure(ckpt, model, probe, settings, device)
     release_model(model)
+    return to_dataset(stats, model.config, probe.seq_len)
+
+
+def _replay_layered(ckpt, probe, settings, device, dtype, read_next):
+    from .layered import open_layered
+    from .load import read_ahead
+
+    with open_layered(ckpt, device=device, dtype=dtype, trust_remote_code=settings.trust_remote_code) as (
+        model, run_rows,
+    ):
+        if read_next is not None:
+            read_ahead(read_next)
+        stats = _measure(ckpt, model, probe, settings, device, run_rows)
     return to_dataset(stats, model.config, probe.seq_len)
 
 

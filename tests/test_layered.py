@@ -185,3 +185,23 @@ def test_cli_store_is_the_same_either_way(trained_run, tmp_path):
     assert list(streamed.status.values) == ["done"] * 4
     for name in whole.data_vars:
         np.testing.assert_allclose(streamed[name].values, whole[name].values, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_whole_model_out_of_memory_falls_back_to_layer_by_layer(trained_run, monkeypatch):
+    import pipeline.load as load_mod
+    from pipeline.cli import compose
+    from pipeline.probe import build_probe
+
+    c = Checkpoint(step=150, path=str(trained_run / "checkpoint-150"), complete=True)
+    probe_ = build_probe(compose(["probe.rows=3", "probe.seq_len=24"]).probe, load_mod.read_config(c))
+    want = replay(c, probe_, ReplaySettings(max_device_memory=None))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(load_mod, "load_model", out_of_memory)
+    got = replay(c, probe_, ReplaySettings(max_device_memory="1GB"))
+    for name in want.data_vars:
+        np.testing.assert_allclose(got[name].values, want[name].values, rtol=1e-6, atol=1e-7, err_msg=name)
+    with pytest.raises(torch.OutOfMemoryError):  # with no budget there is nothing to fall back within
+        replay(c, probe_, ReplaySettings(max_device_memory=None))
