@@ -215,9 +215,17 @@ def validate_weights(folder: str) -> dict[str, str]:
         CheckpointError: a file is missing, truncated or malformed, the index is broken or maps a tensor to a
             shard that lacks it, or the folder holds only pickled weights.
     """
+    dtypes = {}
+    for path, expected in _weight_files(folder):
+        dtypes.update(_open_safetensors(path, expected))
+    return dtypes
+
+
+def _weight_files(folder: str) -> list[tuple[str, list[str] | None]]:
+    """The safetensors files transformers loads, each with the tensors the index says it holds (None: no index)."""
     single = os.path.join(folder, SAFE_WEIGHTS_NAME)
     if os.path.isfile(single):
-        return _open_safetensors(single, None)
+        return [(single, None)]
     index_path = os.path.join(folder, SAFE_INDEX_NAME)
     if not os.path.isfile(index_path):
         names = sorted(os.listdir(folder))
@@ -237,10 +245,7 @@ def validate_weights(folder: str) -> dict[str, str]:
     by_shard: dict[str, list[str]] = {}
     for tensor, shard in index["weight_map"].items():
         by_shard.setdefault(shard, []).append(tensor)
-    dtypes = {}
-    for shard in shards:
-        dtypes.update(_open_safetensors(os.path.join(folder, *shard.split("/")), by_shard[shard]))
-    return dtypes
+    return [(os.path.join(folder, *shard.split("/")), by_shard[shard]) for shard in shards]
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -368,11 +373,7 @@ def _shares_storage(params: dict, name: str, present) -> bool:
 
 
 def _weight_paths(folder: str) -> list[str]:
-    single = os.path.join(folder, SAFE_WEIGHTS_NAME)
-    if os.path.isfile(single):
-        return [single]
-    index = json.loads(_read_bytes(os.path.join(folder, SAFE_INDEX_NAME)).decode("utf-8"))
-    return [os.path.join(folder, *shard.split("/")) for shard in shard_names(index)]
+    return [path for path, _ in _weight_files(folder)]
 
 
 def _from_pretrained(folder, device, dtype, trust_remote_code, attn_implementation):
