@@ -19,13 +19,14 @@ import os
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 from .load import (
     CONFIG_NAME, _check_architecture, _check_loading, _describe, _local_folder, _main_dtype, _parse_dtype,
-    _weight_paths, read_config, validate_weights,
+    _release_pinned, _weight_paths, read_config, validate_weights,
 )
 from .measure import find_blocks
 from .records import Checkpoint, CheckpointError
@@ -65,6 +66,8 @@ def open_layered(ckpt: Checkpoint, *, device: str | torch.device, dtype, trust_r
     from . import attention  # noqa: F401  (registers "sinkstats")
 
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # transformers' loader threads would otherwise use GPU 0
+        device = torch.device("cuda", torch.cuda.current_device())
     with _local_folder(ckpt.path) as folder:
         config = read_config(folder)
         _check_architecture(folder, config, trust_remote_code)
@@ -160,7 +163,7 @@ class BlockStream:
         self.folder, self.model, self.device, self.dtype = folder, model, device, dtype
         self.blocks = find_blocks(model)
         self.prefix = next(name for name, m in model.named_modules() if m is self.blocks)
-        self._files = [safe_open(p, framework="pt") for p in _weight_paths(folder)]
+        self._files = {p: safe_open(p, framework="pt") for p in _weight_paths(folder)}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sinktrace-read")
         try:
             self.slices = self._group()
@@ -176,10 +179,12 @@ class BlockStream:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._files.clear()
         self.model.to("meta")  # drop every weight now, not when the caller lets go of the model
+        if self.device.type == "cuda":
+            _release_pinned()
 
     def _group(self) -> dict[int | None, dict]:
         """File tensors by the block their model name falls in (None: outside the blocks), the output head left out:
-        statistics stop at the last block's output."""
+        statistics stop at the last block's output. Every name and shape is checked here, before any block runs."""
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
@@ -191,21 +196,35 @@ class BlockStream:
         head_names = {f"{n}." for n, m in self.model.named_modules() if head is not None and m is head}
         in_block = re.compile(rf"^{re.escape(self.prefix)}\.(\d+)\.")
         groups: dict[int | None, dict] = {}
-        for f in self._files:
+        unexpected, mismatched = set(), []
+        for path, f in self._files.items():
             for key in f.keys():
-                target, _ = rename_source_key(key, renamings, converters, self.model.base_model_prefix, names)
+                target, converted = rename_source_key(key, renamings, converters, self.model.base_model_prefix, names)
                 if any(target.startswith(h) for h in head_names):
                     continue
+                if target not in names:  # includes blocks beyond config.json's num_hidden_layers
+                    unexpected.add(target)
+                    continue
+                sl = f.get_slice(key)
+                if converted is None and tuple(sl.get_shape()) != tuple(names[target].shape):
+                    mismatched.append((target, sl.get_shape(), names[target].shape))
                 m = in_block.match(target)
-                groups.setdefault(int(m.group(1)) if m else None, {})[key] = f.get_slice(key)
+                groups.setdefault(int(m.group(1)) if m else None, {})[key] = (path, sl)
+        # tensors transformers knows to drop (old buffers such as GPT-2's attn.bias) are no error here either
+        info = SimpleNamespace(missing_keys=set(), unexpected_keys=unexpected)
+        self.model._adjust_missing_and_unexpected_keys(info)
+        _check_loading(self.folder, {"unexpected_keys": info.unexpected_keys, "mismatched_keys": mismatched})
         return groups
 
     def _read(self, index: int | None) -> dict[str, torch.Tensor]:
         """Read a group's tensors from the files (this is where the disk time goes), into pinned memory for a GPU."""
         pin = self.device.type == "cuda"
         out = {}
-        for key, sl in self.slices.get(index, {}).items():
-            t = sl[...]
+        for key, (path, sl) in self.slices.get(index, {}).items():
+            try:
+                t = sl[...]
+            except Exception as e:
+                raise CheckpointError(path, f"reading {key} failed: {_describe(e)}") from e
             out[key] = t.pin_memory() if pin else t
         return out
 
@@ -231,11 +250,7 @@ class BlockStream:
         skip |= {id(p) for p in head.parameters()} if head is not None and index is None else set()
         prefix = "" if index is None else f"{self.prefix}.{index}."
         missing = [prefix + n for n, p in part.named_parameters() if p.is_meta and id(p) not in skip]
-        _check_loading(self.folder, {
-            "missing_keys": missing,
-            "unexpected_keys": info.unexpected_keys,
-            "mismatched_keys": [(k, a, b) for k, a, b in info.mismatched_keys],
-        })
+        _check_loading(self.folder, {"missing_keys": missing, "mismatched_keys": list(info.mismatched_keys)})
 
     def run_rows(self, body, batches: list[torch.Tensor]) -> None:
         """Run every micro-batch of probe rows through the model, block after block."""
@@ -252,7 +267,7 @@ class BlockStream:
         pending = self._pool.submit(self._read, 0)
         try:
             for i, block in enumerate(originals):
-                tensors = pending.result()
+                tensors, pending = pending.result(), None
                 self._load(i, tensors)
                 del tensors
                 if i + 1 < len(originals):

@@ -114,10 +114,23 @@ def forget_models() -> None:
 
 def weights_in_memory(ckpt: Checkpoint, device, dtype="auto") -> tuple[torch.dtype, int]:
     """The dtype `load_model(ckpt, device=device, dtype=dtype)` loads the weights in, and the bytes they then take
-    (from the files' sizes, scaled from the dtype most of them are stored in). Reads headers only."""
-    with _local_folder(ckpt.path) as folder:
-        main = _main_dtype(validate_weights(folder))
-        stored = sum(os.path.getsize(p) for p in _weight_paths(folder))
+    (from the files' sizes, scaled from the dtype most of them are stored in). Reads headers only; for a URL, not
+    even those: the stored dtype is config.json's, so that nothing is downloaded twice."""
+    if _is_url(ckpt.path):
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(ckpt.path)
+        files = ckpt.weight_files or [p for p in fs.ls(root, detail=False) if p.endswith(".safetensors")]
+        stored = sum(fs.size(p) for p in files)
+        config = read_config(ckpt)
+        try:
+            main = _parse_dtype(config.get("dtype") or config.get("torch_dtype") or "float32") or torch.float32
+        except ValueError:
+            main = torch.float32
+    else:
+        with _local_folder(ckpt.path) as folder:
+            main = _main_dtype(validate_weights(folder))
+            stored = sum(os.path.getsize(p) for p in _weight_paths(folder))
     want = _parse_dtype(dtype) or (torch.float32 if torch.device(device).type == "cpu" else main)
     return want, stored * want.itemsize // main.itemsize
 
@@ -364,7 +377,15 @@ def _load_into(model, folder: str, weights: dict[str, str]) -> bool:
                     params[name].copy_(tensor.pin_memory() if cuda else tensor, non_blocking=True)
     if cuda:
         torch.cuda.synchronize()
+        _release_pinned()
     return True
+
+
+def _release_pinned() -> None:
+    """Hand pinned staging memory back to the OS: torch caches it, and locked pages cannot be swapped out."""
+    empty = getattr(torch._C, "_host_emptyCache", None)
+    if empty is not None:
+        empty()
 
 
 def _shares_storage(params: dict, name: str, present) -> bool:

@@ -133,7 +133,9 @@ def measure(model, input_ids, *, batch_size: int = 16, key_positions: int = 4, r
     problem = support_problem(model)
     if problem:
         raise attention.UnsupportedAttention(problem)
-    ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
+    # rows move to the device one micro-batch at a time; a tensor already there is brought back (numpy cannot read it)
+    ids = input_ids.detach().to("cpu", torch.long) if torch.is_tensor(input_ids) else torch.as_tensor(
+        np.asarray(input_ids), dtype=torch.long)
     if ids.ndim != 2 or ids.shape[0] < 1:
         raise ValueError(f"input_ids must be (rows, seq_len), got shape {tuple(ids.shape)}")
     n_rows, seq_len = ids.shape

@@ -59,7 +59,7 @@ def replay(ckpt: Checkpoint, probe: Probe, settings: ReplaySettings, read_next: 
 
     device = resolve_device(settings.device)
     budget = device_budget(settings.max_device_memory, device)
-    dtype, nbytes = weights_in_memory(ckpt, device, settings.dtype)
+    dtype, nbytes = weights_in_memory(ckpt, device, settings.dtype) if budget is not None else (settings.dtype, 0)
     if budget is None or nbytes <= budget:
         try:
             return _replay_whole(ckpt, probe, settings, device, dtype, read_next)
@@ -79,7 +79,7 @@ def _replay_whole(ckpt, probe, settings, device, dtype, read_next):
     model = load_model(ckpt, device=device, dtype=dtype, trust_remote_code=settings.trust_remote_code)
     if read_next is not None:
         read_ahead(read_next)
-    stats = _measure(ckpt, model, probe, settings, device)
+    stats = _measure(ckpt, model, probe, settings)
     release_model(model)
     return to_dataset(stats, model.config, probe.seq_len)
 
@@ -93,11 +93,11 @@ def _replay_layered(ckpt, probe, settings, device, dtype, read_next):
     ):
         if read_next is not None:
             read_ahead(read_next)
-        stats = _measure(ckpt, model, probe, settings, device, run_rows)
+        stats = _measure(ckpt, model, probe, settings, run_rows)
     return to_dataset(stats, model.config, probe.seq_len)
 
 
-def _measure(ckpt, model, probe, settings, device, run_rows=None):
+def _measure(ckpt, model, probe, settings, run_rows=None):
     from .measure import measure
 
     vocab = model.get_input_embeddings().num_embeddings
@@ -106,8 +106,7 @@ def _measure(ckpt, model, probe, settings, device, run_rows=None):
             ckpt.path,
             f"probe {probe.name!r} holds token id {int(probe.tokens.max())}, outside this model's vocabulary of {vocab}",
         )
-    tokens = torch.from_numpy(probe.tokens).to(device)
-    return measure(model, tokens, batch_size=settings.batch_size, key_positions=settings.key_positions,
+    return measure(model, probe.tokens, batch_size=settings.batch_size, key_positions=settings.key_positions,
                    run_rows=run_rows)
 
 

@@ -430,3 +430,21 @@ def test_read_ahead_asks_for_the_files_unless_they_would_crowd_out_the_current_o
     monkeypatch.setattr(load_mod, "available_host_bytes", lambda: size)  # the checkpoint is over half of it
     load_mod.read_ahead(c)
     assert asked == []
+
+
+def test_weight_bytes_of_a_url_checkpoint_come_without_a_download(tmp_path, monkeypatch):
+    import pipeline.load as load_mod
+
+    folder, saved = save_checkpoint(tmp_path / "step1", sharded=True, dtype=torch.bfloat16)
+    local = load_mod.weights_in_memory(ckpt(folder), "cpu")
+    assert local[0] == torch.float32
+    # bf16 on disk, float32 loaded: twice the tensor bytes (plus the files' headers, a few % of this tiny model)
+    assert local[1] == pytest.approx(2 * sum(t.numel() * 2 for t in saved.values()), rel=0.1)
+    fs = fsspec.filesystem("memory")
+    base = f"/sinktrace-bytes-{os.getpid()}-{time.time_ns()}"
+    try:
+        fs.put(str(folder), base, recursive=True)
+        monkeypatch.setattr(load_mod, "_local_folder", None)  # a download would call it
+        assert load_mod.weights_in_memory(Checkpoint(0, f"memory://{base}"), "cpu") == local
+    finally:
+        fs.rm(base, recursive=True)
