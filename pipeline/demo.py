@@ -39,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .load import quiet_transformers
+
 RECIPE_VERSION = 1
 COMPLETE_MARKER = "DEMO_COMPLETE"
 RECIPE_FILE = "demo_recipe.json"
@@ -347,7 +349,7 @@ def _save_checkpoint(root: Path, recipe: DemoRecipe, step: int, model, optimizer
     tmp = root / f"checkpoint-{step}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    with _quiet_transformers():
+    with quiet_transformers():
         model.save_pretrained(tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     _write_trainer_state(tmp, recipe, step, log_history)
@@ -442,20 +444,6 @@ def _write_json_atomic(path: Path, obj) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
-    """Hide transformers' per-call progress bars ("Writing model shards") under the demo's own bar."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
-@contextlib.contextmanager
 def _build_lock(root: Path):
     """One builder per folder at a time (a second caller waits), so two processes never interleave checkpoints."""
     try:
@@ -483,7 +471,7 @@ def layer0_sink(folder: str | Path, task_tokens: torch.Tensor, task: BigramBackc
     """
     from transformers import AutoModelForCausalLM
 
-    with _quiet_transformers():
+    with quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
 
     def first_column(tokens):

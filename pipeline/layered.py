@@ -26,7 +26,7 @@ from torch import nn
 
 from .load import (
     CONFIG_NAME, _check_architecture, _check_loading, _describe, _local_folder, _main_dtype, _parse_dtype,
-    _release_pinned, _weight_paths, read_config, validate_weights,
+    _release_pinned, _weight_paths, quiet_transformers, read_config, validate_weights,
 )
 from .measure import find_blocks
 from .records import Checkpoint, CheckpointError
@@ -231,19 +231,14 @@ class BlockStream:
     def _load(self, index: int | None, tensors: dict[str, torch.Tensor]) -> None:
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
-        from transformers.utils import logging as hf_logging
 
         config = LoadStateDictConfig(device_map={"": self.device}, dtype=self.dtype, weight_mapping=self.mapping)
-        bar = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # one bar per block would bury the replay's own
         try:
-            info, _ = convert_and_load_state_dict_in_model(self.model, tensors, config)
+            with quiet_transformers():  # one bar per block would bury the replay's own
+                info, _ = convert_and_load_state_dict_in_model(self.model, tensors, config)
         except Exception as e:
             where = "outside the blocks" if index is None else f"of block {index}"
             raise CheckpointError(self.folder, f"transformers could not load the weights {where}: {_describe(e)}") from e
-        finally:
-            if bar:
-                hf_logging.enable_progress_bar()
         part = self.model if index is None else self.blocks[index]
         skip = {id(p) for p in self.blocks.parameters()} if index is None else set()
         head = self.model.get_output_embeddings()

@@ -411,18 +411,19 @@ def _from_pretrained(folder, device, dtype, trust_remote_code, attn_implementati
     except Exception as e:
         raise CheckpointError(os.path.join(folder, CONFIG_NAME), f"transformers rejects it: {_describe(e)}") from e
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            folder,
-            config=config,
-            use_safetensors=True,
-            local_files_only=True,
-            trust_remote_code=trust_remote_code,
-            dtype=dtype,
-            attn_implementation=attn_implementation,
-            ignore_mismatched_sizes=True,  # so that we, not a bare RuntimeError, report the shapes
-            output_loading_info=True,
-            **({"device_map": {"": device}} if direct else {}),
-        )
+        with quiet_transformers():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                folder,
+                config=config,
+                use_safetensors=True,
+                local_files_only=True,
+                trust_remote_code=trust_remote_code,
+                dtype=dtype,
+                attn_implementation=attn_implementation,
+                ignore_mismatched_sizes=True,  # so that we, not a bare RuntimeError, report the shapes
+                output_loading_info=True,
+                **({"device_map": {"": device}} if direct else {}),
+            )
     except torch.OutOfMemoryError:  # the machine's problem, not the checkpoint's: the caller may retry elsewhere
         raise
     except Exception as e:
@@ -431,6 +432,20 @@ def _from_pretrained(folder, device, dtype, trust_remote_code, attn_implementati
     if not direct and device.type != "cpu":
         model = model.to(device)
     return model.eval()
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Hide transformers' per-call progress bars ("Loading weights", "Writing model shards") under our own."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _describe(e: Exception) -> str:
