@@ -60,10 +60,14 @@ def streamed(monkeypatch):
         shape = blocks[0].mlp.up_proj.weight.shape
         alive.append(sum(p.shape == shape for p in blocks[0].parameters()))  # first: how many a block holds
 
+        def real_tensors():
+            return sum(1 for o in gc.get_objects() if torch.is_tensor(o) and not o.is_meta and o.shape == shape)
+
+        before = real_tensors()  # other tests' models may be alive too (a model kept for reuse)
+
         def count(module, args):
             resident.append(sum(not next(b.parameters()).is_meta for b in blocks))
-            alive.append(sum(1 for o in gc.get_objects()
-                             if torch.is_tensor(o) and not o.is_meta and o.shape == shape))
+            alive.append(real_tensors() - before)
 
         hooks = [b.register_forward_pre_hook(count) for b in blocks]
         try:
