@@ -640,8 +640,6 @@ def _copy_of(ckpt):
 
 
 def _run_sinktrace(job, ckpts, tokens, meta, peaks) -> dict:
-    import inspect
-
     import torch
 
     from . import load as load_mod
@@ -661,16 +659,14 @@ def _run_sinktrace(job, ckpts, tokens, meta, peaks) -> dict:
     _free(device)
 
     # end to end, from a cold page cache; each replay is told the next checkpoint, as the sinktrace driver does
-    read_ahead = "read_next" in inspect.signature(replay).parameters
     cache = drop_page_cache(_weight_files(ckpts), job["cold_cache"])
     loads, measures, sink, entropy = [], [], [], []
     io0 = read_io()
     with _timed_calls(load_mod, "load_model", loads, device), _timed_calls(measure_mod, "measure", measures, device):
         _sync(device)
         t0 = time.perf_counter()
-        for i, c in enumerate(ckpts):
-            ahead = {"read_next": ckpts[i + 1]} if read_ahead and i + 1 < len(ckpts) else {}
-            ds = replay(c, probe, settings, **ahead)
+        for c, nxt in zip(ckpts, [*ckpts[1:], None]):
+            ds = replay(c, probe, settings, read_next=nxt)
             sink.append(ds["sink_mass"].values.tolist())
             entropy.append(ds["entropy"].values.tolist())
         _sync(device)
@@ -700,7 +696,6 @@ def _run_sinktrace(job, ckpts, tokens, meta, peaks) -> dict:
                       "other_s": e2e - (sum(loads) + sum(measures)) / n if loads and measures else None},
         "cache": cache,
         "io": _io_per_ckpt(io0, io1, n),
-        "read_ahead": read_ahead,
         "sink_mass": sink,
         "entropy": entropy,
     }
@@ -1140,10 +1135,10 @@ def layered_memory_limit(doc: dict, whole: dict, seq_len: int) -> int | None:
     c = doc["model"]["config"]
     if whole.get("peak_device_bytes") is None or "hidden_size" not in c:
         return None
-    h, n_layers = c["hidden_size"], c["num_hidden_layers"]
+    h = c["hidden_size"]
     hd = c.get("head_dim") or h // c["num_attention_heads"]
     kv = c.get("num_key_value_heads") or c["num_attention_heads"]
-    itemsize = 4 if doc["model"]["dtype"] in ("float32", "fp32") else 2
+    itemsize = _torch_dtype(doc["model"]["dtype"]).itemsize
     block = itemsize * (2 * h * c["num_attention_heads"] * hd + 2 * h * kv * hd + 3 * h * c["intermediate_size"] + 2 * h)
     weights = doc["checkpoints"]["bytes_per_checkpoint"]
     hidden = itemsize * (whole.get("rows") or 0) * seq_len * h
@@ -1282,7 +1277,7 @@ def render(doc: dict) -> str:
                    f"{io['rchar'] / ck['bytes_per_checkpoint']:.2f}x through read calls" if io else ""
             lines.append(f"sinktrace replay at T={key.split('@')[1]}: load_model {_fmt_s(b['load_model_s'])} + measure "
                          f"{_fmt_s(b['measure_s'])} + rest {_fmt_s(b['other_s'])} per checkpoint{disk}"
-                         + ("; each replay read the next checkpoint ahead" if r.get("read_ahead") else ""))
+                         + "; each replay read the next checkpoint ahead")
         if key.startswith("eager@") and r.get("status") == "ok":
             b = r["breakdown"]
             lines.append(f"eager at T={key.split('@')[1]}: from_pretrained {_fmt_s(b['from_pretrained_s'])} + forward "

@@ -138,7 +138,6 @@ def replay_stage(cfg: DictConfig, root: str, quiet: float, store_location: str) 
         trust_remote_code=bool(cfg.replay.trust_remote_code),
         max_device_memory=cfg.replay.max_device_memory,
     )
-
     failures = run_replays(cfg.cluster, todo, probe, settings, store, fingerprint)
     store.finalize()
     return failures

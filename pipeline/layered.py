@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from .load import (
-    CONFIG_NAME, _check_architecture, _check_loading, _describe, _local_folder, _main_dtype, _parse_dtype,
-    _release_pinned, _weight_paths, quiet_transformers, read_config, validate_weights,
+    CONFIG_NAME, _check_loading, _describe, _local_folder, _release_pinned, _weight_paths, checked_folder,
+    concrete_device, quiet_transformers,
 )
 from .measure import find_blocks
 from .records import Checkpoint, CheckpointError
@@ -65,14 +65,9 @@ def open_layered(ckpt: Checkpoint, *, device: str | torch.device, dtype, trust_r
     """
     from . import attention  # noqa: F401  (registers "sinkstats")
 
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:  # transformers' loader threads would otherwise use GPU 0
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = concrete_device(device)
     with _local_folder(ckpt.path) as folder:
-        config = read_config(folder)
-        _check_architecture(folder, config, trust_remote_code)
-        weights = validate_weights(folder)
-        want = _parse_dtype(dtype) or (torch.float32 if device.type == "cpu" else _main_dtype(weights))
+        _, _, want = checked_folder(folder, device, dtype, trust_remote_code)
         model = _skeleton(folder, device, want, trust_remote_code)
         with BlockStream(folder, model, device, want) as stream:
             yield model, stream.run_rows
@@ -162,6 +157,7 @@ class BlockStream:
 
         self.folder, self.model, self.device, self.dtype = folder, model, device, dtype
         self.blocks = find_blocks(model)
+        self.head = model.get_output_embeddings()  # never read: statistics stop at the last block's output
         self.prefix = next(name for name, m in model.named_modules() if m is self.blocks)
         self._files = {p: safe_open(p, framework="pt") for p in _weight_paths(folder)}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sinktrace-read")
@@ -192,8 +188,7 @@ class BlockStream:
         renamings = [m for m in self.mapping if isinstance(m, WeightRenaming)]
         converters = [m for m in self.mapping if isinstance(m, WeightConverter)]
         names = self.model.state_dict()
-        head = self.model.get_output_embeddings()
-        head_names = {f"{n}." for n, m in self.model.named_modules() if head is not None and m is head}
+        head_names = {f"{n}." for n, m in self.model.named_modules() if self.head is not None and m is self.head}
         in_block = re.compile(rf"^{re.escape(self.prefix)}\.(\d+)\.")
         groups: dict[int | None, dict] = {}
         unexpected, mismatched = set(), []
@@ -239,11 +234,11 @@ class BlockStream:
         except Exception as e:
             where = "outside the blocks" if index is None else f"of block {index}"
             raise CheckpointError(self.folder, f"transformers could not load the weights {where}: {_describe(e)}") from e
-        part = self.model if index is None else self.blocks[index]
-        skip = {id(p) for p in self.blocks.parameters()} if index is None else set()
-        head = self.model.get_output_embeddings()
-        skip |= {id(p) for p in head.parameters()} if head is not None and index is None else set()
-        prefix = "" if index is None else f"{self.prefix}.{index}."
+        if index is None:  # everything outside the blocks but the head
+            part, prefix = self.model, ""
+            skip = {id(p) for m in (self.blocks, self.head) if m is not None for p in m.parameters()}
+        else:
+            part, prefix, skip = self.blocks[index], f"{self.prefix}.{index}.", set()
         missing = [prefix + n for n, p in part.named_parameters() if p.is_meta and id(p) not in skip]
         _check_loading(self.folder, {"missing_keys": missing, "mismatched_keys": list(info.mismatched_keys)})
 

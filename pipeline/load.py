@@ -75,16 +75,12 @@ def load_model(
         ValueError: `dtype` is not a floating dtype this function knows.
     """
     device = torch.device(device)
-    want = _parse_dtype(dtype)
+    _parse_dtype(dtype)  # a bad dtype fails before any file is read
     if attn_implementation == "sinkstats":
         from . import attention  # noqa: F401  (registers "sinkstats" with transformers on import)
 
     with _local_folder(ckpt.path) as folder:
-        config = read_config(folder)
-        _check_architecture(folder, config, trust_remote_code)
-        weights = validate_weights(folder)
-        if want is None:
-            want = torch.float32 if device.type == "cpu" else _main_dtype(weights)
+        config, weights, want = checked_folder(folder, device, dtype, trust_remote_code)
         key = (config_fingerprint(config), str(device), want, attn_implementation)
         with _BUILT_LOCK:
             built = _BUILT.pop(key, None)  # taken, so no other thread of this worker uses it meanwhile
@@ -131,7 +127,7 @@ def weights_in_memory(ckpt: Checkpoint, device, dtype="auto") -> tuple[torch.dty
         with _local_folder(ckpt.path) as folder:
             main = _main_dtype(validate_weights(folder))
             stored = sum(os.path.getsize(p) for p in _weight_paths(folder))
-    want = _parse_dtype(dtype) or (torch.float32 if torch.device(device).type == "cpu" else main)
+    want = _load_dtype(dtype, device, main)
     return want, stored * want.itemsize // main.itemsize
 
 
@@ -216,6 +212,28 @@ def config_fingerprint(config: dict) -> str:
     return hashlib.sha256(
         json.dumps(_normalise(config), sort_keys=True, separators=(",", ":"), default=str).encode()
     ).hexdigest()
+
+
+def checked_folder(folder: str, device, dtype, trust_remote_code: bool) -> tuple[dict, dict[str, str], torch.dtype]:
+    """What every way of loading checks first: config.json, the architecture, every weight file's header.
+    Returns the config, {tensor name: safetensors dtype} and the dtype the weights are to be loaded in."""
+    config = read_config(folder)
+    _check_architecture(folder, config, trust_remote_code)
+    weights = validate_weights(folder)
+    return config, weights, _load_dtype(dtype, device, _main_dtype(weights))
+
+
+def _load_dtype(dtype, device, stored: torch.dtype) -> torch.dtype:
+    """`dtype` parsed; "auto" is float32 on the CPU and the checkpoint's own (`stored`) on an accelerator."""
+    return _parse_dtype(dtype) or (torch.float32 if torch.device(device).type == "cpu" else stored)
+
+
+def concrete_device(device) -> torch.device:
+    """A bare "cuda" made the current GPU, as transformers resolves it (its loader threads would take GPU 0)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def validate_weights(folder: str) -> dict[str, str]:
@@ -404,8 +422,7 @@ def _from_pretrained(folder, device, dtype, trust_remote_code, attn_implementati
     # Loading straight onto the device needs a device_map, which transformers only takes with accelerate
     # installed; without it, load on the CPU and move.
     direct = device.type != "cpu" and is_accelerate_available()
-    if direct and device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())  # what transformers makes of a bare "cuda"
+    device = concrete_device(device)
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as e:
