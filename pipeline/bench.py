@@ -143,7 +143,7 @@ def bench(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
 
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
     root = Path(cfg.checkpoints.root).expanduser() if cfg.checkpoints.root else default_checkpoint_root(cfg)
     print(f"{log_prefix} {command}")
     # (no CUDA call in this process: the contenders' subprocesses have the device to themselves)

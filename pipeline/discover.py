@@ -25,14 +25,20 @@ import posixpath
 import re
 import time
 
-from .records import Checkpoint, CheckpointError
+from .errors import CheckpointError, some
+from .locations import is_url, local_path
+from .records import Checkpoint
+from .weightfiles import (
+    CONFIG_NAME,
+    SAFE_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    TRAINER_STATE_NAME,
+    pickled_weights,
+    pickles_refused,
+    shard_names,
+)
 
 log = logging.getLogger(__name__)
-
-CONFIG_NAME = "config.json"
-SAFE_WEIGHTS_NAME = "model.safetensors"
-SAFE_INDEX_NAME = "model.safetensors.index.json"
-TRAINER_STATE_NAME = "trainer_state.json"
 
 # `(?P<tmp>...)` catches staging names: HF Trainer's old `tmp-checkpoint-N` (transformers #27820), OLMo-core's
 # `stepN-tmp`, and `checkpoint-N.tmp` (what pipeline/demo.py writes before its rename).
@@ -45,14 +51,6 @@ STEP_DIR = re.compile(
 # `.incomplete` or `unfinished` marker, a `tmpXXXXXX` from tempfile). Names need a separator around the word, so
 # `chat_template.jinja` or `temperature.json` do not match.
 TEMP_NAME = re.compile(rf"(?:^|[-_.])(?:{_STAGING})(?:[-_.]|$)|^\.?tmp", re.IGNORECASE)
-# Pickles a trainer writes beside the weights; they never hold the model, so they neither count as weights nor
-# make a folder "pickled-only".
-TRAINING_STATE = re.compile(
-    r"^(optimizer|scheduler|lr_scheduler|scaler|rng_state|training_args)([-_.].*)?\.(pt|pth|bin)$"
-    r"|optim_states\.pt$",
-    re.IGNORECASE,
-)
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 def discover(root: str, *, quiet_seconds: float = 30.0, now: float | None = None) -> list[Checkpoint]:
@@ -86,7 +84,7 @@ def discover(root: str, *, quiet_seconds: float = 30.0, now: float | None = None
     if unnamed:  # otherwise a run saved as `ckpt100/` or `epoch-3/` would just come back empty
         log.warning(
             "%s: ignoring %s: they hold a config.json, but their names match no checkpoint layout "
-            "(checkpoint-<N>, step<N>, step_<N>, step-<N>, iter_<N>, global_step<N>)", fs.url, _some(sorted(unnamed)),
+            "(checkpoint-<N>, step<N>, step_<N>, step-<N>, iter_<N>, global_step<N>)", fs.url, some(sorted(unnamed)),
         )
 
     # The root is one checkpoint when it looks like one and its step-named children do not (DeepSpeed keeps
@@ -156,7 +154,7 @@ def _inspect(folder, name_step, staging, sibling_markers, now, quiet_seconds) ->
     problems += [f"marker {n!r} next to it says it is still being written" for n in sibling_markers]
     markers = sorted(e.name for e in entries if TEMP_NAME.search(posixpath.basename(e.name)))
     if markers:
-        problems.append(f"{_some(markers)} {'marks' if len(markers) == 1 else 'mark'} files still being written")
+        problems.append(f"{some(markers)} {'marks' if len(markers) == 1 else 'mark'} files still being written")
 
     if quiet_seconds > 0:
         stamps = [e.mtime for e in entries if e.mtime is not None]
@@ -192,19 +190,12 @@ def _weights(folder, files, entries) -> tuple[list[str], list[str]]:
         problems = [f"{s} listed in {SAFE_INDEX_NAME} is missing" for s in shards if s not in present]
         return [folder.file_url(s) for s in shards], problems
 
-    pickles = sorted(
-        e.name for e in entries
-        if not e.is_dir and e.name.lower().endswith(PICKLE_SUFFIXES)
-        and not TRAINING_STATE.search(posixpath.basename(e.name))
-    )
+    pickles = pickled_weights(e.name for e in entries if not e.is_dir)
     if pickles:
-        return [], [
-            f"only pickled weights ({_some(pickles)}); pickled files are never loaded because unpickling can run "
-            "code: convert them to safetensors (model.save_pretrained(..., safe_serialization=True))"
-        ]
+        return [], [pickles_refused(pickles)]
     other = sorted(n for n in files if n.endswith(".safetensors"))
     if other:
-        return [], [f"no {SAFE_WEIGHTS_NAME} or {SAFE_INDEX_NAME} (found {_some(other)})"]
+        return [], [f"no {SAFE_WEIGHTS_NAME} or {SAFE_INDEX_NAME} (found {some(other)})"]
     if ".metadata" in files and any(n.endswith(".distcp") for n in files):
         return [], [
             "torch.distributed.checkpoint (.distcp) format, which sinktrace does not read: "
@@ -213,20 +204,6 @@ def _weights(folder, files, entries) -> tuple[list[str], list[str]]:
     return [], [f"no weights: neither {SAFE_WEIGHTS_NAME} nor {SAFE_INDEX_NAME}"]
 
 
-def shard_names(index) -> list[str]:
-    """The shard files a parsed model.safetensors.index.json lists, sorted; ValueError if malformed."""
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise ValueError("it has no weight_map (tensor name -> shard file)")
-    shards = set()
-    for name in weight_map.values():
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"its weight_map maps to {name!r}, not a file name")
-        norm = posixpath.normpath(name)
-        if norm.startswith("..") or posixpath.isabs(norm) or "\\" in name:
-            raise ValueError(f"its weight_map names {name!r}, outside the checkpoint folder")
-        shards.add(name)
-    return sorted(shards)
 
 
 def _tokens_seen(state: dict, step: int | None) -> int | None:
@@ -275,9 +252,6 @@ def _one_per_step(found: list[Checkpoint]) -> list[Checkpoint]:
     return out
 
 
-def _some(names: list[str], n: int = 3) -> str:
-    shown = ", ".join(names[:n])
-    return shown if len(names) <= n else f"{shown} and {len(names) - n} more"
 
 
 # --------------------------------------------------------------------------------------------- listing
@@ -299,7 +273,7 @@ class _Folder:
     @classmethod
     def open(cls, root) -> _Folder:
         root = os.fspath(root)
-        if "://" in root and not root.startswith("file://"):
+        if is_url(root):
             import fsspec
 
             fs, path = fsspec.core.url_to_fs(root)
@@ -309,7 +283,7 @@ class _Folder:
             if not fs.isdir(path):
                 raise NotADirectoryError(f"checkpoint root {root} is not a folder")
             return cls(path, fs, _mtime(fs.info(path)))
-        path = os.path.abspath(os.path.expanduser(root.removeprefix("file://")))
+        path = local_path(root)
         if not os.path.exists(path):
             raise FileNotFoundError(f"checkpoint root {path} does not exist")
         if not os.path.isdir(path):
@@ -402,7 +376,7 @@ def _mtime(info: dict) -> float | None:
         if key == "mtime_ns":
             return float(value) / 1e9
         if isinstance(value, dt.datetime):
-            return (value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)).timestamp()
+            return (value if value.tzinfo else value.replace(tzinfo=dt.UTC)).timestamp()
         if isinstance(value, (int, float)):
             return float(value)
         if isinstance(value, str):

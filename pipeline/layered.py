@@ -24,35 +24,13 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from .load import (
-    CONFIG_NAME, _check_loading, _describe, _local_folder, _release_pinned, _weight_paths, checked_folder,
-    concrete_device, quiet_transformers,
-)
+from .devices import concrete_device, release_pinned
+from .errors import CheckpointError, describe
+from .load import check_loading, checked_folder, quiet_transformers
+from .locations import local_folder
 from .measure import find_blocks
-from .records import Checkpoint, CheckpointError
-
-
-def device_budget(setting, device: str | torch.device) -> int | None:
-    """`replay.max_device_memory` in bytes: an int, a size like "8GB" or "512MiB", null (no limit), or "auto":
-    70% of the device's memory (the GPU's, or the machine's RAM on the CPU), leaving the rest for activations."""
-    if setting is None:
-        return None
-    if isinstance(setting, str) and setting.strip().lower() == "auto":
-        device = torch.device(device)
-        if device.type == "cuda":
-            total = torch.cuda.get_device_properties(device.index or torch.cuda.current_device()).total_memory
-        else:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return int(0.7 * total)
-    from dask.utils import parse_bytes
-
-    try:
-        budget = parse_bytes(setting)
-    except (ValueError, TypeError):
-        raise ValueError(f"replay.max_device_memory={setting!r}: give a size like 24GB or 512MiB, auto, or null") from None
-    if budget <= 0:
-        raise ValueError(f"replay.max_device_memory={setting!r}: must be positive")
-    return budget
+from .records import Checkpoint
+from .weightfiles import CONFIG_NAME, weight_paths
 
 
 @contextlib.contextmanager
@@ -66,7 +44,7 @@ def open_layered(ckpt: Checkpoint, *, device: str | torch.device, dtype, trust_r
     from . import attention  # noqa: F401  (registers "sinkstats")
 
     device = concrete_device(device)
-    with _local_folder(ckpt.path) as folder:
+    with local_folder(ckpt.path) as folder:
         _, _, want = checked_folder(folder, device, dtype, trust_remote_code)
         model = _skeleton(folder, device, want, trust_remote_code)
         with BlockStream(folder, model, device, want) as stream:
@@ -83,7 +61,7 @@ def _skeleton(folder, device, dtype, trust_remote_code):
                 config, attn_implementation="sinkstats", dtype=dtype, trust_remote_code=trust_remote_code
             )
     except Exception as e:
-        raise CheckpointError(os.path.join(folder, CONFIG_NAME), f"transformers rejects it: {_describe(e)}") from e
+        raise CheckpointError(os.path.join(folder, CONFIG_NAME), f"transformers rejects it: {describe(e)}") from e
     for module in model.modules():  # buffers (rotary tables) are real: computed by the model's own __init__
         for name, buf in module._buffers.items():
             if buf is not None:
@@ -159,7 +137,7 @@ class BlockStream:
         self.blocks = find_blocks(model)
         self.head = model.get_output_embeddings()  # never read: statistics stop at the last block's output
         self.prefix = next(name for name, m in model.named_modules() if m is self.blocks)
-        self._files = {p: safe_open(p, framework="pt") for p in _weight_paths(folder)}
+        self._files = {p: safe_open(p, framework="pt") for p in weight_paths(folder)}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sinktrace-read")
         try:
             self.slices = self._group()
@@ -176,7 +154,7 @@ class BlockStream:
         self._files.clear()
         self.model.to("meta")  # drop every weight now, not when the caller lets go of the model
         if self.device.type == "cuda":
-            _release_pinned()
+            release_pinned()
 
     def _group(self) -> dict[int | None, dict]:
         """File tensors by the block their model name falls in (None: outside the blocks), the output head left out:
@@ -208,7 +186,7 @@ class BlockStream:
         # tensors transformers knows to drop (old buffers such as GPT-2's attn.bias) are no error here either
         info = SimpleNamespace(missing_keys=set(), unexpected_keys=unexpected)
         self.model._adjust_missing_and_unexpected_keys(info)
-        _check_loading(self.folder, {"unexpected_keys": info.unexpected_keys, "mismatched_keys": mismatched})
+        check_loading(self.folder, {"unexpected_keys": info.unexpected_keys, "mismatched_keys": mismatched})
         return groups
 
     def _read(self, index: int | None) -> dict[str, torch.Tensor]:
@@ -219,7 +197,7 @@ class BlockStream:
             try:
                 t = sl[...]
             except Exception as e:
-                raise CheckpointError(path, f"reading {key} failed: {_describe(e)}") from e
+                raise CheckpointError(path, f"reading {key} failed: {describe(e)}") from e
             out[key] = t.pin_memory() if pin else t
         return out
 
@@ -233,14 +211,14 @@ class BlockStream:
                 info, _ = convert_and_load_state_dict_in_model(self.model, tensors, config)
         except Exception as e:
             where = "outside the blocks" if index is None else f"of block {index}"
-            raise CheckpointError(self.folder, f"transformers could not load the weights {where}: {_describe(e)}") from e
+            raise CheckpointError(self.folder, f"transformers could not load the weights {where}: {describe(e)}") from e
         if index is None:  # everything outside the blocks but the head
             part, prefix = self.model, ""
             skip = {id(p) for m in (self.blocks, self.head) if m is not None for p in m.parameters()}
         else:
             part, prefix, skip = self.blocks[index], f"{self.prefix}.{index}.", set()
         missing = [prefix + n for n, p in part.named_parameters() if p.is_meta and id(p) not in skip]
-        _check_loading(self.folder, {"missing_keys": missing, "mismatched_keys": list(info.mismatched_keys)})
+        check_loading(self.folder, {"missing_keys": missing, "mismatched_keys": list(info.mismatched_keys)})
 
     def run_rows(self, body, batches: list[torch.Tensor]) -> None:
         """Run every micro-batch of probe rows through the model, block after block."""

@@ -20,33 +20,55 @@ import functools
 import hashlib
 import json
 import os
-import posixpath
-import shutil
-import tempfile
 import threading
 
 import torch
 
-from .discover import CONFIG_NAME, PICKLE_SUFFIXES, SAFE_INDEX_NAME, SAFE_WEIGHTS_NAME, TRAINING_STATE, shard_names
-from .records import Checkpoint, CheckpointError
-
-# safetensors dtype names -> torch, for the floating types a model's weights come in
-_ST_FLOAT = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-_DTYPE_NAMES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
-}
-# Models built in this process, ready for the next checkpoint of the same architecture (see release_model).
-_BUILT: dict[tuple, torch.nn.Module] = {}
-_BUILT_LOCK = threading.Lock()
+from .devices import available_host_bytes, concrete_device, load_dtype, parse_dtype, release_pinned
+from .errors import CheckpointError, describe, some
+from .locations import is_url, join, local_folder, read_bytes
+from .records import Checkpoint
+from .weightfiles import CONFIG_NAME, main_dtype, validate_weights, weight_paths
 
 # Keys that do not change the network a config describes: bookkeeping, runtime switches, the storage dtype.
 VOLATILE_CONFIG_KEYS = frozenset({
     "transformers_version", "torch_dtype", "dtype", "name_or_path", "use_cache", "attn_implementation",
     "output_attentions", "output_hidden_states", "return_dict", "torchscript",
 })
+
+
+class ModelCache:
+    """The model a worker keeps between checkpoints. Building a model (from_pretrained) costs more than reading a
+    small checkpoint, so consecutive checkpoints of one architecture reuse it: `load_model` takes it out, the
+    replay gives it back when done. One model at a time: memory is for the checkpoint being replayed. A model
+    taken out is never handed to another thread until it is given back."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._kept: tuple[tuple, torch.nn.Module] | None = None
+        self._lent: dict[int, tuple] = {}  # id(model) -> the architecture key it was built for
+
+    def take(self, key: tuple):
+        with self._lock:
+            if self._kept is None or self._kept[0] != key:
+                return None
+            model, self._kept = self._kept[1], None
+            return model
+
+    def lend(self, key: tuple, model) -> None:
+        with self._lock:
+            self._lent[id(model)] = key
+
+    def give_back(self, model) -> None:
+        with self._lock:
+            key = self._lent.pop(id(model), None)
+            if key is not None:
+                self._kept = (key, model)
+
+    def clear(self) -> None:
+        """Drop the kept model, freeing its memory."""
+        with self._lock:
+            self._kept = None
 
 
 def load_model(
@@ -56,6 +78,7 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     trust_remote_code: bool = False,
     attn_implementation: str = "sinkstats",
+    models: ModelCache | None = None,
 ):
     """Build the checkpoint's causal LM from its config.json and safetensors weights, in eval mode.
 
@@ -69,50 +92,35 @@ def load_model(
             needed only for architectures transformers does not know. Off by default: it runs arbitrary code.
         attn_implementation: the transformers attention function; "sinkstats" (pipeline/attention.py) measures
             the sink statistics, "eager" or "sdpa" are plain attention.
+        models: where a model of the same architecture may be waiting; give the model back to it when done.
 
     Raises:
         CheckpointError: the checkpoint cannot be loaded; the message names the file and the problem.
         ValueError: `dtype` is not a floating dtype this function knows.
     """
     device = torch.device(device)
-    _parse_dtype(dtype)  # a bad dtype fails before any file is read
+    parse_dtype(dtype)  # a bad dtype fails before any file is read
     if attn_implementation == "sinkstats":
         from . import attention  # noqa: F401  (registers "sinkstats" with transformers on import)
 
-    with _local_folder(ckpt.path) as folder:
+    with local_folder(ckpt.path) as folder:
         config, weights, want = checked_folder(folder, device, dtype, trust_remote_code)
         key = (config_fingerprint(config), str(device), want, attn_implementation)
-        with _BUILT_LOCK:
-            built = _BUILT.pop(key, None)  # taken, so no other thread of this worker uses it meanwhile
+        built = models.take(key) if models is not None else None
         if built is not None and _load_into(built, folder, weights):
             model = built
         else:
             model = _from_pretrained(folder, device, want, trust_remote_code, attn_implementation)
-        model._sinktrace_key = key
+        if models is not None:
+            models.lend(key, model)
         return model
-
-
-def release_model(model) -> None:
-    """Hand a model back for the next checkpoint of the same architecture in this process: building a model
-    (from_pretrained) costs more than reading a small checkpoint, so a replay reuses one per architecture."""
-    key = getattr(model, "_sinktrace_key", None)
-    if key is not None:
-        with _BUILT_LOCK:
-            _BUILT.clear()  # one model at a time: memory is for the checkpoint being replayed
-            _BUILT[key] = model
-
-
-def forget_models() -> None:
-    """Drop the model kept for reuse (see release_model), freeing its memory."""
-    with _BUILT_LOCK:
-        _BUILT.clear()
 
 
 def weights_in_memory(ckpt: Checkpoint, device, dtype="auto") -> tuple[torch.dtype, int]:
     """The dtype `load_model(ckpt, device=device, dtype=dtype)` loads the weights in, and the bytes they then take
     (from the files' sizes, scaled from the dtype most of them are stored in). Reads headers only; for a URL, not
     even those: the stored dtype is config.json's, so that nothing is downloaded twice."""
-    if _is_url(ckpt.path):
+    if is_url(ckpt.path):
         import fsspec
 
         fs, root = fsspec.core.url_to_fs(ckpt.path)
@@ -120,14 +128,14 @@ def weights_in_memory(ckpt: Checkpoint, device, dtype="auto") -> tuple[torch.dty
         stored = sum(fs.size(p) for p in files)
         config = read_config(ckpt)
         try:
-            main = _parse_dtype(config.get("dtype") or config.get("torch_dtype") or "float32") or torch.float32
+            main = parse_dtype(config.get("dtype") or config.get("torch_dtype") or "float32") or torch.float32
         except ValueError:
             main = torch.float32
     else:
-        with _local_folder(ckpt.path) as folder:
-            main = _main_dtype(validate_weights(folder))
-            stored = sum(os.path.getsize(p) for p in _weight_paths(folder))
-    want = _load_dtype(dtype, device, main)
+        with local_folder(ckpt.path) as folder:
+            main = main_dtype(validate_weights(folder))
+            stored = sum(os.path.getsize(p) for p in weight_paths(folder))
+    want = load_dtype(dtype, device, main)
     return want, stored * want.itemsize // main.itemsize
 
 
@@ -137,7 +145,7 @@ def read_ahead(ckpt: Checkpoint) -> None:
     for a checkpoint over half the available memory: its pages would push out those of the one being replayed."""
     if not hasattr(os, "posix_fadvise"):
         return
-    local = [p for p in ckpt.weight_files if not _is_url(p)]
+    local = [p for p in ckpt.weight_files if not is_url(p)]
     try:
         if sum(os.path.getsize(p) for p in local) > available_host_bytes() // 2:
             return
@@ -156,20 +164,6 @@ def read_ahead(ckpt: Checkpoint) -> None:
             os.close(fd)
 
 
-def available_host_bytes() -> int:
-    """Memory the OS can hand out now without swapping (MemAvailable), page cache it may take back included."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import psutil
-
-    return int(psutil.virtual_memory().available)
-
-
 def read_config(ckpt: Checkpoint | str | os.PathLike) -> dict:
     """The checkpoint's config.json as a dict, checked to be a JSON object with a `model_type`.
 
@@ -177,9 +171,9 @@ def read_config(ckpt: Checkpoint | str | os.PathLike) -> dict:
         CheckpointError: config.json is missing, unreadable, not JSON, or names no model_type.
     """
     folder = ckpt.path if isinstance(ckpt, Checkpoint) else os.fspath(ckpt)
-    path = _join(folder, CONFIG_NAME)
+    path = join(folder, CONFIG_NAME)
     try:
-        raw = _read_bytes(path)
+        raw = read_bytes(path)
     except FileNotFoundError:
         raise CheckpointError(path, "config.json is missing: transformers cannot tell what model to build") from None
     except OSError as e:
@@ -220,94 +214,10 @@ def checked_folder(folder: str, device, dtype, trust_remote_code: bool) -> tuple
     config = read_config(folder)
     _check_architecture(folder, config, trust_remote_code)
     weights = validate_weights(folder)
-    return config, weights, _load_dtype(dtype, device, _main_dtype(weights))
-
-
-def _load_dtype(dtype, device, stored: torch.dtype) -> torch.dtype:
-    """`dtype` parsed; "auto" is float32 on the CPU and the checkpoint's own (`stored`) on an accelerator."""
-    return _parse_dtype(dtype) or (torch.float32 if torch.device(device).type == "cpu" else stored)
-
-
-def concrete_device(device) -> torch.device:
-    """A bare "cuda" made the current GPU, as transformers resolves it (its loader threads would take GPU 0)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def validate_weights(folder: str) -> dict[str, str]:
-    """Check the safetensors files transformers will load; return {tensor name: safetensors dtype, e.g. "BF16"}.
-
-    Resolves the files like transformers does (model.safetensors first, else model.safetensors.index.json).
-    Only headers are read, never tensor data.
-
-    Raises:
-        CheckpointError: a file is missing, truncated or malformed, the index is broken or maps a tensor to a
-            shard that lacks it, or the folder holds only pickled weights.
-    """
-    dtypes = {}
-    for path, expected in _weight_files(folder):
-        dtypes.update(_open_safetensors(path, expected))
-    return dtypes
-
-
-def _weight_files(folder: str) -> list[tuple[str, list[str] | None]]:
-    """The safetensors files transformers loads, each with the tensors the index says it holds (None: no index)."""
-    single = os.path.join(folder, SAFE_WEIGHTS_NAME)
-    if os.path.isfile(single):
-        return [(single, None)]
-    index_path = os.path.join(folder, SAFE_INDEX_NAME)
-    if not os.path.isfile(index_path):
-        names = sorted(os.listdir(folder))
-        pickles = [n for n in names if n.lower().endswith(PICKLE_SUFFIXES) and not TRAINING_STATE.search(n)]
-        if pickles:
-            raise CheckpointError(
-                folder,
-                f"only pickled weights ({', '.join(pickles)}); pickled files are never loaded because unpickling "
-                "can run code: convert them to safetensors",
-            )
-        raise CheckpointError(folder, f"no weights: neither {SAFE_WEIGHTS_NAME} nor {SAFE_INDEX_NAME}")
-    try:
-        index = json.loads(_read_bytes(index_path).decode("utf-8"))
-        shards = shard_names(index)
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError included
-        raise CheckpointError(index_path, f"{SAFE_INDEX_NAME} is unusable: {e}") from None
-    by_shard: dict[str, list[str]] = {}
-    for tensor, shard in index["weight_map"].items():
-        by_shard.setdefault(shard, []).append(tensor)
-    return [(os.path.join(folder, *shard.split("/")), by_shard[shard]) for shard in shards]
+    return config, weights, load_dtype(dtype, device, main_dtype(weights))
 
 
 # --------------------------------------------------------------------------------------------- checks
-
-
-def _open_safetensors(path: str, expected: list[str] | None) -> dict[str, str]:
-    from safetensors import SafetensorError, safe_open
-
-    name = os.path.basename(path)
-    if not os.path.exists(path):
-        raise CheckpointError(path, f"{name} is missing" + (f" (listed in {SAFE_INDEX_NAME})" if expected else ""))
-    try:
-        with safe_open(path, framework="pt") as f:
-            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
-    except SafetensorError as e:
-        size = os.path.getsize(path)
-        raise CheckpointError(
-            path,
-            f"{name} is not a valid safetensors file ({e}; {size} bytes): truncated, damaged or still being written",
-        ) from None
-    except OSError as e:
-        raise CheckpointError(path, f"{name} cannot be read ({e.strerror or e})") from None
-    if not dtypes:
-        raise CheckpointError(path, f"{name} holds no tensors")
-    if expected:
-        absent = [k for k in expected if k not in dtypes]
-        if absent:
-            raise CheckpointError(
-                path, f"{name} lacks {_some(absent)}, which {SAFE_INDEX_NAME} says it holds ({len(absent)} tensors)"
-            )
-    return dtypes
 
 
 def _check_architecture(folder: str, config: dict, trust_remote_code: bool) -> None:
@@ -348,7 +258,7 @@ def _check_architecture(folder: str, config: dict, trust_remote_code: bool) -> N
         )
 
 
-def _check_loading(folder: str, info: dict) -> None:
+def check_loading(folder: str, info: dict) -> None:
     """transformers only warns about these; each one means the model would not be the checkpoint's model."""
     mismatched = sorted(info.get("mismatched_keys") or ())
     if mismatched:
@@ -358,7 +268,7 @@ def _check_loading(folder: str, info: dict) -> None:
     if missing:
         raise CheckpointError(
             folder,
-            f"the safetensors files lack {len(missing)} of the model's weights ({_some(missing)}); "
+            f"the safetensors files lack {len(missing)} of the model's weights ({some(missing)}); "
             "they would run with random values",
         )
     unexpected = sorted(info.get("unexpected_keys") or ())
@@ -366,7 +276,7 @@ def _check_loading(folder: str, info: dict) -> None:
         raise CheckpointError(
             folder,
             f"the safetensors files hold {len(unexpected)} tensors the model built from config.json has no place "
-            f"for ({_some(unexpected)}): config.json and the weights disagree",
+            f"for ({some(unexpected)}): config.json and the weights disagree",
         )
 
 
@@ -385,7 +295,7 @@ def _load_into(model, folder: str, weights: dict[str, str]) -> bool:
         return False
     cuda = next(iter(params.values())).is_cuda
     with torch.no_grad():
-        for path in _weight_paths(folder):
+        for path in weight_paths(folder):
             with safe_open(path, framework="pt") as f:
                 for name in f.keys():
                     if tuple(f.get_slice(name).get_shape()) != tuple(params[name].shape):
@@ -395,24 +305,13 @@ def _load_into(model, folder: str, weights: dict[str, str]) -> bool:
                     params[name].copy_(tensor.pin_memory() if cuda else tensor, non_blocking=True)
     if cuda:
         torch.cuda.synchronize()
-        _release_pinned()
+        release_pinned()
     return True
-
-
-def _release_pinned() -> None:
-    """Hand pinned staging memory back to the OS: torch caches it, and locked pages cannot be swapped out."""
-    empty = getattr(torch._C, "_host_emptyCache", None)
-    if empty is not None:
-        empty()
 
 
 def _shares_storage(params: dict, name: str, present) -> bool:
     ptr = params[name].data_ptr()
     return any(params[other].data_ptr() == ptr for other in present if other in params)
-
-
-def _weight_paths(folder: str) -> list[str]:
-    return [path for path, _ in _weight_files(folder)]
 
 
 def _from_pretrained(folder, device, dtype, trust_remote_code, attn_implementation):
@@ -426,7 +325,7 @@ def _from_pretrained(folder, device, dtype, trust_remote_code, attn_implementati
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise CheckpointError(os.path.join(folder, CONFIG_NAME), f"transformers rejects it: {_describe(e)}") from e
+        raise CheckpointError(os.path.join(folder, CONFIG_NAME), f"transformers rejects it: {describe(e)}") from e
     try:
         with quiet_transformers():
             model, info = AutoModelForCausalLM.from_pretrained(
@@ -444,8 +343,8 @@ def _from_pretrained(folder, device, dtype, trust_remote_code, attn_implementati
     except torch.OutOfMemoryError:  # the machine's problem, not the checkpoint's: the caller may retry elsewhere
         raise
     except Exception as e:
-        raise CheckpointError(folder, f"transformers could not build the model from it: {_describe(e)}") from e
-    _check_loading(folder, info)
+        raise CheckpointError(folder, f"transformers could not build the model from it: {describe(e)}") from e
+    check_loading(folder, info)
     if not direct and device.type != "cpu":
         model = model.to(device)
     return model.eval()
@@ -463,34 +362,6 @@ def quiet_transformers():
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
-
-
-def _describe(e: Exception) -> str:
-    message = " ".join(str(e).split())  # transformers' messages span lines; keep the record on one
-    return f"{type(e).__name__}: {message if len(message) <= 600 else message[:600] + ' ...'}"
-
-
-def _parse_dtype(dtype) -> torch.dtype | None:
-    if isinstance(dtype, torch.dtype):
-        if not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating type, got {dtype}")
-        return dtype
-    name = str(dtype).lower().removeprefix("torch.")
-    if name == "auto":
-        return None
-    if name not in _DTYPE_NAMES:
-        raise ValueError(f"dtype must be 'auto', float32, bfloat16, float16 or float64; got {dtype!r}")
-    return _DTYPE_NAMES[name]
-
-
-def _main_dtype(weights: dict[str, str]) -> torch.dtype:
-    """The floating dtype most of the weights are stored in (counting tensors: norms kept in float32 inside a
-    bf16 checkpoint are a minority). float32 when no weight is of a known floating type (e.g. fp8)."""
-    counts: dict[torch.dtype, int] = {}
-    for st in weights.values():
-        if st in _ST_FLOAT:
-            counts[_ST_FLOAT[st]] = counts.get(_ST_FLOAT[st], 0) + 1
-    return max(counts, key=counts.get) if counts else torch.float32
 
 
 # --------------------------------------------------------------------------------------------- config hashing
@@ -526,60 +397,3 @@ def _strip(obj):
     if isinstance(obj, list):
         return [_strip(v) for v in obj]
     return obj
-
-
-# --------------------------------------------------------------------------------------------- files
-
-
-def _is_url(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
-def _join(folder: str, name: str) -> str:
-    return posixpath.join(folder, name) if _is_url(folder) else os.path.join(folder.removeprefix("file://"), name)
-
-
-def _read_bytes(path: str) -> bytes:
-    if _is_url(path):
-        import fsspec
-
-        with fsspec.open(path, "rb") as f:
-            return f.read()
-    with open(path, "rb") as f:
-        return f.read()
-
-
-@contextlib.contextmanager
-def _local_folder(path: str):
-    """The checkpoint as a local folder: itself, or for a URL a temporary copy of the files loading reads
-    (config, index, safetensors, remote code), removed afterwards. Optimizer states and other pickles stay."""
-    if not _is_url(path):
-        folder = os.path.abspath(path.removeprefix("file://"))
-        if not os.path.isdir(folder):
-            raise CheckpointError(folder, "the checkpoint folder does not exist")
-        yield folder
-        return
-    import fsspec
-
-    fs, remote = fsspec.core.url_to_fs(path)
-    if not fs.isdir(remote):
-        raise CheckpointError(path, "the checkpoint folder does not exist")
-    tmp = tempfile.mkdtemp(prefix="sinktrace-ckpt-")
-    try:
-        for info in fs.ls(remote, detail=True):
-            name = posixpath.basename(info["name"].rstrip("/"))
-            if info.get("type") != "directory" and name.endswith((".json", ".safetensors", ".py")):
-                fs.get_file(info["name"], os.path.join(tmp, name))
-        try:
-            yield tmp
-        except CheckpointError as e:  # name the user's file, not our temporary copy
-            url = fs.unstrip_protocol(remote)
-            raise CheckpointError(e.path.replace(tmp, url), e.problem.replace(tmp, url)) from e.__cause__
-    finally:
-        # safe even while the model's tensors are memory-mapped: the open mapping keeps the data alive
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _some(names: list[str], n: int = 3) -> str:
-    shown = ", ".join(names[:n])
-    return shown if len(names) <= n else f"{shown} and {len(names) - n} more"

@@ -7,18 +7,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
-class CheckpointError(Exception):
-    """A checkpoint cannot be replayed; the message names the file and the problem."""
-
-    def __init__(self, path: str, problem: str):
-        super().__init__(f"{path}: {problem}")
-        self.path = path
-        self.problem = problem
-
-    def __reduce__(self):  # keep both fields when Dask pickles the exception
-        return (type(self), (self.path, self.problem))
-
-
 @dataclass(frozen=True)
 class Checkpoint:
     """One checkpoint folder found by discovery."""

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import xarray as xr
 
-from .records import Checkpoint, CheckpointError, Probe
+from .devices import device_budget, resolve_device
+from .errors import CheckpointError
+from .load import ModelCache
+from .records import Checkpoint, Probe
+from .settings import ReplaySettings
 
 log = logging.getLogger("sinktrace")
 
@@ -31,69 +37,90 @@ DIMS = {
 }
 
 
-@dataclass(frozen=True)
-class ReplaySettings:
-    device: str = "auto"
-    dtype: str = "auto"
-    batch_size: int = 16
-    key_positions: int = 4
-    trust_remote_code: bool = False
-    max_device_memory: int | str | None = "auto"  # weights above this replay layer by layer (pipeline/layered.py)
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+@dataclass
+class PhaseTimes:
+    """Seconds one replay spent building and loading the model (`load`) and running the probe (`measure`), the
+    device synchronised at each phase's end. Layer by layer, blocks are read during `measure`."""
+
+    device: str = "cpu"
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
-def replay(ckpt: Checkpoint, probe: Probe, settings: ReplaySettings, read_next: Checkpoint | None = None) -> xr.Dataset:
+def replay(
+    ckpt: Checkpoint,
+    probe: Probe,
+    settings: ReplaySettings,
+    read_next: Checkpoint | None = None,
+    *,
+    models: ModelCache | None = None,
+    times: PhaseTimes | None = None,
+) -> xr.Dataset:
     """Build the checkpoint's model, run the probe through it and return its statistics (no step dim).
 
     `read_next`: the checkpoint that will be replayed after this one; its files are read from disk meanwhile.
+    `models`: the model kept from the previous checkpoint, reused when the architecture is the same.
+    `times`: filled with the seconds each phase took.
     Weights larger than `settings.max_device_memory`, or a whole model that runs out of device memory under such a
     budget, are streamed block by block instead (pipeline/layered.py).
     """
-    from .layered import device_budget
-    from .load import forget_models, weights_in_memory
+    from .load import weights_in_memory
 
     device = resolve_device(settings.device)
+    times = times if times is not None else PhaseTimes(device)
     budget = device_budget(settings.max_device_memory, device)
     dtype, nbytes = weights_in_memory(ckpt, device, settings.dtype) if budget is not None else (settings.dtype, 0)
     if budget is None or nbytes <= budget:
         try:
-            return _replay_whole(ckpt, probe, settings, device, dtype, read_next)
+            return _replay_whole(ckpt, probe, settings, device, dtype, read_next, models, times)
         except torch.OutOfMemoryError:
             if budget is None:
                 raise
         log.warning("%s: out of device memory with the whole model loaded; replaying it layer by layer", ckpt.path)
-    forget_models()  # the memory a kept model holds is what the device is short of
+    if models is not None:
+        models.clear()  # the memory a kept model holds is what the device is short of
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return _replay_layered(ckpt, probe, settings, device, dtype, read_next)
+    return _replay_layered(ckpt, probe, settings, device, dtype, read_next, times)
 
 
-def _replay_whole(ckpt, probe, settings, device, dtype, read_next):
-    from .load import load_model, read_ahead, release_model
+def _replay_whole(ckpt, probe, settings, device, dtype, read_next, models, times):
+    from .load import load_model, read_ahead
 
-    model = load_model(ckpt, device=device, dtype=dtype, trust_remote_code=settings.trust_remote_code)
+    with times.phase("load"):
+        model = load_model(ckpt, device=device, dtype=dtype, trust_remote_code=settings.trust_remote_code,
+                           models=models)
     if read_next is not None:
         read_ahead(read_next)
-    stats = _measure(ckpt, model, probe, settings)
-    release_model(model)
+    with times.phase("measure"):
+        stats = _measure(ckpt, model, probe, settings)
+    if models is not None:
+        models.give_back(model)
     return to_dataset(stats, model.config, probe.seq_len)
 
 
-def _replay_layered(ckpt, probe, settings, device, dtype, read_next):
+def _replay_layered(ckpt, probe, settings, device, dtype, read_next, times):
     from .layered import open_layered
     from .load import read_ahead
 
-    with open_layered(ckpt, device=device, dtype=dtype, trust_remote_code=settings.trust_remote_code) as (
-        model, run_rows,
-    ):
+    with times.phase("load"), open_layered(
+        ckpt, device=device, dtype=dtype, trust_remote_code=settings.trust_remote_code
+    ) as (model, run_rows):
         if read_next is not None:
             read_ahead(read_next)
-        stats = _measure(ckpt, model, probe, settings, run_rows)
+        with times.phase("measure"):
+            stats = _measure(ckpt, model, probe, settings, run_rows)
     return to_dataset(stats, model.config, probe.seq_len)
 
 

@@ -7,7 +7,6 @@ import torch
 
 from pipeline import attention as A
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add overhead
 
 

@@ -5,10 +5,8 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
-import pytest
 import xarray as xr
 
 import pipeline
@@ -31,9 +29,8 @@ def group_name(store):
 
 
 def test_replay_matches_eager_reference_on_a_trained_run(trained_run, tmp_path):
-    from pipeline.load import load_model
+    from pipeline.load import load_model, read_config
     from pipeline.probe import build_probe
-    from pipeline.load import read_config
     from tests.reference import reference_stats
 
     store = str(tmp_path / "s.zarr")

@@ -7,12 +7,18 @@ import time
 import fsspec
 import pytest
 import torch
-
 from ckpt_factory import (
-    backdate, break_config, make_run, save_checkpoint, save_pickled_only, shards, touch,
+    backdate,
+    break_config,
+    make_run,
+    save_checkpoint,
+    save_pickled_only,
+    shards,
+    touch,
 )
+
 from pipeline.discover import discover
-from pipeline.records import CheckpointError
+from pipeline.errors import CheckpointError
 
 
 def settled(root, **kwargs):

@@ -9,14 +9,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline import layered
-from pipeline.layered import device_budget, open_layered
+from pipeline.devices import device_budget
+from pipeline.errors import CheckpointError
+from pipeline.layered import open_layered
 from pipeline.measure import measure
-from pipeline.records import Checkpoint, CheckpointError
+from pipeline.records import Checkpoint
 from pipeline.replay import ReplaySettings, replay
 from tests.ckpt_factory import save_checkpoint, shards
 from tests.reference import reference_stats
 from tests.test_families import FAMILIES, assert_stats_close, build, probe
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add overhead
 

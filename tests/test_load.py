@@ -7,14 +7,22 @@ import time
 import fsspec
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from ckpt_factory import (
-    break_config, edit_config, garbage_header, make_remote_code, save_checkpoint, save_pickled_only, shards,
+    break_config,
+    edit_config,
+    garbage_header,
+    make_remote_code,
+    save_checkpoint,
+    save_pickled_only,
+    shards,
     truncate,
 )
-from pipeline.load import config_fingerprint, load_model, read_config, validate_weights
-from pipeline.records import Checkpoint, CheckpointError
+from safetensors.torch import load_file, save_file
+
+from pipeline.errors import CheckpointError
+from pipeline.load import ModelCache, config_fingerprint, load_model, read_config
+from pipeline.records import Checkpoint
+from pipeline.weightfiles import validate_weights
 
 
 def ckpt(folder, step=0) -> Checkpoint:
@@ -392,26 +400,28 @@ def test_validate_weights_reports_dtypes(tmp_path):
 
 
 def test_a_released_model_is_reused_with_the_next_checkpoints_weights(tmp_path):
-    from pipeline import load as mod
-    from pipeline.load import release_model
-
     first, _ = save_checkpoint(tmp_path / "step1", seed=1)
     second, saved = save_checkpoint(tmp_path / "step2", seed=2)
-    model = load_model(ckpt(first), attn_implementation="eager")
-    release_model(model)
-    again = load_model(ckpt(second), attn_implementation="eager")
+    models = ModelCache()
+    model = load_model(ckpt(first), attn_implementation="eager", models=models)
+    assert models.take(("anything",)) is None  # nothing kept while the model is out
+    models.give_back(model)
+    again = load_model(ckpt(second), attn_implementation="eager", models=models)
     assert again is model  # built once, loaded twice
+    models.give_back(again)
+    models.clear()
+    third = load_model(ckpt(second), attn_implementation="eager", models=models)
+    assert third is not model  # cleared: built again
     assert_same_weights(again, saved, torch.float32)
 
 
 def test_a_model_is_not_reused_across_architectures(tmp_path):
-    from pipeline.load import release_model
-
     small, _ = save_checkpoint(tmp_path / "step1")
     wide, saved = save_checkpoint(tmp_path / "step2", hidden_size=48)
-    model = load_model(ckpt(small), attn_implementation="eager")
-    release_model(model)
-    other = load_model(ckpt(wide), attn_implementation="eager")
+    models = ModelCache()
+    model = load_model(ckpt(small), attn_implementation="eager", models=models)
+    models.give_back(model)
+    other = load_model(ckpt(wide), attn_implementation="eager", models=models)
     assert other is not model
     assert_same_weights(other, saved, torch.float32)
 
@@ -444,7 +454,7 @@ def test_weight_bytes_of_a_url_checkpoint_come_without_a_download(tmp_path, monk
     base = f"/sinktrace-bytes-{os.getpid()}-{time.time_ns()}"
     try:
         fs.put(str(folder), base, recursive=True)
-        monkeypatch.setattr(load_mod, "_local_folder", None)  # a download would call it
+        monkeypatch.setattr(load_mod, "local_folder", None)  # a download would call it
         assert load_mod.weights_in_memory(Checkpoint(0, f"memory://{base}"), "cpu") == local
     finally:
         fs.rm(base, recursive=True)

@@ -1,0 +1,1 @@
+"""sinktrace's Hydra config groups, shipped inside the package as `pipeline.conf`."""

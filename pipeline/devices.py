@@ -1,0 +1,94 @@
+"""Devices, dtypes and memory: what `replay.device`, `replay.dtype` and `replay.max_device_memory` mean."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+}
+# safetensors' dtype names -> torch, for the floating types a model's weights come in
+SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def resolve_device(device: str) -> str:
+    """`auto` is the GPU where torch sees one, else the CPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def concrete_device(device) -> torch.device:
+    """A bare "cuda" made the current GPU, as transformers resolves it (its loader threads would take GPU 0)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    """A dtype name ("bf16", "float32", "torch.float16") or torch dtype; None for "auto"."""
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating type, got {dtype}")
+        return dtype
+    name = str(dtype).lower().removeprefix("torch.")
+    if name == "auto":
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be 'auto', float32, bfloat16, float16 or float64; got {dtype!r}")
+    return DTYPES[name]
+
+
+def load_dtype(dtype, device, stored: torch.dtype) -> torch.dtype:
+    """`dtype` parsed; "auto" is float32 on the CPU and the checkpoint's own (`stored`) on an accelerator."""
+    return parse_dtype(dtype) or (torch.float32 if torch.device(device).type == "cpu" else stored)
+
+
+def device_budget(setting, device: str | torch.device) -> int | None:
+    """`replay.max_device_memory` in bytes: an int, a size like "8GB" or "512MiB", null (no limit), or "auto":
+    70% of the device's memory (the GPU's, or the machine's RAM on the CPU), leaving the rest for activations."""
+    if setting is None:
+        return None
+    if isinstance(setting, str) and setting.strip().lower() == "auto":
+        device = torch.device(device)
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device.index or torch.cuda.current_device()).total_memory
+        else:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return int(0.7 * total)
+    from dask.utils import parse_bytes
+
+    try:
+        budget = parse_bytes(setting)
+    except (ValueError, TypeError):
+        raise ValueError(f"replay.max_device_memory={setting!r}: give a size like 24GB or 512MiB, auto, or null") from None
+    if budget <= 0:
+        raise ValueError(f"replay.max_device_memory={setting!r}: must be positive")
+    return budget
+
+
+def available_host_bytes() -> int:
+    """Memory the OS can hand out now without swapping (MemAvailable), page cache it may take back included."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def release_pinned() -> None:
+    """Hand pinned staging memory back to the OS: torch caches it, and locked pages cannot be swapped out."""
+    empty = getattr(torch._C, "_host_emptyCache", None)
+    if empty is not None:
+        empty()

@@ -1,0 +1,99 @@
+"""Where things are: local paths and fsspec URLs, sinktrace's cache folder, atomic small-file writes."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import CheckpointError
+
+
+def is_url(path: str) -> bool:
+    """True for a remote fsspec URL (s3://, gs://, memory://, ...); `file://` counts as a local path."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def local_path(path: str | os.PathLike) -> str:
+    """A local path or `file://` URL as an absolute path, `~` expanded."""
+    return os.path.abspath(os.path.expanduser(os.fspath(path).removeprefix("file://")))
+
+
+def join(folder: str, name: str) -> str:
+    return posixpath.join(folder, name) if is_url(folder) else os.path.join(local_path(folder), name)
+
+
+def read_bytes(path: str) -> bytes:
+    if is_url(path):
+        import fsspec
+
+        with fsspec.open(path, "rb") as f:
+            return f.read()
+    with open(local_path(path), "rb") as f:
+        return f.read()
+
+
+def exists(location: str) -> bool:
+    if is_url(location):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(location)
+        return fs.exists(path)
+    return os.path.exists(local_path(location))
+
+
+def sinktrace_home() -> Path:
+    """The cache folder: the demo run, the stores of runs given without `store.path`, benchmark checkpoints."""
+    return Path(os.environ.get("SINKTRACE_HOME", "~/.cache/sinktrace")).expanduser()
+
+
+def default_store_path(root: str) -> str:
+    """A stable store location for a checkpoint root, so the same command run twice resumes."""
+    resolved = root if is_url(root) else local_path(root)
+    name = Path(resolved.rstrip("/")).name or "run"
+    digest = hashlib.sha1(resolved.encode()).hexdigest()[:8]
+    return str(sinktrace_home() / "runs" / f"{name}-{digest}" / "sinks.zarr")
+
+
+def write_json_atomic(path: str | os.PathLike, obj, **dumps) -> None:
+    """Write JSON so that a reader (or a crash) never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, **dumps))
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def local_folder(path: str):
+    """A checkpoint folder on the local disk: itself, or for a URL a temporary copy of the files loading reads
+    (config, index, safetensors, remote code), removed afterwards. Optimizer states and other pickles stay."""
+    if not is_url(path):
+        folder = local_path(path)
+        if not os.path.isdir(folder):
+            raise CheckpointError(folder, "the checkpoint folder does not exist")
+        yield folder
+        return
+    import fsspec
+
+    fs, remote = fsspec.core.url_to_fs(path)
+    if not fs.isdir(remote):
+        raise CheckpointError(path, "the checkpoint folder does not exist")
+    tmp = tempfile.mkdtemp(prefix="sinktrace-ckpt-")
+    try:
+        for info in fs.ls(remote, detail=True):
+            name = posixpath.basename(info["name"].rstrip("/"))
+            if info.get("type") != "directory" and name.endswith((".json", ".safetensors", ".py")):
+                fs.get_file(info["name"], os.path.join(tmp, name))
+        try:
+            yield tmp
+        except CheckpointError as e:  # name the user's file, not our temporary copy
+            url = fs.unstrip_protocol(remote)
+            raise CheckpointError(e.path.replace(tmp, url), e.problem.replace(tmp, url)) from e.__cause__
+    finally:
+        # safe even while the model's tensors are memory-mapped: the open mapping keeps the data alive
+        shutil.rmtree(tmp, ignore_errors=True)

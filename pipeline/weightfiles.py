@@ -1,0 +1,142 @@
+"""A Hugging Face checkpoint folder's files: which ones hold the weights, and whether their headers hold up.
+
+Shared by discovery (is the folder finished?) and loading (is every file it will read sound?), so that both
+resolve the weight files the way transformers does: model.safetensors first, else model.safetensors.index.json
+and the shards it lists. Pickled weights are recognised only to be refused: unpickling can run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+
+import torch
+
+from .devices import SAFETENSORS_FLOATS
+from .errors import CheckpointError, some
+from .locations import read_bytes
+
+CONFIG_NAME = "config.json"
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_INDEX_NAME = "model.safetensors.index.json"
+TRAINER_STATE_NAME = "trainer_state.json"
+# Pickles a trainer writes beside the weights; they never hold the model, so they neither count as weights nor
+# make a folder "pickled-only".
+TRAINING_STATE = re.compile(
+    r"^(optimizer|scheduler|lr_scheduler|scaler|rng_state|training_args)([-_.].*)?\.(pt|pth|bin)$"
+    r"|optim_states\.pt$",
+    re.IGNORECASE,
+)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def pickled_weights(names) -> list[str]:
+    """The names (relative paths) that look like pickled model weights, training state excluded."""
+    return sorted(
+        n for n in names if n.lower().endswith(PICKLE_SUFFIXES) and not TRAINING_STATE.search(posixpath.basename(n))
+    )
+
+
+def pickles_refused(pickles: list[str]) -> str:
+    return (
+        f"only pickled weights ({some(pickles)}); pickled files are never loaded because unpickling can run code: "
+        "convert them to safetensors (model.save_pretrained(..., safe_serialization=True))"
+    )
+
+
+def shard_names(index) -> list[str]:
+    """The shard files a parsed model.safetensors.index.json lists, sorted; ValueError if malformed."""
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError("it has no weight_map (tensor name -> shard file)")
+    shards = set()
+    for name in weight_map.values():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"its weight_map maps to {name!r}, not a file name")
+        norm = posixpath.normpath(name)
+        if norm.startswith("..") or posixpath.isabs(norm) or "\\" in name:
+            raise ValueError(f"its weight_map names {name!r}, outside the checkpoint folder")
+        shards.add(name)
+    return sorted(shards)
+
+
+def weight_files(folder: str) -> list[tuple[str, list[str] | None]]:
+    """The safetensors files of a local folder that transformers loads, each with the tensors the index says it
+    holds (None: no index). CheckpointError when there are none, or only pickles, or the index is broken."""
+    single = os.path.join(folder, SAFE_WEIGHTS_NAME)
+    if os.path.isfile(single):
+        return [(single, None)]
+    index_path = os.path.join(folder, SAFE_INDEX_NAME)
+    if not os.path.isfile(index_path):
+        pickles = pickled_weights(os.listdir(folder))
+        if pickles:
+            raise CheckpointError(folder, pickles_refused(pickles))
+        raise CheckpointError(folder, f"no weights: neither {SAFE_WEIGHTS_NAME} nor {SAFE_INDEX_NAME}")
+    try:
+        index = json.loads(read_bytes(index_path).decode("utf-8"))
+        shards = shard_names(index)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError included
+        raise CheckpointError(index_path, f"{SAFE_INDEX_NAME} is unusable: {e}") from None
+    by_shard: dict[str, list[str]] = {}
+    for tensor, shard in index["weight_map"].items():
+        by_shard.setdefault(shard, []).append(tensor)
+    return [(os.path.join(folder, *shard.split("/")), by_shard[shard]) for shard in shards]
+
+
+def weight_paths(folder: str) -> list[str]:
+    return [path for path, _ in weight_files(folder)]
+
+
+def validate_weights(folder: str) -> dict[str, str]:
+    """Check the safetensors files transformers will load; return {tensor name: safetensors dtype, e.g. "BF16"}.
+
+    Only headers are read, never tensor data.
+
+    Raises:
+        CheckpointError: a file is missing, truncated or malformed, the index is broken or maps a tensor to a
+            shard that lacks it, or the folder holds only pickled weights.
+    """
+    dtypes = {}
+    for path, expected in weight_files(folder):
+        dtypes.update(_open_safetensors(path, expected))
+    return dtypes
+
+
+def main_dtype(weights: dict[str, str]) -> torch.dtype:
+    """The floating dtype most of the weights are stored in (counting tensors: norms kept in float32 inside a
+    bf16 checkpoint are a minority). float32 when no weight is of a known floating type (e.g. fp8)."""
+    counts: dict[torch.dtype, int] = {}
+    for st in weights.values():
+        if st in SAFETENSORS_FLOATS:
+            counts[SAFETENSORS_FLOATS[st]] = counts.get(SAFETENSORS_FLOATS[st], 0) + 1
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def _open_safetensors(path: str, expected: list[str] | None) -> dict[str, str]:
+    from safetensors import SafetensorError, safe_open
+
+    name = os.path.basename(path)
+    if not os.path.exists(path):
+        raise CheckpointError(path, f"{name} is missing" + (f" (listed in {SAFE_INDEX_NAME})" if expected else ""))
+    try:
+        with safe_open(path, framework="pt") as f:
+            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    except SafetensorError as e:
+        size = os.path.getsize(path)
+        raise CheckpointError(
+            path,
+            f"{name} is not a valid safetensors file ({e}; {size} bytes): truncated, damaged or still being written",
+        ) from None
+    except OSError as e:
+        raise CheckpointError(path, f"{name} cannot be read ({e.strerror or e})") from None
+    if not dtypes:
+        raise CheckpointError(path, f"{name} holds no tensors")
+    if expected:
+        absent = [k for k in expected if k not in dtypes]
+        if absent:
+            raise CheckpointError(
+                path, f"{name} lacks {some(absent)}, which {SAFE_INDEX_NAME} says it holds ({len(absent)} tensors)"
+            )
+    return dtypes
