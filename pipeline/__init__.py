@@ -6,7 +6,8 @@ from . import analysis  # noqa: E402,F401  (registers the `ds.sinks` accessor)
 
 
 def open_sinks(path: str, group: str | None = None):
-    """Open a sinktrace store: one probe group as an xarray.Dataset, or the whole store as an xarray.DataTree."""
+    """Open a sinktrace store: the probe group named as an xarray.Dataset; with no group, the whole store as an
+    xarray.DataTree (one node per probe, however many there are)."""
     from .store import open_sinks as _open
 
     return _open(path, group)

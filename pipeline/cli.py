@@ -130,10 +130,8 @@ def report_stage(cfg: DictConfig, store_location: str) -> None:
     if not exists(store_location):
         raise UsageError(f"store.path={store_location}: no store there yet; run the replay stage first")
     page = write_report(store_location, cfg.report.out_dir or None, eps=float(cfg.report.eps))
-    tree = open_sinks(store_location)
-    groups = tree.children.items() if hasattr(tree, "children") else [(tree.attrs.get("probe_name", "probe"), tree)]
-    for name, node in groups:
-        ds = node.to_dataset() if hasattr(node, "to_dataset") else node
+    for name, node in sorted(open_sinks(store_location).children.items()):
+        ds = node.to_dataset()
         print(f"\nprobe {name}:")
         print(summary_table(ds, eps=float(cfg.report.eps)))
     print(f"\nstore:  {store_location}\nreport: {page}")

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from .load import quiet_transformers
+from .locations import write_json_atomic
 
 RECIPE_VERSION = 1
 COMPLETE_MARKER = "DEMO_COMPLETE"
@@ -240,7 +241,7 @@ def build_demo_run(root: str | Path, *, steps: int = DemoRecipe.steps, every: in
         for leftover in root.glob("checkpoint-*.tmp"):
             shutil.rmtree(leftover)
         _train(root, recipe, progress)
-        _write_json_atomic(root / COMPLETE_MARKER, recipe.to_dict())
+        write_json_atomic(root / COMPLETE_MARKER, recipe.to_dict(), indent=2, sort_keys=True)
     return root
 
 
@@ -370,7 +371,7 @@ def _write_trainer_state(folder: Path, recipe: DemoRecipe, step: int, log_histor
         "is_world_process_zero": True,
         "is_local_process_zero": True,
     }
-    _write_json_atomic(folder / "trainer_state.json", state)
+    write_json_atomic(folder / "trainer_state.json", state, indent=2, sort_keys=True)
 
 
 def _resume(root: Path, recipe: DemoRecipe, model, optimizer):
@@ -429,7 +430,7 @@ def _check_recipe(root: Path, recipe: DemoRecipe) -> None:
             return
     elif any(root.glob("checkpoint-*")):
         raise ValueError(f"{root}: holds checkpoint folders but no {RECIPE_FILE}; refusing to build a demo run into it")
-    _write_json_atomic(path, recipe.to_dict())
+    write_json_atomic(path, recipe.to_dict(), indent=2, sort_keys=True)
 
 
 def _recipe_diff(found: dict, wanted: dict) -> str:
@@ -437,10 +438,6 @@ def _recipe_diff(found: dict, wanted: dict) -> str:
     return ", ".join(f"{k}: {found.get(k)!r} there, {wanted.get(k)!r} asked" for k in keys)
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from . import analysis as an
+from .locations import is_url
 from .store import open_sinks
 
 SINK_LABEL = "sink mass (attention on token 0)"
@@ -33,7 +34,7 @@ _NEEDED = ("sink_mass", "sink_mass_by_q", "resid_norm_p0", "resid_norm", "resid_
 def default_out_dir(store_path: str | Path) -> Path:
     """``<store>.report`` beside the store (``run/sinks.zarr`` -> ``run/sinks.zarr.report``)."""
     location = str(store_path)
-    if "://" in location:
+    if is_url(location):
         raise ValueError(f"{location}: the store is remote; pass out_dir= for the report")
     return Path(location.rstrip("/") + ".report")
 

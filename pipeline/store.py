@@ -460,8 +460,8 @@ class SinkStore:
 def open_sinks(path: str | os.PathLike, group: str | None = None) -> xr.Dataset | xr.DataTree:
     """Open a sink store: one probe's Dataset, or all of them.
 
-    ``group`` given: that probe's Dataset. ``None``: the Dataset when the store holds exactly one
-    probe, else a DataTree with one node per probe. Works with or without consolidated metadata.
+    ``group`` given: that probe's Dataset. ``None``: a DataTree with one node per probe, however
+    many there are. Works with or without consolidated metadata.
     """
     path = os.fspath(path)
     root = zarr.open_group(path, mode="r")
@@ -474,8 +474,6 @@ def open_sinks(path: str | os.PathLike, group: str | None = None) -> xr.Dataset 
     if not nodes:
         raise KeyError(f"{path} holds no probe groups")
     datasets = {name: _open_node(path, node, consolidated) for name, node in nodes.items()}
-    if len(datasets) == 1:
-        return next(iter(datasets.values()))
     return xr.DataTree.from_dict({f"/{name}": ds for name, ds in sorted(datasets.items())})
 
 

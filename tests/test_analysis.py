@@ -258,7 +258,7 @@ def test_positional_index_uses_steps_done_in_both_groups():
 def test_probe_groups_accepts_what_open_sinks_returns(tmp_path):
     one = constant_cube([[0.5, 0.5]], steps=(0, 10), name="solo")
     single = open_sinks(write_store(tmp_path / "one.zarr", {"solo": one}))
-    assert isinstance(single, xr.Dataset)  # a one-probe store opens as its Dataset
+    assert isinstance(single, xr.DataTree)  # a one-probe store opens as a tree too
     assert list(an.probe_groups(single)) == ["solo"]
     two = open_sinks(write_store(tmp_path / "two.zarr", {"b": one, "a": one}))
     assert list(an.probe_groups(two)) == ["a", "b"]

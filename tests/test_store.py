@@ -106,7 +106,9 @@ def test_any_order_roundtrip(tmp_path):
     assert np.isnan(ds["sink_mass"].sel(step=100)).all()
     assert ds.attrs["architecture"] == "llama" and ds.attrs["probe"] == "random"
     assert store.status() == {0: "done", 100: "pending", 200: "done", 300: "done"}
-    xr.testing.assert_identical(open_sinks(path).load(), ds)  # the only probe: its Dataset
+    tree = open_sinks(path)  # no group named: a DataTree, even with one probe
+    assert isinstance(tree, xr.DataTree) and list(tree.children) == ["random"]
+    xr.testing.assert_identical(tree["random"].to_dataset().load(), ds)
     # status and error are coordinates, so a string never meets NaN in whole-Dataset operations
     assert ds.where(ds.status == "done", drop=True)["step"].values.tolist() == [0, 200, 300]
 
@@ -384,7 +386,7 @@ def test_every_step_variable_is_one_step_per_chunk(tmp_path):
     for name, a in step_arrays.items():
         assert a.shape[0] == 5 and a.chunks == (1, *a.shape[1:]), name
         assert a.metadata.to_dict()["codecs"][0]["name"] != "sharding_indexed", name
-    ds = open_sinks(path)
+    ds = open_sinks(path, "random")
     for name in step_arrays:
         assert ds[name].encoding["chunks"] == (1, *ds[name].shape[1:]), name
 
