@@ -33,6 +33,7 @@ from .weightfiles import (
     SAFE_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
     TRAINER_STATE_NAME,
+    TRAINING_STATE,
     pickled_weights,
     pickles_refused,
     shard_names,
@@ -47,6 +48,7 @@ STEP_DIR = re.compile(
     rf"^(?P<pre>tmp[-_])?(?:checkpoint-|global_step|step[-_]?|iter_)(?P<step>\d+)(?P<tmp>[-_.](?:{_STAGING}))?$",
     re.IGNORECASE,
 )
+LAYOUTS = "checkpoint-<N>, step<N>, step_<N>, step-<N>, iter_<N>, global_step<N>, or a checkpoint folder itself"
 # A file or folder inside a checkpoint whose name says it is still being written (`*.tmp`, `*.partial`, an
 # `.incomplete` or `unfinished` marker, a `tmpXXXXXX` from tempfile). Names need a separator around the word, so
 # `chat_template.jinja` or `temperature.json` do not match.
@@ -84,7 +86,7 @@ def discover(root: str, *, quiet_seconds: float = 30.0, now: float | None = None
     if unnamed:  # otherwise a run saved as `ckpt100/` or `epoch-3/` would just come back empty
         log.warning(
             "%s: ignoring %s: they hold a config.json, but their names match no checkpoint layout "
-            "(checkpoint-<N>, step<N>, step_<N>, step-<N>, iter_<N>, global_step<N>)", fs.url, some(sorted(unnamed)),
+            "(%s)", fs.url, some(sorted(unnamed)), LAYOUTS,
         )
 
     # The root is one checkpoint when it looks like one and its step-named children do not (DeepSpeed keeps
@@ -156,13 +158,20 @@ def _inspect(folder, name_step, staging, sibling_markers, now, quiet_seconds) ->
     if markers:
         problems.append(f"{some(markers)} {'marks' if len(markers) == 1 else 'mark'} files still being written")
 
+    if TRAINER_STATE_NAME not in files and any(TRAINING_STATE.search(n) for n in files):
+        # the Trainer saves the model, then optimizer, scheduler and RNG states, and trainer_state.json last
+        problems.append(f"the Trainer has not written {TRAINER_STATE_NAME} yet (it writes it last)")
+
+    quiet_in = None
+    stamps = [e.mtime for e in entries if e.mtime is not None]
+    if folder.mtime is not None:
+        stamps.append(folder.mtime)
     if quiet_seconds > 0:
-        stamps = [e.mtime for e in entries if e.mtime is not None]
-        if folder.mtime is not None:
-            stamps.append(folder.mtime)
         if stamps:
             age = max(0.0, now - max(stamps))
             if age < quiet_seconds:
+                if not problems:
+                    quiet_in = quiet_seconds - age
                 problems.append(f"modified {age:.0f} s ago; waiting {quiet_seconds:g} s quiet period")
 
     return Checkpoint(
@@ -172,6 +181,8 @@ def _inspect(folder, name_step, staging, sibling_markers, now, quiet_seconds) ->
         complete=not problems,
         reason="; ".join(problems) or None,
         tokens_seen=tokens_seen,
+        quiet_in=quiet_in,
+        modified=max(stamps) if stamps else None,
     )
 
 

@@ -1,31 +1,112 @@
-"""Where the replay tasks run: a Dask cluster built from the `cluster` config group, and the one writer.
+"""Where the replay tasks run, and the one writer that stores their results.
 
-Workers replay checkpoints and return a few kilobytes of statistics; the driver alone writes them into the
-store, as they arrive. Each worker keeps the last model it built (a ModelCache it owns), so consecutive
-checkpoints of one architecture reuse it.
+`cluster=local` (the default) replays in this process, one checkpoint after the other: no scheduler, no thread
+pool, no socket, nothing to start, and Ctrl-C stops the replay at once. Every other `cluster` group is a Dask
+cluster built by Hydra's `instantiate` (or an existing scheduler's address): workers replay checkpoints and
+return a few kilobytes of statistics. Either way the driver alone writes them into the store, as they arrive,
+and each worker keeps the last model it built (a ModelCache it owns), so consecutive checkpoints of one
+architecture reuse it.
 """
 
 from __future__ import annotations
 
 import logging
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
-from distributed import WorkerPlugin
+from .records import Checkpoint
 
 PLUGIN_NAME = "sinktrace-models"
+IN_PROCESS = "in-process"
 
 
-class KeepModels(WorkerPlugin):
-    """Gives every worker its own ModelCache, created on the worker when it joins."""
+@dataclass
+class Outcome:
+    """What the replays came to: steps stored, failed (with the reason) and gone (deleted while queued)."""
 
-    name = PLUGIN_NAME
+    done: list[int] = field(default_factory=list)
+    failures: list[tuple[int, str]] = field(default_factory=list)
+    gone: list[int] = field(default_factory=list)
 
-    def setup(self, worker) -> None:
-        from .load import ModelCache
 
-        self.models = ModelCache()
+def results(cluster_cfg, todo: list[Checkpoint], probe, settings) -> Iterator[tuple[Checkpoint, object]]:
+    """(checkpoint, its statistics or the exception it raised), in the order they finish."""
+    if cluster_cfg.get("kind") == IN_PROCESS:
+        yield from _in_process(todo, probe, settings)
+    else:
+        yield from _on_dask(cluster_cfg, todo, probe, settings)
 
-    def teardown(self, worker) -> None:
-        self.models.clear()
+
+def run_replays(cluster_cfg, todo, probe, settings, store, fingerprint, *, previous: dict[int, str] | None = None,
+                verbose: bool = False, bar=None) -> Outcome:
+    """Replay `todo` where the cluster config says; the driver alone writes each result into the store.
+
+    A failure is recorded as failed, except on a step that was done before (an overwrite): that step keeps its
+    stored result and the failure is only reported. A checkpoint deleted while it waited is reported as gone.
+    """
+    from .signals import deferred
+
+    previous = previous or {}
+    outcome = Outcome()
+    for ckpt, result in results(cluster_cfg, todo, probe, settings):
+        if isinstance(result, BaseException) and _is_gone(ckpt):
+            outcome.gone.append(ckpt.step)
+            _say(bar, f"step {ckpt.step} gone: {ckpt.path} was deleted before it was replayed")
+        else:
+            with deferred():  # Ctrl-C or SIGTERM while the step is written waits until it is written
+                try:
+                    if isinstance(result, BaseException):
+                        raise result
+                    if result.attrs.get("config_fingerprint") != fingerprint:
+                        raise ValueError(
+                            f"{ckpt.path}/config.json describes another architecture than the run's first checkpoint"
+                        )
+                    store.write_step(ckpt.step, result)
+                    outcome.done.append(ckpt.step)
+                except Exception as e:  # one bad checkpoint must not stop the others
+                    error = f"{type(e).__name__}: {e}"
+                    if previous.get(ckpt.step) != "done":
+                        store.mark_failed(ckpt.step, error)
+                    outcome.failures.append((ckpt.step, error))
+                    _say(bar, f"step {ckpt.step} failed: {error}")
+                    if verbose:
+                        _say(bar, "".join(traceback.format_exception(e)))
+        if bar is not None:
+            bar.update()
+    return outcome
+
+
+def _say(bar, line: str) -> None:
+    if bar is not None:
+        bar.write(line)
+    else:
+        print(line)
+
+
+def _is_gone(ckpt: Checkpoint) -> bool:
+    from .locations import exists
+
+    try:
+        return not exists(ckpt.path)
+    except OSError:
+        return False
+
+
+def _in_process(todo, probe, settings):
+    from .load import ModelCache
+    from .replay import replay
+
+    models = ModelCache()
+    for ckpt, nxt in zip(todo, [*todo[1:], None]):
+        try:
+            result = replay(ckpt, probe, settings, nxt, models=models)
+        except Exception as e:
+            result = e
+        yield ckpt, result
+
+
+# --------------------------------------------------------------------------------------------- Dask
 
 
 def replay_on_worker(ckpt, probe, settings, read_next):
@@ -36,14 +117,22 @@ def replay_on_worker(ckpt, probe, settings, read_next):
     return replay(ckpt, probe, settings, read_next, models=get_worker().plugins[PLUGIN_NAME].models)
 
 
-def run_replays(cluster_cfg, todo, probe, settings, store, fingerprint) -> list[tuple[int, str]]:
-    """Replay on Dask workers; the driver alone writes each result into the store as it arrives."""
-    from distributed import as_completed
-    from tqdm.auto import tqdm
+def _on_dask(cluster_cfg, todo, probe, settings):
+    from distributed import WorkerPlugin, as_completed
 
-    failures = []
-    if not todo:
-        return failures
+    class KeepModels(WorkerPlugin):
+        """Gives every worker its own ModelCache, created on the worker when it joins."""
+
+        name = PLUGIN_NAME
+
+        def setup(self, worker) -> None:
+            from .load import ModelCache
+
+            self.models = ModelCache()
+
+        def teardown(self, worker) -> None:
+            self.models.clear()
+
     client, cluster = connect(cluster_cfg)
     try:
         client.register_plugin(KeepModels())
@@ -51,35 +140,25 @@ def run_replays(cluster_cfg, todo, probe, settings, store, fingerprint) -> list[
             client.submit(replay_on_worker, c, probe, settings, nxt, key=f"replay-{probe.name}-{c.step}", pure=False): c
             for c, nxt in zip(todo, [*todo[1:], None])
         }
-        with tqdm(total=len(futures), desc="replay", unit="ckpt") as bar:
-            for future in as_completed(futures):
-                ckpt = futures[future]
-                try:
-                    ds = future.result()
-                    if ds.attrs.get("config_fingerprint") != fingerprint:
-                        raise ValueError(
-                            f"{ckpt.path}/config.json describes another architecture than the run's first checkpoint"
-                        )
-                    store.write_step(ckpt.step, ds)
-                except Exception as e:  # one bad checkpoint must not stop the others
-                    error = f"{type(e).__name__}: {e}"
-                    store.mark_failed(ckpt.step, error)
-                    failures.append((ckpt.step, error))
-                    bar.write(f"step {ckpt.step} failed: {error}")
-                bar.update()
+        for future in as_completed(futures):
+            try:
+                result = future.result()
+            except Exception as e:
+                result = e
+            yield futures[future], result
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
-    return failures
 
 
 def connect(cluster_cfg):
     from distributed import Client
     from hydra.utils import instantiate
 
-    # Hydra's job logging sets the root logger to INFO; the scheduler's bookkeeping would drown the progress bar
-    logging.getLogger("distributed").setLevel(logging.WARNING)
+    # The scheduler's bookkeeping, and a worker's "Compute Failed" block for a step that is reported in one
+    # line anyway, would drown the progress bar
+    logging.getLogger("distributed").setLevel(logging.ERROR)
 
     if "address" in cluster_cfg:
         return Client(cluster_cfg.address), None

@@ -25,10 +25,35 @@ def command(config_module: str, config_name: str, run: Callable[[DictConfig], in
 
     def main() -> None:
         sys.argv = [sys.argv[0], *map(rewrite, sys.argv[1:])]
+        overrides = sys.argv[1:]
+        if not any(a.startswith("-") for a in overrides):  # flags (--help, -m, --cfg) go to Hydra as they are
+            problem = composition_problem(config_module, config_name, overrides)
+            if problem:
+                print(f"{sys.argv[0].rsplit('/', 1)[-1]}: error: {problem}", file=sys.stderr)
+                sys.exit(2)
         _main()
         sys.exit(status)
 
     return main
+
+
+def composition_problem(config_module: str, config_name: str, overrides: list[str]) -> str | None:
+    """Why these overrides do not make a config, in one line (None: they do)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        compose(config_module, config_name, overrides)
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        lines = [str(e).splitlines()[0]]
+        if e.__cause__ is not None and str(e.__cause__):
+            lines.append(str(e.__cause__).splitlines()[0])
+        message = ": ".join(line.strip().rstrip(".") for line in lines if line.strip())
+        if "To append to your config use" in str(e):
+            key = str(e).split("'")[1] if "'" in str(e) else ""
+            message = f"{key}: no such setting (a misspelt key? `sinktrace --help` lists them)"
+        return message
+    return None
 
 
 def compose(config_module: str, config_name: str, overrides: list[str] | None = None,

@@ -28,12 +28,13 @@ from .devices import available_host_bytes, concrete_device, load_dtype, parse_dt
 from .errors import CheckpointError, describe, some
 from .locations import is_url, join, local_folder, read_bytes
 from .records import Checkpoint
-from .weightfiles import CONFIG_NAME, main_dtype, validate_weights, weight_paths
+from .weightfiles import CONFIG_NAME, check_written, main_dtype, validate_weights, weight_paths
 
 # Keys that do not change the network a config describes: bookkeeping, runtime switches, the storage dtype.
 VOLATILE_CONFIG_KEYS = frozenset({
     "transformers_version", "torch_dtype", "dtype", "name_or_path", "use_cache", "attn_implementation",
     "output_attentions", "output_hidden_states", "return_dict", "torchscript",
+    "auto_map",  # where remote code lives, not what network it builds
 })
 
 
@@ -214,6 +215,8 @@ def checked_folder(folder: str, device, dtype, trust_remote_code: bool) -> tuple
     config = read_config(folder)
     _check_architecture(folder, config, trust_remote_code)
     weights = validate_weights(folder)
+    for path in weight_paths(folder):
+        check_written(path, config.get("model_type"))
     return config, weights, load_dtype(dtype, device, main_dtype(weights))
 
 
@@ -240,14 +243,14 @@ def _check_architecture(folder: str, config: dict, trust_remote_code: bool) -> N
         return
     if not trust_remote_code:
         hint = (
-            " config.json's auto_map points to modeling code shipped with the checkpoint: pass "
-            "trust_remote_code=True to run it, only if you trust its source"
+            " config.json's auto_map points to modeling code shipped with the checkpoint: set "
+            "replay.trust_remote_code=true to run it, only if you trust its source"
             if auto_map else ""
         )
         raise CheckpointError(
             path,
             f"unknown model_type {model_type!r}: transformers {transformers.__version__} does not know this "
-            f"architecture, and remote code is off (trust_remote_code=False).{hint}",
+            f"architecture, and remote code is off (replay.trust_remote_code=false).{hint}",
         )
     missing = [k for k in ("AutoConfig", "AutoModelForCausalLM") if k not in auto_map]
     if missing:

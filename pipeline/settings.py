@@ -51,6 +51,11 @@ class ReplaySettings:
     key_positions: int = 4
     trust_remote_code: bool = False
     max_device_memory: Any = "auto"  # a size ("24GB"), a byte count, "auto" or None
+    threads: Any = "auto"  # torch threads per replay: a count, or "auto" (this machine's cores / worker processes)
+    watch: bool = False
+    until_step: int | None = None
+    idle_timeout: float = 3600.0
+    poll_seconds: float = 10.0
 
 
 @dataclass
@@ -75,6 +80,7 @@ class Settings:
     report: Any = MISSING
     cluster: Any = MISSING
     stages: list[str] = field(default_factory=lambda: ["replay", "report"])
+    verbose: bool = False
 
 
 SCHEMAS = {
@@ -94,3 +100,80 @@ def register() -> None:
     cs.store(name="settings_schema", node=Settings)
     for (group, name), node in SCHEMAS.items():
         cs.store(group=group, name=name, node=node)
+
+
+STAGES = ("replay", "report")
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+FIRST_TOKENS = ("auto", "keep", "bos", "random")
+
+
+def check(cfg) -> None:
+    """Every setting checked before any work: UsageError naming the first bad key and what is allowed."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from .errors import UsageError
+
+    for group in ("checkpoints", "probe", "replay", "store", "report"):
+        node = cfg[group]
+        schema = OmegaConf.get_type(node)
+        if dataclasses.is_dataclass(schema):
+            extra = sorted(set(node) - {f.name for f in dataclasses.fields(schema)})
+            if extra:
+                keys = ", ".join(f.name for f in dataclasses.fields(schema))
+                raise UsageError(f"{group}.{extra[0]}: no such setting; {group} has {keys}")
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown:
+        raise UsageError(f"stages: unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    r = cfg.replay
+    for key in ("batch_size", "key_positions"):
+        if r[key] < 1:
+            raise UsageError(f"replay.{key}={r[key]}: must be a whole number of at least 1")
+    if str(r.dtype).lower().removeprefix("torch.") not in (*DTYPES, "bf16", "fp16", "fp32", "half", "float"):
+        raise UsageError(f"replay.dtype={r.dtype}: choose from {', '.join(DTYPES)}")
+    _check_device(str(r.device))
+    _check_threads(r.threads)
+    if r.steps is not None and not all(isinstance(s, int) and s >= 0 for s in r.steps):
+        raise UsageError(f"replay.steps={list(r.steps)}: give training steps, e.g. replay.steps=[0,1000]")
+    for key in ("idle_timeout", "poll_seconds"):
+        if r[key] <= 0:
+            raise UsageError(f"replay.{key}={r[key]}: must be a positive number of seconds")
+    try:
+        from .devices import device_budget
+
+        device_budget(r.max_device_memory, "cpu")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if cfg.checkpoints.quiet_seconds < 0:
+        raise UsageError(f"checkpoints.quiet_seconds={cfg.checkpoints.quiet_seconds}: must be 0 or more")
+    p = cfg.probe
+    if p.first_token not in FIRST_TOKENS:
+        raise UsageError(f"probe.first_token={p.first_token}: choose from {', '.join(FIRST_TOKENS)}")
+    if p.kind == "random" and (p.seq_len < 2 or p.rows < 1):
+        raise UsageError(f"probe.seq_len={p.seq_len}, probe.rows={p.rows}: give at least 2 tokens and 1 row")
+    if not 0 < cfg.report.eps < 1:
+        raise UsageError(f"report.eps={cfg.report.eps}: must lie between 0 and 1")
+
+
+def _check_device(device: str) -> None:
+    from .errors import UsageError
+
+    kind, _, index = device.partition(":")
+    if kind not in ("auto", "cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+        raise UsageError(f"replay.device={device}: choose from {', '.join(DEVICES)}")
+    if kind == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"replay.device={device}: this torch ({torch.__version__}) sees no CUDA device")
+        if index and int(index) >= torch.cuda.device_count():
+            raise UsageError(f"replay.device={device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _check_threads(threads) -> None:
+    from .errors import UsageError
+
+    if threads != "auto" and not (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1):
+        raise UsageError(f"replay.threads={threads}: give a whole number of at least 1, or auto")

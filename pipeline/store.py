@@ -125,8 +125,10 @@ class SinkStore:
         layout = self._ready()
         if layout is None:
             return {}
-        values = self._zgroup()["status"][:]
-        return {int(s): str(v) for s, v in zip(layout.steps, values, strict=True)}
+        group = self._zgroup()
+        values = group["status"][:]
+        lost = _lost(values, group["sink_mass"][:] if "sink_mass" in group else None)
+        return {int(s): PENDING if gone else str(v) for s, v, gone in zip(layout.steps, values, lost, strict=True)}
 
     def write_step(self, step: int, ds: xr.Dataset) -> None:
         """Store one step's statistics, then mark the step done. Writing it again is harmless.
@@ -488,9 +490,24 @@ def _probe_nodes(root: zarr.Group) -> dict[str, str]:
     return nodes
 
 
+def _lost(status, sink_mass) -> np.ndarray:
+    """Which steps say done but hold no data (a lost write): the next run replays them, and no reader trusts
+    them."""
+    done = np.array([str(v) == DONE for v in status], dtype=bool)
+    if sink_mass is None or not done.any():
+        return np.zeros(len(done), dtype=bool)
+    return done & np.isnan(sink_mass.reshape(sink_mass.shape[0], -1)).all(axis=1)
+
+
 def _open_node(path: str, node: str, consolidated: bool) -> xr.Dataset:
     ds = xr.open_dataset(path, group=node, engine="zarr", consolidated=consolidated, chunks=None)
     ds.attrs.pop(_COMPLETE, None)
+    lost = _lost(ds["status"].values, ds["sink_mass"].values if "sink_mass" in ds else None)
+    if lost.any():
+        status, error = ds["status"].values.astype(object), ds["error"].values.astype(object)
+        status[lost] = PENDING
+        error[lost] = "marked done, but its data is missing: the next run replays it"
+        ds = ds.assign_coords(status=("step", status.astype(_STR)), error=("step", error.astype(_STR)))
     if not ds.indexes["step"].is_monotonic_increasing:
         ds = ds.sortby("step")
     return ds

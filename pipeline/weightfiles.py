@@ -104,6 +104,60 @@ def validate_weights(folder: str) -> dict[str, str]:
     return dtypes
 
 
+# Weights that are never all zero in a model that was initialised, let alone trained: embeddings start at random
+# values, norm scales at one. (Projections may start at zero: some recipes zero-initialise output layers.)
+NEVER_ZERO_EMBEDDINGS = re.compile(r"(embed\w*|wte|wpe)\.weight$", re.IGNORECASE)
+NEVER_ZERO = re.compile(r"(norm|ln_\w*|ln\d*|embed\w*|wte|wpe)\.weight$", re.IGNORECASE)
+# families whose norms scale by (1 + weight), so a norm weight starts at zero
+ZERO_CENTRED_NORMS = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text", "qwen3_next", "recurrent_gemma"})
+_TAIL = 64 * 1024
+_SCAN_LIMIT = 256 * 2**20
+
+
+def check_written(path: str, model_type: str | None = None) -> None:
+    """Refuse a safetensors file whose data looks preallocated and not yet written: its data region ends in a run
+    of zeros that covers a weight that is never zero, or such a weight anywhere is entirely zero. A complete header
+    over zeros is what a writer that preallocates the file leaves until the bytes arrive."""
+    never_zero = NEVER_ZERO_EMBEDDINGS if model_type in ZERO_CENTRED_NORMS else NEVER_ZERO
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+        start = 8 + header_len
+        end = f.seek(0, os.SEEK_END)
+        spans = {k: (start + v["data_offsets"][0], start + v["data_offsets"][1])
+                 for k, v in header.items() if k != "__metadata__"}
+        zeros_from = _zero_tail(f, start, end)
+        suspects = [k for k, (a, b) in spans.items() if a >= zeros_from and b > a and never_zero.search(k)]
+        if not suspects:
+            for k, (a, b) in spans.items():
+                if never_zero.search(k) and 0 < b - a <= 2**20:
+                    f.seek(a)
+                    if not any(f.read(b - a)):
+                        suspects.append(k)
+    if suspects:
+        tail = f" its last {end - zeros_from} bytes are zeros, and" if zeros_from < end else ""
+        raise CheckpointError(
+            path,
+            f"{os.path.basename(path)} looks preallocated and not yet written:{tail} {some(sorted(suspects))} "
+            f"{'is' if len(suspects) == 1 else 'are'} entirely zero, which a norm or embedding weight never is. "
+            "Rerun once the file is complete; the step is replayed again then",
+        )
+
+
+def _zero_tail(f, start: int, end: int) -> int:
+    """Where the run of zero bytes that ends the file begins (`end`: the file does not end in zeros)."""
+    pos = end
+    while pos > start and end - pos < _SCAN_LIMIT:
+        n = min(_TAIL if pos == end else 2**20, pos - start)
+        f.seek(pos - n)
+        chunk = f.read(n)
+        stripped = chunk.rstrip(b"\0")
+        if stripped:
+            return pos - n + len(stripped)
+        pos -= n
+    return pos
+
+
 def main_dtype(weights: dict[str, str]) -> torch.dtype:
     """The floating dtype most of the weights are stored in (counting tensors: norms kept in float32 inside a
     bf16 checkpoint are a minority). float32 when no weight is of a known floating type (e.g. fp8)."""

@@ -312,7 +312,7 @@ def test_unknown_architecture(tmp_path):
     with pytest.raises(CheckpointError) as err:
         load(folder)
     check_error(err, path, "unknown model_type 'sinktrace_mystery'", "does not know this architecture",
-                "remote code is off (trust_remote_code=False)")
+                "remote code is off (replay.trust_remote_code=false)")
     with pytest.raises(CheckpointError) as err:
         load(folder, trust_remote_code=True)
     check_error(err, path, "auto_map names no AutoConfig or AutoModelForCausalLM")
@@ -345,8 +345,8 @@ def test_remote_code_only_when_trusted(tmp_path, modules_cache):
     make_remote_code(folder)
     with pytest.raises(CheckpointError) as err:
         load(folder)
-    check_error(err, folder / "config.json", "unknown model_type 'sinktrace_remote'", "trust_remote_code=False",
-                "pass trust_remote_code=True to run it")
+    check_error(err, folder / "config.json", "unknown model_type 'sinktrace_remote'",
+                "replay.trust_remote_code=false", "set replay.trust_remote_code=true to run it")
     model = load(folder, trust_remote_code=True)
     assert type(model).__name__ == "MysteryForCausalLM"
     assert_same_weights(model, saved, torch.float32)

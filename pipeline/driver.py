@@ -1,0 +1,190 @@
+"""The replay stage, driver side: discovery rounds, waiting for checkpoints, the store, the one writer.
+
+Without `replay.watch`, one round replays what is complete, after waiting for checkpoints that only lack their
+quiet period. With it, rounds repeat every `replay.poll_seconds` until `replay.until_step` is stored,
+`replay.idle_timeout` passes with nothing new, or Ctrl-C / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+
+from omegaconf import DictConfig, OmegaConf
+
+from .dispatch import Outcome, run_replays
+from .errors import UsageError
+from .locations import is_url, local_path
+from .records import Checkpoint
+
+
+def select(checkpoints: list[Checkpoint], steps, *, strict: bool = True) -> tuple[list[Checkpoint], list[Checkpoint]]:
+    """Split into (replayable, skipped), honouring replay.steps (`strict`: a step asked for must exist)."""
+    if steps is not None:
+        wanted = {int(s) for s in steps}
+        unknown = wanted - {c.step for c in checkpoints}
+        if unknown and strict:
+            raise UsageError(f"replay.steps: no checkpoint for step(s) {sorted(unknown)}")
+        checkpoints = [c for c in checkpoints if c.step in wanted]
+    return [c for c in checkpoints if c.complete], [c for c in checkpoints if not c.complete]
+
+
+def check_root(root: str) -> None:
+    if not is_url(root) and not os.path.isdir(local_path(root)):
+        what = "is not a folder" if os.path.exists(local_path(root)) else "does not exist"
+        raise UsageError(f"checkpoints.root={root}: {what}")
+
+
+def check_store_path(location: str) -> None:
+    """A store path must be free, or hold a Zarr store (a sinktrace store's root is a Zarr group)."""
+    if is_url(location):
+        return
+    path = local_path(location)
+    if os.path.isfile(path):
+        raise UsageError(f"store.path={location}: a file is there, not a store; choose another store.path")
+    if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, "zarr.json")):
+        raise UsageError(
+            f"store.path={location}: that folder holds something other than a sinktrace store; choose another "
+            "store.path (an empty or new folder)"
+        )
+
+
+class Run:
+    """One replay stage: the probe and the store are set up from the first checkpoint that is ready."""
+
+    def __init__(self, cfg: DictConfig, root: str, quiet: float, store_location: str):
+        self.cfg, self.root, self.quiet, self.store_location = cfg, root, quiet, store_location
+        self.settings = OmegaConf.to_object(cfg.replay)
+        self.outcome = Outcome()
+        self.store = self.probe = self.fingerprint = None
+        self._attrs: dict = {}
+        self._previous: dict[int, str] = {}
+        self.tried: dict[int, float | None] = {}  # step -> its files' newest mtime when it was replayed
+        self.announced = False
+
+    def __call__(self) -> Outcome:
+        from tqdm.auto import tqdm
+
+        s = self.settings
+        last_news = time.monotonic()
+        with tqdm(total=0, desc="replay", unit="ckpt", disable=None) as bar:
+            while True:
+                checkpoints = self._discover(strict=not s.watch)
+                ready, waiting = select(checkpoints, s.steps, strict=not s.watch)
+                todo = self._todo(ready)
+                if todo:
+                    bar.total += len(todo)
+                    bar.refresh()
+                    self._replay(todo, bar)
+                    last_news = time.monotonic()
+                    continue  # look again at once: more may have been written meanwhile
+                if s.watch:
+                    if s.until_step is not None and any(step >= s.until_step for step in self.tried):
+                        bar.write(f"sinktrace: step {max(self.tried)} reached replay.until_step={s.until_step}")
+                        break
+                    idle = time.monotonic() - last_news
+                    if idle >= s.idle_timeout:
+                        bar.write(f"sinktrace: nothing new for {idle:.0f} s (replay.idle_timeout); stopping")
+                        break
+                    bar.set_postfix_str(self._waiting_for(waiting, idle), refresh=True)
+                    time.sleep(min(s.poll_seconds, max(0.05, s.idle_timeout - idle)))
+                    continue
+                quiet = [c for c in waiting if c.quiet_in is not None and c.step not in self.tried]
+                if quiet:
+                    wait = max(c.quiet_in for c in quiet) + 0.1
+                    bar.write(f"sinktrace: waiting {wait:.0f} s for {len(quiet)} checkpoint(s) to stay unchanged for "
+                              f"checkpoints.quiet_seconds={self.quiet:g} (step {', '.join(str(c.step) for c in quiet)})")
+                    time.sleep(wait)
+                    continue
+                if not self.tried and not ready:
+                    print("sinktrace: nothing to replay")
+                break
+        if self.store is not None:
+            self.store.finalize()
+        return self.outcome
+
+    def _discover(self, strict: bool) -> list[Checkpoint]:
+        from .discover import LAYOUTS, discover
+
+        try:
+            checkpoints = discover(self.root, quiet_seconds=self.quiet)
+        except (FileNotFoundError, NotADirectoryError) as e:
+            raise UsageError(f"checkpoints.root: {e}") from None
+        if not checkpoints and strict:
+            raise UsageError(f"checkpoints.root={self.root}: no checkpoint there; looked for {LAYOUTS}")
+        if not self.announced:
+            ready, skipped = select(checkpoints, self.settings.steps, strict=strict)
+            print(f"sinktrace: {self.root}: {len(checkpoints)} checkpoint(s), {len(ready)} ready, "
+                  f"{len(skipped)} not yet")
+            for c in skipped:
+                print(f"  skipped step {c.step} ({c.path}): {c.reason}")
+            self.announced = True
+        return checkpoints
+
+    def _todo(self, ready: list[Checkpoint]) -> list[Checkpoint]:
+        fresh = [c for c in ready if c.step not in self.tried or self.tried[c.step] != c.modified]
+        if not fresh:
+            return []
+        if self.store is None:
+            self._open_store(fresh[0])
+        self.store.prepare([c.step for c in fresh], tokens_seen={c.step: c.tokens_seen for c in fresh},
+                           attrs=self._attrs)
+        self._attrs = {}  # the run's attributes go in once
+        status = self.store.status()
+        todo = [c for c in fresh if self.settings.overwrite or status.get(c.step) != "done"]
+        for c in fresh:
+            self.tried[c.step] = c.modified
+        if not self.outcome.done and not self.outcome.failures:
+            done = sum(status.get(c.step) == "done" for c in fresh)
+            print(f"sinktrace: store {self.store_location} group {self.probe.name!r}: {done} done, "
+                  f"{len(todo)} to replay")
+        self._previous = status
+        return todo
+
+    def _open_store(self, first: Checkpoint) -> None:
+        from . import __version__
+        from .load import config_fingerprint, read_config
+        from .probe import build_probe, probe_attrs
+        from .store import SinkStore
+
+        model_config = read_config(first)
+        try:
+            self.probe = build_probe(self.cfg.probe, model_config)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        self.fingerprint = config_fingerprint(model_config)
+        self.store = SinkStore(self.store_location, self.probe.name)
+        self._attrs = {
+            **probe_attrs(self.probe),
+            "architecture": model_config.get("model_type", "unknown"),
+            "config_fingerprint": self.fingerprint,
+            "checkpoint_root": self.root,
+            "config": OmegaConf.to_yaml(self.cfg, resolve=True),
+            "sinktrace_version": __version__,
+            "updated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }
+
+    def _replay(self, todo: list[Checkpoint], bar) -> None:
+        got = run_replays(self.cfg.cluster, todo, self.probe, self.settings, self.store, self.fingerprint,
+                          previous=self._previous, verbose=bool(self.cfg.verbose), bar=bar)
+        for name in ("done", "failures", "gone"):
+            getattr(self.outcome, name).extend(getattr(got, name))
+
+    def _waiting_for(self, waiting: list[Checkpoint], idle: float) -> str:
+        pending = [c for c in waiting if c.step not in self.tried]
+        if pending:
+            c = min(pending, key=lambda c: c.step)
+            return f"waiting for step {c.step}: {c.reason}"
+        left = self.settings.idle_timeout - idle
+        until = f" or step {self.settings.until_step}" if self.settings.until_step is not None else ""
+        return f"waiting for new checkpoints{until} (stopping after {left:.0f} s more with none)"
+
+
+def replay_stage(cfg: DictConfig, root: str, quiet: float, store_location: str) -> Outcome:
+    from .lock import StoreLock
+    from .signals import interruptible
+
+    check_store_path(store_location)
+    with StoreLock(store_location), interruptible():
+        return Run(cfg, root, quiet, store_location)()

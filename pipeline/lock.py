@@ -1,0 +1,86 @@
+"""One writer per store: an exclusive lock held for the whole run.
+
+On a local disk the lock is an OS file lock (`filelock`) on `<store>.lock`: the kernel drops it when its process
+ends, however it ends, so a lock left by a killed run never blocks the next one. Who holds it (host, process id,
+since when) is written beside it, in `<store>.lock.json`, for the message a second run prints. On object storage
+there is no such lock: the holder file itself is the lock, a best effort (two runs that start within the same
+second can both win, and a run killed there leaves the file behind: remove it by hand once sure the run is gone).
+Readers (xarray, the report) never take the lock.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+
+from .errors import UsageError
+from .locations import is_url, local_path
+
+
+class StoreLock:
+    def __init__(self, store: str):
+        self.store = store
+        self.lock_path = store.rstrip("/") + ".lock"
+        self.holder_path = self.lock_path + ".json"
+        self._lock = None
+
+    def __enter__(self) -> StoreLock:
+        me = {"host": socket.gethostname(), "pid": os.getpid(),
+              "since": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+        if is_url(self.store):
+            self._enter_remote(me)
+            return self
+        from filelock import FileLock, Timeout
+
+        os.makedirs(os.path.dirname(local_path(self.lock_path)) or ".", exist_ok=True)
+        self._lock = FileLock(local_path(self.lock_path), timeout=0)
+        try:
+            self._lock.acquire()
+        except Timeout:
+            raise UsageError(self._refusal(self._holder_local(), local_path(self.lock_path))) from None
+        with open(local_path(self.holder_path), "w") as f:
+            json.dump(me, f)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if is_url(self.store):
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(self.holder_path)
+            fs.rm_file(path)
+            return
+        try:
+            os.remove(local_path(self.holder_path))
+        except OSError:
+            pass
+        self._lock.release()
+
+    def _holder_local(self) -> dict:
+        try:
+            with open(local_path(self.holder_path)) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def _enter_remote(self, me: dict) -> None:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(self.holder_path)
+        if fs.exists(path):
+            try:
+                holder = json.loads(fs.cat_file(path))
+            except ValueError:
+                holder = {}
+            raise UsageError(self._refusal(holder, self.holder_path))
+        fs.pipe_file(path, json.dumps(me).encode())
+
+    def _refusal(self, holder: dict, lock: str) -> str:
+        who = (f"process {holder.get('pid', '?')} on {holder.get('host', '?')} (since {holder.get('since', '?')})"
+               if holder else "another process")
+        return (
+            f"store.path={self.store} is being written by {who}: one run writes a store at a time. Wait for it to "
+            f"finish, or choose another store.path. If that process is gone and the lock stayed (a network file "
+            f"system or object store can keep it), remove {lock}."
+        )
