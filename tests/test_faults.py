@@ -1,0 +1,327 @@
+"""Every fault a user meets beside a live training run ends in a clear message and a store with nothing lost."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+import pipeline
+from pipeline.cli import compose, run
+from pipeline.hydra_app import composition_problem
+from tests.ckpt_factory import backdate, make_run, save_checkpoint
+
+GROUP = "random-T16-r4-s0-bos"
+
+
+def cfg_for(root, store, *extra):
+    return compose([f"checkpoints.root={root}", "checkpoints.quiet_seconds=0", f"store.path={store}",
+                    "stages=[replay]", "probe.rows=4", "probe.seq_len=16", *extra])
+
+
+def files_of(store: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def small_run(tmp_path) -> Path:
+    root = tmp_path / "run"
+    make_run(root, [0, 10, 20])
+    return root
+
+
+@pytest.fixture
+def stored(small_run, tmp_path) -> Path:
+    store = tmp_path / "s.zarr"
+    assert run(cfg_for(small_run, store)) == 0
+    return store
+
+
+# ------------------------------------------------------------------ settings checked before any work
+
+BAD_SETTINGS = [
+    (["replay.batch_size=0"], "replay.batch_size=0: must be a whole number of at least 1"),
+    (["replay.batch_size=-3"], "replay.batch_size=-3"),
+    (["replay.key_positions=0"], "replay.key_positions=0"),
+    (["replay.dtype=int8"], "replay.dtype=int8: choose from auto, float32, bfloat16, float16"),
+    (["replay.device=tpu"], "replay.device=tpu: choose from"),
+    (["replay.threads=0"], "replay.threads=0"),
+    (["replay.max_device_memory=lots"], "replay.max_device_memory='lots'"),
+    (["probe.first_token=first"], "probe.first_token=first: choose from"),
+    (["stages=[replay,plot]"], "unknown stage"),
+    (["report.eps=2"], "report.eps=2"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD_SETTINGS)
+def test_a_bad_setting_is_one_line_and_exit_2_and_touches_nothing(stored, small_run, extra, message, capsys):
+    before = files_of(stored)
+    assert run(cfg_for(small_run, stored, "replay.overwrite=true", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("sinktrace: error: ") and message in err, err
+    assert files_of(stored) == before
+
+
+def test_cuda_without_cuda_is_a_usage_error(stored, small_run, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert run(cfg_for(small_run, stored, "replay.device=cuda")) == 2
+    assert "replay.device=cuda: this torch" in capsys.readouterr().err
+
+
+def test_the_old_spelling_of_device_and_dtype_still_works():
+    cfg = compose(["device=cpu", "dtype=bfloat16"])
+    assert (cfg.replay.device, cfg.replay.dtype) == ("cpu", "bfloat16")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("replay.batch_size=abc", "replay.batch_size=abc"),
+    ("replay.batchsize=3", "replay.batchsize: no such setting"),
+    ("probe.sq_len=3", "probe.sq_len: no such setting"),
+])
+def test_what_does_not_compose_is_named_in_one_line(override, message):
+    problem = composition_problem("pipeline.conf", "config", [override])
+    assert problem is not None and "\n" not in problem and message in problem, problem
+
+
+def test_an_appended_key_that_does_not_exist_is_refused(stored, small_run, capsys):
+    assert run(cfg_for(small_run, stored, "+replay.anything=1")) == 2
+    assert "replay.anything: no such setting" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["file", "foreign folder", "missing root", "root is a file"])
+def test_bad_paths_are_usage_errors(small_run, tmp_path, case, capsys):
+    store, root = tmp_path / "s.zarr", small_run
+    if case == "file":
+        store.write_text("not a store")
+    elif case == "foreign folder":
+        store.mkdir()
+        (store / "notes.txt").write_text("mine")
+    elif case == "missing root":
+        root = tmp_path / "nowhere"
+    else:
+        root = tmp_path / "a-file"
+        root.write_text("x")
+    assert run(cfg_for(root, store)) == 2
+    err = capsys.readouterr().err
+    assert ("store.path=" if case in ("file", "foreign folder") else "checkpoints.root=") in err
+    if case == "foreign folder":
+        assert (store / "notes.txt").read_text() == "mine"
+
+
+def test_the_command_line_says_it_in_one_line_with_exit_2(tmp_path):
+    for args, message in ([["replay.batch_size=abc"], "replay.batch_size=abc"],
+                          [["replay.batch_size=0"], "replay.batch_size=0"]):
+        res = subprocess.run([sys.executable, "-m", "pipeline", *args, f"store.path={tmp_path / 's.zarr'}"],
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 2 and res.stderr.count("\n") == 1 and message in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr and not (tmp_path / "s.zarr").exists()
+
+
+# ------------------------------------------------------------------ discovery of live runs
+
+
+def test_a_root_without_checkpoints_names_the_layouts(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert run(cfg_for(tmp_path / "empty", tmp_path / "s.zarr")) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint there" in err and "checkpoint-<N>" in err and "global_step<N>" in err
+
+
+def test_a_checkpoint_in_its_quiet_period_is_waited_for(small_run, tmp_path, capsys):
+    backdate(small_run / "checkpoint-20", 0)  # just written
+    cfg = compose([f"checkpoints.root={small_run}", "checkpoints.quiet_seconds=2", f"store.path={tmp_path / 's.zarr'}",
+                   "stages=[replay]", "probe.rows=4", "probe.seq_len=16"])
+    t0 = time.monotonic()
+    assert run(cfg) == 0
+    assert time.monotonic() - t0 >= 1.5
+    out = capsys.readouterr().out
+    assert "waiting" in out and "checkpoints.quiet_seconds=2" in out and "nothing to replay" not in out
+    assert pipeline.open_sinks(tmp_path / "s.zarr", GROUP).status.values.tolist() == ["done"] * 3
+
+
+def test_the_trainer_writes_its_state_last(tmp_path):
+    from pipeline.discover import discover
+
+    save_checkpoint(tmp_path / "checkpoint-5", step=5, trainer_state=False, training_files=True)
+    (c,) = discover(str(tmp_path), quiet_seconds=0)
+    assert not c.complete and "trainer_state.json yet" in c.reason
+
+
+def test_a_checkpoint_rotated_away_while_queued_is_gone_not_failed(small_run, tmp_path, monkeypatch, capsys):
+    import pipeline.replay as replay_mod
+
+    real = replay_mod.replay
+
+    def rotating(ckpt, *a, **kw):
+        if ckpt.step == 0:
+            shutil.rmtree(small_run / "checkpoint-10")  # save_total_limit deletes an older checkpoint
+        return real(ckpt, *a, **kw)
+
+    monkeypatch.setattr(replay_mod, "replay", rotating)
+    store = tmp_path / "s.zarr"
+    assert run(cfg_for(small_run, store)) == 0
+    out = capsys.readouterr()
+    assert "step 10: gone" in out.out and "failed" not in out.err
+    ds = pipeline.open_sinks(store, GROUP)
+    assert dict(zip(ds.step.values.tolist(), ds.status.values.tolist())) == {0: "done", 10: "pending", 20: "done"}
+
+
+# ------------------------------------------------------------------ suspect data
+
+
+def zero_tail(path: Path, nbytes: int) -> bytes:
+    data = bytearray(path.read_bytes())
+    original = bytes(data)
+    data[-nbytes:] = bytes(nbytes)
+    path.write_bytes(bytes(data))
+    return original
+
+
+def test_a_preallocated_file_fails_its_step_and_is_replayed_once_written(small_run, tmp_path, capsys):
+    weights = small_run / "checkpoint-20" / "model.safetensors"
+    original = zero_tail(weights, 8 * 1024)  # the file's end (model.norm, then weights) not written yet
+    backdate(small_run, 3600)
+    store = tmp_path / "s.zarr"
+    assert run(cfg_for(small_run, store)) == 1
+    err = capsys.readouterr().err
+    assert "looks preallocated and not yet written" in err and "model.norm.weight" in err
+    assert pipeline.open_sinks(store, GROUP).status.sel(step=20).item() == "failed"
+
+    weights.write_bytes(original)
+    assert run(cfg_for(small_run, store)) == 0
+    assert pipeline.open_sinks(store, GROUP).status.values.tolist() == ["done"] * 3
+
+
+def test_zero_initialised_projections_are_not_suspect(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.weightfiles import check_written
+
+    path = tmp_path / "model.safetensors"
+    save_file({"model.embed_tokens.weight": torch.randn(8, 4), "model.norm.weight": torch.ones(4),
+               "model.z_out_proj.weight": torch.zeros(64, 64)}, str(path))
+    check_written(str(path))  # a zero-initialised output layer last in the file is a real step-0 checkpoint
+    save_file({"model.embed_tokens.weight": torch.randn(8, 4), "model.norm.weight": torch.zeros(4)}, str(path))
+    check_written(str(path), "gemma2")  # norms that scale by (1 + weight) start at zero
+    with pytest.raises(Exception, match="model.norm.weight"):
+        check_written(str(path), "llama")
+
+
+# ------------------------------------------------------------------ one writer
+
+
+def test_a_second_run_on_a_store_is_refused_naming_the_holder(stored, small_run, capsys):
+    from pipeline.lock import StoreLock
+
+    before = files_of(stored)
+    with StoreLock(str(stored)):
+        assert run(cfg_for(small_run, stored, "replay.overwrite=true")) == 2
+    err = capsys.readouterr().err
+    assert f"process {os.getpid()} on" in err and "is being written by" in err and ".lock" in err
+    assert files_of(stored) == before
+    assert run(cfg_for(small_run, stored, "replay.overwrite=true")) == 0  # released
+
+
+def test_a_step_marked_done_without_data_is_replayed(stored, small_run):
+    group = zarr.open_group(str(stored), path=GROUP, mode="r+")
+    i = group["step"][:].tolist().index(10)
+    for name, array in group.arrays():
+        if name not in ("step", "status", "error", "tokens_seen") and array.dtype.kind == "f":
+            array[i] = np.nan  # a write that was lost, its status left saying done
+    ds = pipeline.open_sinks(stored, GROUP)
+    assert ds.status.sel(step=10).item() == "pending" and "data is missing" in ds.error.sel(step=10).item()
+    from pipeline.store import SinkStore
+
+    assert SinkStore(str(stored), GROUP).status()[10] == "pending"
+    assert run(cfg_for(small_run, stored)) == 0
+    assert np.isfinite(pipeline.open_sinks(stored, GROUP).sink_mass.sel(step=10)).all()
+
+
+# ------------------------------------------------------------------ quiet, safe defaults
+
+
+def test_the_default_run_opens_no_socket_and_starts_no_scheduler(small_run, tmp_path, monkeypatch):
+    import psutil
+
+    import pipeline.replay as replay_mod
+
+    real, seen = replay_mod.replay, []
+
+    def watching(*a, **kw):
+        seen.append([c for c in psutil.Process().net_connections(kind="inet") if c.status == psutil.CONN_LISTEN])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(replay_mod, "replay", watching)
+    assert run(cfg_for(small_run, tmp_path / "s.zarr")) == 0
+    assert len(seen) == 3 and seen == [[], [], []]
+
+
+def test_a_failing_step_is_one_line_and_verbose_adds_the_traceback(small_run, tmp_path, capsys):
+    (small_run / "checkpoint-10" / "config.json").write_text("{not json")
+    backdate(small_run, 3600)
+    assert run(cfg_for(small_run, tmp_path / "a.zarr")) == 1
+    out = capsys.readouterr()
+    assert "step 10 failed: CheckpointError" in out.out + out.err
+    assert "Traceback" not in out.out + out.err and "Compute Failed" not in out.out + out.err
+    assert run(cfg_for(small_run, tmp_path / "b.zarr", "verbose=true")) == 1
+    assert "Traceback" in capsys.readouterr().out
+
+
+def test_auto_map_alone_is_not_another_architecture(small_run):
+    from pipeline.load import config_fingerprint, read_config
+
+    config = read_config(str(small_run / "checkpoint-0"))
+    assert config_fingerprint({**config, "auto_map": {"AutoConfig": "x.Config"}}) == config_fingerprint(config)
+
+
+# ------------------------------------------------------------------ interrupts
+
+
+def wait_for_done(store: Path, n: int, proc, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if (pipeline.open_sinks(store, GROUP).status == "done").sum().item() >= n:
+                return
+        except Exception:
+            pass
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_an_interrupt_stops_between_steps_and_the_rerun_finishes(tmp_path, sig):
+    root = tmp_path / "run"
+    make_run(root, list(range(0, 120, 10)))
+    args = [sys.executable, "-m", "pipeline", f"checkpoints.root={root}", "checkpoints.quiet_seconds=0",
+            "stages=[replay]", "probe.rows=4", "probe.seq_len=16"]
+    store = tmp_path / "s.zarr"
+    proc = subprocess.Popen([*args, f"store.path={store}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_done(store, 2, proc)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    assert f"interrupted by {signal.Signals(sig).name}" in err and "Traceback" not in err
+    ds = pipeline.open_sinks(store, GROUP)
+    status = ds.status.values.tolist()
+    assert set(status) <= {"done", "pending"} and "pending" in status
+    done = ds.status == "done"
+    assert np.isfinite(ds.sink_mass.where(done, drop=True)).all()  # every step marked done holds its data
+    assert not (store.parent / "s.zarr.lock.json").exists()
+
+    assert subprocess.run([*args, f"store.path={store}"], capture_output=True, timeout=300).returncode == 0
+    reference = tmp_path / "ref.zarr"
+    assert run(cfg_for(root, reference)) == 0
+    xr.testing.assert_equal(pipeline.open_sinks(store, GROUP).load().drop_attrs(),
+                            pipeline.open_sinks(reference, GROUP).load().drop_attrs())
