@@ -138,9 +138,10 @@ def test_a_root_without_checkpoints_names_the_layouts(tmp_path, capsys):
     assert "no checkpoint there" in err and "checkpoint-<N>" in err and "global_step<N>" in err
 
 
-def test_a_checkpoint_in_its_quiet_period_is_waited_for(small_run, tmp_path, capsys):
-    backdate(small_run / "checkpoint-20", 0)  # just written
-    cfg = compose([f"checkpoints.root={small_run}", "checkpoints.quiet_seconds=2", f"store.path={tmp_path / 's.zarr'}",
+def test_a_checkpoint_in_its_quiet_period_is_waited_for(tmp_path, capsys):
+    root = tmp_path / "run"
+    make_run(root, [0, 10, 20], age=0)  # just copied
+    cfg = compose([f"checkpoints.root={root}", "checkpoints.quiet_seconds=2", f"store.path={tmp_path / 's.zarr'}",
                    "stages=[replay]", "probe.rows=4", "probe.seq_len=16"])
     t0 = time.monotonic()
     assert run(cfg) == 0
