@@ -68,7 +68,7 @@ class Run:
 
         s = self.settings
         last_news = time.monotonic()
-        with tqdm(total=0, desc="replay", unit="ckpt", disable=None) as bar:
+        with tqdm(total=0, desc="replay", unit="ckpt") as bar:
             while True:
                 checkpoints = self._discover(strict=not s.watch)
                 ready, waiting = select(checkpoints, s.steps, strict=not s.watch)
