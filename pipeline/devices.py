@@ -92,3 +92,14 @@ def release_pinned() -> None:
     empty = getattr(torch._C, "_host_emptyCache", None)
     if empty is not None:
         empty()
+
+
+def use_threads(setting, workers_here: int = 1) -> int:
+    """Set torch's thread count for replays: `setting` ("auto": the cores this process may run on, shared by the
+    worker processes on this machine). More threads than cores only make OpenMP threads wait for each other."""
+    if setting == "auto":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        setting = max(1, cores // max(1, workers_here))
+    if torch.get_num_threads() != int(setting):
+        torch.set_num_threads(int(setting))
+    return int(setting)

@@ -94,9 +94,11 @@ def _is_gone(ckpt: Checkpoint) -> bool:
 
 
 def _in_process(todo, probe, settings):
+    from .devices import use_threads
     from .load import ModelCache
     from .replay import replay
 
+    use_threads(settings.threads)
     models = ModelCache()
     for ckpt, nxt in zip(todo, [*todo[1:], None]):
         try:
@@ -112,9 +114,13 @@ def _in_process(todo, probe, settings):
 def replay_on_worker(ckpt, probe, settings, read_next):
     from distributed import get_worker
 
+    from .devices import use_threads
     from .replay import replay
 
-    return replay(ckpt, probe, settings, read_next, models=get_worker().plugins[PLUGIN_NAME].models)
+    worker = get_worker()
+    plugin = worker.plugins[PLUGIN_NAME]
+    use_threads(settings.threads, plugin.workers_here)
+    return replay(ckpt, probe, settings, read_next, models=plugin.models)
 
 
 def _on_dask(cluster_cfg, todo, probe, settings):
@@ -125,17 +131,23 @@ def _on_dask(cluster_cfg, todo, probe, settings):
 
         name = PLUGIN_NAME
 
+        def __init__(self, per_host: dict[str, int]):
+            self.per_host = per_host
+
         def setup(self, worker) -> None:
             from .load import ModelCache
 
             self.models = ModelCache()
+            # the worker processes on one machine share its cores
+            self.workers_here = self.per_host.get(_host(worker.address), 1)
 
         def teardown(self, worker) -> None:
             self.models.clear()
 
     client, cluster = connect(cluster_cfg)
     try:
-        client.register_plugin(KeepModels())
+        hosts = [_host(a) for a in client.scheduler_info().get("workers", {})]
+        client.register_plugin(KeepModels({h: hosts.count(h) for h in hosts}))
         futures = {
             client.submit(replay_on_worker, c, probe, settings, nxt, key=f"replay-{probe.name}-{c.step}", pure=False): c
             for c, nxt in zip(todo, [*todo[1:], None])
@@ -150,6 +162,10 @@ def _on_dask(cluster_cfg, todo, probe, settings):
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _host(address: str) -> str:
+    return address.rsplit(":", 1)[0] if "://" in address else address
 
 
 def connect(cluster_cfg):
