@@ -1,9 +1,21 @@
 """Discover stage: find a run's checkpoint folders and tell which are ready to replay.
 
 A checkpoint folder is a direct child of the root named like one of the layouts trainers write:
-`checkpoint-<N>` (Hugging Face Trainer), `step<N>`, `step_<N>`, `step-<N>`, `iter_<N>` (Megatron, zero-padded
-too) or `global_step<N>` (DeepSpeed). Other folders and files are ignored. When the root holds no such folder
-but is itself a checkpoint (it has a config.json, weights or a trainer_state.json), it is the one checkpoint.
+`checkpoint-<N>` (Hugging Face Trainer), `step<N>` (OLMo-core), `step_<N>`, `step-<N>` (torchtitan, litgpt),
+`iter_<N>` (Megatron, zero-padded too) or `global_step<N>` (DeepSpeed). A checkpoint may also be one file
+directly in the root: nanochat's `model_<N>.pt` and lit-gpt's `iter-<N>-ckpt.pth`. Other folders and files are
+ignored. When the root holds none of these but is itself a checkpoint (it has a config.json, weights, a
+trainer_state.json, a DCP `.metadata`, or nanoGPT's `ckpt.pt`), it is the one checkpoint.
+
+Inside a folder the weights are, in this order (`checkpoints.format` narrows the choice): Hugging Face safetensors
+(`hf`); a PyTorch Distributed Checkpoint (`dcp`) in the folder itself (torchtitan, Megatron-Core torch_dist), in
+`model_and_optim/` (OLMo-core) or in `pytorch_model_fsdp_0/` (the Hugging Face Trainer with FSDP); litgpt's
+`lit_model.pth` (`torch`). DCP writes `.metadata` last, so data files without it are a checkpoint still being
+written; Megatron writes `latest_checkpointed_iteration.txt` at the root after a checkpoint is finished, so an
+`iter_<N>` beyond the iteration it names is one too.
+
+The step comes from the folder name, else the file name, else a field inside (trainer_state.json's global_step,
+which overrides a folder name as before; a torch.save file's iter_num or step); `step_source` records which.
 
 Discovery answers "is this folder finished?", not "is it valid?": it lists files and reads only the two small
 JSON files it needs (trainer_state.json, model.safetensors.index.json). A folder that is still being written
@@ -26,8 +38,10 @@ import re
 import time
 
 from .errors import CheckpointError, some
+from .formats.dcp import METADATA_NAME
 from .locations import is_url, local_path
 from .records import Checkpoint
+from .settings import CHECKPOINT_FORMATS as FORMATS
 from .weightfiles import (
     CONFIG_NAME,
     SAFE_INDEX_NAME,
@@ -48,14 +62,27 @@ STEP_DIR = re.compile(
     rf"^(?P<pre>tmp[-_])?(?:checkpoint-|global_step|step[-_]?|iter_)(?P<step>\d+)(?P<tmp>[-_.](?:{_STAGING}))?$",
     re.IGNORECASE,
 )
-LAYOUTS = "checkpoint-<N>, step<N>, step_<N>, step-<N>, iter_<N>, global_step<N>, or a checkpoint folder itself"
+LAYOUTS = (
+    "checkpoint-<N>, step<N>, step_<N>, step-<N>, iter_<N>, global_step<N>, model_<N>.pt, iter-<N>-ckpt.pth, "
+    "ckpt.pt, or a checkpoint folder itself"
+)
 # A file or folder inside a checkpoint whose name says it is still being written (`*.tmp`, `*.partial`, an
 # `.incomplete` or `unfinished` marker, a `tmpXXXXXX` from tempfile). Names need a separator around the word, so
 # `chat_template.jinja` or `temperature.json` do not match.
 TEMP_NAME = re.compile(rf"(?:^|[-_.])(?:{_STAGING})(?:[-_.]|$)|^\.?tmp", re.IGNORECASE)
+# Checkpoints that are single torch.save files in the run's folder: nanochat, lit-gpt (TinyLlama's code).
+STEP_FILE = re.compile(r"^(?:model_(?P<nanochat>\d+)\.pt|iter-(?P<litgpt>\d+)-ckpt\.pth)$")
+NANOGPT_FILE = "ckpt.pt"  # nanoGPT overwrites one file; its step is the iter_num inside
+TORCH_IN_FOLDER = ("lit_model.pth",)  # litgpt's step-<N>/lit_model.pth
+# Where a step folder keeps its DCP: itself (torchtitan, Megatron-Core), OLMo-core, the HF Trainer with FSDP.
+DCP_FOLDERS = ("", "model_and_optim", "pytorch_model_fsdp_0")
+MEGATRON_TRACKER = "latest_checkpointed_iteration.txt"
 
 
-def discover(root: str, *, quiet_seconds: float = 30.0, now: float | None = None) -> list[Checkpoint]:
+def discover(
+    root: str, *, quiet_seconds: float = 30.0, now: float | None = None, format: str = "auto",
+    model_config: str | None = None, key_map: str = "auto",
+) -> list[Checkpoint]:
     """Find the checkpoints under `root`, one record per training step, sorted by step.
 
     Args:
@@ -63,6 +90,10 @@ def discover(root: str, *, quiet_seconds: float = 30.0, now: float | None = None
         quiet_seconds: a folder counts as complete only when nothing in it changed for this long (a live
             training run may still be writing it). 0 turns the check off.
         now: the current time (seconds since the epoch) to measure quiet periods against; default time.time().
+        format: `checkpoints.format`: auto (decided per checkpoint from its files), hf, dcp or torch.
+        model_config, key_map: `checkpoints.model_config` and `checkpoints.key_map`, recorded on every checkpoint
+            for the worker that loads it (pipeline/statedict.py); with a model_config, a Hugging Face folder
+            needs no config.json of its own.
 
     Returns:
         One Checkpoint per step. Incomplete ones carry `complete=False` and a human `reason`.
@@ -71,16 +102,21 @@ def discover(root: str, *, quiet_seconds: float = 30.0, now: float | None = None
         FileNotFoundError, NotADirectoryError: the root is missing or not a folder.
         CheckpointError: the root is a single checkpoint whose training step cannot be told.
     """
+    if format not in FORMATS:
+        raise ValueError(f"checkpoints.format={format!r}: choose one of {', '.join(FORMATS)}")
     now = time.time() if now is None else float(now)
     fs = _Folder.open(root)
     top = fs.list_top()
     by_name = {e.name: e for e in top}
-    candidates, unnamed = [], []
+    candidates, unnamed, step_files = [], [], []
     for e in top:
         m = STEP_DIR.match(e.name) if e.is_dir else None
+        f = STEP_FILE.match(e.name) if not e.is_dir and format in ("auto", "torch") else None
         if m:
             staging = e.name if (m.group("pre") or m.group("tmp")) else None
             candidates.append((fs.child(e.name), int(m.group("step")), staging))
+        elif f:
+            step_files.append((e.name, int(f.group("nanochat") or f.group("litgpt"))))
         elif e.is_dir and fs.child(e.name).has(CONFIG_NAME):
             unnamed.append(e.name)
     if unnamed:  # otherwise a run saved as `ckpt100/` or `epoch-3/` would just come back empty
@@ -93,17 +129,20 @@ def discover(root: str, *, quiet_seconds: float = 30.0, now: float | None = None
     # `global_step<N>/` optimizer shards inside `checkpoint-<N>/`). A root holding a model *and* checkpoint
     # folders is an HF Trainer output_dir with its final save_model(): the folders are the run.
     m = STEP_DIR.match(posixpath.basename(fs.path.rstrip("/")))
+    if NANOGPT_FILE in by_name and format in ("auto", "torch") and not candidates and not step_files:
+        return _read_with([_inspect_file(fs, NANOGPT_FILE, None, now, quiet_seconds)], model_config, key_map)
     if _looks_like_checkpoint({e.name for e in top}) and (
-        m or not any(folder.has(CONFIG_NAME) for folder, _, _ in candidates)
+        m or not any(_holds_weights(folder) for folder, _, _ in candidates)
     ):
         name_step = int(m.group("step")) if m else None
         staging = fs.path if m and (m.group("pre") or m.group("tmp")) else None
-        found = _inspect(fs, name_step, staging, [], now, quiet_seconds)
+        found = _inspect(fs, name_step, staging, [], now, quiet_seconds, format, model_config is None)
         if found is None:
             raise CheckpointError(fs.url, "the folder vanished while it was being read")
-        return [found]
+        return _read_with([found], model_config, key_map)
 
-    found = []
+    latest = _megatron_latest(fs) if MEGATRON_TRACKER in by_name else None
+    found = [_inspect_file(fs, name, step, now, quiet_seconds) for name, step in step_files]
     for folder, name_step, staging in candidates:
         name = posixpath.basename(folder.path)
         # NeMo-style markers sit next to the folder: `step100-unfinished`, `checkpoint-100.incomplete`.
@@ -111,16 +150,26 @@ def discover(root: str, *, quiet_seconds: float = 30.0, now: float | None = None
             n for n, e in by_name.items()
             if not e.is_dir and n != name and n.startswith(name) and TEMP_NAME.fullmatch(n[len(name):])
         ]
-        ckpt = _inspect(folder, name_step, staging, siblings, now, quiet_seconds)
+        ckpt = _inspect(folder, name_step, staging, siblings, now, quiet_seconds, format, model_config is None)
+        if ckpt is not None and latest is not None and name.startswith("iter_") and ckpt.step > latest:
+            ckpt = dataclasses.replace(ckpt, complete=False, reason="; ".join(filter(None, [
+                ckpt.reason, f"newer than the iteration {MEGATRON_TRACKER} names ({latest}): still being written",
+            ])))
         if ckpt is not None:  # None: rotated away by the trainer while we looked
             found.append(ckpt)
-    return _one_per_step(found)
+    return _read_with(_one_per_step(found), model_config, key_map)
 
 
 # --------------------------------------------------------------------------------------------- one folder
 
 
-def _inspect(folder, name_step, staging, sibling_markers, now, quiet_seconds) -> Checkpoint | None:
+def _read_with(found: list[Checkpoint], model_config: str | None, key_map: str) -> list[Checkpoint]:
+    return [dataclasses.replace(c, model_config=model_config, key_map=key_map) for c in found]
+
+
+def _inspect(
+    folder, name_step, staging, sibling_markers, now, quiet_seconds, fmt="auto", needs_config=True,
+) -> Checkpoint | None:
     try:
         entries = folder.walk()
     except FileNotFoundError:
@@ -129,16 +178,20 @@ def _inspect(folder, name_step, staging, sibling_markers, now, quiet_seconds) ->
     problems = []
 
     step, tokens_seen = name_step, None
+    source = "folder name"
     if TRAINER_STATE_NAME in files:
         try:
             state = json.loads(folder.read_text(TRAINER_STATE_NAME))
             if isinstance(state.get("global_step"), int):
-                step = state["global_step"]
+                step, source = state["global_step"], TRAINER_STATE_NAME
             tokens_seen = _tokens_seen(state, step)
         except (ValueError, AttributeError) as e:  # a half-written file reads as bad JSON
             problems.append(f"{TRAINER_STATE_NAME} is not a valid JSON object ({e})")
         except FileNotFoundError:
             return None
+    fmt, weight_files, weight_problems = _weights(folder, files, entries, fmt)
+    if step is None and fmt == "torch" and weight_files:
+        step, source = _step_inside(weight_files[0])
     if step is None:
         raise CheckpointError(
             folder.url,
@@ -146,9 +199,8 @@ def _inspect(folder, name_step, staging, sibling_markers, now, quiet_seconds) ->
             "global_step and its name does not end in a step number (rename it step<N>)",
         )
 
-    if CONFIG_NAME not in files:
+    if CONFIG_NAME not in files and fmt == "hf" and needs_config:
         problems.append(f"{CONFIG_NAME} is missing")
-    weight_files, weight_problems = _weights(folder, files, entries)
     problems += weight_problems
 
     if staging is not None:
@@ -183,36 +235,95 @@ def _inspect(folder, name_step, staging, sibling_markers, now, quiet_seconds) ->
         tokens_seen=tokens_seen,
         quiet_in=quiet_in,
         modified=max(stamps) if stamps else None,
+        format=fmt,
+        step_source=source,
     )
 
 
-def _weights(folder, files, entries) -> tuple[list[str], list[str]]:
-    """The safetensors files transformers would load (it prefers model.safetensors over an index), and problems."""
-    if SAFE_WEIGHTS_NAME in files:
-        return [folder.file_url(SAFE_WEIGHTS_NAME)], []
-    if SAFE_INDEX_NAME in files:
+def _inspect_file(fs, name: str, name_step: int | None, now: float, quiet_seconds: float) -> Checkpoint:
+    """A checkpoint that is one torch.save file in the run's folder (nanochat, lit-gpt, nanoGPT's ckpt.pt)."""
+    path = fs.file_url(name)
+    step, source = (name_step, "file name") if name_step is not None else _step_inside(path)
+    if step is None:
+        raise CheckpointError(path, "its training step is unknown: the file records no iter_num or step")
+    problems, quiet_in = [], None
+    try:
+        modified = os.stat(path).st_mtime if fs.fs is None else None
+    except FileNotFoundError:
+        modified = None
+    if quiet_seconds > 0 and modified is not None:
+        age = max(0.0, now - modified)
+        if age < quiet_seconds:
+            quiet_in = quiet_seconds - age
+            problems.append(f"modified {age:.0f} s ago; waiting {quiet_seconds:g} s quiet period")
+    return Checkpoint(
+        step=step, path=path, weight_files=(path,), complete=not problems, reason="; ".join(problems) or None,
+        quiet_in=quiet_in, modified=modified, format="torch", step_source=source,
+    )
+
+
+def _step_inside(path: str) -> tuple[int | None, str]:
+    """The step a torch.save file records (read with torch.load(weights_only=True), memory-mapped)."""
+    from .formats import torchfile
+
+    try:
+        found = torchfile.step_field(torchfile.load(path))
+    except CheckpointError as e:
+        raise CheckpointError(path, f"its training step cannot be read: {e.problem}") from None
+    return (found[0], f"{found[1]} field") if found else (None, "")
+
+
+def _megatron_latest(fs) -> int | None:
+    try:
+        text = fs.read_text(MEGATRON_TRACKER).strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None  # "release" marks a converted checkpoint, not a training step
+
+
+def _weights(folder, files, entries, fmt="auto") -> tuple[str, list[str], list[str]]:
+    """The checkpoint's format, its weights (safetensors files transformers would load, preferring
+    model.safetensors over an index; the DCP folder; the torch.save file), and problems."""
+    hf = fmt in ("auto", "hf")
+    if hf and SAFE_WEIGHTS_NAME in files:
+        return "hf", [folder.file_url(SAFE_WEIGHTS_NAME)], []
+    if hf and SAFE_INDEX_NAME in files:
         try:
             shards = shard_names(json.loads(folder.read_text(SAFE_INDEX_NAME)))
         except ValueError as e:
-            return [], [f"{SAFE_INDEX_NAME} is unusable: {e}"]
+            return "hf", [], [f"{SAFE_INDEX_NAME} is unusable: {e}"]
         except FileNotFoundError:
-            return [], [f"{SAFE_INDEX_NAME} vanished while it was read"]
+            return "hf", [], [f"{SAFE_INDEX_NAME} vanished while it was read"]
         present = {e.name for e in entries if not e.is_dir}
         problems = [f"{s} listed in {SAFE_INDEX_NAME} is missing" for s in shards if s not in present]
-        return [folder.file_url(s) for s in shards], problems
+        return "hf", [folder.file_url(s) for s in shards], problems
+    present = {e.name for e in entries if not e.is_dir}
+    if fmt in ("auto", "dcp"):
+        for sub in DCP_FOLDERS:
+            prefix = f"{sub}/" if sub else ""
+            data = [n for n in present if n.startswith(prefix) and "/" not in n[len(prefix):] and n.endswith(".distcp")]
+            if prefix + METADATA_NAME in present:
+                return "dcp", [folder.file_url(sub) if sub else folder.url], []
+            if data:
+                return "dcp", [], [
+                    f"DCP data files in {sub or 'the folder'} but no {METADATA_NAME}, which DCP writes last: "
+                    "still being written, or its writer failed"
+                ]
+    if fmt in ("auto", "torch"):
+        for name in TORCH_IN_FOLDER:
+            if name in files:
+                return "torch", [folder.file_url(name)], []
+    if fmt in ("dcp", "torch"):
+        return fmt, [], [f"no {'DCP (.metadata and *.distcp)' if fmt == 'dcp' else 'lit_model.pth'} weights "
+                         f"(checkpoints.format={fmt})"]
 
     pickles = pickled_weights(e.name for e in entries if not e.is_dir)
     if pickles:
-        return [], [pickles_refused(pickles)]
+        return "hf", [], [pickles_refused(pickles)]
     other = sorted(n for n in files if n.endswith(".safetensors"))
     if other:
-        return [], [f"no {SAFE_WEIGHTS_NAME} or {SAFE_INDEX_NAME} (found {some(other)})"]
-    if ".metadata" in files and any(n.endswith(".distcp") for n in files):
-        return [], [
-            "torch.distributed.checkpoint (.distcp) format, which sinktrace does not read: "
-            "export it to Hugging Face safetensors"
-        ]
-    return [], [f"no weights: neither {SAFE_WEIGHTS_NAME} nor {SAFE_INDEX_NAME}"]
+        return "hf", [], [f"no {SAFE_WEIGHTS_NAME} or {SAFE_INDEX_NAME} (found {some(other)})"]
+    return "hf", [], [f"no weights: neither {SAFE_WEIGHTS_NAME} nor {SAFE_INDEX_NAME}"]
 
 
 
@@ -227,8 +338,14 @@ def _tokens_seen(state: dict, step: int | None) -> int | None:
     return int(tokens)
 
 
+def _holds_weights(folder) -> bool:
+    return any(folder.has(n) for n in (CONFIG_NAME, METADATA_NAME, *DCP_FOLDERS[1:], *TORCH_IN_FOLDER))
+
+
 def _looks_like_checkpoint(names: set[str]) -> bool:
-    return bool(names & {CONFIG_NAME, SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME, TRAINER_STATE_NAME}) or any(
+    markers = {CONFIG_NAME, SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME, TRAINER_STATE_NAME, METADATA_NAME, *TORCH_IN_FOLDER,
+               *DCP_FOLDERS[1:]}
+    return bool(names & markers) or any(
         n.endswith(".safetensors") or n == "pytorch_model.bin" for n in names
     )
 

@@ -62,6 +62,8 @@ class Run:
         self._previous: dict[int, str] = {}
         self.tried: dict[int, float | None] = {}  # step -> its files' newest mtime when it was replayed
         self.announced = False
+        self.step_sources: dict[str, list[int]] = {}  # where the step numbers came from (discovery's step_source)
+        self.formats: set[str] = set()
 
     def __call__(self) -> Outcome:
         from tqdm.auto import tqdm
@@ -107,8 +109,13 @@ class Run:
     def _discover(self, strict: bool) -> list[Checkpoint]:
         from .discover import LAYOUTS, discover
 
+        c = self.cfg.checkpoints
         try:
-            checkpoints = discover(self.root, quiet_seconds=self.quiet)
+            # how to read each checkpoint (model_config, key_map) travels on its record to the worker
+            checkpoints = discover(
+                self.root, quiet_seconds=self.quiet, format=str(c.format), key_map=str(c.key_map),
+                model_config=os.path.expanduser(str(c.model_config)) if c.model_config else None,
+            )
         except (FileNotFoundError, NotADirectoryError) as e:
             raise UsageError(f"checkpoints.root: {e}") from None
         if not checkpoints and strict:
@@ -128,8 +135,14 @@ class Run:
             return []
         if self.store is None:
             self._open_store(fresh[0])
+        for c in fresh:
+            steps = self.step_sources.setdefault(c.step_source, [])
+            if c.step not in steps:
+                steps.append(c.step)
         self.store.prepare([c.step for c in fresh], tokens_seen={c.step: c.tokens_seen for c in fresh},
-                           attrs=self._attrs)
+                           attrs={**self._attrs, "step_source": self.step_sources,
+                                  "checkpoint_format": sorted({*self.formats, *(c.format for c in fresh)})})
+        self.formats = {*self.formats, *(c.format for c in fresh)}
         self._attrs = {}  # the run's attributes go in once
         status = self.store.status()
         todo = [c for c in fresh if self.settings.overwrite or status.get(c.step) != "done"]
@@ -144,11 +157,15 @@ class Run:
 
     def _open_store(self, first: Checkpoint) -> None:
         from . import __version__
-        from .load import config_fingerprint, read_config
+        from .load import config_fingerprint
         from .probe import build_probe, probe_attrs
+        from .statedict import ModelConfigNeeded, hf_config, needs_mapping, resolve_key_map
         from .store import SinkStore
 
-        model_config = read_config(first)
+        try:
+            model_config = hf_config(first)
+        except ModelConfigNeeded as e:
+            raise UsageError(str(e)) from None
         try:
             self.probe = build_probe(self.cfg.probe, model_config)
         except ValueError as e:
@@ -160,6 +177,7 @@ class Run:
             "architecture": model_config.get("model_type", "unknown"),
             "config_fingerprint": self.fingerprint,
             "checkpoint_root": self.root,
+            "key_map": resolve_key_map(first) if needs_mapping(first) else "none",
             "config": OmegaConf.to_yaml(self.cfg, resolve=True),
             "sinktrace_version": __version__,
             "updated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

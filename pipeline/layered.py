@@ -56,7 +56,7 @@ def _skeleton(folder, device, dtype, trust_remote_code):
 
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
-        with _parameters_on_meta():
+        with parameters_on_meta():
             model = AutoModelForCausalLM.from_config(
                 config, attn_implementation="sinkstats", dtype=dtype, trust_remote_code=trust_remote_code
             )
@@ -75,7 +75,7 @@ _PATCH_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def _parameters_on_meta():
+def parameters_on_meta():
     """Build modules with their parameters on the meta device but their buffers real, as accelerate's
     init_empty_weights(include_buffers=False) does: non-persistent buffers (rotary frequencies) are in no file.
     The patch of nn.Module.register_parameter acts only in this thread: a Dask worker may build models in others."""

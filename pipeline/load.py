@@ -10,6 +10,10 @@ stack trace from deep inside transformers, or worse, a model that silently runs 
   `safetensors.safe_open`, which validates the header and that the data covers the file exactly (so a truncated
   file fails), and each holding the tensors the index maps to it;
 - after loading: no parameter missing (it would be left at its random init), unexpected or of the wrong shape.
+
+Checkpoints in other formats (DCP folders, torch.save files) or under a trainer's names come through
+pipeline/statedict.py instead: the model is built from their config with empty parameters, which then take the
+checkpoint's tensors, with the same checks (nothing missing, unexpected or of the wrong shape).
 """
 
 from __future__ import annotations
@@ -24,7 +28,14 @@ import threading
 
 import torch
 
-from .devices import available_host_bytes, concrete_device, load_dtype, parse_dtype, release_pinned
+from .devices import (
+    SAFETENSORS_FLOATS,
+    available_host_bytes,
+    concrete_device,
+    load_dtype,
+    parse_dtype,
+    release_pinned,
+)
 from .errors import CheckpointError, describe, some
 from .locations import is_url, join, local_folder, read_bytes
 from .records import Checkpoint
@@ -83,6 +94,9 @@ def load_model(
 ):
     """Build the checkpoint's causal LM from its config.json and safetensors weights, in eval mode.
 
+    Checkpoints of other formats, or with a `model_config` or a `key_map` set, get their config and tensors from
+    pipeline/statedict.py and are built whole (see `_from_state_dict`).
+
     Args:
         ckpt: the checkpoint (its `path` may be a local folder or an fsspec URL; a URL is copied to a
             temporary local folder first).
@@ -103,7 +117,10 @@ def load_model(
     parse_dtype(dtype)  # a bad dtype fails before any file is read
     if attn_implementation == "sinkstats":
         from . import attention  # noqa: F401  (registers "sinkstats" with transformers on import)
+    from .statedict import needs_mapping
 
+    if needs_mapping(ckpt):
+        return _from_state_dict(ckpt, device, dtype, trust_remote_code, attn_implementation)
     with local_folder(ckpt.path) as folder:
         config, weights, want = checked_folder(folder, device, dtype, trust_remote_code)
         key = (config_fingerprint(config), str(device), want, attn_implementation)
@@ -144,7 +161,7 @@ def read_ahead(ckpt: Checkpoint) -> None:
     """Ask the kernel to start reading a checkpoint's weight files into the page cache, without waiting: the next
     checkpoint is read from disk while the current one runs. A no-op where the OS or the path does not allow it, and
     for a checkpoint over half the available memory: its pages would push out those of the one being replayed."""
-    if not hasattr(os, "posix_fadvise"):
+    if not hasattr(os, "posix_fadvise") or ckpt.format != "hf":  # DCP and torch.save files hold optimizer state too
         return
     local = [p for p in ckpt.weight_files if not is_url(p)]
     try:
@@ -166,13 +183,14 @@ def read_ahead(ckpt: Checkpoint) -> None:
 
 
 def read_config(ckpt: Checkpoint | str | os.PathLike) -> dict:
-    """The checkpoint's config.json as a dict, checked to be a JSON object with a `model_type`.
+    """The checkpoint's config.json (or the .json file given) as a dict, checked to be a JSON object with a
+    `model_type`.
 
     Raises:
         CheckpointError: config.json is missing, unreadable, not JSON, or names no model_type.
     """
     folder = ckpt.path if isinstance(ckpt, Checkpoint) else os.fspath(ckpt)
-    path = join(folder, CONFIG_NAME)
+    path = folder if folder.endswith(".json") else join(folder, CONFIG_NAME)
     try:
         raw = read_bytes(path)
     except FileNotFoundError:
@@ -228,7 +246,7 @@ def _check_architecture(folder: str, config: dict, trust_remote_code: bool) -> N
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    path = os.path.join(folder, CONFIG_NAME)
+    path = folder if folder.endswith(".json") else os.path.join(folder, CONFIG_NAME)
     model_type = config["model_type"]
     auto_map = config.get("auto_map") if isinstance(config.get("auto_map"), dict) else {}
     if model_type in CONFIG_MAPPING:
@@ -315,6 +333,58 @@ def _load_into(model, folder: str, weights: dict[str, str]) -> bool:
 def _shares_storage(params: dict, name: str, present) -> bool:
     ptr = params[name].data_ptr()
     return any(params[other].data_ptr() == ptr for other in present if other in params)
+
+
+def _from_state_dict(ckpt, device, dtype, trust_remote_code, attn_implementation):
+    """Build the model from a config and "the state dict in transformers' names" (pipeline/statedict.py): the
+    parameters start on the meta device (no random init, no memory) and take the checkpoint's tensors."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from .layered import parameters_on_meta
+    from .statedict import hf_config, state_dict
+
+    config_dict = hf_config(ckpt)
+    where = os.path.expanduser(ckpt.model_config) if ckpt.model_config else ckpt.path
+    _check_architecture(where, config_dict, trust_remote_code)
+    try:
+        config = CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict)
+    except Exception as e:
+        raise CheckpointError(where, f"transformers rejects the model config: {describe(e)}") from e
+    tensors = state_dict(ckpt, config)
+    want = load_dtype(dtype, device, main_dtype({k: _ST_NAMES.get(t.dtype, "") for k, t in tensors.items()}))
+    try:
+        with parameters_on_meta(), quiet_transformers():
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=want)
+    except Exception as e:
+        raise CheckpointError(where, f"transformers could not build the model: {describe(e)}") from e
+    expected = model.state_dict()
+    tied = set(model.all_tied_weights_keys) if getattr(model, "all_tied_weights_keys", None) else set()
+    missing = sorted(k for k in expected if k not in tensors and k not in tied)
+    unexpected = sorted(k for k in tensors if k not in expected)
+    mismatched = [(k, tuple(tensors[k].shape), tuple(expected[k].shape)) for k in sorted(expected)
+                  if k in tensors and tuple(tensors[k].shape) != tuple(expected[k].shape)]
+    if mismatched:
+        shown = ", ".join(f"{k} is {a} in the checkpoint but {b} in the model" for k, a, b in mismatched[:3])
+        raise CheckpointError(ckpt.path, f"{len(mismatched)} tensors do not fit the model config: {shown}")
+    if missing:
+        raise CheckpointError(
+            ckpt.path,
+            f"nothing in the checkpoint fills {len(missing)} of the model's tensors ({some(missing)}); they would "
+            "run with random values: check checkpoints.key_map and checkpoints.model_config",
+        )
+    if unexpected:
+        raise CheckpointError(
+            ckpt.path,
+            f"the key map yields {len(unexpected)} tensors the model has no place for ({some(unexpected)}): the "
+            "model config and the checkpoint disagree",
+        )
+    model.load_state_dict({k: t.to(want) for k, t in tensors.items() if k in expected}, strict=False, assign=True)
+    model.tie_weights()
+    return model.to(concrete_device(device)).eval()
+
+
+_ST_NAMES = {dtype: name for name, dtype in SAFETENSORS_FLOATS.items()}
 
 
 def _from_pretrained(folder, device, dtype, trust_remote_code, attn_implementation):

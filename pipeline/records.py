@@ -13,12 +13,18 @@ class Checkpoint:
 
     step: int
     path: str  # the checkpoint folder
-    weight_files: tuple[str, ...] = ()  # safetensors files, absolute paths
+    weight_files: tuple[str, ...] = ()  # hf: safetensors files; dcp: the folder with .metadata; torch: the file
     complete: bool = False
     reason: str | None = None  # why it is not replayable (yet), when complete is False
     tokens_seen: int | None = None
     quiet_in: float | None = None  # complete but for its quiet period, which ends in this many seconds
     modified: float | None = None  # its files' newest modification time, when discovery could tell
+    format: str = "hf"  # hf | dcp | torch (pipeline/formats/)
+    step_source: str = "folder name"  # where `step` came from: folder name, file name, trainer_state.json, a field
+    # How to read it, from the `checkpoints` config (pipeline/statedict.py): the tensor names' map, and a
+    # Hugging Face config.json (or its folder) for checkpoints that do not describe their architecture.
+    key_map: str = "auto"
+    model_config: str | None = None
 
 
 @dataclass(frozen=True)

@@ -73,12 +73,16 @@ def replay(
     `models`: the model kept from the previous checkpoint, reused when the architecture is the same.
     `times`: filled with the seconds each phase took.
     Weights larger than `settings.max_device_memory`, or a whole model that runs out of device memory under such a
-    budget, are streamed block by block instead (pipeline/layered.py).
+    budget, are streamed block by block instead (pipeline/layered.py); only Hugging Face safetensors folders are,
+    checkpoints of other formats are read whole.
     """
     from .load import weights_in_memory
+    from .statedict import needs_mapping
 
     device = resolve_device(settings.device)
     times = times if times is not None else PhaseTimes(device)
+    if needs_mapping(ckpt):  # read whole: layer by layer streams from safetensors files only
+        return _replay_whole(ckpt, probe, settings, device, settings.dtype, read_next, models, times)
     budget = device_budget(settings.max_device_memory, device)
     dtype, nbytes = weights_in_memory(ckpt, device, settings.dtype) if budget is not None else (settings.dtype, 0)
     if budget is None or nbytes <= budget:

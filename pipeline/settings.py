@@ -8,6 +8,7 @@ that composing a config (and `stages=[report]`) never loads torch.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,9 @@ from omegaconf import MISSING
 class CheckpointsSettings:
     root: str | None = None
     quiet_seconds: float = 30.0
+    format: str = "auto"
+    model_config: str | None = None
+    key_map: str = "auto"
 
 
 @dataclass
@@ -106,6 +110,8 @@ STAGES = ("replay", "report")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 FIRST_TOKENS = ("auto", "keep", "bos", "random")
+CHECKPOINT_FORMATS = ("auto", "hf", "dcp", "torch")  # pipeline/discover.py, pipeline/formats/
+KEY_MAPS = ("auto", "none", "torchtitan_llama", "olmo_core", "megatron_gpt", "nanogpt", "nanochat", "litgpt")
 
 
 def check(cfg) -> None:
@@ -146,8 +152,15 @@ def check(cfg) -> None:
         device_budget(r.max_device_memory, "cpu")
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if cfg.checkpoints.quiet_seconds < 0:
-        raise UsageError(f"checkpoints.quiet_seconds={cfg.checkpoints.quiet_seconds}: must be 0 or more")
+    c = cfg.checkpoints
+    if c.quiet_seconds < 0:
+        raise UsageError(f"checkpoints.quiet_seconds={c.quiet_seconds}: must be 0 or more")
+    if c.format not in CHECKPOINT_FORMATS:
+        raise UsageError(f"checkpoints.format={c.format}: choose from {', '.join(CHECKPOINT_FORMATS)}")
+    if c.key_map not in KEY_MAPS:
+        raise UsageError(f"checkpoints.key_map={c.key_map}: choose from {', '.join(KEY_MAPS)}")
+    if c.model_config and not os.path.exists(os.path.expanduser(c.model_config)):
+        raise UsageError(f"checkpoints.model_config={c.model_config}: no such file or folder")
     p = cfg.probe
     if p.first_token not in FIRST_TOKENS:
         raise UsageError(f"probe.first_token={p.first_token}: choose from {', '.join(FIRST_TOKENS)}")

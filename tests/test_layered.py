@@ -183,7 +183,7 @@ def test_skeleton_patch_acts_only_in_its_own_thread():
     import threading
 
     built = {}
-    with layered._parameters_on_meta():
+    with layered.parameters_on_meta():
         built["here"] = torch.nn.Linear(2, 2)
         other = threading.Thread(target=lambda: built.setdefault("there", torch.nn.Linear(2, 2)))
         other.start()

@@ -1,0 +1,196 @@
+"""The state dict of a checkpoint in transformers' names, whatever wrote it, and the config of its model.
+
+Replay asks two things of a checkpoint that transformers cannot load by itself (a DCP folder, a `torch.save`
+file, or safetensors under a trainer's names): `hf_config` (the Hugging Face config describing its network) and
+`state_dict` (its tensors, renamed and reshaped for that network). The reading is the format modules' job
+(pipeline/formats/), the renaming the key maps' (pipeline/keymaps/).
+
+Where the config comes from, first that applies: `checkpoints.model_config` (a config.json, or a folder holding
+one); a Hugging Face config.json in the checkpoint's folder (the Trainer writes one beside its FSDP shards); the
+checkpoint's own description of its architecture (nanoGPT's `model_args`, nanochat's `meta_<step>.json`,
+litgpt's `model_config.yaml`, the `model` section of the config.json OLMo-core saves in each step folder), when
+it maps onto a transformers architecture unambiguously. Otherwise the checkpoint cannot be replayed and a
+ModelConfigNeeded error says which key to set. Both settings travel on the Checkpoint record (`model_config`,
+`key_map`), so the worker that loads a checkpoint knows how to read it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+
+from .errors import CheckpointError
+from .records import Checkpoint
+
+
+class ModelConfigNeeded(CheckpointError):
+    """The checkpoint does not say which transformers architecture it is: `checkpoints.model_config` must."""
+
+
+def needs_mapping(ckpt: Checkpoint) -> bool:
+    """Whether the checkpoint goes through this module (else transformers' from_pretrained reads the folder)."""
+    return ckpt.format != "hf" or bool(ckpt.model_config) or ckpt.key_map not in ("auto", "none")
+
+
+def hf_config(ckpt: Checkpoint) -> dict:
+    """The Hugging Face config (as a dict with a model_type) of the checkpoint's network.
+
+    Raises:
+        ModelConfigNeeded: nothing describes the architecture unambiguously.
+        CheckpointError: a config file is unreadable.
+    """
+    from .load import read_config
+
+    if ckpt.model_config:
+        return read_config(os.path.expanduser(ckpt.model_config))
+    if ckpt.format == "hf" or _is_hf_config(ckpt.path):
+        return read_config(ckpt.path)
+    name = resolve_key_map(ckpt)
+    try:
+        derived = _derived_config(ckpt, name)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelConfigNeeded(
+            ckpt.path,
+            f"the architecture the trainer saved beside the weights is incomplete ({type(e).__name__}: {e}): set "
+            "checkpoints.model_config to a Hugging Face config.json for the network it holds",
+        ) from None
+    if derived is None:
+        raise ModelConfigNeeded(
+            ckpt.path,
+            f"the checkpoint ({ckpt.format} format, key map {name}) does not describe its architecture in a way that "
+            "maps onto a transformers model: set checkpoints.model_config to a Hugging Face config.json (or a "
+            "folder holding one) for the network it holds",
+        )
+    return derived
+
+
+def state_dict(ckpt: Checkpoint, config) -> dict[str, torch.Tensor]:
+    """The checkpoint's model tensors, in transformers' names and layouts for a model of `config` (a
+    PretrainedConfig), on the CPU. Optimizer state is never read.
+
+    Raises:
+        CheckpointError: a file is missing or damaged, or the key map leaves tensors unused.
+    """
+    from . import keymaps
+
+    tensors = read_tensors(ckpt)
+    name = keymaps.detect(tensors) if ckpt.key_map == "auto" else ckpt.key_map
+    return keymaps.apply(name, tensors, config, ckpt.path)
+
+
+def resolve_key_map(ckpt: Checkpoint) -> str:
+    """The checkpoint's key map; for `auto` the map its tensor names show (read from the metadata or headers)."""
+    from . import keymaps
+
+    if ckpt.key_map != "auto":
+        keymaps.module(ckpt.key_map)  # a typo fails here, naming the choices
+        return ckpt.key_map
+    return keymaps.detect(tensor_names(ckpt))
+
+
+def read_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """The model's tensors under the names the checkpoint gives them."""
+    _local_only(ckpt)
+    if ckpt.format == "dcp":
+        from .formats import dcp
+
+        return dcp.read_tensors(ckpt.weight_files[0])
+    if ckpt.format == "torch":
+        from .formats import torchfile
+
+        path = ckpt.weight_files[0]
+        return torchfile.model_tensors(torchfile.load(path), path)
+    from safetensors.torch import load_file
+
+    from .load import validate_weights, weight_paths
+
+    validate_weights(ckpt.path)
+    out = {}
+    for path in weight_paths(ckpt.path):
+        out.update(load_file(path))
+    return out
+
+
+def tensor_names(ckpt: Checkpoint) -> list[str]:
+    """The names of the model's tensors, without reading their data."""
+    _local_only(ckpt)
+    if ckpt.format == "dcp":
+        from .formats import dcp
+
+        return list(dcp.tensor_specs(ckpt.weight_files[0]))
+    if ckpt.format == "torch":
+        from .formats import torchfile
+
+        path = ckpt.weight_files[0]
+        return list(torchfile.model_tensors(torchfile.load(path), path))
+    from .load import validate_weights
+
+    return list(validate_weights(ckpt.path))
+
+
+def _local_only(ckpt: Checkpoint) -> None:
+    from .locations import is_url
+
+    if is_url(ckpt.path):
+        raise CheckpointError(
+            ckpt.path,
+            f"a {ckpt.format} checkpoint read through a key map or a model_config is read from a local disk only: "
+            "mount the bucket or copy the run",
+        )
+
+
+def _is_hf_config(folder: str) -> bool:
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("model_type"), str)
+
+
+def _derived_config(ckpt: Checkpoint, name: str) -> dict | None:
+    """The HF config from the checkpoint's own description of its architecture, where its map knows how."""
+    if name == "nanogpt" and ckpt.format == "torch":
+        from .formats import torchfile
+        from .keymaps import nanogpt
+
+        args = torchfile.load(ckpt.weight_files[0]).get("model_args")
+        return nanogpt.hf_config(args) if isinstance(args, dict) else None
+    if name == "nanochat" and ckpt.format == "torch":
+        from .keymaps import nanochat
+
+        m = re.search(r"model_(\d+)\.pt$", ckpt.weight_files[0])
+        meta = os.path.join(os.path.dirname(ckpt.weight_files[0]), f"meta_{m.group(1)}.json") if m else ""
+        described = _description(meta).get("model_config")
+        return nanochat.hf_config(described) if isinstance(described, dict) else None
+    if name == "olmo_core" and ckpt.format == "dcp":
+        from .keymaps import olmo_core
+
+        # OLMo-core's ConfigSaverCallback writes the experiment's config.json into the step folder
+        described = _description(os.path.join(ckpt.path, "config.json")).get("model")
+        return olmo_core.hf_config(described) if isinstance(described, dict) else None
+    if name == "litgpt":
+        from .keymaps import litgpt
+
+        described = _description(os.path.join(os.path.dirname(ckpt.weight_files[0]), "model_config.yaml"))
+        return litgpt.hf_config(described) if described else None
+    return None
+
+
+def _description(path: str) -> dict:
+    """A JSON or YAML file a trainer saved beside its weights, as a dict ({} when there is none)."""
+    import yaml
+
+    if not path or not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            described = yaml.safe_load(f)  # JSON is YAML
+    except (OSError, yaml.YAMLError) as e:
+        raise CheckpointError(path, f"{os.path.basename(path)} is not readable JSON or YAML ({e})") from None
+    if not isinstance(described, dict):
+        raise CheckpointError(path, f"{os.path.basename(path)} holds a {type(described).__name__}, not a mapping")
+    return described
