@@ -10,7 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import bench
+from pipeline.bench.command import compose, run_bench
+from pipeline.bench.contenders import eager_attention_bytes
+from pipeline.bench.fixtures import param_count
+from pipeline.bench.pagecache import drop_page_cache, read_floor, resident_fraction
+from pipeline.bench.timing import is_oom
+from pipeline.devices import resolve_device
 
 REPO = Path(__file__).resolve().parent.parent
 CONTENDERS = ["sinktrace", "layered", "eager", "sdpa", "read"]
@@ -60,6 +65,12 @@ def test_smoke_preset_prints_the_table_and_writes_the_json(tmp_path, sinktrace_h
     for v in doc["agreement_with_eager"].values():
         assert v["max_abs_sink_mass"] < 1e-4 and v["max_abs_entropy"] < 1e-3
     assert doc["targets"] and all(t["judged"] == on_gpu for t in doc["targets"])  # judged on a GPU only
+    # the replay's own phase times split its end-to-end time
+    for t, c in ((t, c) for t in lens for c in ("sinktrace", "layered")):
+        row = next(r for r in doc["rows"] if (r["seq_len"], r["contender"]) == (t, c))
+        b = doc["details"][f"{c}@{t}"]["breakdown"]
+        assert b["load_s"] > 0 and b["measure_s"] > 0 and b["other_s"] >= 0
+        assert b["load_s"] + b["measure_s"] + b["other_s"] == pytest.approx(row["e2e_s_per_ckpt"])
 
     # the printed table: one line per contender and length, in the JSON's order
     table = [line for line in text.splitlines() if re.match(r"^\s*\d+\s+(\d+|-)\s+\S", line)]
@@ -70,16 +81,16 @@ def test_smoke_preset_prints_the_table_and_writes_the_json(tmp_path, sinktrace_h
     assert ("GPU targets:" in text) if on_gpu else ("n/a" in text and "GPU targets: not judged on the CPU" in text)
 
     # a second run reuses the checkpoints
-    again = bench.compose(["preset=smoke", f"out={tmp_path / 'again.json'}", "contenders=[sdpa]",
+    again = compose(["preset=smoke", f"out={tmp_path / 'again.json'}", "contenders=[sdpa]",
                            "probe.seq_lens=[32]"])
-    assert bench.run_bench(again) == 0
+    assert run_bench(again) == 0
     assert json.loads((tmp_path / "again.json").read_text())["checkpoints"]["root"] == doc["checkpoints"]["root"]
 
 
 def test_eager_over_its_memory_budget_is_skipped_with_the_memory_it_would_need(tmp_path, capsys):
-    cfg = bench.compose(["preset=smoke", "contenders=[eager]", "probe.seq_lens=[64]", "eager_budget_gib=0.0001",
+    cfg = compose(["preset=smoke", "contenders=[eager]", "probe.seq_lens=[64]", "eager_budget_gib=0.0001",
                          f"out={tmp_path / 'b.json'}"])
-    assert bench.run_bench(cfg) == 0
+    assert run_bench(cfg) == 0
     (row,) = [r for r in json.loads((tmp_path / "b.json").read_text())["rows"] if r["contender"] == "eager"]
     assert row["status"] == "skipped"
     assert re.search(r"skipped: would need [\d.]+ GiB", row["note"])
@@ -88,9 +99,9 @@ def test_eager_over_its_memory_budget_is_skipped_with_the_memory_it_would_need(t
 
 def test_contenders_in_their_own_subprocesses(tmp_path):
     """isolate=length: each contender and length in a fresh worker process, peaks from that process."""
-    cfg = bench.compose(["preset=smoke", "isolate=length", "contenders=[sdpa]", "probe.seq_lens=[32]",
+    cfg = compose(["preset=smoke", "isolate=length", "contenders=[sdpa]", "probe.seq_lens=[32]",
                          f"out={tmp_path / 'b.json'}"])
-    assert bench.run_bench(cfg) == 0
+    assert run_bench(cfg) == 0
     doc = json.loads((tmp_path / "b.json").read_text())
     (row,) = [r for r in doc["rows"] if r["contender"] == "sdpa"]
     assert row["status"] == "ok" and row["forward_s"] > 0 and row["peak_rss_bytes"] > 0
@@ -98,50 +109,50 @@ def test_contenders_in_their_own_subprocesses(tmp_path):
 
 
 def test_usage_errors_are_one_line(capsys):
-    assert bench.run_bench(bench.compose(["preset=smoke", "isolate=threads"])) == 2
+    assert run_bench(compose(["preset=smoke", "isolate=threads"])) == 2
     assert "isolate='threads'" in capsys.readouterr().err
-    if not bench.resolve_device("auto").startswith("cuda"):
+    if not resolve_device("auto").startswith("cuda"):
         # the default preset is a 1B model for a GPU: on the CPU it says what to run instead
-        assert bench.run_bench(bench.compose([])) == 2
+        assert run_bench(compose([])) == 2
         assert "bench_preset=cpu" in capsys.readouterr().err
 
 
 def test_presets_compose():
-    gpu, cpu, smoke = (bench.compose(o) for o in ([], ["preset=cpu"], ["bench_preset=smoke"]))
+    gpu, cpu, smoke = (compose(o) for o in ([], ["preset=cpu"], ["bench_preset=smoke"]))
     assert gpu.model.hidden_size == 2048 and gpu.dtype == "bfloat16" and gpu.checkpoints.count >= 8
     assert list(gpu.probe.seq_lens) == [512, 2048, 8192, 32768]
-    assert 1e9 < bench._param_count(gpu.model) < 1.5e9
+    assert 1e9 < param_count(gpu.model) < 1.5e9
     assert list(cpu.probe.seq_lens) == [128, 512, 2048] and cpu.allow_cpu
     assert smoke.isolate == "none"
     # a command-line override wins over the preset
-    assert bench.compose(["preset=cpu", "checkpoints.count=2"]).checkpoints.count == 2
+    assert compose(["preset=cpu", "checkpoints.count=2"]).checkpoints.count == 2
 
 
 def test_page_cache_drop_and_residency(tmp_path):
     f = tmp_path / "w.bin"
     f.write_bytes(os.urandom(1 << 20))
-    before = bench.resident_fraction([str(f)])
+    before = resident_fraction([str(f)])
     if before is None:
         pytest.skip("no mincore here")
     assert before > 0.9  # just written
-    info = bench.drop_page_cache([str(f)], "fadvise")
+    info = drop_page_cache([str(f)], "fadvise")
     assert info["method"] == "posix_fadvise(DONTNEED)"
     assert info["resident_after"] < 0.05 and info["cold"] is True
-    read = bench.read_floor([str(f)], "fadvise")
+    read = read_floor([str(f)], "fadvise")
     assert read["bytes"] == 1 << 20 and read["bytes_per_s"] > 0
-    assert bench.drop_page_cache([str(f)], "off")["cold"] is False
+    assert drop_page_cache([str(f)], "off")["cold"] is False
 
 
 def test_eager_memory_estimate():
-    one = bench.eager_attention_bytes(4, 8, 2048, 2, 4)
+    one = eager_attention_bytes(4, 8, 2048, 2, 4)
     # 4 layers of (2, 8, 2048, 2048) float32 matrices kept for the output, and more in flight
     assert 4 * 2 * 8 * 2048**2 * 4 < one < 3 * 4 * 2 * 8 * 2048**2 * 4
-    assert bench.eager_attention_bytes(4, 8, 4096, 2, 4) > 3.9 * one
+    assert eager_attention_bytes(4, 8, 4096, 2, 4) > 3.9 * one
 
 
 def test_oom_is_recognised():
     import torch
 
-    assert bench.is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB"))
-    assert bench.is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
-    assert not bench.is_oom(RuntimeError("shape mismatch"))
+    assert is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB"))
+    assert is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
+    assert not is_oom(RuntimeError("shape mismatch"))
