@@ -193,3 +193,29 @@ def test_report_stage_alone_redraws_from_the_store(trained_run, tmp_path, capsys
     out = capsys.readouterr().out
     assert "layer" in out and str(store) in out
     assert any(p.suffix == ".png" for p in (tmp_path / "report").iterdir())
+
+
+HEAVY_IMPORTS = (
+    "import sys\n"
+    "from pipeline.cli import main\n"
+    "try:\n"
+    "    main()\n"
+    "except SystemExit as e:\n"
+    "    assert e.code == 0, e.code\n"
+    "print('imported:', sorted(m for m in ('torch', 'transformers', 'distributed') if m in sys.modules))\n"
+)
+
+
+def test_default_run_never_imports_dask_and_report_never_imports_torch(trained_run, tmp_path):
+    """The default in-process replay never loads Dask; `stages=[report]` never loads a model library."""
+    store = tmp_path / "s.zarr"
+    args = [f"checkpoints.root={trained_run}", "checkpoints.quiet_seconds=0", "probe.rows=8", "probe.seq_len=32"]
+    res = subprocess.run([sys.executable, "-c", HEAVY_IMPORTS, *args, f"store.path={store}", "stages=[replay]"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "imported: ['torch', 'transformers']" in res.stdout, res.stdout[-2000:]
+
+    res = subprocess.run([sys.executable, "-c", HEAVY_IMPORTS, *args, f"store.path={store}", "stages=[report]",
+                          f"report.out_dir={tmp_path / 'report'}"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "imported: []" in res.stdout, res.stdout[-2000:]

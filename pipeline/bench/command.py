@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .. import hydra_app
 from ..errors import UsageError
@@ -21,6 +21,7 @@ from . import GIB, LOG_PREFIX, gib
 from .contenders import CONTENDERS
 from .fixtures import default_checkpoint_root, ensure_checkpoints, find_checkpoints, make_probes, param_count
 from .jobs import JobRunner, run_job
+from .peers import PEERS, run_peers
 from .tables import assemble, render, short
 from .timing import device_name
 
@@ -135,9 +136,13 @@ def bench(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
                         row = {"status": got.get("status", "error"), "note": got.get("error", "no result")}
                     results[(contender, t)] = row
                     print(f"{LOG_PREFIX}   T={t}: {short(row)}", flush=True)
+        peer_job = {**base_job, "vocab_size": int(model_config["vocab_size"])}
+        peers = run_peers(cfg, ckpts, {str(t): probes[str(t)] for t in cfg.peers.seq_lens}, peer_job, Path(work),
+                          list(cfg.peers.contenders))
+        small = small_run(cfg, peer_job, Path(work)) if cfg.small_run.enabled else {}
 
     doc = assemble(cfg, preset, command, device, ckpts, bytes_per_ckpt, model_config, read, results, contenders,
-                   started, budget)
+                   started, budget, peers, small)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     doc["out"] = str(out_path)
     write_json_atomic(out_path, doc, indent=1, allow_nan=False)
@@ -145,6 +150,21 @@ def bench(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     print(render(doc))
     print(f"\n{LOG_PREFIX} JSON: {out_path}")
     return doc
+
+
+def small_run(cfg: DictConfig, job: dict, work: Path) -> dict:
+    """sinktrace's command and the plain transformers script on one checkpoint of a `small_run.layers`-layer model."""
+    small = OmegaConf.merge(cfg, {"model": {"num_hidden_layers": int(cfg.small_run.layers)},
+                                  "checkpoints": {"count": 1, "root": None},
+                                  "probe": {"seq_lens": [int(cfg.small_run.seq_len)], "rows": int(cfg.small_run.rows),
+                                            "max_tokens": None}})
+    root = default_checkpoint_root(small)
+    print(f"{LOG_PREFIX} small run: one checkpoint of a {model_words(small)}")
+    ensure_checkpoints(small, root)
+    ckpts = find_checkpoints(root, 1)
+    (work / "small").mkdir()
+    probes = make_probes(small, json.loads((Path(ckpts[0].path) / "config.json").read_text()), work / "small")
+    return run_peers(small, ckpts, probes, job, work / "small", ["sinktrace", "transformers"])
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -167,6 +187,12 @@ def check_config(cfg: DictConfig) -> None:
         )
     if int(cfg.probe.key_positions) >= min(lens):
         raise UsageError("probe.key_positions must be shorter than every probe length")
+    unknown = [c for c in cfg.peers.contenders if c not in PEERS]
+    if unknown:
+        raise UsageError(f"peers.contenders: unknown {unknown}; choose from {list(PEERS)}")
+    missing = [int(t) for t in cfg.peers.seq_lens if int(t) not in lens]
+    if cfg.peers.contenders and missing:
+        raise UsageError(f"peers.seq_lens: {missing} not in probe.seq_lens={lens}")
 
 
 def model_words(cfg) -> str:

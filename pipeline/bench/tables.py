@@ -12,6 +12,8 @@ from omegaconf import OmegaConf
 from ..devices import parse_dtype
 from . import gib
 from .fixtures import param_count
+from .peers import LABELS as PEER_LABELS
+from .peers import PEERS
 from .timing import device_name
 
 LABELS = {
@@ -25,10 +27,15 @@ LABELS = {
 FLOOR_TARGETS = ((8192, 1.3), (32768, 2.0))
 EAGER_TARGET_LEN, EAGER_SPEEDUP, EAGER_MEMORY_SHARE = 2048, 3.0, 0.1
 READ_TARGET_SHARE, READ_TARGET_MIN_CKPTS = 0.85, 8
+# CPU targets: the statistics forward / sdpa forward at T = 512 to 2,048; a small run's end-to-end time against a
+# plain transformers script; large runs (T >= 1,024) against the fastest and the leanest peer
+CPU_FLOOR_LENS, CPU_FLOOR_LIMIT = (512, 2048), 1.3
+SMALL_RUN_LIMIT = 1.2
+LARGE_RUN_LEN, LARGE_RUN_SPEEDUP, LARGE_RUN_MEMORY_SHARE = 1024, 2.0, 0.5
 
 
 def assemble(cfg, preset, command, device, ckpts, bytes_per_ckpt, model_config, read, results, contenders,
-             started, budget) -> dict:
+             started, budget, peers=None, small=None) -> dict:
     import numpy as np
     import torch
     import transformers
@@ -67,15 +74,52 @@ def assemble(cfg, preset, command, device, ckpts, bytes_per_ckpt, model_config, 
                   "seed": int(cfg.probe.seed)},
         "settings": {"isolate": str(cfg.isolate), "warmup": int(cfg.warmup),
                      "forward_repeats": int(cfg.forward_repeats), "logits_to_keep": int(cfg.logits_to_keep),
-                     "eager_budget_bytes": budget, "cold_cache": str(cfg.cold_cache)},
+                     "eager_budget_bytes": budget, "cold_cache": str(cfg.cold_cache),
+                     "small_run_layers": int(cfg.small_run.layers)},
         "read_floor": read,
         "rows": rows,
         "agreement_with_eager": agreement,
         "details": {f"{c}@{t}": details(r) for (c, t), r in results.items()},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+    doc["peers"] = peer_rows(peers or {}, results)
+    doc["small_run"] = peer_rows(small or {}, {})
     doc["targets"] = targets(doc)
     return finite(doc)
+
+
+def peer_rows(peers: dict, results: dict) -> list[dict]:
+    """The peers' rows: whole-process wall and CPU seconds, peak RSS, ratios to the fastest and leanest peer
+    (sinktrace excluded), and the largest sink-mass difference from the eager reference of the same run (the
+    eager contender's, else the transformers script's: both read the eager attention matrices)."""
+    import numpy as np
+
+    rows = []
+    for t in sorted({t for _, t in peers}):
+        got = {p: r for (p, tt), r in peers.items() if tt == t}
+        others = [r for p, r in got.items() if p != "sinktrace" and r["status"] == "ok"]
+        fastest = min((r["wall_s"] for r in others), default=None)
+        leanest = min((r["peak_rss_bytes"] for r in others), default=None)
+        eager = results.get(("eager", t), {})
+        reference = eager if eager.get("status") == "ok" else got.get("transformers", {})
+        for p in PEERS:
+            if p not in got:
+                continue
+            r = got[p]
+            ok = r["status"] == "ok"
+            diff = None
+            if ok and reference.get("status", "ok") == "ok" and reference.get("sink_mass") is not None:
+                diff = float(np.max(np.abs(np.subtract(r["sink_mass"], reference["sink_mass"]))))
+            rows.append({
+                "seq_len": t, "contender": p, "label": PEER_LABELS[p], "status": r["status"],
+                "note": r.get("note", ""), "checkpoints": len(r.get("sink_mass") or []) or None,
+                "wall_s": r.get("wall_s") if ok else None, "cpu_s": r.get("cpu_s") if ok else None,
+                "peak_rss_bytes": r.get("peak_rss_bytes") if ok else None,
+                "wall_vs_fastest_peer": r["wall_s"] / fastest if ok and fastest else None,
+                "rss_vs_leanest_peer": r["peak_rss_bytes"] / leanest if ok and leanest else None,
+                "max_abs_sink_mass_vs_eager": diff, "versions": r.get("versions", {}),
+            })
+    return rows
 
 
 def device_words(device: str, results: dict) -> str:
@@ -165,6 +209,7 @@ def targets(doc: dict) -> list[dict]:
                 None if v is None or limit is None else v <= limit,
                 "limit: the whole-model replay's peak, less the weights beyond the embeddings and two blocks, "
                 "plus every probe row's hidden state" if v is not None else "no device memory figures (CPU)")
+    out += cpu_targets(doc, rows, on_gpu)
     n = doc["checkpoints"]["count"]
     read = doc["read_floor"]
     t = min(lens)
@@ -175,6 +220,46 @@ def targets(doc: dict) -> list[dict]:
         add(f"replay throughput >= {READ_TARGET_SHARE:.0%} of the read floor over {READ_TARGET_MIN_CKPTS}+ "
             f"checkpoints (T={t})", share, READ_TARGET_SHARE, (share >= READ_TARGET_SHARE) if enough else None,
             "" if enough else f"only {n} checkpoints: not judged (checkpoints.count={READ_TARGET_MIN_CKPTS} or more)")
+    return out
+
+
+def cpu_targets(doc: dict, rows: dict, on_gpu: bool) -> list[dict]:
+    """The statistics forward against the compute floor and large runs against the fastest and the leanest peer
+    (judged on the CPU), and the small run's fixed cost against a plain transformers script (judged anywhere)."""
+    out = []
+
+    def add_cpu(name, value, limit, passed, note="", judged=not on_gpu):
+        out.append({"target": name, "value": value, "limit": limit, "pass": passed, "judged": judged, "note": note})
+
+    for t in doc["probe"]["seq_lens"]:
+        r = rows.get((t, "sinktrace"))
+        if CPU_FLOOR_LENS[0] <= t <= CPU_FLOOR_LENS[1] and r and r["forward_cpu_vs_sdpa"] is not None:
+            v = r["forward_cpu_vs_sdpa"]
+            add_cpu(f"statistics forward <= {CPU_FLOOR_LIMIT}x the compute floor at T={t} (CPU seconds)", v,
+                    CPU_FLOOR_LIMIT, v <= CPU_FLOOR_LIMIT, f"wall: {r['forward_vs_sdpa']:.2f}x")
+    small = {r["contender"]: r for r in doc["small_run"]}
+    s, p = small.get("sinktrace"), small.get("transformers")
+    if s and p and s["status"] == "ok" and p["status"] == "ok":
+        v = s["wall_s"] / p["wall_s"]
+        add_cpu(f"small run (one checkpoint of a {doc['settings']['small_run_layers']}-layer model, T="
+                f"{s['seq_len']}) end to end <= {SMALL_RUN_LIMIT}x a plain transformers script", v, SMALL_RUN_LIMIT,
+                v <= SMALL_RUN_LIMIT, f"{s['wall_s']:.2f} s against {p['wall_s']:.2f} s", judged=True)
+    for t in sorted({r["seq_len"] for r in doc["peers"]}):
+        if t < LARGE_RUN_LEN:
+            continue
+        got = {r["contender"]: r for r in doc["peers"] if r["seq_len"] == t}
+        s = got.get("sinktrace")
+        others = [r for c, r in got.items() if c != "sinktrace" and r["status"] == "ok"]
+        if not s or s["status"] != "ok" or not others:
+            continue
+        fastest = min(others, key=lambda r: r["wall_s"])
+        speed = fastest["wall_s"] / s["wall_s"]
+        add_cpu(f">= {LARGE_RUN_SPEEDUP}x faster than the fastest peer at T={t}", speed, LARGE_RUN_SPEEDUP,
+                speed >= LARGE_RUN_SPEEDUP, f"fastest peer: {fastest['label']}")
+        leanest = min(others, key=lambda r: r["peak_rss_bytes"])
+        share = s["peak_rss_bytes"] / leanest["peak_rss_bytes"]
+        add_cpu(f"<= {LARGE_RUN_MEMORY_SHARE} of the leanest peer's peak memory at T={t}", share,
+                LARGE_RUN_MEMORY_SHARE, share <= LARGE_RUN_MEMORY_SHARE, f"leanest peer: {leanest['label']}")
     return out
 
 
@@ -228,7 +313,7 @@ def fmt_x(v) -> str:
     return "-" if v is None else (f"{v:.2f}x" if v < 100 else f"{v:.0f}x")
 
 
-def fmtgib(v) -> str:
+def fmt_gib(v) -> str:
     return "n/a" if v is None else f"{gib(v):.2f}"
 
 
@@ -287,8 +372,8 @@ def render(doc: dict) -> str:
             fmt_x(r["e2e_vs_eager"]), fmt_x(r["forward_vs_eager"]), fmt_x(r["forward_vs_sdpa"]),
             *([] if on_gpu else [fmt_x(r.get("forward_cpu_vs_sdpa"))]),
             fmt_x(r["e2e_vs_read"]),
-            fmtgib(r["peak_rss_bytes"]) if measured else "-",
-            (fmtgib(r["peak_device_bytes"]) if on_gpu else "n/a") if measured else "-",
+            fmt_gib(r["peak_rss_bytes"]) if measured else "-",
+            (fmt_gib(r["peak_device_bytes"]) if on_gpu else "n/a") if measured else "-",
             note,
         ])
     widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header[:-1])]
@@ -333,19 +418,34 @@ def render(doc: dict) -> str:
             b = r["breakdown"]
             lines.append(f"eager at T={key.split('@')[1]}: from_pretrained {fmt_s(b['from_pretrained_s'])} + forward "
                          f"and statistics {fmt_s(b['forward_and_stats_s'])} per checkpoint")
+    for title, peer_table in (("peers", doc["peers"]), ("small run", doc["small_run"])):
+        if peer_table:
+            lines += ["", render_peers(title, peer_table)]
     lines.append("")
-    if on_gpu:
-        lines.append("GPU targets:")
-        for tg in doc["targets"]:
-            verdict = {True: "PASS", False: "FAIL", None: "n/a"}[tg["pass"]]
-            value = "-" if tg["value"] is None else f"{tg['value']:.3g}"
-            lines.append(f"  {verdict:4}  {tg['target']}: {value}" + (f" ({tg['note']})" if tg["note"] else ""))
-    else:
+    judged = [tg for tg in doc["targets"] if tg["judged"]]
+    lines.append(("GPU" if on_gpu else "CPU") + " targets:" if judged else "targets: none judged in this run")
+    for tg in judged:
+        verdict = {True: "PASS", False: "FAIL", None: "n/a"}[tg["pass"]]
+        value = "-" if tg["value"] is None else f"{tg['value']:.3g}"
+        lines.append(f"  {verdict:4}  {tg['target']}: {value}" + (f" ({tg['note']})" if tg["note"] else ""))
+    if not on_gpu:
         lines.append("GPU targets: not judged on the CPU (they are in the JSON for reference).")
-        faster = [(r["seq_len"], r["e2e_vs_eager"]) for r in doc["rows"]
-                  if r["contender"] == "sinktrace" and r["e2e_vs_eager"] is not None]
-        if faster:
-            words = ", ".join(f"T={t}: {v:.2f}x eager's time" for t, v in faster)
-            verdict = "yes" if all(v < 1 for _, v in faster) else "no"
-            lines.append(f"CPU check, replay faster than eager end to end where eager ran: {verdict} ({words})")
+    return "\n".join(lines)
+
+
+def render_peers(title: str, rows: list[dict]) -> str:
+    """The peers' table: each a whole program in its own process, from its start to its exit."""
+    header = ["T", "ckpts", title, "wall s", "CPU s", "RSS GiB", "wall/fastest", "RSS/leanest", "|d sink|", "note"]
+    table = [[str(r["seq_len"]), str(r["checkpoints"] or "-"), r["label"], fmt_s(r["wall_s"]), fmt_s(r["cpu_s"]),
+              fmt_gib(r["peak_rss_bytes"]) if r["peak_rss_bytes"] else "-", fmt_x(r["wall_vs_fastest_peer"]),
+              fmt_x(r["rss_vs_leanest_peer"]),
+              "-" if r["max_abs_sink_mass_vs_eager"] is None else f"{r['max_abs_sink_mass_vs_eager']:.1g}",
+              r["note"] if r["status"] != "ok" else ""] for r in rows]
+    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header[:-1])]
+    fmt = lambda cells: "  ".join(  # noqa: E731
+        [c.ljust(w) if i == 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))] + [cells[-1]]
+    ).rstrip()
+    lines = [fmt(header), fmt(["-" * w for w in widths] + [""]), *map(fmt, table)]
+    lines.append(f"{title}: whole processes, start to exit (imports included); wall/fastest and RSS/leanest against "
+                 "the fastest and the leanest peer other than sinktrace; |d sink|: max |sink mass - eager's|")
     return "\n".join(lines)
