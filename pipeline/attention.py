@@ -203,6 +203,22 @@ def _fused_lse(q, k, v, scale):
     return out, lse.float()
 
 
+def _fused_lse_with_keys(q, k, v, scale):
+    """(out, o^K, lse) from one kernel call whose value is [v | k]: the output and the key-weighted mean the
+    entropy needs share one softmax. Float32 on the CPU only (elsewhere the statistics' float32 copies differ from
+    the inputs the output is computed from); None where not served. The CPU kernel wants one head size for q, k and
+    v, so q and k are padded with zeros to 2d: their dot products, hence the scores and the lse, do not change."""
+    if q.device.type != "cpu" or q.dtype != torch.float32 or v.dtype != torch.float32 or v.shape[-1] != k.shape[-1]:
+        return None
+    d = v.shape[-1]
+    res = _fused_lse(torch.cat([q, torch.zeros_like(q)], -1), torch.cat([k, torch.zeros_like(k)], -1),
+                     torch.cat([v, k], -1), scale)
+    if res is None:
+        return None
+    both, lse = res
+    return both[..., :d], both[..., d:], lse
+
+
 def _grouped(q, hkv):
     """(B, Hq, T, d) -> (B, Hkv, G, T, d): query head h uses kv head h // G (repeat_interleave order)."""
     b, hq, t, d = q.shape
@@ -214,7 +230,8 @@ def fused_attention(q, k, v, scale, sinks=None, key_positions=4, with_stats=True
 
     Returns (out (B,Hq,T,dv) in q.dtype, RowStats or None), or None when no fused op serves this device/dtype.
     """
-    first = _fused_lse(q, k, v, scale)
+    joint = _fused_lse_with_keys(q, k, v, scale) if with_stats else None
+    first = joint[::2] if joint is not None else _fused_lse(q, k, v, scale)
     if first is None:
         return None
     out, lse_native = first
@@ -226,7 +243,7 @@ def fused_attention(q, k, v, scale, sinks=None, key_positions=4, with_stats=True
 
     # Statistics from float32 copies of q and k: exact for half inputs, finite where half scores overflow.
     q32, k32 = q.float(), k.float()
-    second = _fused_lse(q32, k32, k32, scale)
+    second = joint[1:] if joint is not None else _fused_lse(q32, k32, k32, scale)
     if second is None:
         return None
     o_key, lse = second

@@ -156,3 +156,38 @@ def test_oom_is_recognised():
     assert is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB"))
     assert is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
     assert not is_oom(RuntimeError("shape mismatch"))
+
+
+def test_peers_in_their_own_processes_agree_with_eager(tmp_path, sinktrace_home):
+    """sinktrace's command and the plain transformers script, each a whole process, over the same checkpoints
+    and probe as the eager contender; TransformerLens, where not installed, is skipped with the reason."""
+    cfg = compose(["preset=smoke", "contenders=[eager]", "probe.seq_lens=[64]",
+                   "peers.contenders=[sinktrace,transformers,transformer_lens]", "peers.seq_lens=[64]",
+                   "peers.venv=" + str(tmp_path / "no-venv"), "small_run.enabled=true", "small_run.seq_len=32",
+                   "small_run.rows=2", f"out={tmp_path / 'b.json'}"])
+    assert run_bench(cfg) == 0
+    doc = json.loads((tmp_path / "b.json").read_text())
+    peers = {r["contender"]: r for r in doc["peers"]}
+    assert set(peers) == {"sinktrace", "transformers", "transformer_lens"}
+    for name in ("sinktrace", "transformers"):
+        r = peers[name]
+        assert r["status"] == "ok" and r["checkpoints"] == 2, r
+        assert r["wall_s"] > 0 and r["cpu_s"] > 0 and r["peak_rss_bytes"] > 50 * 2**20
+        assert r["max_abs_sink_mass_vs_eager"] < 1e-4
+    # the transformers script is the only other peer that ran: the fastest and the leanest
+    assert peers["transformers"]["wall_vs_fastest_peer"] == 1.0 and peers["transformers"]["rss_vs_leanest_peer"] == 1.0
+    assert peers["sinktrace"]["wall_vs_fastest_peer"] == pytest.approx(
+        peers["sinktrace"]["wall_s"] / peers["transformers"]["wall_s"])
+    tl = peers["transformer_lens"]
+    if tl["status"] == "skipped":
+        assert "transformer_lens is not installed" in tl["note"] and "python -m pipeline.bench.peers" in tl["note"]
+    else:
+        assert tl["status"] == "ok" and tl["max_abs_sink_mass_vs_eager"] < 1e-4
+    small = {r["contender"]: r for r in doc["small_run"]}
+    assert set(small) == {"sinktrace", "transformers"} and all(r["status"] == "ok" for r in small.values())
+    assert small["sinktrace"]["checkpoints"] == 1
+    # the small run's sinktrace agrees with the transformers script on the same checkpoint
+    assert small["sinktrace"]["max_abs_sink_mass_vs_eager"] < 1e-4
+    (target,) = [t for t in doc["targets"] if t["target"].startswith("small run")]
+    ratio = small["sinktrace"]["wall_s"] / small["transformers"]["wall_s"]
+    assert target["judged"] and target["value"] == pytest.approx(ratio)

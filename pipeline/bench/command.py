@@ -137,8 +137,8 @@ def bench(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
                     results[(contender, t)] = row
                     print(f"{LOG_PREFIX}   T={t}: {short(row)}", flush=True)
         peer_job = {**base_job, "vocab_size": int(model_config["vocab_size"])}
-        peers = run_peers(cfg, ckpts, {str(t): probes[str(t)] for t in cfg.peers.seq_lens}, peer_job, Path(work),
-                          list(cfg.peers.contenders))
+        peer_probes = {str(t): probes[str(t)] for t in cfg.peers.seq_lens} if cfg.peers.contenders else {}
+        peers = run_peers(cfg, ckpts, peer_probes, peer_job, Path(work), list(cfg.peers.contenders))
         small = small_run(cfg, peer_job, Path(work)) if cfg.small_run.enabled else {}
 
     doc = assemble(cfg, preset, command, device, ckpts, bytes_per_ckpt, model_config, read, results, contenders,
