@@ -64,82 +64,77 @@ class Reduce:
         return out
 
 
-def run_transformers(job, ids, dtype):
+def over_checkpoints(job, ids, load, patterns):
+    """Sink mass and entropy per checkpoint: `load(folder)` builds the peer's model, `patterns(model, batch)` returns
+    each layer's (rows, heads, T, T) attention probabilities for a batch of token ids."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     sinks, ents = [], []
     for folder in job["checkpoints"]:
-        model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=dtype,
-                                                     local_files_only=True).to(job["device"]).eval()
+        model = load(folder)
         red = Reduce()
         with torch.inference_mode():
             for start in range(0, ids.shape[0], job["batch_size"]):
-                out = model(input_ids=ids[start:start + job["batch_size"]], output_attentions=True, use_cache=False)
-                for layer, a in enumerate(out.attentions):
-                    red.add(layer, len(out.attentions), a)
-                del out
+                layers = patterns(model, ids[start:start + job["batch_size"]])
+                for layer, p in enumerate(layers):
+                    red.add(layer, len(layers), p)
+                del layers
         s, e = red.result(*ids.shape)
         sinks.append(s)
         ents.append(e)
         del model
-    import transformers
+    return sinks, ents
 
-    return sinks, ents, {"transformers": transformers.__version__}
+
+def run_transformers(job, ids, dtype):
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    def load(folder):
+        return AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=dtype,
+                                                    local_files_only=True).to(job["device"]).eval()
+
+    def patterns(model, batch):
+        return model(input_ids=batch, output_attentions=True, use_cache=False).attentions
+
+    return (*over_checkpoints(job, ids, load, patterns), {"transformers": transformers.__version__})
 
 
 def run_transformer_lens(job, ids, dtype):
-    import torch
     import transformer_lens
     from transformer_lens.model_bridge import TransformerBridge
 
     tokenizer = stand_in_tokenizer(job["vocab_size"], job["tokenizer_dir"])
-    sinks, ents = [], []
-    for folder in job["checkpoints"]:
-        bridge = TransformerBridge.boot_transformers(folder, device=job["device"], dtype=dtype, tokenizer=tokenizer)
-        n_layers = bridge.cfg.n_layers
-        red = Reduce()
-        with torch.inference_mode():
-            for start in range(0, ids.shape[0], job["batch_size"]):
-                _, cache = bridge.run_with_cache(ids[start:start + job["batch_size"]],
-                                                 names_filter=lambda name: name.endswith("hook_pattern"))
-                for layer in range(n_layers):
-                    red.add(layer, n_layers, cache["pattern", layer])
-                del cache
-        s, e = red.result(*ids.shape)
-        sinks.append(s)
-        ents.append(e)
-        del bridge
-    return sinks, ents, {"transformer_lens": version_of("transformer_lens", transformer_lens)}
+
+    def load(folder):
+        return TransformerBridge.boot_transformers(folder, device=job["device"], dtype=dtype, tokenizer=tokenizer)
+
+    def patterns(bridge, batch):
+        _, cache = bridge.run_with_cache(batch, names_filter=lambda name: name.endswith("hook_pattern"))
+        return [cache["pattern", layer] for layer in range(bridge.cfg.n_layers)]
+
+    return (*over_checkpoints(job, ids, load, patterns),
+            {"transformer_lens": version_of("transformer_lens", transformer_lens)})
 
 
 def run_nnsight(job, ids, dtype):
     import nnsight
-    import torch
     from nnsight import LanguageModel
 
     tokenizer = stand_in_tokenizer(job["vocab_size"], job["tokenizer_dir"])
-    sinks, ents = [], []
-    for folder in job["checkpoints"]:
-        model = LanguageModel(folder, tokenizer=tokenizer, attn_implementation="eager", dtype=dtype,
-                              device_map=job["device"], dispatch=True)
-        layers = model.model.layers
-        n_layers = len(layers)
-        red = Reduce()
-        with torch.inference_mode():
-            for start in range(0, ids.shape[0], job["batch_size"]):
-                patterns = []  # filled inside the trace: nnsight cannot bind new local names in a function
-                with model.trace(ids[start:start + job["batch_size"]]):
-                    for i in range(n_layers):
-                        patterns.append(layers[i].self_attn.output[1].save())
-                for layer, p in enumerate(patterns):
-                    red.add(layer, n_layers, p)
-                del patterns
-        s, e = red.result(*ids.shape)
-        sinks.append(s)
-        ents.append(e)
-        del model
-    return sinks, ents, {"nnsight": version_of("nnsight", nnsight)}
+
+    def load(folder):
+        return LanguageModel(folder, tokenizer=tokenizer, attn_implementation="eager", dtype=dtype,
+                             device_map=job["device"], dispatch=True)
+
+    def patterns(model, batch):
+        saved = []  # filled inside the trace: nnsight cannot bind new local names in a function
+        with model.trace(batch):
+            for layer in model.model.layers:
+                saved.append(layer.self_attn.output[1].save())
+        return saved
+
+    return (*over_checkpoints(job, ids, load, patterns), {"nnsight": version_of("nnsight", nnsight)})
 
 
 def version_of(name: str, module) -> str:
