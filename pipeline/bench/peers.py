@@ -133,7 +133,8 @@ def run_peer(peer: str, ckpts, probe: dict, job: dict, work: Path, venv: Path, t
             "dtype": job["dtype"], "device": job["device"], "threads": job.get("threads"),
             "vocab_size": job["vocab_size"], "tokenizer_dir": str(stem) + "-tokenizer",
         }))
-        argv = [python, PEER_SCRIPT, peer, str(job_file), str(result_file)]
+        # -P: the script's folder (this package's modules) stays off the peer's import path
+        argv = [python, "-P", PEER_SCRIPT, peer, str(job_file), str(result_file)]
     got = run_process(argv, stem.with_suffix(".log"), timeout_s, env)
     row = {k: got[k] for k in ("wall_s", "cpu_s", "peak_rss_bytes")}
     if got["timed_out"]:
@@ -144,7 +145,7 @@ def run_peer(peer: str, ckpts, probe: dict, job: dict, work: Path, venv: Path, t
         lines = tail(stem.with_suffix(".log")).splitlines()
         return {**row, "status": "error", "note": f"exit status {got['rc']}: {lines[-1] if lines else ''}"}
     if peer == "sinktrace":
-        ds = pipeline.open_sinks(str(store))
+        (ds,) = pipeline.open_sinks(str(store)).children.values()  # the run's one probe group
         sink, entropy = ds["sink_mass"].values.tolist(), ds["entropy"].values.tolist()
         versions = {"sinktrace": pipeline.__version__}
     else:
