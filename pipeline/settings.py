@@ -146,12 +146,13 @@ def check(cfg) -> None:
     for key in ("idle_timeout", "poll_seconds"):
         if r[key] <= 0:
             raise UsageError(f"replay.{key}={r[key]}: must be a positive number of seconds")
-    try:
-        from .devices import device_budget
+    if "replay" in cfg.stages:  # (pipeline.devices loads torch, which `stages=[report]` never needs)
+        try:
+            from .devices import device_budget
 
-        device_budget(r.max_device_memory, "cpu")
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+            device_budget(r.max_device_memory, "cpu")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     c = cfg.checkpoints
     if c.quiet_seconds < 0:
         raise UsageError(f"checkpoints.quiet_seconds={c.quiet_seconds}: must be 0 or more")

@@ -22,8 +22,16 @@ CONTENDERS = ["sinktrace", "layered", "eager", "sdpa", "read"]
 
 
 def numbers(row):
-    keys = ["e2e_s_per_ckpt", "forward_s", "e2e_vs_eager", "forward_vs_eager", "forward_vs_sdpa", "e2e_vs_read",
-            "peak_rss_bytes", "peak_device_bytes"]
+    keys = [
+        "e2e_s_per_ckpt",
+        "forward_s",
+        "e2e_vs_eager",
+        "forward_vs_eager",
+        "forward_vs_sdpa",
+        "e2e_vs_read",
+        "peak_rss_bytes",
+        "peak_device_bytes",
+    ]
     return {k: row[k] for k in keys if row[k] is not None}
 
 
@@ -31,7 +39,10 @@ def test_smoke_preset_prints_the_table_and_writes_the_json(tmp_path, sinktrace_h
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline.bench", "preset=smoke", f"out={out}"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, "SINKTRACE_HOME": str(sinktrace_home)},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -57,8 +68,11 @@ def test_smoke_preset_prints_the_table_and_writes_the_json(tmp_path, sinktrace_h
         if r["contender"] != "read":
             assert (r["peak_device_bytes"] is not None) == on_gpu
     read = doc["read_floor"]
-    assert read["status"] == "ok" and read["bytes_per_s"] > 0 and read["bytes"] == 2 * doc["checkpoints"][
-        "bytes_per_checkpoint"]
+    assert (
+        read["status"] == "ok"
+        and read["bytes_per_s"] > 0
+        and read["bytes"] == 2 * doc["checkpoints"]["bytes_per_checkpoint"]
+    )
     assert read["cache"]["method"] and "cold" in read["cache"]
     # sinktrace (both ways) and eager measured the same checkpoints and probe, so their statistics agree
     assert set(doc["agreement_with_eager"]) == {f"{c}@{t}" for c in ("sinktrace", "layered") for t in lens}
@@ -81,15 +95,21 @@ def test_smoke_preset_prints_the_table_and_writes_the_json(tmp_path, sinktrace_h
     assert ("GPU targets:" in text) if on_gpu else ("n/a" in text and "GPU targets: not judged on the CPU" in text)
 
     # a second run reuses the checkpoints
-    again = compose(["preset=smoke", f"out={tmp_path / 'again.json'}", "contenders=[sdpa]",
-                           "probe.seq_lens=[32]"])
+    again = compose(["preset=smoke", f"out={tmp_path / 'again.json'}", "contenders=[sdpa]", "probe.seq_lens=[32]"])
     assert run_bench(again) == 0
     assert json.loads((tmp_path / "again.json").read_text())["checkpoints"]["root"] == doc["checkpoints"]["root"]
 
 
 def test_eager_over_its_memory_budget_is_skipped_with_the_memory_it_would_need(tmp_path, capsys):
-    cfg = compose(["preset=smoke", "contenders=[eager]", "probe.seq_lens=[64]", "eager_budget_gib=0.0001",
-                         f"out={tmp_path / 'b.json'}"])
+    cfg = compose(
+        [
+            "preset=smoke",
+            "contenders=[eager]",
+            "probe.seq_lens=[64]",
+            "eager_budget_gib=0.0001",
+            f"out={tmp_path / 'b.json'}",
+        ]
+    )
     assert run_bench(cfg) == 0
     (row,) = [r for r in json.loads((tmp_path / "b.json").read_text())["rows"] if r["contender"] == "eager"]
     assert row["status"] == "skipped"
@@ -99,8 +119,9 @@ def test_eager_over_its_memory_budget_is_skipped_with_the_memory_it_would_need(t
 
 def test_contenders_in_their_own_subprocesses(tmp_path):
     """isolate=length: each contender and length in a fresh worker process, peaks from that process."""
-    cfg = compose(["preset=smoke", "isolate=length", "contenders=[sdpa]", "probe.seq_lens=[32]",
-                         f"out={tmp_path / 'b.json'}"])
+    cfg = compose(
+        ["preset=smoke", "isolate=length", "contenders=[sdpa]", "probe.seq_lens=[32]", f"out={tmp_path / 'b.json'}"]
+    )
     assert run_bench(cfg) == 0
     doc = json.loads((tmp_path / "b.json").read_text())
     (row,) = [r for r in doc["rows"] if r["contender"] == "sdpa"]
@@ -161,10 +182,20 @@ def test_oom_is_recognised():
 def test_peers_in_their_own_processes_agree_with_eager(tmp_path, sinktrace_home):
     """sinktrace's command and the plain transformers script, each a whole process, over the same checkpoints
     and probe as the eager contender; TransformerLens, where not installed, is skipped with the reason."""
-    cfg = compose(["preset=smoke", "contenders=[eager]", "probe.seq_lens=[64]",
-                   "peers.contenders=[sinktrace,transformers,transformer_lens]", "peers.seq_lens=[64]",
-                   "peers.venv=" + str(tmp_path / "no-venv"), "small_run.enabled=true", "small_run.seq_len=32",
-                   "small_run.rows=2", f"out={tmp_path / 'b.json'}"])
+    cfg = compose(
+        [
+            "preset=smoke",
+            "contenders=[eager]",
+            "probe.seq_lens=[64]",
+            "peers.contenders=[sinktrace,transformers,transformer_lens]",
+            "peers.seq_lens=[64]",
+            "peers.venv=" + str(tmp_path / "no-venv"),
+            "small_run.enabled=true",
+            "small_run.seq_len=32",
+            "small_run.rows=2",
+            f"out={tmp_path / 'b.json'}",
+        ]
+    )
     assert run_bench(cfg) == 0
     doc = json.loads((tmp_path / "b.json").read_text())
     peers = {r["contender"]: r for r in doc["peers"]}
@@ -177,7 +208,8 @@ def test_peers_in_their_own_processes_agree_with_eager(tmp_path, sinktrace_home)
     # the transformers script is the only other peer that ran: the fastest and the leanest
     assert peers["transformers"]["wall_vs_fastest_peer"] == 1.0 and peers["transformers"]["rss_vs_leanest_peer"] == 1.0
     assert peers["sinktrace"]["wall_vs_fastest_peer"] == pytest.approx(
-        peers["sinktrace"]["wall_s"] / peers["transformers"]["wall_s"])
+        peers["sinktrace"]["wall_s"] / peers["transformers"]["wall_s"]
+    )
     tl = peers["transformer_lens"]
     if tl["status"] == "skipped":
         assert "transformer_lens is not installed" in tl["note"] and "python -m pipeline.bench.peers" in tl["note"]

@@ -92,8 +92,10 @@ def bench(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     print(f"{LOG_PREFIX} {command}")
     # (no CUDA call in this process: the contenders' subprocesses have the device to themselves)
     where = device_name(device) if device == "cpu" or cfg.isolate == "none" else device
-    print(f"{LOG_PREFIX} preset {preset}: {model_words(cfg)}, {cfg.checkpoints.count} checkpoints, probe lengths "
-          f"{list(cfg.probe.seq_lens)}, on {where}")
+    print(
+        f"{LOG_PREFIX} preset {preset}: {model_words(cfg)}, {cfg.checkpoints.count} checkpoints, probe lengths "
+        f"{list(cfg.probe.seq_lens)}, on {where}"
+    )
     ensure_checkpoints(cfg, root)
     ckpts = find_checkpoints(root, int(cfg.checkpoints.count))
     weight_bytes = [sum(os.path.getsize(f) for f in c.weight_files) for c in ckpts]
@@ -141,8 +143,22 @@ def bench(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         peers = run_peers(cfg, ckpts, peer_probes, peer_job, Path(work), list(cfg.peers.contenders))
         small = small_run(cfg, peer_job, Path(work)) if cfg.small_run.enabled else {}
 
-    doc = assemble(cfg, preset, command, device, ckpts, bytes_per_ckpt, model_config, read, results, contenders,
-                   started, budget, peers, small)
+    doc = assemble(
+        cfg,
+        preset,
+        command,
+        device,
+        ckpts,
+        bytes_per_ckpt,
+        model_config,
+        read,
+        results,
+        contenders,
+        started,
+        budget,
+        peers,
+        small,
+    )
     out_path.parent.mkdir(parents=True, exist_ok=True)
     doc["out"] = str(out_path)
     write_json_atomic(out_path, doc, indent=1, allow_nan=False)
@@ -154,10 +170,14 @@ def bench(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
 
 def small_run(cfg: DictConfig, job: dict, work: Path) -> dict:
     """sinktrace's command and the plain transformers script on one checkpoint of a `small_run.layers`-layer model."""
-    small = OmegaConf.merge(cfg, {"model": {"num_hidden_layers": int(cfg.small_run.layers)},
-                                  "checkpoints": {"count": 1, "root": None},
-                                  "probe": {"seq_lens": [int(cfg.small_run.seq_len)], "rows": int(cfg.small_run.rows),
-                                            "max_tokens": None}})
+    small = OmegaConf.merge(
+        cfg,
+        {
+            "model": {"num_hidden_layers": int(cfg.small_run.layers)},
+            "checkpoints": {"count": 1, "root": None},
+            "probe": {"seq_lens": [int(cfg.small_run.seq_len)], "rows": int(cfg.small_run.rows), "max_tokens": None},
+        },
+    )
     root = default_checkpoint_root(small)
     print(f"{LOG_PREFIX} small run: one checkpoint of a {model_words(small)}")
     ensure_checkpoints(small, root)

@@ -44,8 +44,13 @@ def run_sinktrace(job, ckpts, tokens, meta, peaks) -> dict:
 
     device = job["device"]
     layered = job["kind"] == "layered"  # a 1-byte budget: every checkpoint streams block by block
-    settings = ReplaySettings(device=device, dtype=job["dtype"], batch_size=job["batch_size"],
-                              key_positions=job["key_positions"], max_device_memory=1 if layered else None)
+    settings = ReplaySettings(
+        device=device,
+        dtype=job["dtype"],
+        batch_size=job["batch_size"],
+        key_positions=job["key_positions"],
+        max_device_memory=1 if layered else None,
+    )
     probe = Probe(name=meta["name"], kind="random", tokens=tokens, seed=meta["seed"], first_token=meta["first_token"])
     # the model kept between checkpoints, as a sinktrace worker keeps it (the warm-up builds it)
     models = ModelCache()
@@ -80,7 +85,9 @@ def run_sinktrace(job, ckpts, tokens, meta, peaks) -> dict:
         # (no extra warm-up call: the end-to-end pass just ran this code)
         fwd, fwd_cpu = median_time(
             lambda: measure(model, ids, batch_size=job["batch_size"], key_positions=job["key_positions"]),
-            job["forward_repeats"], device, warm=False,
+            job["forward_repeats"],
+            device,
+            warm=False,
         )
         del model
     n = len(ckpts)
@@ -117,8 +124,12 @@ def eager_stats(model, ids, batch_size: int, logits_to_keep: int):
     sink = ent = None
     with torch.inference_mode():
         for start in range(0, n_rows, batch_size):
-            out = model(input_ids=ids[start:start + batch_size], output_attentions=True, use_cache=False,
-                        logits_to_keep=logits_to_keep)
+            out = model(
+                input_ids=ids[start : start + batch_size],
+                output_attentions=True,
+                use_cache=False,
+                logits_to_keep=logits_to_keep,
+            )
             if sink is None:
                 n_layers, n_heads = len(out.attentions), out.attentions[0].shape[1]
                 sink = torch.zeros(n_layers, n_heads, dtype=torch.float64, device=ids.device)
@@ -140,7 +151,10 @@ def hf_load(path: str, device: str, dtype: str, attn: str):
 
     direct = device != "cpu" and is_accelerate_available()
     model = AutoModelForCausalLM.from_pretrained(
-        path, attn_implementation=attn, dtype=parse_dtype(dtype), local_files_only=True,
+        path,
+        attn_implementation=attn,
+        dtype=parse_dtype(dtype),
+        local_files_only=True,
         **({"device_map": device} if direct else {}),
     )
     if device != "cpu" and not direct:
@@ -154,13 +168,21 @@ def run_eager(job, ckpts, tokens, meta, peaks) -> dict:
     device = job["device"]
     config = json.loads((Path(ckpts[0].path) / "config.json").read_text())
     itemsize = parse_dtype(job["dtype"]).itemsize
-    need = eager_attention_bytes(config["num_hidden_layers"], config["num_attention_heads"], tokens.shape[1],
-                                 min(job["batch_size"], tokens.shape[0]), itemsize)
+    need = eager_attention_bytes(
+        config["num_hidden_layers"],
+        config["num_attention_heads"],
+        tokens.shape[1],
+        min(job["batch_size"], tokens.shape[0]),
+        itemsize,
+    )
     budget = job["eager_budget_bytes"]
     if budget is not None and need > budget:
-        return {"status": "skipped", "note": f"skipped: would need {gib(need):.1f} GiB for the T x T attention "
-                                             f"matrices (eager_budget_gib={gib(budget):.3g})",
-                "estimated_bytes": need}
+        return {
+            "status": "skipped",
+            "note": f"skipped: would need {gib(need):.1f} GiB for the T x T attention "
+            f"matrices (eager_budget_gib={gib(budget):.3g})",
+            "estimated_bytes": need,
+        }
     ids = torch.from_numpy(tokens).to(device)
     bs, keep = job["batch_size"], job["logits_to_keep"]
 
@@ -190,8 +212,9 @@ def run_eager(job, ckpts, tokens, meta, peaks) -> dict:
     free(device)
 
     model = hf_load(ckpts[0].path, device, job["dtype"], "eager")
-    fwd, fwd_cpu = median_time(functools.partial(eager_stats, model, ids, bs, keep), job["forward_repeats"], device,
-                               warm=False)
+    fwd, fwd_cpu = median_time(
+        functools.partial(eager_stats, model, ids, bs, keep), job["forward_repeats"], device, warm=False
+    )
     del model
     n = len(ckpts)
     return {
@@ -219,7 +242,7 @@ def run_sdpa(job, ckpts, tokens, meta, peaks) -> dict:
     def forward():
         with torch.inference_mode():
             for start in range(0, ids.shape[0], bs):
-                model(input_ids=ids[start:start + bs], use_cache=False, logits_to_keep=keep)
+                model(input_ids=ids[start : start + bs], use_cache=False, logits_to_keep=keep)
 
     fwd, fwd_cpu = median_time(forward, job["forward_repeats"], device, warm=job["warmup"] > 0)
     return {"e2e_s": None, "forward_s": fwd, "forward_cpu_s": fwd_cpu}

@@ -138,12 +138,23 @@ def make_probes(cfg, model_config: dict, work: Path) -> dict:
         if cfg.probe.max_tokens:
             rows = max(1, min(rows, int(cfg.probe.max_tokens) // t))
         pcfg = OmegaConf.create(
-            {"kind": "random", "name": None, "seq_len": t, "rows": rows, "seed": int(cfg.probe.seed),
-             "first_token": "auto"}
+            {
+                "kind": "random",
+                "name": None,
+                "seq_len": t,
+                "rows": rows,
+                "seed": int(cfg.probe.seed),
+                "first_token": "auto",
+            }
         )
         probe = build_probe(pcfg, model_config)
         path = work / f"probe-{t}.npy"
         np.save(path, probe.tokens)
-        probes[str(t)] = {"path": str(path), "name": probe.name, "rows": probe.rows, "seed": probe.seed,
-                          "first_token": probe.first_token}
+        probes[str(t)] = {
+            "path": str(path),
+            "name": probe.name,
+            "rows": probe.rows,
+            "seed": probe.seed,
+            "first_token": probe.first_token,
+        }
     return probes

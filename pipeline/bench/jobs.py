@@ -39,8 +39,13 @@ class JobRunner:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
         with open(log_file, "wb") as logf:
             try:
-                proc = subprocess.run([python or sys.executable, "-c", WORKER_CODE, str(job_file), str(result_file)],
-                                      stdout=logf, stderr=subprocess.STDOUT, env=env, timeout=self.timeout_s)
+                proc = subprocess.run(
+                    [python or sys.executable, "-c", WORKER_CODE, str(job_file), str(result_file)],
+                    stdout=logf,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    timeout=self.timeout_s,
+                )
                 rc = proc.returncode
             except subprocess.TimeoutExpired:
                 rc = None
@@ -50,8 +55,10 @@ class JobRunner:
         if rc is None:
             return {"status": "error", "error": f"timed out after {self.timeout_s:g} s (job_timeout_s)"}
         if rc in (-9, 137):
-            return {"status": "oom", "error": "the worker was killed (SIGKILL): most likely the kernel's "
-                                              "out-of-memory killer"}
+            return {
+                "status": "oom",
+                "error": "the worker was killed (SIGKILL): most likely the kernel's out-of-memory killer",
+            }
         print(last, file=sys.stderr)
         last_line = last.splitlines()[-1] if last else ""
         return {"status": "error", "error": f"the worker exited with status {rc}: {last_line}"}

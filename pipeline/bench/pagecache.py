@@ -16,6 +16,7 @@ from pathlib import Path
 # A page cache emptied to at most this share of the files' bytes counts as cold.
 COLD_RESIDENT_MAX = 0.01
 
+
 def read_floor(files: list[str], how: str, chunk: int = 16 * 2**20) -> dict:
     """Read every file once from a cold page cache (then once more, warm), in bytes per second."""
     cache = drop_page_cache(files, how)
@@ -70,8 +71,7 @@ def libc():
     """The C library, with mmap, munmap and mincore typed."""
     lib = ctypes.CDLL(None, use_errno=True)
     lib.mmap.restype = ctypes.c_void_p
-    lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_long]
+    lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
     lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     return lib
@@ -120,8 +120,12 @@ def drop_page_cache(paths: list[str], how: str = "auto") -> dict:
     notes, methods = [], []
     if how == "off":
         resident = resident_fraction(paths)
-        return {"method": "off", "resident_after": resident, "cold": False,
-                "note": "page cache not dropped (cold_cache=off)"}
+        return {
+            "method": "off",
+            "resident_after": resident,
+            "cold": False,
+            "note": "page cache not dropped (cold_cache=off)",
+        }
     if how in ("auto", "fadvise"):
         try:
             for path in paths:

@@ -75,7 +75,7 @@ def over_checkpoints(job, ids, load, patterns):
         red = Reduce()
         with torch.inference_mode():
             for start in range(0, ids.shape[0], job["batch_size"]):
-                layers = patterns(model, ids[start:start + job["batch_size"]])
+                layers = patterns(model, ids[start : start + job["batch_size"]])
                 for layer, p in enumerate(layers):
                     red.add(layer, len(layers), p)
                 del layers
@@ -91,8 +91,13 @@ def run_transformers(job, ids, dtype):
     from transformers import AutoModelForCausalLM
 
     def load(folder):
-        return AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=dtype,
-                                                    local_files_only=True).to(job["device"]).eval()
+        return (
+            AutoModelForCausalLM.from_pretrained(
+                folder, attn_implementation="eager", dtype=dtype, local_files_only=True
+            )
+            .to(job["device"])
+            .eval()
+        )
 
     def patterns(model, batch):
         return model(input_ids=batch, output_attentions=True, use_cache=False).attentions
@@ -113,8 +118,10 @@ def run_transformer_lens(job, ids, dtype):
         _, cache = bridge.run_with_cache(batch, names_filter=lambda name: name.endswith("hook_pattern"))
         return [cache["pattern", layer] for layer in range(bridge.cfg.n_layers)]
 
-    return (*over_checkpoints(job, ids, load, patterns),
-            {"transformer_lens": version_of("transformer_lens", transformer_lens)})
+    return (
+        *over_checkpoints(job, ids, load, patterns),
+        {"transformer_lens": version_of("transformer_lens", transformer_lens)},
+    )
 
 
 def run_nnsight(job, ids, dtype):
@@ -124,8 +131,14 @@ def run_nnsight(job, ids, dtype):
     tokenizer = stand_in_tokenizer(job["vocab_size"], job["tokenizer_dir"])
 
     def load(folder):
-        return LanguageModel(folder, tokenizer=tokenizer, attn_implementation="eager", dtype=dtype,
-                             device_map=job["device"], dispatch=True)
+        return LanguageModel(
+            folder,
+            tokenizer=tokenizer,
+            attn_implementation="eager",
+            dtype=dtype,
+            device_map=job["device"],
+            dispatch=True,
+        )
 
     def patterns(model, batch):
         saved = []  # filled inside the trace: nnsight cannot bind new local names in a function

@@ -75,8 +75,12 @@ def make_venv(venv: Path) -> int:
     if not venv_python(venv).exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = str(venv_python(venv))
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     # after the environment's own folder on sys.path: what it installs wins, the rest comes from here
     Path(site, "zz-sinktrace-base.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     torch_pin = f"torch=={torch.__version__.split('+')[0]}"  # never a second torch: pip keeps this one
@@ -100,16 +104,32 @@ def run_process(argv: list[str], log: Path, timeout_s: float, env: dict | None =
                 break
             time.sleep(0.005)  # (the polling adds at most this to the wall time)
         wall = time.perf_counter() - t0
-    return {"rc": os.waitstatus_to_exitcode(status), "timed_out": timed_out, "wall_s": wall,
-            "cpu_s": usage.ru_utime + usage.ru_stime,
-            "peak_rss_bytes": usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)}
+    return {
+        "rc": os.waitstatus_to_exitcode(status),
+        "timed_out": timed_out,
+        "wall_s": wall,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "peak_rss_bytes": usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024),
+    }
 
 
 def sinktrace_argv(root: Path, store: Path, steps: list[int], probe: dict, job: dict) -> list[str]:
-    return [sys.executable, "-m", "pipeline", f"checkpoints.root={root}", "checkpoints.quiet_seconds=0",
-            f"store.path={store}", "stages=[replay]", f"replay.steps=[{','.join(map(str, steps))}]",
-            f"probe.seq_len={probe['seq_len']}", f"probe.rows={probe['rows']}", f"probe.seed={probe['seed']}",
-            f"replay.batch_size={job['batch_size']}", f"replay.dtype={job['dtype']}", f"replay.device={job['device']}"]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline",
+        f"checkpoints.root={root}",
+        "checkpoints.quiet_seconds=0",
+        f"store.path={store}",
+        "stages=[replay]",
+        f"replay.steps=[{','.join(map(str, steps))}]",
+        f"probe.seq_len={probe['seq_len']}",
+        f"probe.rows={probe['rows']}",
+        f"probe.seed={probe['seed']}",
+        f"replay.batch_size={job['batch_size']}",
+        f"replay.dtype={job['dtype']}",
+        f"replay.device={job['device']}",
+    ]
 
 
 def run_peer(peer: str, ckpts, probe: dict, job: dict, work: Path, venv: Path, timeout_s: float) -> dict:
@@ -128,11 +148,20 @@ def run_peer(peer: str, ckpts, probe: dict, job: dict, work: Path, venv: Path, t
     else:
         result_file = stem.with_suffix(".result.json")
         job_file = stem.with_suffix(".json")
-        job_file.write_text(json.dumps({
-            "checkpoints": [c.path for c in ckpts], "probe": probe["path"], "batch_size": job["batch_size"],
-            "dtype": job["dtype"], "device": job["device"], "threads": job.get("threads"),
-            "vocab_size": job["vocab_size"], "tokenizer_dir": str(stem) + "-tokenizer",
-        }))
+        job_file.write_text(
+            json.dumps(
+                {
+                    "checkpoints": [c.path for c in ckpts],
+                    "probe": probe["path"],
+                    "batch_size": job["batch_size"],
+                    "dtype": job["dtype"],
+                    "device": job["device"],
+                    "threads": job.get("threads"),
+                    "vocab_size": job["vocab_size"],
+                    "tokenizer_dir": str(stem) + "-tokenizer",
+                }
+            )
+        )
         # -P: the script's folder (this package's modules) stays off the peer's import path
         argv = [python, "-P", PEER_SCRIPT, peer, str(job_file), str(result_file)]
     got = run_process(argv, stem.with_suffix(".log"), timeout_s, env)
@@ -164,8 +193,11 @@ def run_peers(cfg, ckpts, probes: dict, job: dict, work: Path, peers: list[str])
             print(f"{LOG_PREFIX} {peer} ({len(ckpts)} checkpoints, T={t}, its own process) ...", flush=True)
             row = run_peer(peer, ckpts, probe, job, work, venv, float(cfg.job_timeout_s))
             out[(peer, int(t))] = row
-            words = (f"{row['wall_s']:.2f} s wall, {row['cpu_s']:.2f} s CPU" if row["status"] == "ok"
-                     else f"{row['status']}: {row['note']}")
+            words = (
+                f"{row['wall_s']:.2f} s wall, {row['cpu_s']:.2f} s CPU"
+                if row["status"] == "ok"
+                else f"{row['status']}: {row['note']}"
+            )
             print(f"{LOG_PREFIX}   {words}", flush=True)
     return out
 

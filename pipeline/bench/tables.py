@@ -34,8 +34,22 @@ SMALL_RUN_LIMIT = 1.2
 LARGE_RUN_LEN, LARGE_RUN_SPEEDUP, LARGE_RUN_MEMORY_SHARE = 1024, 2.0, 0.5
 
 
-def assemble(cfg, preset, command, device, ckpts, bytes_per_ckpt, model_config, read, results, contenders,
-             started, budget, peers=None, small=None) -> dict:
+def assemble(
+    cfg,
+    preset,
+    command,
+    device,
+    ckpts,
+    bytes_per_ckpt,
+    model_config,
+    read,
+    results,
+    contenders,
+    started,
+    budget,
+    peers=None,
+    small=None,
+) -> dict:
     import numpy as np
     import torch
     import transformers
@@ -49,8 +63,16 @@ def assemble(cfg, preset, command, device, ckpts, bytes_per_ckpt, model_config, 
         for c in contenders:
             r = got[c]
             rows.append(table_row(t, c, r, eager, sdpa, read_s))
-        rows.append(table_row(t, "read", {"status": read.get("status", "error"), "e2e_s": read_s,
-                                     "note": read.get("note", "")}, eager, sdpa, read_s))
+        rows.append(
+            table_row(
+                t,
+                "read",
+                {"status": read.get("status", "error"), "e2e_s": read_s, "note": read.get("note", "")},
+                eager,
+                sdpa,
+                read_s,
+            )
+        )
         e = got.get("eager", {})
         for c in ("sinktrace", "layered"):
             s = got.get(c, {})
@@ -63,19 +85,38 @@ def assemble(cfg, preset, command, device, ckpts, bytes_per_ckpt, model_config, 
         "command": command,
         "preset": preset,
         "created": started.isoformat(timespec="seconds"),
-        "device": {"kind": "cuda" if device.startswith("cuda") else "cpu", "name": device_words(device, results),
-                   "cpu_count": os.cpu_count()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "sinktrace": version()},
+        "device": {
+            "kind": "cuda" if device.startswith("cuda") else "cpu",
+            "name": device_words(device, results),
+            "cpu_count": os.cpu_count(),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "sinktrace": version(),
+        },
         "model": {"parameters": param_count(cfg.model), "dtype": str(cfg.dtype), "config": model_config},
-        "checkpoints": {"root": str(Path(ckpts[0].path).parent), "count": len(ckpts),
-                        "steps": [c.step for c in ckpts], "bytes_per_checkpoint": bytes_per_ckpt},
-        "probe": {"seq_lens": [int(x) for x in cfg.probe.seq_lens], "batch_size": int(cfg.probe.batch_size),
-                  "seed": int(cfg.probe.seed)},
-        "settings": {"isolate": str(cfg.isolate), "warmup": int(cfg.warmup),
-                     "forward_repeats": int(cfg.forward_repeats), "logits_to_keep": int(cfg.logits_to_keep),
-                     "eager_budget_bytes": budget, "cold_cache": str(cfg.cold_cache),
-                     "small_run_layers": int(cfg.small_run.layers)},
+        "checkpoints": {
+            "root": str(Path(ckpts[0].path).parent),
+            "count": len(ckpts),
+            "steps": [c.step for c in ckpts],
+            "bytes_per_checkpoint": bytes_per_ckpt,
+        },
+        "probe": {
+            "seq_lens": [int(x) for x in cfg.probe.seq_lens],
+            "batch_size": int(cfg.probe.batch_size),
+            "seed": int(cfg.probe.seed),
+        },
+        "settings": {
+            "isolate": str(cfg.isolate),
+            "warmup": int(cfg.warmup),
+            "forward_repeats": int(cfg.forward_repeats),
+            "logits_to_keep": int(cfg.logits_to_keep),
+            "eager_budget_bytes": budget,
+            "cold_cache": str(cfg.cold_cache),
+            "small_run_layers": int(cfg.small_run.layers),
+        },
         "read_floor": read,
         "rows": rows,
         "agreement_with_eager": agreement,
@@ -110,15 +151,23 @@ def peer_rows(peers: dict, results: dict) -> list[dict]:
             diff = None
             if ok and reference.get("status", "ok") == "ok" and reference.get("sink_mass") is not None:
                 diff = float(np.max(np.abs(np.subtract(r["sink_mass"], reference["sink_mass"]))))
-            rows.append({
-                "seq_len": t, "contender": p, "label": PEER_LABELS[p], "status": r["status"],
-                "note": r.get("note", ""), "checkpoints": len(r.get("sink_mass") or []) or None,
-                "wall_s": r.get("wall_s") if ok else None, "cpu_s": r.get("cpu_s") if ok else None,
-                "peak_rss_bytes": r.get("peak_rss_bytes") if ok else None,
-                "wall_vs_fastest_peer": r["wall_s"] / fastest if ok and fastest else None,
-                "rss_vs_leanest_peer": r["peak_rss_bytes"] / leanest if ok and leanest else None,
-                "max_abs_sink_mass_vs_eager": diff, "versions": r.get("versions", {}),
-            })
+            rows.append(
+                {
+                    "seq_len": t,
+                    "contender": p,
+                    "label": PEER_LABELS[p],
+                    "status": r["status"],
+                    "note": r.get("note", ""),
+                    "checkpoints": len(r.get("sink_mass") or []) or None,
+                    "wall_s": r.get("wall_s") if ok else None,
+                    "cpu_s": r.get("cpu_s") if ok else None,
+                    "peak_rss_bytes": r.get("peak_rss_bytes") if ok else None,
+                    "wall_vs_fastest_peer": r["wall_s"] / fastest if ok and fastest else None,
+                    "rss_vs_leanest_peer": r["peak_rss_bytes"] / leanest if ok and leanest else None,
+                    "max_abs_sink_mass_vs_eager": diff,
+                    "versions": r.get("versions", {}),
+                }
+            )
     return rows
 
 
@@ -178,37 +227,65 @@ def targets(doc: dict) -> list[dict]:
             continue
         r = rows.get((t, "sinktrace"))
         v = r and r["forward_vs_sdpa"]
-        add(f"statistics forward <= {limit}x the compute floor at T={t}", v, limit,
-            None if v is None else v <= limit, "" if v is not None else "not measured")
+        add(
+            f"statistics forward <= {limit}x the compute floor at T={t}",
+            v,
+            limit,
+            None if v is None else v <= limit,
+            "" if v is not None else "not measured",
+        )
     if EAGER_TARGET_LEN in lens:
         s, e = rows.get((EAGER_TARGET_LEN, "sinktrace")), rows.get((EAGER_TARGET_LEN, "eager"))
         if s and e and s["status"] == "ok":
             if e["status"] == "oom":
-                add(f">= {EAGER_SPEEDUP}x faster than eager at T={EAGER_TARGET_LEN} (end to end)", None, EAGER_SPEEDUP,
-                    True, "eager ran out of memory")
-                add(f"<= {EAGER_MEMORY_SHARE} of eager's peak device memory at T={EAGER_TARGET_LEN}", None,
-                    EAGER_MEMORY_SHARE, True, "eager ran out of memory")
+                add(
+                    f">= {EAGER_SPEEDUP}x faster than eager at T={EAGER_TARGET_LEN} (end to end)",
+                    None,
+                    EAGER_SPEEDUP,
+                    True,
+                    "eager ran out of memory",
+                )
+                add(
+                    f"<= {EAGER_MEMORY_SHARE} of eager's peak device memory at T={EAGER_TARGET_LEN}",
+                    None,
+                    EAGER_MEMORY_SHARE,
+                    True,
+                    "eager ran out of memory",
+                )
             elif e["status"] == "ok":
                 speed = e["e2e_s_per_ckpt"] / s["e2e_s_per_ckpt"]
                 fwd_speed = e["forward_s"] / s["forward_s"] if s["forward_s"] else None
-                add(f">= {EAGER_SPEEDUP}x faster than eager at T={EAGER_TARGET_LEN} (end to end)", speed,
-                    EAGER_SPEEDUP, speed >= EAGER_SPEEDUP,
-                    f"forward alone: {fwd_speed:.2f}x" if fwd_speed else "")
+                add(
+                    f">= {EAGER_SPEEDUP}x faster than eager at T={EAGER_TARGET_LEN} (end to end)",
+                    speed,
+                    EAGER_SPEEDUP,
+                    speed >= EAGER_SPEEDUP,
+                    f"forward alone: {fwd_speed:.2f}x" if fwd_speed else "",
+                )
                 sd, ed = s["peak_device_bytes"], e["peak_device_bytes"]
                 share = sd / ed if sd and ed else None
-                add(f"<= {EAGER_MEMORY_SHARE} of eager's peak device memory at T={EAGER_TARGET_LEN}", share,
-                    EAGER_MEMORY_SHARE, None if share is None else share <= EAGER_MEMORY_SHARE,
-                    "" if share is not None else "no device memory figures (CPU)")
+                add(
+                    f"<= {EAGER_MEMORY_SHARE} of eager's peak device memory at T={EAGER_TARGET_LEN}",
+                    share,
+                    EAGER_MEMORY_SHARE,
+                    None if share is None else share <= EAGER_MEMORY_SHARE,
+                    "" if share is not None else "no device memory figures (CPU)",
+                )
     for t in lens:
         s, w = rows.get((t, "layered")), rows.get((t, "sinktrace"))
         if s and w and s["status"] == "ok" and w["status"] == "ok":
             limit = layered_memory_limit(doc, w, t)
             v = s["peak_device_bytes"]
-            add(f"layer by layer at T={t}: peak device memory <= two blocks' weights + embeddings + activations "
-                f"(GiB)", None if v is None else gib(v), None if limit is None else gib(limit),
+            add(
+                f"layer by layer at T={t}: peak device memory <= two blocks' weights + embeddings + activations (GiB)",
+                None if v is None else gib(v),
+                None if limit is None else gib(limit),
                 None if v is None or limit is None else v <= limit,
                 "limit: the whole-model replay's peak, less the weights beyond the embeddings and two blocks, "
-                "plus every probe row's hidden state" if v is not None else "no device memory figures (CPU)")
+                "plus every probe row's hidden state"
+                if v is not None
+                else "no device memory figures (CPU)",
+            )
     out += cpu_targets(doc, rows, on_gpu)
     n = doc["checkpoints"]["count"]
     read = doc["read_floor"]
@@ -217,9 +294,14 @@ def targets(doc: dict) -> list[dict]:
     if s and s["status"] == "ok" and read.get("status") == "ok":
         share = doc["checkpoints"]["bytes_per_checkpoint"] / s["e2e_s_per_ckpt"] / read["bytes_per_s"]
         enough = n >= READ_TARGET_MIN_CKPTS
-        add(f"replay throughput >= {READ_TARGET_SHARE:.0%} of the read floor over {READ_TARGET_MIN_CKPTS}+ "
-            f"checkpoints (T={t})", share, READ_TARGET_SHARE, (share >= READ_TARGET_SHARE) if enough else None,
-            "" if enough else f"only {n} checkpoints: not judged (checkpoints.count={READ_TARGET_MIN_CKPTS} or more)")
+        add(
+            f"replay throughput >= {READ_TARGET_SHARE:.0%} of the read floor over {READ_TARGET_MIN_CKPTS}+ "
+            f"checkpoints (T={t})",
+            share,
+            READ_TARGET_SHARE,
+            (share >= READ_TARGET_SHARE) if enough else None,
+            "" if enough else f"only {n} checkpoints: not judged (checkpoints.count={READ_TARGET_MIN_CKPTS} or more)",
+        )
     return out
 
 
@@ -235,15 +317,26 @@ def cpu_targets(doc: dict, rows: dict, on_gpu: bool) -> list[dict]:
         r = rows.get((t, "sinktrace"))
         if CPU_FLOOR_LENS[0] <= t <= CPU_FLOOR_LENS[1] and r and r["forward_cpu_vs_sdpa"] is not None:
             v = r["forward_cpu_vs_sdpa"]
-            add_cpu(f"statistics forward <= {CPU_FLOOR_LIMIT}x the compute floor at T={t} (CPU seconds)", v,
-                    CPU_FLOOR_LIMIT, v <= CPU_FLOOR_LIMIT, f"wall: {r['forward_vs_sdpa']:.2f}x")
+            add_cpu(
+                f"statistics forward <= {CPU_FLOOR_LIMIT}x the compute floor at T={t} (CPU seconds)",
+                v,
+                CPU_FLOOR_LIMIT,
+                v <= CPU_FLOOR_LIMIT,
+                f"wall: {r['forward_vs_sdpa']:.2f}x",
+            )
     small = {r["contender"]: r for r in doc["small_run"]}
     s, p = small.get("sinktrace"), small.get("transformers")
     if s and p and s["status"] == "ok" and p["status"] == "ok":
         v = s["wall_s"] / p["wall_s"]
-        add_cpu(f"small run (one checkpoint of a {doc['settings']['small_run_layers']}-layer model, T="
-                f"{s['seq_len']}) end to end <= {SMALL_RUN_LIMIT}x a plain transformers script", v, SMALL_RUN_LIMIT,
-                v <= SMALL_RUN_LIMIT, f"{s['wall_s']:.2f} s against {p['wall_s']:.2f} s", judged=True)
+        add_cpu(
+            f"small run (one checkpoint of a {doc['settings']['small_run_layers']}-layer model, T="
+            f"{s['seq_len']}) end to end <= {SMALL_RUN_LIMIT}x a plain transformers script",
+            v,
+            SMALL_RUN_LIMIT,
+            v <= SMALL_RUN_LIMIT,
+            f"{s['wall_s']:.2f} s against {p['wall_s']:.2f} s",
+            judged=True,
+        )
     for t in sorted({r["seq_len"] for r in doc["peers"]}):
         if t < LARGE_RUN_LEN:
             continue
@@ -254,12 +347,22 @@ def cpu_targets(doc: dict, rows: dict, on_gpu: bool) -> list[dict]:
             continue
         fastest = min(others, key=lambda r: r["wall_s"])
         speed = fastest["wall_s"] / s["wall_s"]
-        add_cpu(f">= {LARGE_RUN_SPEEDUP}x faster than the fastest peer at T={t}", speed, LARGE_RUN_SPEEDUP,
-                speed >= LARGE_RUN_SPEEDUP, f"fastest peer: {fastest['label']}")
+        add_cpu(
+            f">= {LARGE_RUN_SPEEDUP}x faster than the fastest peer at T={t}",
+            speed,
+            LARGE_RUN_SPEEDUP,
+            speed >= LARGE_RUN_SPEEDUP,
+            f"fastest peer: {fastest['label']}",
+        )
         leanest = min(others, key=lambda r: r["peak_rss_bytes"])
         share = s["peak_rss_bytes"] / leanest["peak_rss_bytes"]
-        add_cpu(f"<= {LARGE_RUN_MEMORY_SHARE} of the leanest peer's peak memory at T={t}", share,
-                LARGE_RUN_MEMORY_SHARE, share <= LARGE_RUN_MEMORY_SHARE, f"leanest peer: {leanest['label']}")
+        add_cpu(
+            f"<= {LARGE_RUN_MEMORY_SHARE} of the leanest peer's peak memory at T={t}",
+            share,
+            LARGE_RUN_MEMORY_SHARE,
+            share <= LARGE_RUN_MEMORY_SHARE,
+            f"leanest peer: {leanest['label']}",
+        )
     return out
 
 
@@ -354,28 +457,55 @@ def render(doc: dict) -> str:
     lines.append(
         "e2e: read + build + probe forward + statistics, per checkpoint (read floor: its files' read time); "
         "fwd: the probe forward with the weights already on the device; ratios are time / reference time"
-        + ("" if on_gpu else "; cpu: the same ratio in CPU seconds of the process (steadier than wall time on a "
-                             "shared machine)")
+        + (
+            ""
+            if on_gpu
+            else "; cpu: the same ratio in CPU seconds of the process (steadier than wall time on a shared machine)"
+        )
     )
-    header = ["T", "rows", "contender", "e2e s", "fwd s", "e2e/eager", "fwd/eager", "fwd/sdpa",
-              *([] if on_gpu else ["cpu"]), "e2e/read", "RSS GiB", "dev GiB", "note"]
+    header = [
+        "T",
+        "rows",
+        "contender",
+        "e2e s",
+        "fwd s",
+        "e2e/eager",
+        "fwd/eager",
+        "fwd/sdpa",
+        *([] if on_gpu else ["cpu"]),
+        "e2e/read",
+        "RSS GiB",
+        "dev GiB",
+        "note",
+    ]
     table = []
     for r in doc["rows"]:
         ok = r["status"] == "ok"
         measured = r["contender"] != "read" and r["status"] != "skipped"  # an out-of-memory row keeps its peaks
-        note = r["note"] if not ok else ("" if r["cold_cache"] is not False or r["contender"] in ("sdpa", "read")
-                                         else "page cache not cold")
+        note = (
+            r["note"]
+            if not ok
+            else ("" if r["cold_cache"] is not False or r["contender"] in ("sdpa", "read") else "page cache not cold")
+        )
         if not ok and r["status"] not in note:
             note = f"{r['status']}: {note}"
-        table.append([
-            str(r["seq_len"]), str(r["rows"] or "-"), r["label"], fmt_s(r["e2e_s_per_ckpt"]), fmt_s(r["forward_s"]),
-            fmt_x(r["e2e_vs_eager"]), fmt_x(r["forward_vs_eager"]), fmt_x(r["forward_vs_sdpa"]),
-            *([] if on_gpu else [fmt_x(r.get("forward_cpu_vs_sdpa"))]),
-            fmt_x(r["e2e_vs_read"]),
-            fmt_gib(r["peak_rss_bytes"]) if measured else "-",
-            (fmt_gib(r["peak_device_bytes"]) if on_gpu else "n/a") if measured else "-",
-            note,
-        ])
+        table.append(
+            [
+                str(r["seq_len"]),
+                str(r["rows"] or "-"),
+                r["label"],
+                fmt_s(r["e2e_s_per_ckpt"]),
+                fmt_s(r["forward_s"]),
+                fmt_x(r["e2e_vs_eager"]),
+                fmt_x(r["forward_vs_eager"]),
+                fmt_x(r["forward_vs_sdpa"]),
+                *([] if on_gpu else [fmt_x(r.get("forward_cpu_vs_sdpa"))]),
+                fmt_x(r["e2e_vs_read"]),
+                fmt_gib(r["peak_rss_bytes"]) if measured else "-",
+                (fmt_gib(r["peak_device_bytes"]) if on_gpu else "n/a") if measured else "-",
+                note,
+            ]
+        )
     widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header[:-1])]
     fmt = lambda cells: "  ".join(  # noqa: E731
         [c.rjust(w) if i not in (2,) else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))] + [cells[-1]]
@@ -393,8 +523,11 @@ def render(doc: dict) -> str:
     lines.append("")
     lines.append(
         "RSS: peak host memory (VmHWM) of each contender "
-        + ("in its own subprocess" if doc["settings"]["isolate"] != "none" else
-           "in this process, reset before each (includes the benchmark's own memory)")
+        + (
+            "in its own subprocess"
+            if doc["settings"]["isolate"] != "none"
+            else "in this process, reset before each (includes the benchmark's own memory)"
+        )
         + ("" if scope <= {"since reset"} else "; process-wide high-water where the reset was not possible")
         + ("; dev: torch.cuda.max_memory_allocated, weights included" if on_gpu else "; dev: n/a on the CPU")
     )
@@ -409,15 +542,23 @@ def render(doc: dict) -> str:
     for key, r in sorted(doc["details"].items(), key=lambda kv: int(kv[0].split("@")[1])):
         if key.startswith("sinktrace@") and r.get("status") == "ok":
             b, io = r["breakdown"], r.get("io") or {}
-            disk = f", {io['read_bytes'] / ck['bytes_per_checkpoint']:.2f}x the weight bytes read from storage, " \
-                   f"{io['rchar'] / ck['bytes_per_checkpoint']:.2f}x through read calls" if io else ""
-            lines.append(f"sinktrace replay at T={key.split('@')[1]}: load {fmt_s(b['load_s'])} + measure "
-                         f"{fmt_s(b['measure_s'])} + rest {fmt_s(b['other_s'])} per checkpoint{disk}"
-                         + "; each replay read the next checkpoint ahead")
+            disk = (
+                f", {io['read_bytes'] / ck['bytes_per_checkpoint']:.2f}x the weight bytes read from storage, "
+                f"{io['rchar'] / ck['bytes_per_checkpoint']:.2f}x through read calls"
+                if io
+                else ""
+            )
+            lines.append(
+                f"sinktrace replay at T={key.split('@')[1]}: load {fmt_s(b['load_s'])} + measure "
+                f"{fmt_s(b['measure_s'])} + rest {fmt_s(b['other_s'])} per checkpoint{disk}"
+                + "; each replay read the next checkpoint ahead"
+            )
         if key.startswith("eager@") and r.get("status") == "ok":
             b = r["breakdown"]
-            lines.append(f"eager at T={key.split('@')[1]}: from_pretrained {fmt_s(b['from_pretrained_s'])} + forward "
-                         f"and statistics {fmt_s(b['forward_and_stats_s'])} per checkpoint")
+            lines.append(
+                f"eager at T={key.split('@')[1]}: from_pretrained {fmt_s(b['from_pretrained_s'])} + forward "
+                f"and statistics {fmt_s(b['forward_and_stats_s'])} per checkpoint"
+            )
     for title, peer_table in (("peers", doc["peers"]), ("small run", doc["small_run"])):
         if peer_table:
             lines += ["", render_peers(title, peer_table)]
@@ -436,16 +577,28 @@ def render(doc: dict) -> str:
 def render_peers(title: str, rows: list[dict]) -> str:
     """The peers' table: each a whole program in its own process, from its start to its exit."""
     header = ["T", "ckpts", title, "wall s", "CPU s", "RSS GiB", "wall/fastest", "RSS/leanest", "|d sink|", "note"]
-    table = [[str(r["seq_len"]), str(r["checkpoints"] or "-"), r["label"], fmt_s(r["wall_s"]), fmt_s(r["cpu_s"]),
-              fmt_gib(r["peak_rss_bytes"]) if r["peak_rss_bytes"] else "-", fmt_x(r["wall_vs_fastest_peer"]),
-              fmt_x(r["rss_vs_leanest_peer"]),
-              "-" if r["max_abs_sink_mass_vs_eager"] is None else f"{r['max_abs_sink_mass_vs_eager']:.1g}",
-              r["note"] if r["status"] != "ok" else ""] for r in rows]
+    table = [
+        [
+            str(r["seq_len"]),
+            str(r["checkpoints"] or "-"),
+            r["label"],
+            fmt_s(r["wall_s"]),
+            fmt_s(r["cpu_s"]),
+            fmt_gib(r["peak_rss_bytes"]) if r["peak_rss_bytes"] else "-",
+            fmt_x(r["wall_vs_fastest_peer"]),
+            fmt_x(r["rss_vs_leanest_peer"]),
+            "-" if r["max_abs_sink_mass_vs_eager"] is None else f"{r['max_abs_sink_mass_vs_eager']:.1g}",
+            r["note"] if r["status"] != "ok" else "",
+        ]
+        for r in rows
+    ]
     widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header[:-1])]
     fmt = lambda cells: "  ".join(  # noqa: E731
         [c.ljust(w) if i == 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))] + [cells[-1]]
     ).rstrip()
     lines = [fmt(header), fmt(["-" * w for w in widths] + [""]), *map(fmt, table)]
-    lines.append(f"{title}: whole processes, start to exit (imports included); wall/fastest and RSS/leanest against "
-                 "the fastest and the leanest peer other than sinktrace; |d sink|: max |sink mass - eager's|")
+    lines.append(
+        f"{title}: whole processes, start to exit (imports included); wall/fastest and RSS/leanest against "
+        "the fastest and the leanest peer other than sinktrace; |d sink|: max |sink mass - eager's|"
+    )
     return "\n".join(lines)
