@@ -56,7 +56,7 @@ def streamed(monkeypatch):
     monkeypatch.setattr(layered.BlockStream, "_read", counting_read)
     run_rows = layered.BlockStream.run_rows
 
-    def watching(self, body, batches):
+    def watching(self, body, batches, *args):
         blocks = list(self.blocks)  # run_rows swaps stand-ins into the list; count the blocks themselves
         shape = blocks[0].mlp.up_proj.weight.shape
         alive.append(sum(p.shape == shape for p in blocks[0].parameters()))  # first: how many a block holds
@@ -72,7 +72,7 @@ def streamed(monkeypatch):
 
         hooks = [b.register_forward_pre_hook(count) for b in blocks]
         try:
-            return run_rows(self, body, batches)
+            return run_rows(self, body, batches, *args)
         finally:
             for h in hooks:
                 h.remove()
