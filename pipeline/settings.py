@@ -56,6 +56,8 @@ class ReplaySettings:
     until_step: int | None = None
     idle_timeout: float = 3600.0
     poll_seconds: float = 10.0
+    # groups of statistics beyond the sink's: outputs, similarity, loss, mixing (pipeline/replay.py MEASURE_GROUPS)
+    measure: list[str] = field(default_factory=lambda: ["outputs", "similarity", "loss"])
 
 
 @dataclass
