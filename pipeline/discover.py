@@ -128,13 +128,14 @@ def _inspect(folder, name_step, staging, sibling_markers, now, quiet_seconds) ->
     files = {e.name for e in entries if not e.is_dir and "/" not in e.name}
     problems = []
 
-    step, tokens_seen = name_step, None
+    step, tokens_seen, loss = name_step, None, None
     if TRAINER_STATE_NAME in files:
         try:
             state = json.loads(folder.read_text(TRAINER_STATE_NAME))
             if isinstance(state.get("global_step"), int):
                 step = state["global_step"]
             tokens_seen = _tokens_seen(state, step)
+            loss = _training_loss(state, step)
         except (ValueError, AttributeError) as e:  # a half-written file reads as bad JSON
             problems.append(f"{TRAINER_STATE_NAME} is not a valid JSON object ({e})")
         except FileNotFoundError:
@@ -183,6 +184,7 @@ def _inspect(folder, name_step, staging, sibling_markers, now, quiet_seconds) ->
         tokens_seen=tokens_seen,
         quiet_in=quiet_in,
         modified=max(stamps) if stamps else None,
+        loss=loss,
     )
 
 
@@ -225,6 +227,16 @@ def _tokens_seen(state: dict, step: int | None) -> int | None:
     if tokens == 0 and step:
         return None
     return int(tokens)
+
+
+def _training_loss(state: dict, step: int | None) -> float | None:
+    """The last training loss the trainer logged at or before `step` (its log_history entries with a "loss")."""
+    history = state.get("log_history")
+    if step is None or not isinstance(history, list):
+        return None
+    logged = [(e["step"], e["loss"]) for e in history if isinstance(e, dict) and isinstance(e.get("step"), int)
+              and isinstance(e.get("loss"), (int, float)) and not isinstance(e.get("loss"), bool) and e["step"] <= step]
+    return float(max(logged)[1]) if logged else None
 
 
 def _looks_like_checkpoint(names: set[str]) -> bool:

@@ -129,6 +129,7 @@ class Run:
         if self.store is None:
             self._open_store(fresh[0])
         self.store.prepare([c.step for c in fresh], tokens_seen={c.step: c.tokens_seen for c in fresh},
+                           loss={c.step: c.loss for c in fresh} if "loss" in self.settings.measure else {},
                            attrs=self._attrs)
         self._attrs = {}  # the run's attributes go in once
         status = self.store.status()

@@ -19,6 +19,7 @@ class Checkpoint:
     tokens_seen: int | None = None
     quiet_in: float | None = None  # complete but for its quiet period, which ends in this many seconds
     modified: float | None = None  # its files' newest modification time, when discovery could tell
+    loss: float | None = None  # the training loss logged at (or last before) this step
 
 
 @dataclass(frozen=True)

@@ -50,8 +50,6 @@ DIMS = {
 OPTIONAL = frozenset({"learned_sink_mass", "attn_out_norm_p0", "attn_out_norm", "mlp_out_norm_p0", "mlp_out_norm",
                       "p0_similarity", "rest_similarity", "collapse", "sensitivity"})
 SINK_LABELS = ("kept", "removed")  # the `sink` coordinate of collapse and sensitivity
-# replay.measure groups: the three measure() adds, and the training loss read from the checkpoint's trainer state
-MEASURE_GROUPS = ("outputs", "similarity", "mixing", "loss")
 DEFAULT_MEASURES = ("outputs", "similarity", "loss")
 
 

@@ -39,6 +39,10 @@ class TokensProbeSettings:
     first_token: str = "keep"
 
 
+# replay.measure groups: the three statistics groups measure() adds, and the training loss read by discovery
+MEASURE_GROUPS = ("outputs", "similarity", "mixing", "loss")
+
+
 @dataclass
 class ReplaySettings:
     """What a replay task needs to know (it travels to the Dask worker), and which steps the driver submits."""
@@ -56,7 +60,7 @@ class ReplaySettings:
     until_step: int | None = None
     idle_timeout: float = 3600.0
     poll_seconds: float = 10.0
-    # groups of statistics beyond the sink's: outputs, similarity, loss, mixing (pipeline/replay.py MEASURE_GROUPS)
+    # groups of statistics beyond the sink's (MEASURE_GROUPS); mixing costs three more forward passes
     measure: list[str] = field(default_factory=lambda: ["outputs", "similarity", "loss"])
 
 
@@ -148,6 +152,9 @@ def check(cfg) -> None:
         device_budget(r.max_device_memory, "cpu")
     except ValueError as e:
         raise UsageError(str(e)) from None
+    unknown = sorted(set(r.measure) - set(MEASURE_GROUPS))
+    if unknown:
+        raise UsageError(f"replay.measure: unknown group(s) {unknown}; choose from {list(MEASURE_GROUPS)}")
     if cfg.checkpoints.quiet_seconds < 0:
         raise UsageError(f"checkpoints.quiet_seconds={cfg.checkpoints.quiet_seconds}: must be 0 or more")
     p = cfg.probe
