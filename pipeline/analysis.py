@@ -357,12 +357,17 @@ def writer_ratio(ds: xr.Dataset) -> xr.DataArray:
     """How much each sublayer's output at position 0 stands out: (step, layer, component) on done steps.
 
     Definition: ``<c>_out_norm_p0 / <c>_out_norm`` for component c = attn, mlp: the norm of what the sublayer
-    adds to the residual stream at position 0 over its mean norm at positions 1..T-1. NaN where that mean is 0.
+    adds to the residual stream at position 0 over its mean norm at positions 1..T-1. Infinite where only
+    position 0 is written, NaN where nothing is.
     """
     _needs(ds, ("attn_out_norm_p0", "attn_out_norm", "mlp_out_norm_p0", "mlp_out_norm"), "outputs")
     d = _done_data(ds)
-    ratio = xr.concat([(d[f"{c}_out_norm_p0"] / d[f"{c}_out_norm"]).where(d[f"{c}_out_norm"] > 0)
-                       for c in ("attn", "mlp")], dim="component")
+
+    def one(c):
+        p0, rest = d[f"{c}_out_norm_p0"], d[f"{c}_out_norm"]
+        return xr.where(rest > 0, p0 / rest.where(rest > 0), xr.where(p0 > 0, np.inf, np.nan))
+
+    ratio = xr.concat([one(c) for c in ("attn", "mlp")], dim="component")
     return ratio.assign_coords(component=["attn", "mlp"]).rename("writer_ratio").assign_attrs(
         long_name="sublayer output at position 0 over the rest", units="ratio",
         definition="<component>_out_norm_p0 / <component>_out_norm",
