@@ -12,11 +12,11 @@ from pipeline import layered
 from pipeline.devices import device_budget
 from pipeline.errors import CheckpointError
 from pipeline.layered import open_layered
-from pipeline.measure import measure
+from pipeline.measure import MEASURES, measure
 from pipeline.records import Checkpoint
 from pipeline.replay import ReplaySettings, replay
 from tests.ckpt_factory import save_checkpoint, shards
-from tests.reference import reference_stats
+from tests.reference import reference_extra, reference_stats
 from tests.test_families import FAMILIES, assert_stats_close, build, probe
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add overhead
@@ -36,9 +36,10 @@ def test_family_matches_whole_model_and_reference(family, tmp_path):
     model = build(family)
     model.save_pretrained(tmp_path)
     ids = probe()
-    got = measure_layered(tmp_path, ids)
-    assert_stats_close(got, measure(model, ids, batch_size=2, key_positions=4), rtol=1e-6, atol=1e-6)
-    assert_stats_close(got, reference_stats(model, ids, key_positions=4))
+    got = measure_layered(tmp_path, ids, measures=MEASURES)
+    assert_stats_close(got, measure(model, ids, batch_size=2, key_positions=4, measures=MEASURES), rtol=1e-6,
+                       atol=1e-6)
+    assert_stats_close(got, reference_stats(model, ids, key_positions=4) | reference_extra(model, ids))
 
 
 @pytest.fixture
