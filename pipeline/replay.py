@@ -50,7 +50,6 @@ DIMS = {
 OPTIONAL = frozenset({"learned_sink_mass", "attn_out_norm_p0", "attn_out_norm", "mlp_out_norm_p0", "mlp_out_norm",
                       "p0_similarity", "rest_similarity", "collapse", "sensitivity"})
 SINK_LABELS = ("kept", "removed")  # the `sink` coordinate of collapse and sensitivity
-DEFAULT_MEASURES = ("outputs", "similarity", "loss")
 
 
 
