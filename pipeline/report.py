@@ -27,8 +27,10 @@ DPI = 120
 # Few enough layers to name each in a legend; more get a colour bar instead.
 MAX_LEGEND_LAYERS = 10
 # Variables the figures read; loading only these keeps the report quick on wide cubes.
-# (status, error and tokens_seen are step coordinates and come along.)
-_NEEDED = ("sink_mass", "sink_mass_by_q", "resid_norm_p0", "resid_norm", "resid_max_p0", "resid_median")
+# (status, error, tokens_seen and loss are step coordinates and come along.)
+_NEEDED = ("sink_mass", "sink_mass_by_q", "resid_norm_p0", "resid_norm", "resid_max_p0", "resid_median",
+           "attn_out_norm_p0", "attn_out_norm", "mlp_out_norm_p0", "mlp_out_norm", "p0_similarity",
+           "rest_similarity", "collapse", "sensitivity")
 
 
 def default_out_dir(store_path: str | Path) -> Path:

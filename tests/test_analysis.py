@@ -334,7 +334,8 @@ def circuit_cube(first_token="random"):
         attn_out_norm_p0=(sl, attn_p0), attn_out_norm=(sl, rest), mlp_out_norm_p0=(sl, mlp_p0),
         mlp_out_norm=(sl, rest), p0_similarity=(sl, sim), rest_similarity=(sl, np.full((steps, layers), 0.1)),
         collapse=(sls, collapse), sensitivity=(sls, sensitivity),
-    ).assign_coords(sink=["kept", "removed"], loss=("step", [6.0, 5.0, 4.0, 3.5, 3.4]))
+    ).assign_coords(sink=np.array(["kept", "removed"], dtype=np.dtypes.StringDType()),
+                    loss=("step", [6.0, 5.0, 4.0, 3.5, 3.4]))
 
 
 def test_circuit_writer_and_the_step_it_settles():
