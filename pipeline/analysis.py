@@ -30,6 +30,9 @@ Convention = Literal["stored", "gu"]
 
 __all__ = [
     "SinkAccessor",
+    "circuit_convergence_step",
+    "circuit_share",
+    "circuit_writer",
     "convergence_step",
     "done",
     "early_share",
@@ -38,12 +41,17 @@ __all__ = [
     "first_token_pair",
     "layer_sink_mass",
     "massive_activation_ratio",
+    "mixing_effect",
+    "recognition_step",
     "onset_layer",
     "positional_index",
     "positional_index_pair",
     "probe_groups",
     "probe_length",
     "profile_change",
+    "training_loss",
+    "writer_ratio",
+    "writer_settle_step",
     "sink_rate",
     "sink_score",
     "uniform_sink_mass",
@@ -336,6 +344,157 @@ def massive_activation_ratio(
 
 
 # ---------------------------------------------------------------------------
+# The P0 circuit and over-mixing
+
+
+def _needs(ds: xr.Dataset, names, switch: str) -> None:
+    missing = [n for n in names if n not in ds.variables]
+    if missing:
+        raise KeyError(f"the cube has no {', '.join(missing)}: replay with {switch!r} in replay.measure")
+
+
+def writer_ratio(ds: xr.Dataset) -> xr.DataArray:
+    """How much each sublayer's output at position 0 stands out: (step, layer, component) on done steps.
+
+    Definition: ``<c>_out_norm_p0 / <c>_out_norm`` for component c = attn, mlp: the norm of what the sublayer
+    adds to the residual stream at position 0 over its mean norm at positions 1..T-1. Infinite where only
+    position 0 is written, NaN where nothing is.
+    """
+    _needs(ds, ("attn_out_norm_p0", "attn_out_norm", "mlp_out_norm_p0", "mlp_out_norm"), "outputs")
+    d = _done_data(ds)
+
+    def one(c):
+        p0, rest = d[f"{c}_out_norm_p0"], d[f"{c}_out_norm"]
+        return xr.where(rest > 0, p0 / rest.where(rest > 0), xr.where(p0 > 0, np.inf, np.nan))
+
+    ratio = xr.concat([one(c) for c in ("attn", "mlp")], dim="component")
+    return ratio.assign_coords(component=["attn", "mlp"]).rename("writer_ratio").assign_attrs(
+        long_name="sublayer output at position 0 over the rest", units="ratio",
+        definition="<component>_out_norm_p0 / <component>_out_norm",
+    )
+
+
+def circuit_writer(ds: xr.Dataset, ratio: float = 3.0) -> xr.DataArray:
+    """Per step, the first sublayer whose output at position 0 stands out: the P0 circuit's writer.
+
+    Definition: walking the sublayers in the order they run (layer 0's attention, layer 0's MLP, layer 1's
+    attention, ...), the first whose :func:`writer_ratio` exceeds ``ratio``. Encoded as a number on the layer
+    axis: ``layer`` for the attention, ``layer + 0.5`` for the MLP. NaN at steps where none does. (In parallel
+    blocks the two read the same input; the attention still comes first here.)
+    """
+    r = writer_ratio(ds)
+    order = r.stack(sublayer=("layer", "component"))  # layer-major: attn 0, mlp 0, attn 1, ...
+    position = (order["layer"] + 0.5 * (order["component"] == "mlp")).values
+    above = (order > ratio).drop_vars(["sublayer", "layer", "component"]).assign_coords(sublayer=position)
+    return _first_label(above, "sublayer").rename("circuit_writer").assign_attrs(
+        long_name="P0 circuit writer", units="layer (+0.5: MLP)", ratio=ratio,
+        definition=f"first sublayer in forward order whose output norm at position 0 exceeds {ratio} x its mean "
+        "at positions 1..T-1; layer for attention, layer + 0.5 for the MLP; NaN if none",
+    )
+
+
+def writer_settle_step(ds: xr.Dataset, ratio: float = 3.0) -> xr.DataArray:
+    """The step from which the circuit's writer (:func:`circuit_writer`) is the same sublayer at every later done
+    step. NaN if there is no writer at the last done step. 0-d."""
+    w = circuit_writer(ds, ratio)
+    same = (w == w.isel(step=-1)) & w.notnull() if w.sizes["step"] else w.notnull()
+    return _first_label(_true_from_here_on(same, "step"), "step").rename("writer_settle_step").assign_attrs(
+        long_name="step the writer settles", units="training step", ratio=ratio,
+        definition="first done step from which circuit_writer equals its value at the last done step",
+    )
+
+
+def recognition_step(ds: xr.Dataset, threshold: float = 0.9, layers: int = 2) -> xr.DataArray:
+    """The step from which position zero is recognised without its content. 0-d.
+
+    Definition: with x(s) = max over layers 0..``layers``-1 of ``p0_similarity`` (the mean pairwise cosine of the
+    position-0 residual across probe rows whose first tokens differ), the first done step s_i such that
+    x(s_j) > ``threshold`` for every j >= i; NaN if x is not above it at the last done step. Needs a probe with
+    ``first_token=random``: with one first token in every row the similarity is 1 by construction.
+    """
+    _needs(ds, ("p0_similarity",), "similarity")
+    policy = ds.attrs.get("probe_first_token")
+    if policy != "random":
+        raise ValueError(f"recognition needs a probe with first_token=random (this one: {policy!r}); with the "
+                         "same first token in every row p0_similarity is 1 by construction")
+    x = _done_data(ds)["p0_similarity"].isel(layer=slice(0, layers)).max("layer")
+    stays = _true_from_here_on(x > threshold, "step")
+    return _first_label(stays, "step").rename("recognition_step").assign_attrs(
+        long_name="position-zero recognition step", units="training step", threshold=threshold, layers=layers,
+        definition=f"first done step from which max over layers < {layers} of p0_similarity stays > {threshold}",
+    )
+
+
+def mixing_effect(ds: xr.Dataset) -> xr.Dataset:
+    """What the sink does for mixing: (step, layer) ratios, sink removed over sink kept, on done steps.
+
+    ``collapse``: collapse(removed) / collapse(kept); above 1: without the sink the positions' residuals are more
+    alike (the sink held over-mixing back). ``sensitivity``: sensitivity(removed) / sensitivity(kept); above 1:
+    without the sink one replaced token moves the later positions more.
+    """
+    _needs(ds, ("collapse", "sensitivity"), "mixing")
+    d = _done_data(ds)
+    out = xr.Dataset({name: d[name].sel(sink="removed", drop=True) / d[name].sel(sink="kept", drop=True)
+                      for name in ("collapse", "sensitivity")})
+    for name in out.data_vars:
+        out[name].attrs.update(long_name=f"{name}, sink removed over kept", units="ratio",
+                               definition=f"{name}(sink=removed) / {name}(sink=kept)")
+    return out
+
+
+def circuit_share(ds: xr.Dataset, k: int = 2) -> xr.DataArray:
+    """Per step, the share of the position-0 writing done in the first ``k`` layers.
+
+    Definition: e(l, c) = max(0, <c>_out_norm_p0 - <c>_out_norm), how much more sublayer c of layer l writes at
+    position 0 than at the other positions; share = sum of e over layers < k / sum over all layers (both
+    components). NaN where the total is 0.
+    """
+    _needs(ds, ("attn_out_norm_p0", "attn_out_norm", "mlp_out_norm_p0", "mlp_out_norm"), "outputs")
+    d = _done_data(ds)
+    excess = sum((d[f"{c}_out_norm_p0"] - d[f"{c}_out_norm"]).clip(min=0) for c in ("attn", "mlp"))
+    total = excess.sum("layer")
+    return (excess.isel(layer=slice(0, k)).sum("layer") / total).where(total > 0).rename("circuit_share").assign_attrs(
+        long_name=f"share of the position-0 writing in layers 0..{k - 1}", units="fraction", k=k,
+        definition=f"sum over layers < {k} of max(0, out_norm_p0 - out_norm), attention and MLP, over the sum "
+        "over all layers",
+    )
+
+
+def circuit_convergence_step(ds: xr.Dataset, k: int = 2, tol: float = 0.05, window: int = 3) -> xr.DataArray:
+    """The P0 paper's convergence signal: the step after which :func:`circuit_share` stops changing. 0-d.
+
+    Definition: the smallest done step s_i such that, for every window of ``window`` consecutive done checkpoints
+    starting at s_j >= s_i, max - min of the share within the window is below ``tol``. NaN if the last full
+    window still changes by ``tol`` or more, or fewer than ``window`` done checkpoints exist. Plot it beside
+    :func:`training_loss`.
+    """
+    if window < 2:
+        raise ValueError(f"window must be at least 2 checkpoints, not {window}")
+    share = circuit_share(ds, k)
+    if share.sizes["step"] < window:
+        return (share.max() * np.nan).rename("circuit_convergence_step")
+    roll = share.rolling(step=window)
+    change = (roll.max() - roll.min()).shift(step=-(window - 1))
+    full = change.notnull()
+    converged = _true_from_here_on((change < tol) | ~full, "step") & full
+    return _first_label(converged, "step").rename("circuit_convergence_step").assign_attrs(
+        long_name="circuit convergence step", units="training step", k=k, tol=tol, window=window,
+        definition=f"first step from which circuit_share (k={k}) changes by less than {tol} within every window "
+        f"of {window} consecutive done checkpoints",
+    )
+
+
+def training_loss(ds: xr.Dataset) -> xr.DataArray:
+    """The training loss logged at each done step (the ``loss`` step coordinate; NaN where the checkpoint did not
+    say)."""
+    d = _done_data(ds)
+    if "loss" not in d.coords:
+        raise KeyError("the cube has no loss coordinate: its checkpoints had no trainer_state.json log history, "
+                       "or 'loss' was not in replay.measure")
+    return d["loss"].drop_vars([c for c in d["loss"].coords if c != "step"]).rename("training_loss")
+
+
+# ---------------------------------------------------------------------------
 # First-token comparison across probe groups
 
 # Probe attrs that must agree for two groups to be a first-token pair. The seed is
@@ -482,6 +641,30 @@ class SinkAccessor:
 
     def massive_activation_ratio(self, kind: Literal["norm", "max_median"] = "norm"):
         return massive_activation_ratio(self._ds, kind)
+
+    def writer_ratio(self):
+        return writer_ratio(self._ds)
+
+    def circuit_writer(self, ratio: float = 3.0):
+        return circuit_writer(self._ds, ratio)
+
+    def writer_settle_step(self, ratio: float = 3.0):
+        return writer_settle_step(self._ds, ratio)
+
+    def recognition_step(self, threshold: float = 0.9, layers: int = 2):
+        return recognition_step(self._ds, threshold, layers)
+
+    def mixing_effect(self):
+        return mixing_effect(self._ds)
+
+    def circuit_share(self, k: int = 2):
+        return circuit_share(self._ds, k)
+
+    def circuit_convergence_step(self, k: int = 2, tol: float = 0.05, window: int = 3):
+        return circuit_convergence_step(self._ds, k, tol, window)
+
+    def training_loss(self):
+        return training_loss(self._ds)
 
     def positional_index(self, random: xr.Dataset, *, baseline: bool = True, min_excess: float = 0.05):
         """This group as the fixed-first-token probe, ``random`` as the random one."""

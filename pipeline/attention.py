@@ -11,6 +11,13 @@ Two routes, both exact up to float32 rounding, neither builds the T x T matrix:
   (GPT-OSS `s_aux`) enter as one more outcome: lse' = logaddexp(lse, sink).
 - blocked: explicit float32 softmax over blocks of query rows against the keys they can see; serves logit
   soft-capping, sliding windows shorter than the sequence, and devices/dtypes without a fused op.
+
+Sink removal (the mixing measures' second pass): every head's attention to key 0 is set to zero and the rest of each
+row renormalised. On the fused route this needs no matrix: queries 1..T-1 over keys 1..T-1 are plain causal attention
+on the sequence without its first position, one more fused call. (The same as out' = (out - a0 v0) / (1 - a0) with a0
+the attention on key 0 and v0 its value, but without that formula's cancellation: where the sink holds a0 = 0.999 the
+subtraction loses three digits, 1e-4 off in float32.) On the blocked route the probabilities themselves are edited.
+Query 0 sees only key 0 (and a learned sink), so it has nothing to renormalise onto and keeps its attention.
 """
 
 from __future__ import annotations
@@ -65,11 +72,17 @@ class LayerSums:
 
 
 class Collector:
-    """Accumulates LayerSums by layer index while active."""
+    """Accumulates LayerSums by layer index while active.
+
+    `record` off: attention calls add nothing (the extra passes of the mixing measures); `remove_sink` on: every
+    attention call runs with the sink removed (see the module docstring).
+    """
 
     def __init__(self, key_positions: int = 4):
         self.key_positions = key_positions
         self.layers: dict[int, LayerSums] = {}
+        self.record = True
+        self.remove_sink = False
 
     def add(self, layer_idx: int, stats: RowStats, key: torch.Tensor, value: torch.Tensor) -> None:
         def rowsum(x):
@@ -108,6 +121,14 @@ def collecting(key_positions: int = 4):
         yield collector
     finally:
         _ACTIVE.reset(token)
+
+
+@contextlib.contextmanager
+def removing_sink():
+    """Run "sinkstats" attention with the sink removed in this context (nothing is recorded)."""
+    with collecting() as collector:
+        collector.record, collector.remove_sink = False, True
+        yield
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -225,8 +246,8 @@ def _grouped(q, hkv):
     return q.reshape(b, hkv, hq // hkv, t, d)
 
 
-def fused_attention(q, k, v, scale, sinks=None, key_positions=4, with_stats=True):
-    """Causal attention (no window, no soft-cap) through a fused kernel.
+def fused_attention(q, k, v, scale, sinks=None, key_positions=4, with_stats=True, remove_sink=False):
+    """Causal attention (no window, no soft-cap) through a fused kernel; `remove_sink`: with the sink removed.
 
     Returns (out (B,Hq,T,dv) in q.dtype, RowStats or None), or None when no fused op serves this device/dtype.
     """
@@ -236,8 +257,13 @@ def fused_attention(q, k, v, scale, sinks=None, key_positions=4, with_stats=True
         return None
     out, lse_native = first
     if sinks is not None:
-        s = sinks.float().view(1, -1, 1)
-        out = (out.float() * torch.exp(lse_native - torch.logaddexp(lse_native, s)).unsqueeze(-1)).to(q.dtype)
+        out = _with_learned_sink(out, lse_native, sinks)
+    if remove_sink and q.shape[2] > 1:
+        later = _fused_lse(q[:, :, 1:], k[:, :, 1:], v[:, :, 1:], scale)  # keys 1..t for queries t = 1..T-1
+        if later is None:
+            return None
+        rest = later[0] if sinks is None else _with_learned_sink(*later, sinks)
+        out = torch.cat([out[:, :, :1], rest], dim=2)
     if not with_stats:
         return out, None
 
@@ -266,12 +292,22 @@ def fused_attention(q, k, v, scale, sinks=None, key_positions=4, with_stats=True
     return out, RowStats(a0=keys[..., 0], entropy=entropy, keys=keys, sink=p_sink)
 
 
+def _with_learned_sink(out, lse, sinks):
+    """Rescale a fused output by the share of the keys against a learned sink logit per head (GPT-OSS `s_aux`)."""
+    s = sinks.float().view(1, -1, 1)
+    return (out.float() * torch.exp(lse - torch.logaddexp(lse, s)).unsqueeze(-1)).to(out.dtype)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Blocked route
 
 
-def blocked_attention(q, k, v, scale, window=None, softcap=None, sinks=None, key_positions=4, block_rows=None):
-    """Exact attention by blocks of query rows, float32 inside. Returns (out (B,Hq,T,dv) in q.dtype, RowStats)."""
+def blocked_attention(q, k, v, scale, window=None, softcap=None, sinks=None, key_positions=4, block_rows=None,
+                      remove_sink=False):
+    """Exact attention by blocks of query rows, float32 inside. Returns (out (B,Hq,T,dv) in q.dtype, RowStats).
+
+    `remove_sink`: the probabilities on key 0 of queries 1..T-1 are set to zero and the rows renormalised before
+    they weight the values (the statistics then describe that edited attention)."""
     b, hq, t, d = q.shape
     hkv, dv = k.shape[1], v.shape[-1]
     g = hq // hkv
@@ -305,6 +341,11 @@ def blocked_attention(q, k, v, scale, window=None, softcap=None, sinks=None, key
         if sink_col is not None:
             scores = torch.cat([scores, sink_col.expand(*scores.shape[:-1], 1)], dim=-1)
         p = torch.softmax(scores, dim=-1)
+        if remove_sink and lo == 0:
+            later = (rows > 0).view(1, 1, 1, -1, 1)
+            # renormalised by what is left summed, not by 1 - p0, which loses digits where p0 is near 1
+            kept = torch.cat([torch.zeros_like(p[..., :1]), p[..., 1:]], dim=-1) / p[..., 1:].sum(-1, keepdim=True)
+            p = torch.where(later, kept, p)
         entropy[:, :, :, t0:t1] = -torch.special.xlogy(p, p).sum(-1)
         if sink_col is not None:
             p_sink[:, :, :, t0:t1] = p[..., -1]
@@ -338,14 +379,16 @@ def sinkstats_attention(module, query, key, value, attention_mask, scaling=None,
     window, softcap, sinks = _read_options(module, query, key, value, attention_mask, dropout, kwargs)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     collector = _ACTIVE.get()
-    with_stats = collector is not None
+    with_stats = collector is not None and collector.record
     key_positions = collector.key_positions if with_stats else 1
+    remove = collector is not None and collector.remove_sink
 
     result = None
     if choose_route(query.shape[2], window, softcap) == "fused":
-        result = fused_attention(query, key, value, scale, sinks, key_positions, with_stats)
+        result = fused_attention(query, key, value, scale, sinks, key_positions, with_stats, remove)
     if result is None:
-        result = blocked_attention(query, key, value, scale, window, softcap, sinks, key_positions)
+        result = blocked_attention(query, key, value, scale, window, softcap, sinks, key_positions,
+                                   remove_sink=remove)
     out, stats = result
 
     if with_stats:

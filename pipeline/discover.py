@@ -177,7 +177,7 @@ def _inspect(
     files = {e.name for e in entries if not e.is_dir and "/" not in e.name}
     problems = []
 
-    step, tokens_seen = name_step, None
+    step, tokens_seen, loss = name_step, None, None
     source = "folder name"
     if TRAINER_STATE_NAME in files:
         try:
@@ -185,6 +185,7 @@ def _inspect(
             if isinstance(state.get("global_step"), int):
                 step, source = state["global_step"], TRAINER_STATE_NAME
             tokens_seen = _tokens_seen(state, step)
+            loss = _training_loss(state, step)
         except (ValueError, AttributeError) as e:  # a half-written file reads as bad JSON
             problems.append(f"{TRAINER_STATE_NAME} is not a valid JSON object ({e})")
         except FileNotFoundError:
@@ -259,6 +260,7 @@ def _inspect_file(fs, name: str, name_step: int | None, now: float, quiet_second
     return Checkpoint(
         step=step, path=path, weight_files=(path,), complete=not problems, reason="; ".join(problems) or None,
         quiet_in=quiet_in, modified=modified, format="torch", step_source=source,
+        loss=loss,
     )
 
 
@@ -340,6 +342,14 @@ def _tokens_seen(state: dict, step: int | None) -> int | None:
 
 def _holds_weights(folder) -> bool:
     return any(folder.has(n) for n in (CONFIG_NAME, METADATA_NAME, *DCP_FOLDERS[1:], *TORCH_IN_FOLDER))
+def _training_loss(state: dict, step: int | None) -> float | None:
+    """The last training loss the trainer logged at or before `step` (its log_history entries with a "loss")."""
+    history = state.get("log_history")
+    if step is None or not isinstance(history, list):
+        return None
+    logged = [(e["step"], e["loss"]) for e in history if isinstance(e, dict) and isinstance(e.get("step"), int)
+              and isinstance(e.get("loss"), (int, float)) and not isinstance(e.get("loss"), bool) and e["step"] <= step]
+    return float(max(logged)[1]) if logged else None
 
 
 def _looks_like_checkpoint(names: set[str]) -> bool:

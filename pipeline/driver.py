@@ -140,6 +140,7 @@ class Run:
             if c.step not in steps:
                 steps.append(c.step)
         self.store.prepare([c.step for c in fresh], tokens_seen={c.step: c.tokens_seen for c in fresh},
+                           loss={c.step: c.loss for c in fresh} if "loss" in self.settings.measure else {},
                            attrs={**self._attrs, "step_source": self.step_sources,
                                   "checkpoint_format": sorted({*self.formats, *(c.format for c in fresh)})})
         self.formats = {*self.formats, *(c.format for c in fresh)}

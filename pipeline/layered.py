@@ -220,8 +220,9 @@ class BlockStream:
         missing = [prefix + n for n, p in part.named_parameters() if p.is_meta and id(p) not in skip]
         check_loading(self.folder, {"missing_keys": missing, "mismatched_keys": list(info.mismatched_keys)})
 
-    def run_rows(self, body, batches: list[torch.Tensor]) -> None:
-        """Run every micro-batch of probe rows through the model, block after block."""
+    def run_rows(self, body, batches: list[torch.Tensor], on_batch=None) -> None:
+        """Run every micro-batch of probe rows through the model, block after block; `on_batch(b)` is called before
+        micro-batch b runs through each block (measure's passes switch there)."""
         blocks, originals = self.blocks, list(self.blocks)
         stored: list = [None] * len(batches)
         current = {"batch": 0, "fmt": None}
@@ -249,6 +250,8 @@ class BlockStream:
                 try:
                     for b, rows in enumerate(batches):
                         current["batch"] = b
+                        if on_batch is not None:
+                            on_batch(b)
                         if feeder is not None:
                             feeder.batch = b
                         try:

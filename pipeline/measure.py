@@ -72,28 +72,137 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"model_type={model.config.model_type!r}: found no ModuleList of {n} decoder blocks")
 
 
-class _ResidSums:
-    """Forward hooks that reduce each block's output to row sums of the residual-stream statistics."""
+# Groups of statistics `measure` can add to the attention and residual statistics (replay.measure switches them).
+MEASURES = ("outputs", "similarity", "mixing")
 
-    def __init__(self, blocks: nn.ModuleList):
+# Where blocks keep their attention and MLP sublayers, by the names the families in transformers use.
+_ATTENTION_NAMES = ("self_attn", "attn", "attention")
+_MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe")
+
+
+def sublayer_writers(block: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The modules whose outputs a block adds to the residual stream: (attention's, MLP's).
+
+    Blocks that normalise each sublayer's output before adding it (Gemma2, OLMo2: they have a
+    `post_feedforward_layernorm`) add the outputs of `post_attention_layernorm` and `post_feedforward_layernorm`;
+    the others add the attention and MLP modules' own outputs (in parallel blocks too).
+    """
+    if isinstance(getattr(block, "post_feedforward_layernorm", None), nn.Module):
+        return block.post_attention_layernorm, block.post_feedforward_layernorm
+
+    def child(names):
+        return next((getattr(block, n) for n in names if isinstance(getattr(block, n, None), nn.Module)), None)
+
+    attn, mlp = child(_ATTENTION_NAMES), child(_MLP_NAMES)
+    if attn is None or mlp is None:
+        raise attention.UnsupportedAttention(
+            f"{type(block).__name__}: found no attention ({'/'.join(_ATTENTION_NAMES)}) or MLP "
+            f"({'/'.join(_MLP_NAMES)}) sublayer, so their outputs cannot be measured (drop 'outputs' from "
+            "replay.measure)"
+        )
+    return attn, mlp
+
+
+def perturbed(ids: torch.Tensor, vocab: int, seed: int = 0) -> torch.Tensor:
+    """The probe rows with the token at position T // 2 of each row replaced by another token id, drawn uniformly
+    from the rest of the vocabulary (seeded: every checkpoint sees the same replacement)."""
+    g = torch.Generator().manual_seed(seed)
+    out = ids.clone()
+    mid = ids.shape[1] // 2
+    out[:, mid] = (ids[:, mid] + torch.randint(1, vocab, (ids.shape[0],), generator=g)) % vocab
+    return out
+
+
+def _first(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _unit(h: torch.Tensor) -> torch.Tensor:
+    return h / torch.linalg.vector_norm(h, dim=-1, keepdim=True)
+
+
+def _pairwise_cosine(unit_sum: torch.Tensor, n) -> torch.Tensor:
+    """Mean cosine over the n(n-1) ordered pairs of distinct unit vectors, from their sum S: (|S|^2 - n) / (n(n-1))."""
+    return (unit_sum.square().sum(-1) - n) / (n * (n - 1))
+
+
+class _BlockHooks:
+    """Forward hooks that reduce each block's output (and its sublayers' outputs) to row sums, per pass.
+
+    `mode` = (sink removed, middle token replaced) says which pass runs: (False, False) is the probe pass itself,
+    the others are the mixing measures' extra passes, which only feed `collapse` and `sensitivity`.
+    """
+
+    def __init__(self, blocks: nn.ModuleList, measures, seq_len: int):
+        self.measures = frozenset(measures)
+        self.mode = (False, False)
+        self.mid = seq_len // 2
         self.sums: dict[int, torch.Tensor] = {}  # layer -> [rows, norm_p0, norm_rest, max_p0, median]
+        self.outputs: dict[int, torch.Tensor] = {}  # layer -> [attn_p0, attn_rest, mlp_p0, mlp_rest]
+        self.units: dict[int, list] = {}  # layer -> [sum of unit h at 0 (D,), sums at each of 1..T-1 (T-1, D)]
+        self.mixing: dict[int, torch.Tensor] = {}  # layer -> (sink, [collapse, sensitivity]) row sums
+        self.clean: dict[int, torch.Tensor] = {}  # layer -> the unperturbed pass's later positions
         self.handles = [b.register_forward_hook(self._hook(i)) for i, b in enumerate(blocks)]
+        if "outputs" in self.measures:
+            for i, b in enumerate(blocks):
+                for j, module in enumerate(sublayer_writers(b)):
+                    self.handles.append(module.register_forward_hook(self._writer_hook(i, j)))
+
+    @staticmethod
+    def _add(sums: dict, key, value):
+        sums[key] = value if key not in sums else sums[key] + value
+
+    def _writer_hook(self, layer, which):
+        def hook(module, args, output):
+            if self.mode != (False, False):
+                return
+            norms = torch.linalg.vector_norm(_first(output).float(), dim=-1)
+            stats = torch.zeros(4, dtype=torch.float64, device=norms.device)
+            stats[2 * which] = norms[:, 0].sum(dtype=torch.float64)
+            stats[2 * which + 1] = norms[:, 1:].mean(1).sum(dtype=torch.float64)
+            self._add(self.outputs, layer, stats)
+
+        return hook
 
     def _hook(self, layer):
         def hook(module, args, output):
-            h = (output[0] if isinstance(output, (tuple, list)) else output).float()
+            h = _first(output).float()
+            removed, replaced = self.mode
+            later = h[:, self.mid + 1 :]
+            if replaced:
+                clean = self.clean.pop(layer)
+                change = torch.linalg.vector_norm(later - clean, dim=-1) / torch.linalg.vector_norm(clean, dim=-1)
+                self._add_mixing(layer, removed, 1, change.mean(1).sum(dtype=torch.float64))
+                return
+            if "mixing" in self.measures:
+                m = h.shape[1] - 1
+                collapse = _pairwise_cosine(_unit(h[:, 1:]).sum(1, dtype=torch.float64), m)
+                self._add_mixing(layer, removed, 0, collapse.sum())
+                self.clean[layer] = later
+            if removed:
+                return
             rows = torch.full((), h.shape[0], dtype=torch.float64, device=h.device)
             norms = torch.linalg.vector_norm(h, dim=-1)
-            stats = torch.stack([
+            self._add(self.sums, layer, torch.stack([
                 rows,
                 norms[:, 0].sum(dtype=torch.float64),
                 norms[:, 1:].mean(1).sum(dtype=torch.float64),
                 h[:, 0].abs().amax(-1).sum(dtype=torch.float64),
                 _median(h[:, 1:].abs().reshape(h.shape[0], -1)).sum(dtype=torch.float64),
-            ])
-            self.sums[layer] = stats if layer not in self.sums else self.sums[layer] + stats
+            ]))
+            if "similarity" in self.measures:
+                u = _unit(h).sum(0, dtype=torch.float64)  # (T, D)
+                if layer in self.units:
+                    self.units[layer].add_(u)
+                else:
+                    self.units[layer] = u
 
         return hook
+
+    def _add_mixing(self, layer, removed, which, value):
+        if layer not in self.mixing:
+            self.mixing[layer] = torch.zeros(2, 2, dtype=torch.float64, device=value.device)
+        self.mixing[layer][int(removed), which] += value
 
     def remove(self):
         for h in self.handles:
@@ -113,15 +222,22 @@ def _median(x: torch.Tensor) -> torch.Tensor:
     return (lo.double() + hi.double()) / 2
 
 
-def measure(model, input_ids, *, batch_size: int = 16, key_positions: int = 4, run_rows=None) -> dict[str, np.ndarray]:
+def measure(model, input_ids, *, batch_size: int = 16, key_positions: int = 4, run_rows=None,
+            measures=("outputs", "similarity")) -> dict[str, np.ndarray]:
     """Sink statistics of `model` (loaded with attn_implementation="sinkstats") on probe rows `input_ids` (rows, T).
 
     Returns float64 arrays: sink_mass, entropy (layer, head); sink_mass_by_q (layer, head, qbin) over the bins of
     `qbin_edges(T)`; key_mass (layer, head, key_positions); key_norm_p0, value_norm_p0, key_norm, value_norm
     (layer, kv_head); resid_norm_p0, resid_norm, resid_max_p0, resid_median (layer,); and learned_sink_mass
-    (layer, head) only for models with learned sink logits. Rows run in micro-batches of `batch_size`, through
-    `run_rows(base_model, micro_batches)`: by default each micro-batch through the whole model in turn
-    (pipeline/layered.py runs them block by block instead).
+    (layer, head) only for models with learned sink logits. `measures` (see MEASURES) adds:
+    "outputs": attn_out_norm_p0, attn_out_norm, mlp_out_norm_p0, mlp_out_norm (layer,); "similarity":
+    p0_similarity, rest_similarity (layer,); "mixing": collapse, sensitivity (layer, sink) with sink = kept, removed,
+    from three more passes (the probe with its middle token replaced, see `perturbed`; then both with the sink
+    removed). Definitions: docs/data.md.
+
+    Rows run in micro-batches of `batch_size`, through `run_rows(base_model, micro_batches, on_batch)`: by default
+    each micro-batch through the whole model in turn (pipeline/layered.py runs them block by block instead);
+    `on_batch(i)` is called before micro-batch i runs.
     """
     config = model.config.get_text_config()
     arch = config.model_type
@@ -130,6 +246,9 @@ def measure(model, input_ids, *, batch_size: int = 16, key_positions: int = 4, r
             f"model_type={arch!r} was loaded with attn_implementation={model.config._attn_implementation!r}; "
             f"measure needs attn_implementation={ATTENTION_NAME!r}"
         )
+    unknown = sorted(set(measures) - set(MEASURES))
+    if unknown:
+        raise ValueError(f"unknown measures {unknown}: choose from {list(MEASURES)}")
     problem = support_problem(model)
     if problem:
         raise attention.UnsupportedAttention(problem)
@@ -141,19 +260,37 @@ def measure(model, input_ids, *, batch_size: int = 16, key_positions: int = 4, r
     n_rows, seq_len = ids.shape
     if not 1 <= key_positions < seq_len:
         raise ValueError(f"key_positions={key_positions} must be in 1..seq_len-1 (seq_len={seq_len})")
+    mixing = "mixing" in measures
+    if mixing and seq_len < 4:
+        raise ValueError(f"the mixing measures need probes of at least 4 tokens (seq_len={seq_len})")
     n_layers = config.num_hidden_layers
 
     body = model.base_model
     blocks = find_blocks(model)
-    resid = _ResidSums(blocks)
+    # (sink removed, middle token replaced) of each micro-batch: the probe pass, then the mixing measures' passes
+    batches, modes = [], []
+    replaced = perturbed(ids, model.get_input_embeddings().num_embeddings) if mixing else None
+    for s in range(0, n_rows, batch_size):
+        batches.append(ids[s : s + batch_size])
+        modes.append((False, False))
+        if mixing:
+            batches += [replaced[s : s + batch_size], ids[s : s + batch_size], replaced[s : s + batch_size]]
+            modes += [(False, True), (True, False), (True, True)]
     was_training = model.training
     model.eval()
+    hooks = _BlockHooks(blocks, measures, seq_len)
     try:
         with torch.inference_mode(), attention.collecting(key_positions) as collector:
+
+            def on_batch(i):
+                hooks.mode = modes[i]
+                collector.record = modes[i] == (False, False)
+                collector.remove_sink = modes[i][0]
+
             # The base model skips the LM head: its (rows, T, vocab) logits would dwarf everything else.
-            (run_rows or _whole_model)(body, [ids[s : s + batch_size] for s in range(0, n_rows, batch_size)])
+            (run_rows or _whole_model)(body, batches, on_batch)
     finally:
-        resid.remove()
+        hooks.remove()
         model.train(was_training)
 
     missing = [i for i in range(n_layers) if i not in collector.layers]
@@ -163,22 +300,42 @@ def measure(model, input_ids, *, batch_size: int = 16, key_positions: int = 4, r
             f"(this architecture bypasses transformers' AttentionInterface)"
         )
     wrong = {i: s.rows for i, s in collector.layers.items() if s.rows != n_rows}
-    wrong.update({f"block {i}": int(s[0]) for i, s in resid.sums.items() if int(s[0]) != n_rows})
-    if wrong or set(collector.layers) != set(range(n_layers)) or set(resid.sums) != set(range(n_layers)):
+    wrong.update({f"block {i}": int(s[0]) for i, s in hooks.sums.items() if int(s[0]) != n_rows})
+    if wrong or set(collector.layers) != set(range(n_layers)) or set(hooks.sums) != set(range(n_layers)):
         raise attention.UnsupportedAttention(
             f"model_type={arch!r}: attention layers {sorted(collector.layers)} saw rows {wrong or n_rows}, "
-            f"blocks hooked {sorted(resid.sums)}; expected each of {n_layers} layers once per row"
+            f"blocks hooked {sorted(hooks.sums)}; expected each of {n_layers} layers once per row"
         )
     layers = [collector.layers[i] for i in range(n_layers)]
     out = _attention_stats(layers, n_rows, seq_len)
-    out.update(_resid_stats([resid.sums[i] for i in range(n_layers)]))
+    out.update(_resid_stats([hooks.sums[i] for i in range(n_layers)]))
+    out.update(_extra_stats(hooks, n_layers, n_rows))
     return out
 
 
-def _whole_model(body, batches):
+def _whole_model(body, batches, on_batch):
     device = next(body.parameters()).device
-    for rows in batches:
+    for i, rows in enumerate(batches):
+        on_batch(i)
         body(input_ids=rows.to(device), use_cache=False)
+
+
+def _extra_stats(hooks: _BlockHooks, n_layers: int, n_rows: int) -> dict[str, np.ndarray]:
+    out = {}
+    layers = range(n_layers)
+    if "outputs" in hooks.measures:
+        s = torch.stack([hooks.outputs[i] for i in layers]).cpu().numpy() / n_rows
+        for j, name in enumerate(("attn_out_norm_p0", "attn_out_norm", "mlp_out_norm_p0", "mlp_out_norm")):
+            out[name] = s[:, j]
+    if "similarity" in hooks.measures:
+        cos = np.stack([_pairwise_cosine(hooks.units[i], n_rows).cpu().numpy() for i in layers]) if n_rows > 1 else (
+            np.full((n_layers, 2), np.nan))  # (L, T); one row has no pairs
+        out["p0_similarity"] = cos[:, 0]
+        out["rest_similarity"] = cos[:, 1:].mean(-1)
+    if "mixing" in hooks.measures:
+        s = torch.stack([hooks.mixing[i] for i in layers]).cpu().numpy() / n_rows  # (L, sink, [collapse, sens])
+        out["collapse"], out["sensitivity"] = s[..., 0], s[..., 1]
+    return {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in out.items()}
 
 
 def _attention_stats(layers: list[LayerSums], n_rows: int, seq_len: int) -> dict[str, np.ndarray]:

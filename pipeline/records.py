@@ -25,6 +25,7 @@ class Checkpoint:
     # Hugging Face config.json (or its folder) for checkpoints that do not describe their architecture.
     key_map: str = "auto"
     model_config: str | None = None
+    loss: float | None = None  # the training loss logged at (or last before) this step
 
 
 @dataclass(frozen=True)

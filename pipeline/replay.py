@@ -34,7 +34,22 @@ DIMS = {
     "resid_norm": ("layer",),
     "resid_max_p0": ("layer",),
     "resid_median": ("layer",),
+    # replay.measure: outputs
+    "attn_out_norm_p0": ("layer",),
+    "attn_out_norm": ("layer",),
+    "mlp_out_norm_p0": ("layer",),
+    "mlp_out_norm": ("layer",),
+    # replay.measure: similarity
+    "p0_similarity": ("layer",),
+    "rest_similarity": ("layer",),
+    # replay.measure: mixing
+    "collapse": ("layer", "sink"),
+    "sensitivity": ("layer", "sink"),
 }
+# statistics stored only where the model has them or replay.measure asks for them
+OPTIONAL = frozenset({"learned_sink_mass", "attn_out_norm_p0", "attn_out_norm", "mlp_out_norm_p0", "mlp_out_norm",
+                      "p0_similarity", "rest_similarity", "collapse", "sensitivity"})
+SINK_LABELS = ("kept", "removed")  # the `sink` coordinate of collapse and sensitivity
 
 
 
@@ -140,14 +155,14 @@ def _measure(ckpt, model, probe, settings, run_rows=None):
             f"probe {probe.name!r} holds token id {int(probe.tokens.max())}, outside this model's vocabulary of {vocab}",
         )
     return measure(model, probe.tokens, batch_size=settings.batch_size, key_positions=settings.key_positions,
-                   run_rows=run_rows)
+                   run_rows=run_rows, measures=[m for m in settings.measure if m != "loss"])
 
 
 def to_dataset(stats: dict[str, np.ndarray], config, seq_len: int) -> xr.Dataset:
     from .load import config_fingerprint
     from .measure import qbin_edges
 
-    missing = [name for name in DIMS if name not in stats and name != "learned_sink_mass"]
+    missing = [name for name in DIMS if name not in stats and name not in OPTIONAL]
     if missing:
         raise RuntimeError(f"the measurement returned no {', '.join(missing)}")
     data_vars = {name: (DIMS[name], np.asarray(value, dtype=np.float64)) for name, value in stats.items() if name in DIMS}
@@ -165,6 +180,8 @@ def to_dataset(stats: dict[str, np.ndarray], config, seq_len: int) -> xr.Dataset
         "qbin_start": ("qbin", edges[:-1].astype(np.int64)),
         "qbin_stop": ("qbin", edges[1:].astype(np.int64)),
     }
+    if any("sink" in dims for dims, _ in data_vars.values()):
+        coords["sink"] = np.array(SINK_LABELS, dtype=np.dtypes.StringDType())
     config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     attrs = {"architecture": config_dict.get("model_type", "unknown"), "config_fingerprint": config_fingerprint(config_dict)}
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)

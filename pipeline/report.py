@@ -27,8 +27,10 @@ DPI = 120
 # Few enough layers to name each in a legend; more get a colour bar instead.
 MAX_LEGEND_LAYERS = 10
 # Variables the figures read; loading only these keeps the report quick on wide cubes.
-# (status, error and tokens_seen are step coordinates and come along.)
-_NEEDED = ("sink_mass", "sink_mass_by_q", "resid_norm_p0", "resid_norm", "resid_max_p0", "resid_median")
+# (status, error, tokens_seen and loss are step coordinates and come along.)
+_NEEDED = ("sink_mass", "sink_mass_by_q", "resid_norm_p0", "resid_norm", "resid_max_p0", "resid_median",
+           "attn_out_norm_p0", "attn_out_norm", "mlp_out_norm_p0", "mlp_out_norm", "p0_similarity",
+           "rest_similarity", "collapse", "sensitivity")
 
 
 def default_out_dir(store_path: str | Path) -> Path:
@@ -413,6 +415,77 @@ def fig_massive(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Path
     return _save(fig, path)
 
 
+def fig_circuit(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Path:
+    """The P0 circuit: its writer per step, and the share of the position-0 writing in layers 0-1 beside the
+    training loss, with the step the share settles."""
+    fig, axes = _new_figure(1, 2, figsize=(11, 4.2), sharex=True)
+    writer = an.circuit_writer(ds)
+    axes[0].plot(writer.step, writer, marker="o", markersize=_marker_size(n.steps.size), drawstyle="steps-post")
+    axes[0].set_ylim(-0.25, ds.sizes["layer"] - 0.25)
+    axes[0].set_ylabel("writer: layer (+0.5 = MLP)")
+    axes[0].set_title(f"first sublayer writing position 0 > {writer.attrs['ratio']:g}x the rest "
+                      f"(settles at {_fmt_step(float(an.writer_settle_step(ds)))})", fontsize=9)
+    share = an.circuit_share(ds)
+    axes[1].plot(share.step, share, marker="o", markersize=_marker_size(n.steps.size), color="C1")
+    axes[1].set_ylim(-0.05, 1.05)
+    axes[1].set_ylabel("share of position-0 writing in layers 0-1", color="C1")
+    settled = float(an.circuit_convergence_step(ds))
+    if np.isfinite(settled):
+        axes[1].axvline(settled, color="C1", linestyle=":", label=f"share settles: {settled:g}")
+        axes[1].legend(fontsize=8, loc="lower right")
+    if "loss" in ds.coords and np.isfinite(an.training_loss(ds).values).any():
+        loss = an.training_loss(ds)
+        twin = axes[1].twinx()
+        twin.plot(loss.step, loss, color="0.4", linestyle="--")
+        twin.set_ylabel("training loss (dashed)", color="0.4")
+    axes[1].set_title("the circuit's share in the first two layers, and the loss", fontsize=9)
+    for ax in axes:
+        _step_axis(ax)
+        ax.grid(alpha=0.25)
+    fig.suptitle(f"{title}: the position-0 circuit", fontsize=10)
+    return _save(fig, path)
+
+
+def fig_recognition(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Path:
+    """p0_similarity (solid) and rest_similarity (dashed) per layer over training."""
+    n_layers = ds.sizes["layer"]
+    colors, cmap, norm = _layer_colors(n_layers)
+    fig, ax = _new_figure(figsize=(8, 4.2))
+    d = an.done(ds)
+    for i, layer in enumerate(ds["layer"].values):
+        ax.plot(d.step, d["p0_similarity"].sel(layer=layer), color=colors[i], marker="o",
+                markersize=_marker_size(n.steps.size))
+        ax.plot(d.step, d["rest_similarity"].sel(layer=layer), color=colors[i], linestyle="--")
+    ax.set_ylabel("mean pairwise cosine across rows")
+    random = ds.attrs.get("probe_first_token") == "random"
+    ax.set_title("position 0 (solid) and later positions (dashed)" + (
+        "" if random else ": one first token in every row, so position 0 is 1 by construction"), fontsize=9)
+    _step_axis(ax)
+    ax.grid(alpha=0.25)
+    _layer_key(fig, ax, n_layers, cmap, norm)
+    fig.suptitle(f"{title}: is position zero recognised without its content?", fontsize=10)
+    return _save(fig, path)
+
+
+def fig_mixing(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Path:
+    """Collapse and sensitivity with the sink removed over kept, per layer over training."""
+    n_layers = ds.sizes["layer"]
+    colors, cmap, norm = _layer_colors(n_layers)
+    effect = an.mixing_effect(ds)
+    fig, axes = _new_figure(1, 2, figsize=(11, 4.2), sharex=True)
+    for ax, name in zip(axes, ("collapse", "sensitivity")):
+        for i, layer in enumerate(ds["layer"].values):
+            ax.plot(effect.step, effect[name].sel(layer=layer), color=colors[i], marker="o",
+                    markersize=_marker_size(n.steps.size))
+        ax.axhline(1.0, color="0.5", linewidth=0.8)
+        ax.set_ylabel(f"{name}: sink removed / kept")
+        _step_axis(ax)
+        ax.grid(alpha=0.25)
+    _layer_key(fig, axes[1], n_layers, cmap, norm)
+    fig.suptitle(f"{title}: what the sink does for mixing (above 1: more mixing without it)", fontsize=10)
+    return _save(fig, path)
+
+
 def fig_first_token(fixed: xr.Dataset, random: xr.Dataset, index: xr.DataArray, path: Path) -> Path:
     """Fixed vs random first token: sink mass per layer at the last common step, and the
     positional index over training."""
@@ -540,6 +613,16 @@ def _group_section(name: str, ds: xr.Dataset, out: Path, eps: float, tol: float,
         (fig_massive, "massive_activations.png",
          "Residual-stream norm at position 0 relative to other positions, and Sun et al.'s max/median ratio.",
          ("resid_norm_p0", "resid_norm", "resid_max_p0", "resid_median")),
+        (fig_circuit, "p0_circuit.png",
+         "The P0 circuit: the first sublayer whose output at position 0 is more than 3x its mean elsewhere, and "
+         "the share of that excess writing done in layers 0-1, beside the training loss.",
+         ("attn_out_norm_p0", "attn_out_norm", "mlp_out_norm_p0", "mlp_out_norm")),
+        (fig_recognition, "p0_recognition.png",
+         "Cosine similarity of the residual stream across probe rows at position 0 and at later positions; "
+         "with a random first token, 1 at position 0 means it is recognised without its content.",
+         ("p0_similarity", "rest_similarity")),
+        (fig_mixing, "mixing.png",
+         "Collapse and sensitivity with the sink removed, over the model as it is.", ("collapse", "sensitivity")),
     ]
     for fn, file, caption, needs in figures:
         missing = [v for v in needs if v not in ds.variables]

@@ -43,6 +43,10 @@ class TokensProbeSettings:
     first_token: str = "keep"
 
 
+# replay.measure groups: the three statistics groups measure() adds, and the training loss read by discovery
+MEASURE_GROUPS = ("outputs", "similarity", "mixing", "loss")
+
+
 @dataclass
 class ReplaySettings:
     """What a replay task needs to know (it travels to the Dask worker), and which steps the driver submits."""
@@ -60,6 +64,8 @@ class ReplaySettings:
     until_step: int | None = None
     idle_timeout: float = 3600.0
     poll_seconds: float = 10.0
+    # groups of statistics beyond the sink's (MEASURE_GROUPS); mixing costs three more forward passes
+    measure: list[str] = field(default_factory=lambda: ["outputs", "similarity", "loss"])
 
 
 @dataclass
@@ -162,6 +168,9 @@ def check(cfg) -> None:
         raise UsageError(f"checkpoints.key_map={c.key_map}: choose from {', '.join(KEY_MAPS)}")
     if c.model_config and not os.path.exists(os.path.expanduser(c.model_config)):
         raise UsageError(f"checkpoints.model_config={c.model_config}: no such file or folder")
+    unknown = sorted(set(r.measure) - set(MEASURE_GROUPS))
+    if unknown:
+        raise UsageError(f"replay.measure: unknown group(s) {unknown}; choose from {list(MEASURE_GROUPS)}")
     p = cfg.probe
     if p.first_token not in FIRST_TOKENS:
         raise UsageError(f"probe.first_token={p.first_token}: choose from {', '.join(FIRST_TOKENS)}")

@@ -5,6 +5,8 @@ One group opens as an ``xarray.Dataset``:
 * data variables ``(step, ...)``: NaN until the step is written;
 * ``step``: index coordinate, sorted;
 * ``tokens_seen`` ``(step)`` float64 coordinate, NaN where the checkpoint does not say;
+* ``loss`` ``(step)`` float64 coordinate: the training loss logged at the step, NaN where the checkpoint does not
+  say (groups written before it existed gain it on their next write);
 * ``status`` ``(step)`` string coordinate, ``pending`` | ``done`` | ``failed``;
 * ``error`` ``(step)`` string coordinate: why a step failed, ``""`` otherwise.
 
@@ -45,7 +47,8 @@ import zarr
 from zarr.errors import ZarrUserWarning
 
 PENDING, DONE, FAILED = "pending", "done", "failed"
-STEP_COORDS = ("tokens_seen", "status", "error")
+STEP_COORDS = ("tokens_seen", "loss", "status", "error")
+NUMERIC_STEP_COORDS = ("tokens_seen", "loss")  # what the checkpoints say about their step; NaN where they do not
 # attributes every step's Dataset must share with the group: one cube, one model
 STEP_ATTRS = ("architecture", "config_fingerprint")
 
@@ -93,6 +96,7 @@ class SinkStore:
         steps: Sequence[int],
         *,
         tokens_seen: Mapping[int, int | None] = {},
+        loss: Mapping[int, float | None] = {},
         attrs: Mapping = {},
     ) -> None:
         """Allocate every step in ``steps`` (status pending) and merge ``attrs`` into the group's.
@@ -100,21 +104,25 @@ class SinkStore:
         Args:
             steps: training steps; those already stored keep their data and status.
             tokens_seen: step -> tokens seen, where the checkpoint says; None leaves it unknown.
+            loss: step -> training loss, where the checkpoint says; None leaves it unknown.
             attrs: run attributes (JSON types), merged into the group's attributes.
         """
         layout = self._ready()
         wanted = sorted({int(s) for s in steps})
-        tokens = {int(s): float(t) for s, t in tokens_seen.items() if t is not None}
+        known = {name: {int(s): float(v) for s, v in given.items() if v is not None}
+                 for name, given in (("tokens_seen", tokens_seen), ("loss", loss))}
+        if layout is not None:
+            self._add_step_coords()
         if layout is None:
-            self._rebuild(self._allocated(None, wanted, tokens))
+            self._rebuild(self._allocated(None, wanted, known))
         else:
             new = [s for s in wanted if s not in layout.index]
             if new and layout.steps.size and new[0] < layout.steps[-1]:
-                self._rebuild(self._allocated(self._load(self.group), new, tokens))
+                self._rebuild(self._allocated(self._load(self.group), new, known))
             elif new:
-                self._append(layout, new, tokens)
+                self._append(layout, new, known)
         self._layout = self._load_layout()
-        self._update_tokens(tokens)
+        self._update_known(known)
         if attrs:
             self._drop_consolidated()
             self._zgroup().update_attributes(_jsonable(dict(attrs)))
@@ -142,9 +150,15 @@ class SinkStore:
         layout = self._ready()
         i = self._position(step)
         ds = self._conform(int(step), ds, layout)
-        if not layout.data_vars:
-            self._add_variables(ds)
-            self._layout = self._load_layout()
+        new = [k for k in ds.data_vars if k not in layout.data_vars]
+        if new:  # the first write, or statistics this group did not hold yet (NaN at the steps before)
+            self._add_variables(ds[new])
+            self._layout = layout = self._load_layout()
+        # statistics the group holds but this step did not measure (replay.measure): NaN, not a stale value
+        for k in layout.data_vars:
+            if k not in ds.data_vars:
+                ds[k] = xr.DataArray(np.full(list(layout.data_vars[k].values()), np.nan),
+                                     dims=list(layout.data_vars[k]))
         region = {"step": slice(i, i + 1)}
         if self._zgroup()["status"][i] != PENDING:
             # an overwrite: while the data changes, the step must not claim to be done
@@ -204,7 +218,7 @@ class SinkStore:
                 index={int(s): i for i, s in enumerate(steps)},
                 data_vars={
                     k: {d: n for d, n in v.sizes.items() if d != "step"}
-                    for k, v in ds.data_vars.items()
+                    for k, v in ds.data_vars.items() if k not in STEP_COORDS
                 },
                 coords={k: c.values for k, c in ds.coords.items() if "step" not in c.dims},
                 attrs=dict(ds.attrs),
@@ -219,7 +233,7 @@ class SinkStore:
         return ds.drop_encoding()
 
     def _allocated(
-        self, cur: xr.Dataset | None, new: list[int], tokens: Mapping[int, float]
+        self, cur: xr.Dataset | None, new: list[int], known: Mapping[str, Mapping[int, float]]
     ) -> xr.Dataset:
         """``cur`` (or an empty group) with the steps ``new`` added, pending, in sorted order."""
         if cur is None:
@@ -227,35 +241,39 @@ class SinkStore:
             ds = xr.Dataset(
                 coords={
                     "step": ("step", np.asarray(new, dtype=np.int64)),
-                    "tokens_seen": ("step", np.full(n, np.nan)),
+                    **{name: ("step", np.full(n, np.nan)) for name in NUMERIC_STEP_COORDS},
                     "status": ("step", np.full(n, PENDING, dtype=_STR)),
                     "error": ("step", np.full(n, "", dtype=_STR)),
                 }
             )
         else:
-            fill = {k: np.nan for k in cur.data_vars} | {
-                "tokens_seen": np.nan,
+            fill = {k: np.nan for k in cur.data_vars} | {k: np.nan for k in NUMERIC_STEP_COORDS} | {
                 "status": PENDING,
                 "error": "",
             }
             ds = cur.reindex(step=np.union1d(cur["step"].values, new), fill_value=fill)
-        seen = ds["tokens_seen"].values.copy()
         fresh = set(new)
-        for i, s in enumerate(ds["step"].values.tolist()):
-            if s in fresh and s in tokens:
-                seen[i] = tokens[s]
-        return ds.assign_coords(tokens_seen=("step", seen))
+        for name in NUMERIC_STEP_COORDS:
+            values = ds[name].values.copy() if name in ds.variables else np.full(ds.sizes["step"], np.nan)
+            for i, s in enumerate(ds["step"].values.tolist()):
+                if s in fresh and s in known.get(name, {}):
+                    values[i] = known[name][s]
+            ds = ds.assign_coords({name: ("step", values)})
+        return ds
 
     def _add_variables(self, ds: xr.Dataset) -> None:
         """Create every data variable of one step's ``ds`` for all allocated steps, NaN filled.
 
         Only metadata is written (NaN is the fill value), so this costs the same for 10 steps as
         for 10^4, unlike a rebuild. xarray's ``mode="a"`` replaces the group attributes before it
-        creates the arrays: the attributes written carry the current ones plus a marker, and
-        until the marker is gone a repair deletes the half-made variables (they hold no data).
+        creates the arrays: the attributes written carry the current ones plus a marker naming the
+        new variables, and until the marker is gone a repair deletes them (they hold no data yet).
+        The same path adds statistics a group did not hold yet to a group already written.
         """
         n = self._layout.steps.size
-        attrs = dict(self._zgroup().attrs) | _jsonable(dict(ds.attrs)) | {_ADDING: True}
+        group = self._zgroup()
+        adding = sorted(k for k in ds.variables if k not in group)
+        attrs = dict(group.attrs) | _jsonable(dict(ds.attrs)) | {_ADDING: adding}
         template = xr.Dataset(
             {
                 k: xr.Variable(
@@ -316,7 +334,7 @@ class SinkStore:
                 del staging.attrs[_COMPLETE]
         del root[self._staging]
 
-    def _append(self, layout: _Layout, new: list[int], tokens: Mapping[int, float]) -> None:
+    def _append(self, layout: _Layout, new: list[int], known: Mapping[str, Mapping[int, float]]) -> None:
         n, k = layout.steps.size, len(new)
         self._drop_consolidated()
         group = self._zgroup()
@@ -328,7 +346,8 @@ class SinkStore:
         group["step"][n:] = np.asarray(new, dtype=np.int64)
         xr.Dataset(
             {
-                "tokens_seen": ("step", np.array([tokens.get(s, np.nan) for s in new])),
+                **{name: ("step", np.array([known[name].get(s, np.nan) for s in new]))
+                   for name in NUMERIC_STEP_COORDS},
                 "status": ("step", np.full(k, PENDING, dtype=_STR)),
                 "error": ("step", np.full(k, "", dtype=_STR)),
             }
@@ -338,18 +357,36 @@ class SinkStore:
         )
         del group.attrs[_RESIZE_FROM]
 
-    def _update_tokens(self, tokens: Mapping[int, float]) -> None:
-        """Record token counts learnt for steps already stored (never erase a known one)."""
+    def _update_known(self, known: Mapping[str, Mapping[int, float]]) -> None:
+        """Record token counts and losses learnt for steps already stored (never erase a known one)."""
         layout = self._layout
-        current = self._zgroup()["tokens_seen"][:]
-        updated = current.copy()
-        for s, t in tokens.items():
-            updated[layout.index[s]] = t
-        if not np.array_equal(updated, current, equal_nan=True):
-            xr.Dataset({"tokens_seen": ("step", updated)}).to_zarr(
-                self.path, group=self.group, mode="r+", region={"step": slice(0, updated.size)},
-                consolidated=False,
-            )
+        for name, values in known.items():
+            current = self._zgroup()[name][:]
+            updated = current.copy()
+            for s, v in values.items():
+                updated[layout.index[s]] = v
+            if not np.array_equal(updated, current, equal_nan=True):
+                xr.Dataset({name: ("step", updated)}).to_zarr(
+                    self.path, group=self.group, mode="r+", region={"step": slice(0, updated.size)},
+                    consolidated=False,
+                )
+
+    def _add_step_coords(self) -> None:
+        """Give a group written before a numeric step coordinate existed (``loss``) that coordinate, NaN filled:
+        metadata only, and named in each data variable's ``coordinates`` so it reads back as a coordinate."""
+        group = self._zgroup()
+        missing = [name for name in NUMERIC_STEP_COORDS if name not in group]
+        if not missing:
+            return
+        self._drop_consolidated()
+        n = group["step"].shape[0]
+        for name in missing:
+            group.create_array(name, shape=(n,), chunks=(1,), dtype="float64", fill_value=np.nan,
+                               dimension_names=["step"])
+        for _, array in group.arrays():
+            names = array.attrs.get("coordinates")
+            if names:
+                array.update_attributes({"coordinates": " ".join(sorted({*names.split(), *missing}))})
 
     def _repair(self) -> None:
         """Finish or undo whatever a killed writer left half done."""
@@ -370,10 +407,12 @@ class SinkStore:
                     if array.shape[0] != n:
                         array.resize((n, *array.shape[1:]))
                 del group.attrs[_RESIZE_FROM]
-            if group.attrs.get(_ADDING):
+            adding = group.attrs.get(_ADDING)
+            if adding:
                 self._drop_consolidated()
                 for name in list(group.array_keys()):
-                    if name not in ("step", *STEP_COORDS):
+                    # True: a store written when variables were only ever created all at once, by the first write
+                    if name not in ("step", *STEP_COORDS) and (adding is True or name in adding):
                         del group[name]
                 del group.attrs[_ADDING]
         self._remove_orphans()
@@ -410,10 +449,6 @@ class SinkStore:
             if key in ds.attrs and key in layout.attrs and ds.attrs[key] != layout.attrs[key]
         ]
         if layout.data_vars:
-            if set(ds.data_vars) != set(layout.data_vars):
-                problems.append(
-                    f"variables {sorted(ds.data_vars)}, stored {sorted(layout.data_vars)}"
-                )
             for k, v in ds.data_vars.items():
                 stored = layout.data_vars.get(k)
                 if stored is not None and dict(v.sizes) != stored:
@@ -426,7 +461,8 @@ class SinkStore:
             problems = "; ".join(problems)
             raise StoreMismatchError(f"{where} does not match the stored cube: {problems}")
         if layout.data_vars:
-            ds = xr.Dataset({k: v.transpose(*layout.data_vars[k]) for k, v in ds.data_vars.items()})
+            ds = xr.Dataset({k: v.transpose(*layout.data_vars[k]) if k in layout.data_vars else v
+                             for k, v in ds.data_vars.items()}, coords=ds.coords, attrs=ds.attrs)
         return ds
 
     def _write_strings(self, i: int, **values: str) -> None:
@@ -501,6 +537,7 @@ def _lost(status, sink_mass) -> np.ndarray:
 
 def _open_node(path: str, node: str, consolidated: bool) -> xr.Dataset:
     ds = xr.open_dataset(path, group=node, engine="zarr", consolidated=consolidated, chunks=None)
+    ds = ds.set_coords([k for k in STEP_COORDS if k in ds.data_vars])
     ds.attrs.pop(_COMPLETE, None)
     lost = _lost(ds["status"].values, ds["sink_mass"].values if "sink_mass" in ds else None)
     if lost.any():

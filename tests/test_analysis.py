@@ -305,3 +305,77 @@ def test_dask_backed_cube_stays_lazy_and_agrees():
         result = fn(lazy)
         assert hasattr(result.data, "dask"), fn.__name__
         xr.testing.assert_allclose(result.compute(), fn(ds))
+
+
+# ---------------------------------------------------------------------------
+# The P0 circuit and over-mixing, on cubes whose answers are set by construction
+
+STEPS5 = (0, 100, 200, 300, 400)
+
+
+def circuit_cube(first_token="random"):
+    """4 layers, 5 steps. The MLP of layer 2 writes position 0 at step 100, then layer 0's MLP takes over from step
+    200 on; p0_similarity in layer 1 crosses 0.9 at step 300 and stays; the collapse doubles and the sensitivity
+    halves without the sink; the share of the writing in layers 0-1 is 0, 0, 0.6, 0.98, 1.0."""
+    steps, layers = len(STEPS5), 4
+    cube = make_cube(np.full((steps, layers, 2), 0.3), STEPS5, first_token=first_token)
+    rest = np.ones((steps, layers))
+    attn_p0, mlp_p0 = np.ones((steps, layers)), np.ones((steps, layers))
+    mlp_p0[1, 2] = 10.0                      # step 100: layer 2's MLP (excess 9: share 0)
+    mlp_p0[2, 0], mlp_p0[2, 2] = 4.0, 3.0    # step 200: layer 0's MLP (ratio 4 > 3); excess 3 + 2: share 0.6
+    mlp_p0[3, 0], attn_p0[3, 3] = 50.0, 2.0  # step 300: excess 49 vs 1: share 0.98
+    mlp_p0[4, 0] = 60.0                      # step 400: share 1
+    sim = np.full((steps, layers), 0.2)
+    sim[:, 1] = [0.1, 0.95, 0.5, 0.92, 0.99]  # crosses at 100, dips, stays from 300
+    collapse = np.stack([np.full((steps, layers), 0.2), np.full((steps, layers), 0.4)], -1)
+    sensitivity = np.stack([np.full((steps, layers), 0.5), np.full((steps, layers), 0.25)], -1)
+    sl, sls = ("step", "layer"), ("step", "layer", "sink")
+    return cube.assign(
+        attn_out_norm_p0=(sl, attn_p0), attn_out_norm=(sl, rest), mlp_out_norm_p0=(sl, mlp_p0),
+        mlp_out_norm=(sl, rest), p0_similarity=(sl, sim), rest_similarity=(sl, np.full((steps, layers), 0.1)),
+        collapse=(sls, collapse), sensitivity=(sls, sensitivity),
+    ).assign_coords(sink=np.array(["kept", "removed"], dtype=np.dtypes.StringDType()),
+                    loss=("step", [6.0, 5.0, 4.0, 3.5, 3.4]))
+
+
+def test_circuit_writer_and_the_step_it_settles():
+    cube = circuit_cube()
+    np.testing.assert_array_equal(an.circuit_writer(cube).values, [np.nan, 2.5, 0.5, 0.5, 0.5])
+    assert float(an.writer_settle_step(cube)) == 200
+    assert float(cube.sinks.writer_settle_step()) == 200
+    # a stricter ratio: step 200's ratio of 4 no longer counts, step 100's 10 still does
+    np.testing.assert_array_equal(an.circuit_writer(cube, ratio=5).values, [np.nan, 2.5, np.nan, 0.5, 0.5])
+    assert float(an.writer_settle_step(cube, ratio=5)) == 300
+    r = an.writer_ratio(cube)
+    assert r.dims == ("component", "step", "layer") and float(r.sel(step=300, layer=0, component="mlp")) == 50
+
+
+def test_recognition_step_and_its_probe_check():
+    cube = circuit_cube()
+    assert float(an.recognition_step(cube)) == 300
+    assert float(cube.sinks.recognition_step(threshold=0.97)) == 400
+    assert np.isnan(float(an.recognition_step(cube, layers=1)))  # layer 0 never recognises
+    with pytest.raises(ValueError, match="first_token=random"):
+        an.recognition_step(circuit_cube("keep"))
+
+
+def test_mixing_effect_is_removed_over_kept():
+    effect = an.mixing_effect(circuit_cube())
+    np.testing.assert_allclose(effect["collapse"].values, 2.0)
+    np.testing.assert_allclose(effect["sensitivity"].values, 0.5)
+    assert effect["collapse"].dims == ("step", "layer")
+
+
+def test_circuit_share_convergence_and_loss():
+    cube = circuit_cube()
+    np.testing.assert_allclose(an.circuit_share(cube).values, [np.nan, 0.0, 0.6, 0.98, 1.0])
+    # windows of 3 starting at 100: 0..0.98 / 0.6..1.0 / (no full window after): calm from 300 on only with
+    # windows of 2: changes 0.6, 0.38, 0.02
+    assert float(an.circuit_convergence_step(cube, window=2)) == 300
+    assert np.isnan(float(an.circuit_convergence_step(cube, window=3)))
+    assert float(cube.sinks.circuit_convergence_step(window=2, tol=0.5)) == 200
+    np.testing.assert_array_equal(an.training_loss(cube).values, [6.0, 5.0, 4.0, 3.5, 3.4])
+    with pytest.raises(KeyError, match="loss"):
+        an.training_loss(make_cube(np.full((2, 2, 2), 0.3), (0, 1)))
+    with pytest.raises(KeyError, match="outputs"):
+        an.circuit_share(make_cube(np.full((2, 2, 2), 0.3), (0, 1)))

@@ -219,3 +219,24 @@ def test_default_run_never_imports_dask_and_report_never_imports_torch(trained_r
                           f"report.out_dir={tmp_path / 'report'}"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "imported: []" in res.stdout, res.stdout[-2000:]
+
+
+def test_measure_switches_loss_and_mixing_reach_the_store(trained_run, tmp_path, capsys):
+    import json
+
+    from pipeline.store import open_sinks
+
+    store = str(tmp_path / "s.zarr")
+    assert run(replay_cfg(trained_run, store, "replay.steps=[0,100]",
+                          "replay.measure=[outputs,similarity,loss,mixing]")) == 0
+    ds = open_sinks(store, group_name(store))
+    state = json.loads((trained_run / "checkpoint-100" / "trainer_state.json").read_text())
+    logged = [e["loss"] for e in state["log_history"] if "loss" in e and e["step"] <= 100]
+    assert "loss" in ds.coords and float(ds["loss"].sel(step=100)) == logged[-1]
+    assert ds["collapse"].dims == ("step", "layer", "sink") and ds["sink"].values.tolist() == ["kept", "removed"]
+    for name in ("attn_out_norm_p0", "mlp_out_norm", "p0_similarity", "rest_similarity", "sensitivity"):
+        assert np.isfinite(ds[name].values).all(), name
+    assert ds.sinks.mixing_effect()["collapse"].sizes == {"step": 2, "layer": ds.sizes["layer"]}
+
+    assert run(replay_cfg(trained_run, store, "replay.measure=[loss,typo]")) == 2
+    assert "replay.measure: unknown group(s) ['typo']" in capsys.readouterr().err

@@ -6,8 +6,8 @@ import torch
 import transformers as tf
 
 from pipeline import attention
-from pipeline.measure import find_blocks, is_supported, measure, qbin_edges, support_problem
-from tests.reference import reference_stats
+from pipeline.measure import MEASURES, find_blocks, is_supported, measure, qbin_edges, support_problem
+from tests.reference import eager_blocks, reference_extra, reference_stats
 
 SEQ_LEN, ROWS, VOCAB = 32, 3, 96
 FIRST = 5  # the probe's first token (not 0: some configs make 0 the padding index, which gets no gradient)
@@ -105,7 +105,7 @@ def uniform_by_q(window):
 def test_family_matches_reference(family):
     model = build(family)
     ids = probe()
-    got = measure(model, ids, batch_size=2, key_positions=4)  # 3 rows: micro-batches of 2 and 1
+    got = measure(model, ids, batch_size=2, key_positions=4, measures=())  # 3 rows: micro-batches of 2 and 1
     want = reference_stats(model, ids, key_positions=4)
     expected = EXPECTED | ({"learned_sink_mass"} if family == "gpt_oss" else set())
     assert set(got) == expected
@@ -141,7 +141,53 @@ def test_tied_and_untied_embeddings(tied):
             model.lm_head.weight.normal_(0.0, 0.2)
     assert (model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()) == tied
     ids = probe()
-    assert_stats_close(measure(model, ids), reference_stats(model, ids))
+    assert_stats_close(measure(model, ids, measures=()), reference_stats(model, ids))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_writers_similarity_and_mixing_match_reference(family):
+    """Sublayer output norms (by residual algebra), similarities, and collapse and sensitivity with the sink kept
+    and removed (eager attention with its matrix edited) against the eager reference, every family."""
+    model = build(family)
+    ids = probe()
+    got = measure(model, ids, batch_size=2, measures=MEASURES)
+    want = reference_extra(model, ids)
+    n_layers = model.config.num_hidden_layers
+    for name, value in want.items():
+        assert got[name].shape == ((n_layers, 2) if name in ("collapse", "sensitivity") else (n_layers,)), name
+        np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
+    # the extra passes leave the probe pass's statistics as they were
+    assert_stats_close({k: v for k, v in got.items() if k not in want}, measure(model, ids, batch_size=2, measures=()))
+    # removing the sink changes what the model computes: the check above would not catch a no-op removal otherwise
+    assert np.abs(got["collapse"][:, 1] - got["collapse"][:, 0]).max() > 1e-3
+    assert np.isfinite(got["sensitivity"]).all() and (got["sensitivity"] > 0).all()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_sink_removed_pass_equals_edited_eager_attention(family):
+    """Every block's output with the sink removed, against eager attention whose matrix is edited, float32."""
+    model = build(family)
+    ids = probe()
+    outs = {}
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: outs.update({i: (o[0] if isinstance(o, tuple) else o)}))
+             for i, b in enumerate(find_blocks(model))]
+    try:
+        with torch.no_grad(), attention.removing_sink():
+            model.base_model(input_ids=torch.as_tensor(ids), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()  # before the reference copies the model, hooks included
+    got = np.stack([outs[i].double().numpy() for i in range(len(outs))])
+    diffs = []
+    want = eager_blocks(model, ids, remove_sink=True, compare=lambda mine, theirs: diffs.append(
+        float((mine.double() - theirs.double()).abs().max())))[2]
+    kept = eager_blocks(model, ids)[2]
+    # each attention call, on the same inputs: the edited matrix against sinkstats' removal
+    assert len(diffs) == model.config.num_hidden_layers and max(diffs) < 1e-5, diffs
+    # the whole forward: float32 rounding of two different kernels, carried through every block (GPT-OSS's
+    # router amplifies it to 2e-5 with the sink kept too)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    assert np.abs(want - kept).max() > 0.1  # the edit matters on these models
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_oss"])

@@ -12,11 +12,11 @@ from pipeline import layered
 from pipeline.devices import device_budget
 from pipeline.errors import CheckpointError
 from pipeline.layered import open_layered
-from pipeline.measure import measure
+from pipeline.measure import MEASURES, measure
 from pipeline.records import Checkpoint
 from pipeline.replay import ReplaySettings, replay
 from tests.ckpt_factory import save_checkpoint, shards
-from tests.reference import reference_stats
+from tests.reference import reference_extra, reference_stats
 from tests.test_families import FAMILIES, assert_stats_close, build, probe
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add overhead
@@ -36,9 +36,10 @@ def test_family_matches_whole_model_and_reference(family, tmp_path):
     model = build(family)
     model.save_pretrained(tmp_path)
     ids = probe()
-    got = measure_layered(tmp_path, ids)
-    assert_stats_close(got, measure(model, ids, batch_size=2, key_positions=4), rtol=1e-6, atol=1e-6)
-    assert_stats_close(got, reference_stats(model, ids, key_positions=4))
+    got = measure_layered(tmp_path, ids, measures=MEASURES)
+    assert_stats_close(got, measure(model, ids, batch_size=2, key_positions=4, measures=MEASURES), rtol=1e-6,
+                       atol=1e-6)
+    assert_stats_close(got, reference_stats(model, ids, key_positions=4) | reference_extra(model, ids))
 
 
 @pytest.fixture
@@ -56,7 +57,7 @@ def streamed(monkeypatch):
     monkeypatch.setattr(layered.BlockStream, "_read", counting_read)
     run_rows = layered.BlockStream.run_rows
 
-    def watching(self, body, batches):
+    def watching(self, body, batches, *args):
         blocks = list(self.blocks)  # run_rows swaps stand-ins into the list; count the blocks themselves
         shape = blocks[0].mlp.up_proj.weight.shape
         alive.append(sum(p.shape == shape for p in blocks[0].parameters()))  # first: how many a block holds
@@ -72,7 +73,7 @@ def streamed(monkeypatch):
 
         hooks = [b.register_forward_pre_hook(count) for b in blocks]
         try:
-            return run_rows(self, body, batches)
+            return run_rows(self, body, batches, *args)
         finally:
             for h in hooks:
                 h.remove()

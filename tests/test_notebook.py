@@ -67,3 +67,14 @@ def test_notebook_is_stored_clean_and_explained():
     nbformat.validate(nb)
     assert all(not c.outputs and c.execution_count is None for c in nb.cells if c.cell_type == "code")
     assert sum(c.cell_type == "markdown" for c in nb.cells) >= 7
+
+
+def test_notebook_reads_the_circuit_and_mixing_statistics(tmp_path, monkeypatch):
+    from tests.test_analysis import circuit_cube
+
+    store = write_store(tmp_path / "sinks.zarr", {"circuit": circuit_cube()})
+    nb = _run(store, monkeypatch)
+    text = _text(nb)
+    assert "writer settles at step 200" in text
+    assert "position zero recognised (p0_similarity > 0.9 in layers 0-1) from step 300" in text
+    assert _images(nb) == 5 + 2  # the five of sections 1-4 and the two new ones (no first-token pair)

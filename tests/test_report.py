@@ -109,3 +109,22 @@ def test_remote_store_needs_an_out_dir():
     with pytest.raises(ValueError, match="out_dir"):
         default_out_dir("s3://bucket/run.zarr")
     assert default_out_dir("/a/b/run.zarr/") == default_out_dir("/a/b/run.zarr")
+
+
+def test_report_draws_the_circuit_recognition_and_mixing_figures(tmp_path):
+    from tests.test_analysis import circuit_cube
+
+    cube = circuit_cube()
+    cube.attrs["probe_name"] = "circuit"
+    store = write_store(tmp_path / "sinks.zarr", {"circuit": cube})
+    page = write_report(str(store))
+    for fig in ("p0_circuit.png", "p0_recognition.png", "mixing.png"):
+        assert_png(page.parent / f"circuit_{fig}")
+    assert "No p0_circuit.png" not in page.read_text()
+
+
+def test_report_of_a_cube_without_the_new_statistics_says_so(tmp_path):
+    store = write_store(tmp_path / "sinks.zarr", {"old": realistic_cube("keep")})
+    text = write_report(str(store)).read_text()
+    for fig in ("p0_circuit.png", "p0_recognition.png", "mixing.png"):
+        assert f"No {fig}: the cube lacks" in text

@@ -73,7 +73,7 @@ def load(path, group="random") -> xr.Dataset:
 
 def check_step(ds: xr.Dataset, step: int, full: bool = False) -> None:
     """The stored step equals what was written, bit for bit."""
-    got = ds.sel(step=step).drop_vars(["step", "tokens_seen", "status", "error"])
+    got = ds.sel(step=step).drop_vars(["step", "tokens_seen", "loss", "status", "error"], errors="ignore")
     xr.testing.assert_identical(got.drop_attrs(), step_ds(step, full=full).drop_attrs())
 
 
@@ -327,8 +327,6 @@ def test_mismatched_step_writes_nothing(tmp_path):
         "layers": step_ds(2, layers=3),
         "architecture": step_ds(2, architecture="gpt_oss"),
         "probe length": step_ds(2, seq_len=32),
-        "variables": step_ds(2).drop_vars("key_mass"),
-        "extra variable": step_ds(2, full=True),
         "step dim": step_ds(2).expand_dims(step=[2]),
     }
     for case, ds in bad.items():
@@ -382,7 +380,7 @@ def test_every_step_variable_is_one_step_per_chunk(tmp_path):
     run(path, [0])
     group = zarr.open_group(path, mode="r", path="random")
     step_arrays = {name: a for name, a in group.arrays() if a.metadata.dimension_names[0] == "step"}
-    assert set(step_arrays) == {*step_ds(0).data_vars, "step", "tokens_seen", "status", "error"}
+    assert set(step_arrays) == {*step_ds(0).data_vars, "step", "tokens_seen", "loss", "status", "error"}
     for name, a in step_arrays.items():
         assert a.shape[0] == 5 and a.chunks == (1, *a.shape[1:]), name
         assert a.metadata.to_dict()["codecs"][0]["name"] != "sharding_indexed", name
@@ -416,6 +414,74 @@ def test_first_write_interrupted_while_creating_variables(tmp_path, monkeypatch)
     store = SinkStore(path, "random")
     assert store.status() == {1: "failed", 2: "pending"}
     assert sorted(zarr.open_group(path, mode="r", path="random").array_keys()) == [
-        "error", "status", "step", "tokens_seen"]
+        "error", "loss", "status", "step", "tokens_seen"]
     store.write_step(2, step_ds(2))
     xr.testing.assert_identical(load(path), load(ref))
+
+
+def test_loss_is_a_step_coordinate(tmp_path):
+    path = tmp_path / "s.zarr"
+    store = SinkStore(path, "random")
+    store.prepare([100, 200], loss={100: 4.5, 200: None}, attrs=ATTRS)
+    store.write_step(100, step_ds(100))
+    store.prepare([300, 50], loss={300: 3.25, 200: 3.75})  # an append, an insert, and a loss learnt later
+    ds = load(path)
+    assert "loss" in ds.coords and "loss" not in ds.data_vars
+    np.testing.assert_array_equal(ds["loss"].values, [np.nan, 4.5, 3.75, 3.25])
+    check_step(ds, 100)
+
+
+def old_store(path, steps=(1, 2)):
+    """A group as written before the loss coordinate and the sublayer statistics existed."""
+    run(path, list(steps))
+    group = zarr.open_group(path, mode="r+", path="random")
+    del group["loss"]
+    for _, array in group.arrays():
+        if "coordinates" in array.attrs:
+            array.update_attributes({"coordinates": array.attrs["coordinates"].replace("loss", "").strip()})
+    SinkStore(path, "random").finalize()
+
+
+def test_store_written_before_new_statistics_opens_and_grows(tmp_path):
+    path = tmp_path / "s.zarr"
+    old_store(path)
+    ds = load(path)
+    assert "loss" not in ds.variables and set(ds.data_vars) == set(FEW)
+    check_step(ds, 1)
+
+    store = SinkStore(path, "random")
+    store.prepare([3], loss={3: 2.5}, attrs=ATTRS)
+    more = step_ds(3).assign(p0_similarity=("layer", [0.5, 1.0]))
+    store.write_step(3, more)
+    store.finalize()
+    ds = load(path)
+    assert "loss" in ds.coords and "loss" not in ds.data_vars
+    np.testing.assert_array_equal(ds["loss"].values, [np.nan, np.nan, 2.5])
+    np.testing.assert_array_equal(ds["p0_similarity"].values, [[np.nan, np.nan], [np.nan, np.nan], [0.5, 1.0]])
+    check_step(ds.drop_vars("p0_similarity"), 1)
+    assert zarr.open_group(path, mode="r", path="random")["p0_similarity"].chunks == (1, 2)
+
+    # a step that does not measure a statistic the group holds stores NaN for it, not the old value
+    store.write_step(3, step_ds(3))
+    assert np.isnan(load(path)["p0_similarity"].sel(step=3)).all()
+
+
+def test_adding_statistics_interrupted_keeps_the_rest(tmp_path, monkeypatch):
+    path = tmp_path / "s.zarr"
+    run(path, [1, 2])
+    store = SinkStore(path, "random")
+    store.prepare([3], attrs=ATTRS)
+    original = zarr.Group.create_array
+
+    def dies(self, *args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(zarr.Group, "create_array", dies)
+    with pytest.raises(Killed):
+        store.write_step(3, step_ds(3, full=True))
+    monkeypatch.setattr(zarr.Group, "create_array", original)
+    store = SinkStore(path, "random")
+    assert store.status() == {1: "done", 2: "done", 3: "pending"}
+    ds = load(path)
+    assert set(ds.data_vars) == set(FEW)
+    check_step(ds, 2)
