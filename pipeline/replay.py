@@ -77,17 +77,19 @@ def replay(
     checkpoints of other formats are read whole.
     """
     from .load import weights_in_memory
-    from .statedict import needs_mapping
+    from .measure import attention_route
+    from .statedict import hf_config, needs_mapping
 
     device = resolve_device(settings.device)
     times = times if times is not None else PhaseTimes(device)
+    route = attention_route(hf_config(ckpt))
     if needs_mapping(ckpt):  # read whole: layer by layer streams from safetensors files only
-        return _replay_whole(ckpt, probe, settings, device, settings.dtype, read_next, models, times)
+        return _replay_whole(ckpt, probe, settings, device, settings.dtype, route, read_next, models, times)
     budget = device_budget(settings.max_device_memory, device)
     dtype, nbytes = weights_in_memory(ckpt, device, settings.dtype) if budget is not None else (settings.dtype, 0)
     if budget is None or nbytes <= budget:
         try:
-            return _replay_whole(ckpt, probe, settings, device, dtype, read_next, models, times)
+            return _replay_whole(ckpt, probe, settings, device, dtype, route, read_next, models, times)
         except torch.OutOfMemoryError:
             if budget is None:
                 raise
@@ -96,15 +98,15 @@ def replay(
         models.clear()  # the memory a kept model holds is what the device is short of
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return _replay_layered(ckpt, probe, settings, device, dtype, read_next, times)
+    return _replay_layered(ckpt, probe, settings, device, dtype, route, read_next, times)
 
 
-def _replay_whole(ckpt, probe, settings, device, dtype, read_next, models, times):
+def _replay_whole(ckpt, probe, settings, device, dtype, route, read_next, models, times):
     from .load import load_model, read_ahead
 
     with times.phase("load"):
         model = load_model(ckpt, device=device, dtype=dtype, trust_remote_code=settings.trust_remote_code,
-                           models=models)
+                           attn_implementation=route, models=models)
     if read_next is not None:
         read_ahead(read_next)
     with times.phase("measure"):
@@ -114,12 +116,12 @@ def _replay_whole(ckpt, probe, settings, device, dtype, read_next, models, times
     return to_dataset(stats, model.config, probe.seq_len)
 
 
-def _replay_layered(ckpt, probe, settings, device, dtype, read_next, times):
+def _replay_layered(ckpt, probe, settings, device, dtype, route, read_next, times):
     from .layered import open_layered
     from .load import read_ahead
 
     with times.phase("load"), open_layered(
-        ckpt, device=device, dtype=dtype, trust_remote_code=settings.trust_remote_code
+        ckpt, device=device, dtype=dtype, trust_remote_code=settings.trust_remote_code, attn_implementation=route
     ) as (model, run_rows):
         if read_next is not None:
             read_ahead(read_next)

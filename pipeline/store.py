@@ -47,7 +47,7 @@ from zarr.errors import ZarrUserWarning
 PENDING, DONE, FAILED = "pending", "done", "failed"
 STEP_COORDS = ("tokens_seen", "status", "error")
 # attributes every step's Dataset must share with the group: one cube, one model
-STEP_ATTRS = ("architecture", "config_fingerprint")
+STEP_ATTRS = ("architecture", "config_fingerprint", "attention_route")
 
 # Variable-length UTF-8 strings (zarr v3 "string"): no fixed width to outgrow, no warning on write
 # or read, unlike numpy "U" arrays, which zarr 3.1 stores as an unspecified fixed-width type, with
