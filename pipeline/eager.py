@@ -50,8 +50,8 @@ def slice_rows(config, seq_len: int, batch_size: int) -> int:
 class EagerHooks:
     """Hooks on each block's attention modules that turn the returned probabilities into the Collector's sums."""
 
-    def __init__(self, blocks: nn.ModuleList, collector: Collector):
-        self.collector = collector
+    def __init__(self, blocks: nn.ModuleList, collector: Collector, arch: str):
+        self.collector, self.arch = collector, arch
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.handles = []
         for i, block in enumerate(blocks):
@@ -62,7 +62,7 @@ class EagerHooks:
 
     def _hook(self, layer: int):
         def hook(module, args, output):
-            if not (isinstance(output, tuple) and len(output) > 1 and torch.is_tensor(output[1])):
+            if not (isinstance(output, (tuple, list)) and len(output) > 1 and torch.is_tensor(output[1])):
                 return None
             p = output[1]
             if p.ndim != 4 or p.shape[-1] != p.shape[-2]:
@@ -70,12 +70,13 @@ class EagerHooks:
             kv = self.pending.pop(layer, None)
             if kv is None:
                 raise UnsupportedAttention(
-                    f"{type(module).__name__} of block {layer} returned attention probabilities, but its keys and "
-                    f"values never passed through the cache (layer indices seen: {sorted(self.pending)})"
+                    f"model_type={self.arch!r}: {type(module).__name__} of block {layer} returns attention "
+                    "probabilities but never hands its keys and values to a key/value cache, where the eager route "
+                    f"reads them (cache layers seen: {sorted(self.pending)})"
                 )
             key, value = kv
             self.collector.add(layer, row_stats(p, self.collector.key_positions), key, value)
-            return (output[0], None, *output[2:])
+            return type(output)([output[0], None, *output[2:]])
 
         return hook
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .devices import concrete_device, release_pinned
+from .digest import start_digest
 from .errors import CheckpointError, describe
 from .load import check_loading, checked_folder, quiet_transformers
 from .locations import local_folder
@@ -39,15 +40,17 @@ def open_layered(ckpt: Checkpoint, *, device: str | torch.device, dtype, trust_r
     """The checkpoint's model with only the weights outside its blocks loaded, and the `run_rows` that streams
     its blocks. `dtype` and `attn_implementation` as for load_model.
 
-    Yields (model, run_rows); pass both to `measure(model, ids, run_rows=run_rows)`. Checks the files as
-    `load_model` does; a tensor that is missing, unexpected or of the wrong shape raises CheckpointError.
+    Yields (model, run_rows); pass both to `measure(model, ids, run_rows=run_rows)`. The model's `weights_digest`
+    is that of load_model. Checks the files as `load_model` does; a tensor that is missing, unexpected or of the wrong shape raises CheckpointError.
     """
     from . import attention  # noqa: F401  (registers "sinkstats")
 
     device = concrete_device(device)
     with local_folder(ckpt.path) as folder:
         _, _, want = checked_folder(folder, device, dtype, trust_remote_code)
+        digest = start_digest(weight_paths(folder))
         model = _skeleton(folder, device, want, trust_remote_code, attn_implementation)
+        model.weights_digest = digest
         with BlockStream(folder, model, device, want) as stream:
             yield model, stream.run_rows
 

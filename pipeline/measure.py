@@ -186,7 +186,7 @@ def measure(model, input_ids, *, batch_size: int = 16, key_positions: int = 4, r
             if route == EAGER:
                 from .eager import EagerHooks, slice_rows
 
-                eager_hooks = EagerHooks(blocks, collector)
+                eager_hooks = EagerHooks(blocks, collector, arch)
                 forward = eager_hooks.forward(body)
                 batch_size = slice_rows(model.config, seq_len, batch_size)
             batches = [ids[s : s + batch_size] for s in range(0, n_rows, batch_size)]

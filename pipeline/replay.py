@@ -111,9 +111,10 @@ def _replay_whole(ckpt, probe, settings, device, dtype, route, read_next, models
         read_ahead(read_next)
     with times.phase("measure"):
         stats = _measure(ckpt, model, probe, settings)
+    digest = model.weights_digest.result()  # before the model goes back for another replay to load into
     if models is not None:
         models.give_back(model)
-    return to_dataset(stats, model.config, probe.seq_len)
+    return to_dataset(stats, model.config, probe.seq_len, digest)
 
 
 def _replay_layered(ckpt, probe, settings, device, dtype, route, read_next, times):
@@ -127,7 +128,8 @@ def _replay_layered(ckpt, probe, settings, device, dtype, route, read_next, time
             read_ahead(read_next)
         with times.phase("measure"):
             stats = _measure(ckpt, model, probe, settings, run_rows)
-    return to_dataset(stats, model.config, probe.seq_len)
+        digest = model.weights_digest.result()
+    return to_dataset(stats, model.config, probe.seq_len, digest)
 
 
 def _measure(ckpt, model, probe, settings, run_rows=None):
@@ -143,7 +145,8 @@ def _measure(ckpt, model, probe, settings, run_rows=None):
                    run_rows=run_rows)
 
 
-def to_dataset(stats: dict[str, np.ndarray], config, seq_len: int) -> xr.Dataset:
+def to_dataset(stats: dict[str, np.ndarray], config, seq_len: int, weights_digest: str | None = None) -> xr.Dataset:
+    """One step's statistics as a Dataset; `weights_digest` (pipeline/digest.py) becomes a scalar coordinate."""
     from .load import config_fingerprint
     from .measure import qbin_edges
 
@@ -165,6 +168,8 @@ def to_dataset(stats: dict[str, np.ndarray], config, seq_len: int) -> xr.Dataset
         "qbin_start": ("qbin", edges[:-1].astype(np.int64)),
         "qbin_stop": ("qbin", edges[1:].astype(np.int64)),
     }
+    if weights_digest is not None:
+        coords["weights_digest"] = weights_digest
     config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     attrs = {"architecture": config_dict.get("model_type", "unknown"), "config_fingerprint": config_fingerprint(config_dict)}
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)

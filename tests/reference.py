@@ -16,7 +16,7 @@ from unittest import mock
 import numpy as np
 import torch
 
-FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm")
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "norm_f", "layer_norm")
 
 
 def reference_stats(model, input_ids, key_positions: int = 4, *, keep_dtype: bool = False) -> dict[str, np.ndarray]:

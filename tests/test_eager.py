@@ -8,6 +8,7 @@ import transformers as tf
 import xarray as xr
 
 from pipeline import eager
+from pipeline.attention import UnsupportedAttention
 from pipeline.cli import compose, run
 from pipeline.layered import open_layered
 from pipeline.load import read_config
@@ -30,6 +31,13 @@ EAGER_FAMILIES = {
     # learned positions, a local (windowed) layer after a global one
     "gpt_neo": lambda: tf.GPTNeoConfig(**SMALL, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
                                        window_size=8, max_position_embeddings=128),
+    # ALiBi, fused query/key/value projection
+    "mpt": lambda: tf.MptConfig(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, max_seq_len=128),
+    # learned positions, scaled embeddings
+    "biogpt": lambda: tf.BioGptConfig(**SMALL, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96),
+    # sinusoidal positions
+    "xglm": lambda: tf.XGLMConfig(vocab_size=VOCAB, d_model=64, num_layers=2, attention_heads=4, ffn_dim=96,
+                                  init_std=0.2),
 }
 
 
@@ -93,6 +101,15 @@ def test_attention_matrices_are_not_kept():
     finally:
         handle.remove()
     assert seen == [None]
+
+
+def test_refuses_family_whose_keys_never_reach_a_cache():
+    torch.manual_seed(0)
+    config = tf.OpenAIGPTConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4)
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    assert attention_route(model) == "eager"
+    with pytest.raises(UnsupportedAttention, match="model_type='openai-gpt'.*block 0.*key/value cache"):
+        measure(model, probe())
 
 
 def test_refuses_model_loaded_with_sinkstats():
