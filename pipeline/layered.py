@@ -41,7 +41,8 @@ def open_layered(ckpt: Checkpoint, *, device: str | torch.device, dtype, trust_r
     its blocks. `dtype` and `attn_implementation` as for load_model.
 
     Yields (model, run_rows); pass both to `measure(model, ids, run_rows=run_rows)`. The model's `weights_digest`
-    is that of load_model. Checks the files as `load_model` does; a tensor that is missing, unexpected or of the wrong shape raises CheckpointError.
+    is that of load_model. Checks the files as `load_model` does; a tensor that is missing, unexpected or of the
+    wrong shape raises CheckpointError.
     """
     from . import attention  # noqa: F401  (registers "sinkstats")
 

@@ -148,7 +148,7 @@ def _measure(ckpt, model, probe, settings, run_rows=None):
 def to_dataset(stats: dict[str, np.ndarray], config, seq_len: int, weights_digest: str | None = None) -> xr.Dataset:
     """One step's statistics as a Dataset; `weights_digest` (pipeline/digest.py) becomes a scalar coordinate."""
     from .load import config_fingerprint
-    from .measure import qbin_edges
+    from .measure import attention_route, qbin_edges
 
     missing = [name for name in DIMS if name not in stats and name != "learned_sink_mass"]
     if missing:
@@ -171,5 +171,6 @@ def to_dataset(stats: dict[str, np.ndarray], config, seq_len: int, weights_diges
     if weights_digest is not None:
         coords["weights_digest"] = weights_digest
     config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    attrs = {"architecture": config_dict.get("model_type", "unknown"), "config_fingerprint": config_fingerprint(config_dict)}
+    attrs = {"architecture": config_dict.get("model_type", "unknown"),
+             "config_fingerprint": config_fingerprint(config_dict), "attention_route": attention_route(config)}
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)

@@ -471,7 +471,8 @@ table { border-collapse: collapse; margin: 0.6em 0 1.2em; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 3px 9px; text-align: right; }
 th { background: #f2f2f2; } td.l, th.l { text-align: left; }
 figure { margin: 1.2em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
-figcaption { font-size: 0.85em; color: #555; } .note { color: #555; font-size: 0.9em; } .warn { color: #a40; font-weight: bold; }
+figcaption { font-size: 0.85em; color: #555; } .note { color: #555; font-size: 0.9em; }
+.warn { color: #a40; font-weight: bold; }
 """
 
 

@@ -3,7 +3,8 @@
 The model is copied, cast to float32 and switched to attn_implementation="eager"; one forward with
 output_attentions=True and output_hidden_states=True gives the probabilities and the residual stream; the keys and
 values are recorded by wrapping the family's eager_attention_forward, or, for the older families that have none
-(Falcon, BLOOM, GPT-Neo), read from the DynamicCache the forward fills. Everything is then reduced in float64 numpy.
+(Falcon, BLOOM, GPT-Neo, MPT, XGLM), read from the DynamicCache the forward fills. Everything is then reduced in
+float64 numpy.
 Quadratic in T: for tests only.
 """
 

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 import xarray as xr
 import zarr
 from safetensors.torch import save_file
@@ -14,8 +15,9 @@ import pipeline
 from pipeline.analysis import same_weights
 from pipeline.cli import compose, run
 from pipeline.digest import weights_digest
+from pipeline.errors import CheckpointError
 from pipeline.load import load_model
-from pipeline.records import Checkpoint, CheckpointError, Probe
+from pipeline.records import Checkpoint, Probe
 from pipeline.replay import ReplaySettings, replay
 from pipeline.report import same_weights_lines
 from pipeline.store import SinkStore
@@ -38,9 +40,9 @@ def test_digest_depends_on_the_tensors_only(tmp_path):
     assert weights_digest(files(other)) != digest
 
     # the definition in the module docstring, computed from the tensors themselves
-    names = {"float32": "F32"}
-    lines = "".join(f"{k} {names[str(v.dtype).removeprefix('torch.')]} {list(v.shape)} "
-                    f"{hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest()}\n" for k, v in sorted(saved.items()))
+    assert {v.dtype for v in saved.values()} == {torch.float32}
+    lines = "".join(f"{k} F32 {list(v.shape)} {hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest()}\n"
+                    for k, v in sorted(saved.items()))
     assert digest == hashlib.sha256(lines.encode()).hexdigest()
 
     # metadata and tensor order in the file do not count; one changed value does

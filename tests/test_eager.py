@@ -141,7 +141,7 @@ def test_cli_replays_stablelm_through_the_eager_route(layered, tmp_path):
         models[step].save_pretrained(root / f"checkpoint-{step}")
     extra = ["replay.max_device_memory=1KB"] if layered else []
     cfg = compose([f"checkpoints.root={root}", "checkpoints.quiet_seconds=0", f"store.path={store}", "stages=[replay]",
-                   f"probe.rows=4", f"probe.seq_len={SEQ_LEN}", *extra])
+                   "probe.rows=4", f"probe.seq_len={SEQ_LEN}", *extra])
     assert run(cfg) == 0
 
     tree = xr.open_datatree(store, engine="zarr")
