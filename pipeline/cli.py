@@ -105,9 +105,11 @@ def print_same_weights(store_location: str) -> None:
     from .report import same_weights_lines
     from .store import open_sinks
 
-    if not exists(store_location):
-        return
-    for name, ds in probe_groups(open_sinks(store_location)).items():
+    try:
+        groups = probe_groups(open_sinks(store_location)) if exists(store_location) else {}
+    except KeyError:  # a store folder without probe groups yet
+        groups = {}
+    for name, ds in groups.items():
         for line in same_weights_lines(ds):
             print(f"sinktrace: probe {name}: {line}")
 
