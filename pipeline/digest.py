@@ -28,9 +28,23 @@ _HASHERS = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_p
 _DRIVER = ThreadPoolExecutor(1, thread_name_prefix="sinktrace-digest-driver")
 
 
-def start_digest(paths: list[str]) -> Future:
-    """The digest of the tensors in these safetensors files, as a Future (a str of 64 hex digits). The files are
-    mapped before this returns, so a temporary copy may be deleted meanwhile. Errors raise from `result()` as
+class PendingDigest:
+    """A digest being computed; `result()` waits for it (a str of 64 hex digits). A model carrying one may be
+    deep-copied: the copy shares it."""
+
+    def __init__(self, future: Future):
+        self._future = future
+
+    def result(self) -> str:
+        return self._future.result()
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def start_digest(paths: list[str]) -> PendingDigest:
+    """The digest of the tensors in these safetensors files, computed in the background. The files are mapped
+    before this returns, so a temporary copy may be deleted meanwhile. Errors raise from `result()` as
     CheckpointError naming the file."""
     tensors = []
     for path in paths:
@@ -39,7 +53,7 @@ def start_digest(paths: list[str]) -> Future:
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise CheckpointError(os.path.dirname(paths[0]), f"tensors stored twice across the files: {dup[:3]}")
-    return _DRIVER.submit(_combine, tensors)
+    return PendingDigest(_DRIVER.submit(_combine, tensors))
 
 
 def start_tensor_digest(tensors: dict) -> PendingDigest:
