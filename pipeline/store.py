@@ -48,7 +48,6 @@ from zarr.errors import ZarrUserWarning
 
 PENDING, DONE, FAILED = "pending", "done", "failed"
 STEP_COORDS = ("tokens_seen", "status", "error", "weights_digest")
-STRING_COORDS = ("status", "error", "weights_digest")
 # attributes every step's Dataset must share with the group: one cube, one model
 STEP_ATTRS = ("architecture", "config_fingerprint", "attention_route")
 
