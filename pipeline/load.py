@@ -28,7 +28,6 @@ import threading
 
 import torch
 
-from .digest import start_digest, start_tensor_digest
 from .devices import (
     SAFETENSORS_FLOATS,
     available_host_bytes,
@@ -37,6 +36,7 @@ from .devices import (
     parse_dtype,
     release_pinned,
 )
+from .digest import start_digest, start_tensor_digest
 from .errors import CheckpointError, describe, some
 from .locations import is_url, join, local_folder, read_bytes
 from .records import Checkpoint
