@@ -130,3 +130,21 @@ def test_store_written_before_digests_gets_the_coordinate(tmp_path):
     assert "weights_digest" in ds.coords and "weights_digest" not in ds.data_vars
     assert ds.weights_digest.values.tolist() == ["", "ab" * 32]
     assert ds.sink_mass.sel(step=1).values.tolist() == [[1.0] * 3] * 2
+
+
+def test_checkpoints_of_other_formats_get_a_digest_too(tmp_path):
+    """Read into a state dict (here torchtitan DCP folders), the digest is over that state dict's tensors."""
+    from dataclasses import replace
+
+    from pipeline.discover import discover
+    from tests import trainer_ckpts as tc
+
+    a, b = tc.llama(seed=1), tc.llama(seed=2)
+    for step, model in ((100, a), (200, b), (300, b)):
+        tc.torchtitan_step(tmp_path / "run", step, model)
+    a.config.to_json_file(tmp_path / "config.json")
+    found = discover(str(tmp_path / "run"), quiet_seconds=0)
+    digests = [load_model(replace(c, model_config=str(tmp_path / "config.json")), dtype="float32")
+               .weights_digest.result() for c in found]
+    assert [c.step for c in found] == [100, 200, 300]
+    assert len(digests[0]) == 64 and digests[1] == digests[2] != digests[0]
