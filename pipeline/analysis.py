@@ -52,6 +52,7 @@ __all__ = [
     "training_loss",
     "writer_ratio",
     "writer_settle_step",
+    "same_weights",
     "sink_rate",
     "sink_score",
     "uniform_sink_mass",
@@ -93,9 +94,9 @@ def done(ds: xr.Dataset) -> xr.Dataset:
 
 
 def _done_data(ds: xr.Dataset) -> xr.Dataset:
-    """Done steps without the status and error coordinates: after the selection they are
-    constant, and a string coordinate breaks later reindexing (no NaN to fill with)."""
-    return done(ds).drop_vars(["status", "error"], errors="ignore")
+    """Done steps without the string coordinates (status, error, weights_digest): a string coordinate breaks later
+    reindexing (no NaN to fill with)."""
+    return done(ds).drop_vars(["status", "error", "weights_digest"], errors="ignore")
 
 
 def probe_length(ds: xr.Dataset) -> int:
@@ -503,6 +504,21 @@ _SAME_PROBE = ("probe_kind", "probe_seq_len", "probe_rows", "probe_source",
                "architecture", "config_fingerprint")
 
 
+def same_weights(ds: xr.Dataset) -> list[list[int]]:
+    """Steps that hold identical weights: each group (two steps or more, sorted) shares one ``weights_digest``
+    (the digest of the checkpoint's tensors, docs/data.md). Public suites serve one checkpoint under several
+    step names; such steps are one measurement, not a flat stretch of training. Done steps with a digest only."""
+    if "weights_digest" not in ds.coords:
+        return []
+    ds = done(ds)
+    groups: dict[str, list[int]] = {}
+    for step, digest in zip(ds["step"].values.tolist(), ds["weights_digest"].values.tolist()):
+        digest = digest.decode() if isinstance(digest, bytes) else str(digest)
+        if digest:
+            groups.setdefault(digest, []).append(int(step))
+    return sorted(sorted(steps) for steps in groups.values() if len(steps) > 1)
+
+
 def _probe_differences(a: Mapping, b: Mapping) -> list[str]:
     return [key for key in _SAME_PROBE
             if (key in a or key in b) and str(a.get(key)) != str(b.get(key))]
@@ -665,6 +681,8 @@ class SinkAccessor:
 
     def training_loss(self):
         return training_loss(self._ds)
+    def same_weights(self) -> list[list[int]]:
+        return same_weights(self._ds)
 
     def positional_index(self, random: xr.Dataset, *, baseline: bool = True, min_excess: float = 0.05):
         """This group as the fixed-first-token probe, ``random`` as the random one."""

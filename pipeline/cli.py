@@ -66,6 +66,7 @@ def run(cfg: DictConfig) -> int:
         print(f"\nsinktrace: interrupted by {e}; every step stored so far is kept, the one in progress is left "
               "pending: run the same command again to resume", file=sys.stderr)
         return e.exit_status
+    print_same_weights(store)
     return summary(outcome)
 
 
@@ -96,6 +97,21 @@ def report_stage(cfg: DictConfig, store_location: str) -> None:
         print(f"\nprobe {name}:")
         print(summary_table(ds, eps=float(cfg.report.eps)))
     print(f"\nstore:  {store_location}\nreport: {page}")
+
+
+def print_same_weights(store_location: str) -> None:
+    """Flag, per probe group, the steps whose weights equal another step's (docs/data.md, weights_digest)."""
+    from .analysis import probe_groups
+    from .report import same_weights_lines
+    from .store import open_sinks
+
+    try:
+        groups = probe_groups(open_sinks(store_location)) if exists(store_location) else {}
+    except KeyError:  # a store folder without probe groups yet
+        groups = {}
+    for name, ds in groups.items():
+        for line in same_weights_lines(ds):
+            print(f"sinktrace: probe {name}: {line}")
 
 
 main = hydra_app.command(CONF_MODULE, "config", run, rewrite=new_spelling)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .devices import concrete_device, release_pinned
+from .digest import start_digest
 from .errors import CheckpointError, describe
 from .load import check_loading, checked_folder, quiet_transformers
 from .locations import local_folder
@@ -34,31 +35,35 @@ from .weightfiles import CONFIG_NAME, weight_paths
 
 
 @contextlib.contextmanager
-def open_layered(ckpt: Checkpoint, *, device: str | torch.device, dtype, trust_remote_code: bool = False):
+def open_layered(ckpt: Checkpoint, *, device: str | torch.device, dtype, trust_remote_code: bool = False,
+                 attn_implementation: str = "sinkstats"):
     """The checkpoint's model with only the weights outside its blocks loaded, and the `run_rows` that streams
-    its blocks. `dtype` as for load_model.
+    its blocks. `dtype` and `attn_implementation` as for load_model.
 
-    Yields (model, run_rows); pass both to `measure(model, ids, run_rows=run_rows)`. Checks the files as
-    `load_model` does; a tensor that is missing, unexpected or of the wrong shape raises CheckpointError.
+    Yields (model, run_rows); pass both to `measure(model, ids, run_rows=run_rows)`. The model's `weights_digest`
+    is that of load_model. Checks the files as `load_model` does; a tensor that is missing, unexpected or of the
+    wrong shape raises CheckpointError.
     """
     from . import attention  # noqa: F401  (registers "sinkstats")
 
     device = concrete_device(device)
     with local_folder(ckpt.path) as folder:
         _, _, want = checked_folder(folder, device, dtype, trust_remote_code)
-        model = _skeleton(folder, device, want, trust_remote_code)
+        digest = start_digest(weight_paths(folder))
+        model = _skeleton(folder, device, want, trust_remote_code, attn_implementation)
+        model.weights_digest = digest
         with BlockStream(folder, model, device, want) as stream:
             yield model, stream.run_rows
 
 
-def _skeleton(folder, device, dtype, trust_remote_code):
+def _skeleton(folder, device, dtype, trust_remote_code, attn_implementation):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
         with parameters_on_meta():
             model = AutoModelForCausalLM.from_config(
-                config, attn_implementation="sinkstats", dtype=dtype, trust_remote_code=trust_remote_code
+                config, attn_implementation=attn_implementation, dtype=dtype, trust_remote_code=trust_remote_code
             )
     except Exception as e:
         raise CheckpointError(os.path.join(folder, CONFIG_NAME), f"transformers rejects it: {describe(e)}") from e
@@ -220,9 +225,9 @@ class BlockStream:
         missing = [prefix + n for n, p in part.named_parameters() if p.is_meta and id(p) not in skip]
         check_loading(self.folder, {"missing_keys": missing, "mismatched_keys": list(info.mismatched_keys)})
 
-    def run_rows(self, body, batches: list[torch.Tensor], on_batch=None) -> None:
-        """Run every micro-batch of probe rows through the model, block after block; `on_batch(b)` is called before
-        micro-batch b runs through each block (measure's passes switch there)."""
+    def run_rows(self, forward, batches: list[torch.Tensor], on_batch=None) -> None:
+        """Run every micro-batch of probe rows through the model (`forward(input_ids=...)`), block after block;
+        `on_batch(b)` is called before micro-batch b runs through each block (measure's passes switch there)."""
         blocks, originals = self.blocks, list(self.blocks)
         stored: list = [None] * len(batches)
         current = {"batch": 0, "fmt": None}
@@ -255,7 +260,7 @@ class BlockStream:
                         if feeder is not None:
                             feeder.batch = b
                         try:
-                            body(input_ids=rows.to(self.device), use_cache=False)
+                            forward(input_ids=rows.to(self.device))
                         except _Stop:
                             continue
                         raise RuntimeError(f"block {i} of {type(self.model).__name__} never ran in its forward")

@@ -36,6 +36,7 @@ from .devices import (
     parse_dtype,
     release_pinned,
 )
+from .digest import start_digest, start_tensor_digest
 from .errors import CheckpointError, describe, some
 from .locations import is_url, join, local_folder, read_bytes
 from .records import Checkpoint
@@ -92,7 +93,8 @@ def load_model(
     attn_implementation: str = "sinkstats",
     models: ModelCache | None = None,
 ):
-    """Build the checkpoint's causal LM from its config.json and safetensors weights, in eval mode.
+    """Build the checkpoint's causal LM from its config.json and safetensors weights, in eval mode. Its
+    `weights_digest` is the weights' digest being hashed in the background (pipeline/digest.PendingDigest).
 
     Checkpoints of other formats, or with a `model_config` or a `key_map` set, get their config and tensors from
     pipeline/statedict.py and are built whole (see `_from_state_dict`).
@@ -123,6 +125,7 @@ def load_model(
         return _from_state_dict(ckpt, device, dtype, trust_remote_code, attn_implementation)
     with local_folder(ckpt.path) as folder:
         config, weights, want = checked_folder(folder, device, dtype, trust_remote_code)
+        digest = start_digest(weight_paths(folder))
         key = (config_fingerprint(config), str(device), want, attn_implementation)
         built = models.take(key) if models is not None else None
         if built is not None and _load_into(built, folder, weights):
@@ -131,6 +134,7 @@ def load_model(
             model = _from_pretrained(folder, device, want, trust_remote_code, attn_implementation)
         if models is not None:
             models.lend(key, model)
+        model.weights_digest = digest
         return model
 
 
@@ -352,6 +356,7 @@ def _from_state_dict(ckpt, device, dtype, trust_remote_code, attn_implementation
     except Exception as e:
         raise CheckpointError(where, f"transformers rejects the model config: {describe(e)}") from e
     tensors = state_dict(ckpt, config)
+    digest = start_tensor_digest(tensors)
     want = load_dtype(dtype, device, main_dtype({k: _ST_NAMES.get(t.dtype, "") for k, t in tensors.items()}))
     try:
         with parameters_on_meta(), quiet_transformers():
@@ -381,6 +386,7 @@ def _from_state_dict(ckpt, device, dtype, trust_remote_code, attn_implementation
         )
     model.load_state_dict({k: t.to(want) for k, t in tensors.items() if k in expected}, strict=False, assign=True)
     model.tie_weights()
+    model.weights_digest = digest
     return model.to(concrete_device(device)).eval()
 
 

@@ -6,6 +6,8 @@ queries are averaged over positions 1..T-1 (query 0 always puts all its weight o
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch import nn
@@ -29,22 +31,48 @@ def qbin_edges(seq_len: int) -> np.ndarray:
     return np.asarray(edges, dtype=np.int64)
 
 
-def support_problem(model_or_config) -> str | None:
-    """Why sinkstats cannot measure this model or config, or None when it can (static checks only:
-    `measure` also refuses at run time anything the attention function does not understand)."""
-    config = getattr(model_or_config, "config", model_or_config)
-    arch = getattr(config, "model_type", "?")
+EAGER = "eager"
+ROUTES = (ATTENTION_NAME, EAGER)  # the store's `attention_route` attribute
+
+
+def attention_route(model_or_config) -> str:
+    """How a family is measured: "sinkstats" (transformers' AttentionInterface, pipeline/attention.py) where the
+    family routes its attention through the interface, else "eager" (output_attentions=True, pipeline/eager.py).
+    Takes a model, a transformers config or a config.json dict; the model class is the one AutoModelForCausalLM
+    builds (a config it cannot build gets "sinkstats", and loading reports the problem)."""
+    cls = _model_class(model_or_config)
+    return ATTENTION_NAME if cls is None or getattr(cls, "_supports_attention_backend", False) else EAGER
+
+
+def _model_class(model_or_config):
     if isinstance(model_or_config, nn.Module):
-        cls = type(model_or_config)
-    else:
-        from transformers import AutoModelForCausalLM
+        return type(model_or_config)
+    config = model_or_config
+    if isinstance(config, dict):
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
         try:
-            cls = AutoModelForCausalLM._model_mapping[type(config)]
-        except KeyError:
-            return f"model_type={arch!r} has no causal-LM class in transformers"
-    if not getattr(cls, "_supports_attention_backend", False):
-        return f"model_type={arch!r} ({cls.__name__}) does not route attention through transformers' AttentionInterface"
+            config = CONFIG_MAPPING[config["model_type"]].from_dict(config)
+        except Exception:  # unknown or remote-code model_type, or a config transformers rejects: loading says why
+            return None
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        return None
+
+
+def support_problem(model_or_config) -> str | None:
+    """Why sinkstats cannot measure this model or config, or None when it can (static checks only:
+    `measure` also refuses at run time anything the attention function does not understand). Families on the
+    eager route are measured from the model's own attention probabilities, so nothing here concerns them."""
+    config = getattr(model_or_config, "config", model_or_config)
+    arch = getattr(config, "model_type", "?")
+    if not isinstance(model_or_config, nn.Module) and _model_class(config) is None:
+        return f"model_type={arch!r} has no causal-LM class in transformers"
+    if attention_route(model_or_config) == EAGER:
+        return None
     if getattr(config, "attention_chunk_size", None):
         return f"model_type={arch!r} uses chunked attention"
     if getattr(config, "use_bidirectional_attention", False):
@@ -224,7 +252,8 @@ def _median(x: torch.Tensor) -> torch.Tensor:
 
 def measure(model, input_ids, *, batch_size: int = 16, key_positions: int = 4, run_rows=None,
             measures=("outputs", "similarity")) -> dict[str, np.ndarray]:
-    """Sink statistics of `model` (loaded with attn_implementation="sinkstats") on probe rows `input_ids` (rows, T).
+    """Sink statistics of `model` on probe rows `input_ids` (rows, T). The model is loaded with the
+    attn_implementation of its `attention_route`: "sinkstats", or "eager" for families outside the interface.
 
     Returns float64 arrays: sink_mass, entropy (layer, head); sink_mass_by_q (layer, head, qbin) over the bins of
     `qbin_edges(T)`; key_mass (layer, head, key_positions); key_norm_p0, value_norm_p0, key_norm, value_norm
@@ -235,16 +264,18 @@ def measure(model, input_ids, *, batch_size: int = 16, key_positions: int = 4, r
     from three more passes (the probe with its middle token replaced, see `perturbed`; then both with the sink
     removed). Definitions: docs/data.md.
 
-    Rows run in micro-batches of `batch_size`, through `run_rows(base_model, micro_batches, on_batch)`: by default
+    Rows run in micro-batches of `batch_size` (fewer on the eager route, where its T x T matrices need
+    it), through `run_rows(forward, micro_batches, on_batch)`: by default
     each micro-batch through the whole model in turn (pipeline/layered.py runs them block by block instead);
     `on_batch(i)` is called before micro-batch i runs.
     """
     config = model.config.get_text_config()
     arch = config.model_type
-    if model.config._attn_implementation != ATTENTION_NAME:
+    route = attention_route(model)
+    if model.config._attn_implementation != route:
         raise ValueError(
             f"model_type={arch!r} was loaded with attn_implementation={model.config._attn_implementation!r}; "
-            f"measure needs attn_implementation={ATTENTION_NAME!r}"
+            f"measure needs attn_implementation={route!r}"
         )
     unknown = sorted(set(measures) - set(MEASURES))
     if unknown:
@@ -263,6 +294,15 @@ def measure(model, input_ids, *, batch_size: int = 16, key_positions: int = 4, r
     mixing = "mixing" in measures
     if mixing and seq_len < 4:
         raise ValueError(f"the mixing measures need probes of at least 4 tokens (seq_len={seq_len})")
+    if route == EAGER:
+        if mixing:
+            raise attention.UnsupportedAttention(
+                f"model_type={arch!r} is measured on the eager route, which cannot remove the sink: leave mixing "
+                "out of replay.measure for it"
+            )
+        from .eager import slice_rows
+
+        batch_size = slice_rows(model.config, seq_len, batch_size)
     n_layers = config.num_hidden_layers
 
     body = model.base_model
@@ -279,6 +319,7 @@ def measure(model, input_ids, *, batch_size: int = 16, key_positions: int = 4, r
     was_training = model.training
     model.eval()
     hooks = _BlockHooks(blocks, measures, seq_len)
+    eager_hooks = None
     try:
         with torch.inference_mode(), attention.collecting(key_positions) as collector:
 
@@ -288,17 +329,28 @@ def measure(model, input_ids, *, batch_size: int = 16, key_positions: int = 4, r
                 collector.remove_sink = modes[i][0]
 
             # The base model skips the LM head: its (rows, T, vocab) logits would dwarf everything else.
-            (run_rows or _whole_model)(body, batches, on_batch)
+            forward = functools.partial(body, use_cache=False)
+            if route == EAGER:
+                from .eager import EagerHooks
+
+                eager_hooks = EagerHooks(blocks, collector, arch)
+                forward = eager_hooks.forward(body)
+            if run_rows is None:
+                _whole_model(forward, next(body.parameters()).device, batches, on_batch)
+            else:
+                run_rows(forward, batches, on_batch)
     finally:
         hooks.remove()
+        if eager_hooks is not None:
+            eager_hooks.remove()
         model.train(was_training)
 
     missing = [i for i in range(n_layers) if i not in collector.layers]
     if missing:
-        raise attention.UnsupportedAttention(
-            f"model_type={arch!r}: layers {missing} never called the {ATTENTION_NAME!r} attention function "
-            f"(this architecture bypasses transformers' AttentionInterface)"
-        )
+        how = ("returned no attention probabilities with output_attentions=True" if route == EAGER else
+               f"never called the {ATTENTION_NAME!r} attention function "
+               "(this architecture bypasses transformers' AttentionInterface)")
+        raise attention.UnsupportedAttention(f"model_type={arch!r}: layers {missing} {how}")
     wrong = {i: s.rows for i, s in collector.layers.items() if s.rows != n_rows}
     wrong.update({f"block {i}": int(s[0]) for i, s in hooks.sums.items() if int(s[0]) != n_rows})
     if wrong or set(collector.layers) != set(range(n_layers)) or set(hooks.sums) != set(range(n_layers)):
@@ -313,11 +365,10 @@ def measure(model, input_ids, *, batch_size: int = 16, key_positions: int = 4, r
     return out
 
 
-def _whole_model(body, batches, on_batch):
-    device = next(body.parameters()).device
+def _whole_model(forward, device, batches, on_batch):
     for i, rows in enumerate(batches):
         on_batch(i)
-        body(input_ids=rows.to(device), use_cache=False)
+        forward(input_ids=rows.to(device))
 
 
 def _extra_stats(hooks: _BlockHooks, n_layers: int, n_rows: int) -> dict[str, np.ndarray]:

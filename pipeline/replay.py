@@ -92,17 +92,19 @@ def replay(
     checkpoints of other formats are read whole.
     """
     from .load import weights_in_memory
-    from .statedict import needs_mapping
+    from .measure import attention_route
+    from .statedict import hf_config, needs_mapping
 
     device = resolve_device(settings.device)
     times = times if times is not None else PhaseTimes(device)
+    route = attention_route(hf_config(ckpt))
     if needs_mapping(ckpt):  # read whole: layer by layer streams from safetensors files only
-        return _replay_whole(ckpt, probe, settings, device, settings.dtype, read_next, models, times)
+        return _replay_whole(ckpt, probe, settings, device, settings.dtype, route, read_next, models, times)
     budget = device_budget(settings.max_device_memory, device)
     dtype, nbytes = weights_in_memory(ckpt, device, settings.dtype) if budget is not None else (settings.dtype, 0)
     if budget is None or nbytes <= budget:
         try:
-            return _replay_whole(ckpt, probe, settings, device, dtype, read_next, models, times)
+            return _replay_whole(ckpt, probe, settings, device, dtype, route, read_next, models, times)
         except torch.OutOfMemoryError:
             if budget is None:
                 raise
@@ -111,38 +113,41 @@ def replay(
         models.clear()  # the memory a kept model holds is what the device is short of
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return _replay_layered(ckpt, probe, settings, device, dtype, read_next, times)
+    return _replay_layered(ckpt, probe, settings, device, dtype, route, read_next, times)
 
 
-def _replay_whole(ckpt, probe, settings, device, dtype, read_next, models, times):
+def _replay_whole(ckpt, probe, settings, device, dtype, route, read_next, models, times):
     from .load import load_model, read_ahead
 
     with times.phase("load"):
         model = load_model(ckpt, device=device, dtype=dtype, trust_remote_code=settings.trust_remote_code,
-                           models=models)
+                           attn_implementation=route, models=models)
     if read_next is not None:
         read_ahead(read_next)
     with times.phase("measure"):
         stats = _measure(ckpt, model, probe, settings)
+    digest = model.weights_digest.result()  # before the model goes back for another replay to load into
     if models is not None:
         models.give_back(model)
-    return to_dataset(stats, model.config, probe.seq_len)
+    return to_dataset(stats, model.config, probe.seq_len, digest)
 
 
-def _replay_layered(ckpt, probe, settings, device, dtype, read_next, times):
+def _replay_layered(ckpt, probe, settings, device, dtype, route, read_next, times):
     from .layered import open_layered
     from .load import read_ahead
 
     with contextlib.ExitStack() as stack:
         with times.phase("load"):  # not the measure phase inside it
-            model, run_rows = stack.enter_context(
-                open_layered(ckpt, device=device, dtype=dtype, trust_remote_code=settings.trust_remote_code)
-            )
+            model, run_rows = stack.enter_context(open_layered(
+                ckpt, device=device, dtype=dtype, trust_remote_code=settings.trust_remote_code,
+                attn_implementation=route,
+            ))
         if read_next is not None:
             read_ahead(read_next)
         with times.phase("measure"):
             stats = _measure(ckpt, model, probe, settings, run_rows)
-    return to_dataset(stats, model.config, probe.seq_len)
+        digest = model.weights_digest.result()
+    return to_dataset(stats, model.config, probe.seq_len, digest)
 
 
 def _measure(ckpt, model, probe, settings, run_rows=None):
@@ -158,9 +163,10 @@ def _measure(ckpt, model, probe, settings, run_rows=None):
                    run_rows=run_rows, measures=[m for m in settings.measure if m != "loss"])
 
 
-def to_dataset(stats: dict[str, np.ndarray], config, seq_len: int) -> xr.Dataset:
+def to_dataset(stats: dict[str, np.ndarray], config, seq_len: int, weights_digest: str | None = None) -> xr.Dataset:
+    """One step's statistics as a Dataset; `weights_digest` (pipeline/digest.py) becomes a scalar coordinate."""
     from .load import config_fingerprint
-    from .measure import qbin_edges
+    from .measure import attention_route, qbin_edges
 
     missing = [name for name in DIMS if name not in stats and name not in OPTIONAL]
     if missing:
@@ -182,6 +188,9 @@ def to_dataset(stats: dict[str, np.ndarray], config, seq_len: int) -> xr.Dataset
     }
     if any("sink" in dims for dims, _ in data_vars.values()):
         coords["sink"] = np.array(SINK_LABELS, dtype=np.dtypes.StringDType())
+    if weights_digest is not None:
+        coords["weights_digest"] = weights_digest
     config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    attrs = {"architecture": config_dict.get("model_type", "unknown"), "config_fingerprint": config_fingerprint(config_dict)}
+    attrs = {"architecture": config_dict.get("model_type", "unknown"),
+             "config_fingerprint": config_fingerprint(config_dict), "attention_route": attention_route(config)}
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)

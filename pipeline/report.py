@@ -135,6 +135,12 @@ def summary_table(ds: xr.Dataset, eps: float = 0.3) -> str:
     return "\n".join(lines)
 
 
+def same_weights_lines(ds: xr.Dataset) -> list[str]:
+    """One line per group of steps that hold identical weights (``analysis.same_weights``)."""
+    return [f"steps {', '.join(str(s) for s in steps)} hold identical weights (the same weights_digest): "
+            "one checkpoint under several step names" for steps in an.same_weights(ds)]
+
+
 # ---------------------------------------------------------------------------
 # Figures
 
@@ -539,6 +545,7 @@ th, td { border: 1px solid #ccc; padding: 3px 9px; text-align: right; }
 th { background: #f2f2f2; } td.l, th.l { text-align: left; }
 figure { margin: 1.2em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { font-size: 0.85em; color: #555; } .note { color: #555; font-size: 0.9em; }
+.warn { color: #a40; font-weight: bold; }
 """
 
 
@@ -562,7 +569,7 @@ def _safe_name(name: str) -> str:
 def _group_section(name: str, ds: xr.Dataset, out: Path, eps: float, tol: float, window: int) -> str:
     prefix = _safe_name(name)
     n = group_numbers(ds, eps, tol=tol, window=window)
-    probe = {k: v for k, v in ds.attrs.items() if k.startswith("probe_") or k == "architecture"}
+    probe = {k: v for k, v in ds.attrs.items() if k.startswith("probe_") or k in ("architecture", "attention_route")}
     parts = [f"<h2>Probe group <code>{html.escape(name)}</code></h2>",
              _table(["attribute", "value"], [[k, v] for k, v in probe.items()], left=2),
              "<p class=note>Steps: " + html.escape(", ".join(f"{v} {k}" for k, v in n.counts.items()))
@@ -573,6 +580,7 @@ def _group_section(name: str, ds: xr.Dataset, out: Path, eps: float, tol: float,
                   if st == "failed"]
         parts.append("<details><summary>failed steps</summary>"
                      + _table(["step", "error"], errors) + "</details>")
+    parts.extend(f"<p class=warn>Warning: {html.escape(line)}.</p>" for line in same_weights_lines(ds))
     if n.first_step is None:
         parts.append("<p>No done steps yet: nothing to plot.</p>")
         return "\n".join(parts)

@@ -8,9 +8,11 @@ One group opens as an ``xarray.Dataset``:
 * ``loss`` ``(step)`` float64 coordinate: the training loss logged at the step, NaN where the checkpoint does not
   say (groups written before it existed gain it on their next write);
 * ``status`` ``(step)`` string coordinate, ``pending`` | ``done`` | ``failed``;
-* ``error`` ``(step)`` string coordinate: why a step failed, ``""`` otherwise.
+* ``error`` ``(step)`` string coordinate: why a step failed, ``""`` otherwise;
+* ``weights_digest`` ``(step)`` string coordinate: the digest of the step's weights (pipeline/digest.py), ``""``
+  until the step is done.
 
-``status``, ``error`` and ``tokens_seen`` are coordinates rather than data variables so that they
+``status``, ``error``, ``weights_digest`` and ``tokens_seen`` are coordinates rather than data variables so that they
 follow every DataArray taken from the cube and stay out of whole-Dataset arithmetic:
 ``ds.where(ds.status == "done")`` works, which it does not for a string data variable.
 
@@ -47,10 +49,10 @@ import zarr
 from zarr.errors import ZarrUserWarning
 
 PENDING, DONE, FAILED = "pending", "done", "failed"
-STEP_COORDS = ("tokens_seen", "loss", "status", "error")
+STEP_COORDS = ("tokens_seen", "loss", "status", "error", "weights_digest")
 NUMERIC_STEP_COORDS = ("tokens_seen", "loss")  # what the checkpoints say about their step; NaN where they do not
 # attributes every step's Dataset must share with the group: one cube, one model
-STEP_ATTRS = ("architecture", "config_fingerprint")
+STEP_ATTRS = ("architecture", "config_fingerprint", "attention_route")
 
 # Variable-length UTF-8 strings (zarr v3 "string"): no fixed width to outgrow, no warning on write
 # or read, unlike numpy "U" arrays, which zarr 3.1 stores as an unspecified fixed-width type, with
@@ -143,13 +145,15 @@ class SinkStore:
 
         Args:
             step: an allocated training step.
-            ds: that step's statistics, without a step dim. Its variables, dims, coordinates,
+            ds: that step's statistics, without a step dim, with its weights' digest as a scalar
+                coordinate ``weights_digest`` where known. Its variables, dims, coordinates,
                 architecture and config fingerprint must match what the group already holds,
                 else StoreMismatchError is raised and nothing is written.
         """
         layout = self._ready()
         i = self._position(step)
-        ds = self._conform(int(step), ds, layout)
+        digest = str(ds["weights_digest"].values) if "weights_digest" in ds.coords else ""
+        ds = self._conform(int(step), ds.drop_vars("weights_digest", errors="ignore"), layout)
         new = [k for k in ds.data_vars if k not in layout.data_vars]
         if new:  # the first write, or statistics this group did not hold yet (NaN at the steps before)
             self._add_variables(ds[new])
@@ -166,7 +170,7 @@ class SinkStore:
         ds.drop_vars(list(ds.coords)).drop_attrs().expand_dims("step").to_zarr(
             self.path, group=self.group, mode="r+", region=region, consolidated=False
         )
-        self._write_strings(i, error="")
+        self._write_strings(i, error="", weights_digest=digest)
         self._write_strings(i, status=DONE)
 
     def mark_failed(self, step: int, error: str) -> None:
@@ -244,12 +248,14 @@ class SinkStore:
                     **{name: ("step", np.full(n, np.nan)) for name in NUMERIC_STEP_COORDS},
                     "status": ("step", np.full(n, PENDING, dtype=_STR)),
                     "error": ("step", np.full(n, "", dtype=_STR)),
+                    "weights_digest": ("step", np.full(n, "", dtype=_STR)),
                 }
             )
         else:
             fill = {k: np.nan for k in cur.data_vars} | {k: np.nan for k in NUMERIC_STEP_COORDS} | {
                 "status": PENDING,
                 "error": "",
+                "weights_digest": "",
             }
             ds = cur.reindex(step=np.union1d(cur["step"].values, new), fill_value=fill)
         fresh = set(new)
@@ -319,6 +325,7 @@ class SinkStore:
         # unwritten chunks read as these, so pending steps and empty errors cost no files
         encoding["status"]["fill_value"] = PENDING
         encoding["error"]["fill_value"] = ""
+        encoding["weights_digest"]["fill_value"] = ""
         ds.transpose("step", ...).to_zarr(
             self.path, group=name, mode="w", consolidated=False, zarr_format=3, encoding=encoding
         )
@@ -350,6 +357,7 @@ class SinkStore:
                    for name in NUMERIC_STEP_COORDS},
                 "status": ("step", np.full(k, PENDING, dtype=_STR)),
                 "error": ("step", np.full(k, "", dtype=_STR)),
+                "weights_digest": ("step", np.full(k, "", dtype=_STR)),
             }
         ).to_zarr(
             self.path, group=self.group, mode="r+", region={"step": slice(n, n + k)},
@@ -415,7 +423,22 @@ class SinkStore:
                     if name not in ("step", *STEP_COORDS) and (adding is True or name in adding):
                         del group[name]
                 del group.attrs[_ADDING]
+            if "weights_digest" not in group.array_keys():
+                self._add_digest_coordinate(group)
         self._remove_orphans()
+
+    def _add_digest_coordinate(self, group: zarr.Group) -> None:
+        """A store written before steps carried a weights digest gets the (empty) coordinate."""
+        self._drop_consolidated()
+        n = group["step"].shape[0]
+        xr.Dataset({"weights_digest": ("step", np.full(n, "", dtype=_STR))}).to_zarr(
+            self.path, group=self.group, mode="a", consolidated=False,
+            encoding={"weights_digest": {"chunks": (1,), "fill_value": ""}},
+        )
+        for _, array in group.arrays():
+            names = array.attrs.get("coordinates")
+            if names is not None and "weights_digest" not in names.split():
+                array.attrs["coordinates"] = " ".join(sorted([*names.split(), "weights_digest"]))
 
     def _remove_orphans(self) -> None:
         # zarr's LocalStore writes each key to "<key>.<uuid>.partial" and renames it; a SIGKILL in

@@ -2,7 +2,9 @@
 
 The model is copied, cast to float32 and switched to attn_implementation="eager"; one forward with
 output_attentions=True and output_hidden_states=True gives the probabilities and the residual stream; the keys and
-values are recorded by wrapping the family's eager_attention_forward. Everything is then reduced in float64 numpy.
+values are recorded by wrapping the family's eager_attention_forward, or, for the older families that have none
+(Falcon, BLOOM, GPT-Neo, MPT, XGLM), read from the DynamicCache the forward fills. Everything is then reduced in
+float64 numpy.
 Quadratic in T: for tests only.
 
 `reference_extra` covers the statistics of measure's `measures`: the sublayer outputs by residual algebra (what a
@@ -19,7 +21,7 @@ from unittest import mock
 import numpy as np
 import torch
 
-FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm")
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "norm_f", "layer_norm")
 
 
 def reference_stats(model, input_ids, key_positions: int = 4, *, keep_dtype: bool = False) -> dict[str, np.ndarray]:
@@ -34,7 +36,7 @@ def reference_stats(model, input_ids, key_positions: int = 4, *, keep_dtype: boo
 
     # Keys (after rotary) and values as eager attention receives them.
     modeling = sys.modules[type(ref).__module__]
-    eager = modeling.eager_attention_forward
+    eager = getattr(modeling, "eager_attention_forward", None)
     keys, values = {}, {}
 
     def recording_eager(module, query, key, value, *args, **kwargs):
@@ -47,8 +49,14 @@ def reference_stats(model, input_ids, key_positions: int = 4, *, keep_dtype: boo
     last_block = {}
     hook = final_norm.register_forward_pre_hook(lambda m, args: last_block.update(x=args[0]))
     try:
-        with mock.patch.object(modeling, "eager_attention_forward", recording_eager), torch.no_grad():
-            out = ref(input_ids=ids, output_attentions=True, output_hidden_states=True, use_cache=False)
+        if eager is not None:
+            with mock.patch.object(modeling, "eager_attention_forward", recording_eager), torch.no_grad():
+                out = ref(input_ids=ids, output_attentions=True, output_hidden_states=True, use_cache=False)
+        else:
+            with torch.no_grad():
+                out = ref(input_ids=ids, output_attentions=True, output_hidden_states=True, use_cache=True)
+            for i, layer in enumerate(out.past_key_values.layers):
+                keys[i], values[i] = layer.keys.double().cpu().numpy(), layer.values.double().cpu().numpy()
     finally:
         hook.remove()
     assert len(out.attentions) == n_layers and len(out.hidden_states) == n_layers + 1

@@ -1,0 +1,106 @@
+"""The digest of a checkpoint's weights, stored per step as `weights_digest`, so that two steps holding the same
+weights are found (public suites serve one checkpoint under several step names).
+
+Definition: sha256 over the lines `name dtype shape sha256(bytes)`, one per tensor of the safetensors files, in
+name order, where `bytes` are the tensor's data exactly as stored and dtype is the safetensors name (F32, BF16, ...).
+So it depends on the tensors alone: not on how they are split into shards, on the order in the files, on metadata,
+or on which route (whole model or layer by layer) loads them.
+
+It is computed while the checkpoint is replayed: `start_digest` maps the files (the pages loading reads anyway) and
+hashes the tensors on background threads, which release the GIL, while the model loads and runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import struct
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from .devices import SAFETENSORS_FLOATS
+from .errors import CheckpointError
+
+_HASHERS = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="sinktrace-digest")
+_DRIVER = ThreadPoolExecutor(1, thread_name_prefix="sinktrace-digest-driver")
+
+
+class PendingDigest:
+    """A digest being computed; `result()` waits for it (a str of 64 hex digits). A model carrying one may be
+    deep-copied: the copy shares it."""
+
+    def __init__(self, future: Future):
+        self._future = future
+
+    def result(self) -> str:
+        return self._future.result()
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def start_digest(paths: list[str]) -> PendingDigest:
+    """The digest of the tensors in these safetensors files, computed in the background. The files are mapped
+    before this returns, so a temporary copy may be deleted meanwhile. Errors raise from `result()` as
+    CheckpointError naming the file."""
+    tensors = []
+    for path in paths:
+        tensors.extend(_tensors(path))
+    names = [name for name, *_ in tensors]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise CheckpointError(os.path.dirname(paths[0]), f"tensors stored twice across the files: {dup[:3]}")
+    return PendingDigest(_DRIVER.submit(_combine, tensors))
+
+
+def start_tensor_digest(tensors: dict) -> PendingDigest:
+    """The same digest over tensors already in memory: checkpoints of other formats (pipeline/statedict.py), whose
+    state dict in transformers' names is what the lines name (dtype as safetensors names it)."""
+    names = {dtype: name for name, dtype in SAFETENSORS_FLOATS.items()}
+    items = []
+    for name, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+        items.append((name, names.get(t.dtype, str(t.dtype).removeprefix("torch.")), list(t.shape), data))
+    return PendingDigest(_DRIVER.submit(_combine, items))
+
+
+def weights_digest(paths: list[str]) -> str:
+    return start_digest(paths).result()
+
+
+def _tensors(path: str) -> list[tuple[str, str, list[int], memoryview]]:
+    """(name, dtype, shape, data) of every tensor in a safetensors file, data a view of the mapped file."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise CheckpointError(path, "too short for a safetensors file")
+            (n,) = struct.unpack("<Q", f.read(8))
+            if 8 + n > size:
+                raise CheckpointError(path, f"the safetensors header claims {n} bytes, past the end of the file")
+            header = json.loads(f.read(n))
+            data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))[8 + n:]
+    except OSError as e:
+        raise CheckpointError(path, f"cannot be read for its digest ({e.strerror or e})") from None
+    except ValueError as e:
+        raise CheckpointError(path, f"the safetensors header is not JSON ({e})") from None
+    out = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, stop = info["data_offsets"]
+        if not 0 <= start <= stop <= len(data):
+            raise CheckpointError(path, f"tensor {name} lies outside the file")
+        out.append((name, info["dtype"], list(info["shape"]), data[start:stop]))
+    return out
+
+
+def _combine(tensors) -> str:
+    tensors = sorted(tensors, key=lambda t: t[0])
+    hashes = _HASHERS.map(lambda t: hashlib.sha256(t[3]).hexdigest(), tensors)
+    lines = "".join(f"{name} {dtype} {shape} {h}\n" for (name, dtype, shape, _), h in zip(tensors, hashes))
+    return hashlib.sha256(lines.encode()).hexdigest()
