@@ -207,8 +207,10 @@ def test_two_revisions_with_the_same_weights_are_flagged(tiny_revisions, hub, ca
     sharded, _ = save_checkpoint(tmp_path / "sharded", seed=20, sharded=True, trainer_state=False)
     hub.add_folder("org/tiny", "step20", sharded)
     store = tmp_path / "hub.zarr"
+    # on a Dask cluster of two workers: each checkpoint is submitted once fetched
+    dask = ["cluster=processes", "cluster.processes=false", "cluster.n_workers=2"]
     with caplog.at_level(logging.WARNING, logger="pipeline.hub"):
-        assert run(hub_cfg("hf://org/tiny", store)) == 0
+        assert run(hub_cfg("hf://org/tiny", store, *dask)) == 0
     assert "steps 0, 10 (revisions step0, step10) serve the same weights" in caplog.text
     ds = pipeline.open_sinks(str(store), GROUP).load()
     provenance = ds.attrs["checkpoint_provenance"]
