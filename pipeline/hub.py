@@ -125,7 +125,8 @@ class HubRun:
         self._journal = workdir / "fetched.json"
         self.offline = bool(constants.HF_HUB_OFFLINE)
         self.revisions: dict[int, Revision] = {}
-        self._cached_files: dict[str, dict[str, tuple[int, str]]] = {}  # commit -> files, when offline
+        # commit -> its files: from the local cache when offline, else as listed (a commit's files never change)
+        self._cached_files: dict[str, dict[str, tuple[int, str]]] = {}
         self._downloaded: dict[int, list[str]] = {}  # step -> cache files this run created
         # the fetch thread claims files while the driver deletes a stored step's: one at a time
         self._files_lock = threading.RLock()
@@ -239,10 +240,6 @@ class HubRun:
 
     def _list_files(self, revisions: list[Revision]) -> None:
         """Each revision's top-level files, with sizes and the Hub's sha256 of each weight file (LFS)."""
-        if self.offline:
-            for rev in revisions:
-                rev.files = self._cached_files.get(rev.commit, {})
-            return
         from huggingface_hub import HfApi
         from huggingface_hub.hf_api import RepoFile
 
@@ -252,13 +249,16 @@ class HubRun:
             entries = api.list_repo_tree(self.repo_id, revision=rev.commit)
             return {e.path: (e.size, e.lfs.sha256 if e.lfs else e.blob_id) for e in entries if isinstance(e, RepoFile)}
 
+        new = [] if self.offline else [rev for rev in revisions if rev.commit not in self._cached_files]
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            futures = {pool.submit(listing, rev): rev for rev in revisions}
+            futures = {pool.submit(listing, rev): rev for rev in new}
             for future, rev in futures.items():
                 try:
-                    rev.files = future.result()
+                    self._cached_files[rev.commit] = future.result()
                 except Exception as e:  # this revision is retried by the next run
                     rev.listing_error = describe(e)
+        for rev in revisions:
+            rev.files = self._cached_files.get(rev.commit, {})
 
     def _record(self, rev: Revision, others: list[Revision]) -> Checkpoint:
         self.revisions[rev.step] = rev
