@@ -30,27 +30,44 @@ class Outcome:
     gone: list[int] = field(default_factory=list)
 
 
-def results(cluster_cfg, todo: list[Checkpoint], probe, settings) -> Iterator[tuple[Checkpoint, object]]:
-    """(checkpoint, its statistics or the exception it raised), in the order they finish."""
+def results(cluster_cfg, todo: list[Checkpoint], probe, settings, source=None) -> Iterator[tuple[Checkpoint, object]]:
+    """(checkpoint, its statistics or the exception it raised), in the order they finish.
+
+    `source`: where the checkpoints' files come from when they are not on disk yet (pipeline/hub.py). It fetches
+    them in the background, a few ahead of the replay (`start`); each is replayed once fetched (`take`, `poll`),
+    and one whose fetch failed comes back with that exception.
+    """
+    if source is not None:
+        source.start(todo)
     if cluster_cfg.get("kind") == IN_PROCESS:
-        yield from _in_process(todo, probe, settings)
+        yield from _in_process(todo, probe, settings, source)
     else:
-        yield from _on_dask(cluster_cfg, todo, probe, settings)
+        yield from _on_dask(cluster_cfg, todo, probe, settings, source)
 
 
 def run_replays(cluster_cfg, todo, probe, settings, store, fingerprint, *, previous: dict[int, str] | None = None,
-                verbose: bool = False, bar=None) -> Outcome:
+                verbose: bool = False, bar=None, source=None) -> Outcome:
     """Replay `todo` where the cluster config says; the driver alone writes each result into the store.
 
     A failure is recorded as failed, except on a step that was done before (an overwrite): that step keeps its
     stored result and the failure is only reported. A checkpoint deleted while it waited is reported as gone.
+    `source` (see `results`) is handed each checkpoint back once its step is written (`release`), and closed at
+    the end (`close`).
     """
+    try:
+        return _write_results(cluster_cfg, todo, probe, settings, store, fingerprint, previous, verbose, bar, source)
+    finally:
+        if source is not None:
+            source.close()
+
+
+def _write_results(cluster_cfg, todo, probe, settings, store, fingerprint, previous, verbose, bar, source):
     from .signals import deferred
 
     previous = previous or {}
     outcome = Outcome()
-    for ckpt, result in results(cluster_cfg, todo, probe, settings):
-        if isinstance(result, BaseException) and _is_gone(ckpt):
+    for ckpt, result in results(cluster_cfg, todo, probe, settings, source):
+        if isinstance(result, BaseException) and source is None and _is_gone(ckpt):
             outcome.gone.append(ckpt.step)
             _say(bar, f"step {ckpt.step} gone: {ckpt.path} was deleted before it was replayed")
         else:
@@ -72,6 +89,8 @@ def run_replays(cluster_cfg, todo, probe, settings, store, fingerprint, *, previ
                     _say(bar, f"step {ckpt.step} failed: {error}")
                     if verbose:
                         _say(bar, "".join(traceback.format_exception(e)))
+        if source is not None:
+            source.release(ckpt)
         if bar is not None:
             bar.update()
     return outcome
@@ -93,19 +112,30 @@ def _is_gone(ckpt: Checkpoint) -> bool:
         return False
 
 
-def _in_process(todo, probe, settings):
+def _in_process(todo, probe, settings, source):
     from .devices import use_threads
     from .load import ModelCache
     from .replay import replay
 
     use_threads(settings.threads)
     models = ModelCache()
-    for ckpt, nxt in zip(todo, [*todo[1:], None]):
+    after = _next_of(todo)
+    for ckpt in todo:
+        fetch_error = None
+        if source is not None:  # fetched in the order of todo
+            ckpt, fetch_error = source.take()
         try:
-            result = replay(ckpt, probe, settings, nxt, models=models)
+            if fetch_error is not None:
+                raise fetch_error
+            result = replay(ckpt, probe, settings, after[ckpt.step], models=models)
         except Exception as e:
             result = e
         yield ckpt, result
+
+
+def _next_of(todo: list[Checkpoint]) -> dict[int, Checkpoint | None]:
+    """step -> the checkpoint replayed after it (its files are read from disk meanwhile)."""
+    return dict(zip((c.step for c in todo), [*todo[1:], None]))
 
 
 # --------------------------------------------------------------------------------------------- Dask
@@ -123,7 +153,7 @@ def replay_on_worker(ckpt, probe, settings, read_next):
     return replay(ckpt, probe, settings, read_next, models=plugin.models)
 
 
-def _on_dask(cluster_cfg, todo, probe, settings):
+def _on_dask(cluster_cfg, todo, probe, settings, source):
     from distributed import WorkerPlugin, as_completed
 
     class KeepModels(WorkerPlugin):
@@ -148,6 +178,9 @@ def _on_dask(cluster_cfg, todo, probe, settings):
     try:
         hosts = [_host(a) for a in client.scheduler_info().get("workers", {})]
         client.register_plugin(KeepModels({h: hosts.count(h) for h in hosts}))
+        if source is not None:
+            yield from _as_fetched(client, todo, probe, settings, source)
+            return
         futures = {
             client.submit(replay_on_worker, c, probe, settings, nxt, key=f"replay-{probe.name}-{c.step}", pure=False): c
             for c, nxt in zip(todo, [*todo[1:], None])
@@ -166,6 +199,37 @@ def _on_dask(cluster_cfg, todo, probe, settings):
 
 def _host(address: str) -> str:
     return address.rsplit(":", 1)[0] if "://" in address else address
+
+
+def _as_fetched(client, todo, probe, settings, source):
+    """Each checkpoint submitted once its files are fetched; results as they finish."""
+    from distributed import wait
+
+    after = _next_of(todo)
+    futures, left = {}, len(todo)
+    while left:
+        # with replays in flight, look for fetched checkpoints now and then; with none, wait for the next one
+        for ckpt, fetch_error in source.poll() if futures else [source.take()]:
+            if fetch_error is not None:
+                left -= 1
+                yield ckpt, fetch_error
+            else:
+                future = client.submit(replay_on_worker, ckpt, probe, settings, after[ckpt.step],
+                                       key=f"replay-{probe.name}-{ckpt.step}", pure=False)
+                futures[future] = ckpt
+        if not futures:
+            continue
+        try:
+            done = wait(list(futures), timeout=0.5, return_when="FIRST_COMPLETED").done
+        except TimeoutError:
+            continue
+        for future in done:
+            left -= 1
+            try:
+                result = future.result()
+            except Exception as e:
+                result = e
+            yield futures.pop(future), result
 
 
 def connect(cluster_cfg):

@@ -7,6 +7,7 @@ quiet period. With it, rounds repeat every `replay.poll_seconds` until `replay.u
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import time
@@ -64,6 +65,10 @@ class Run:
         self.announced = False
         self.step_sources: dict[str, list[int]] = {}  # where the step numbers came from (discovery's step_source)
         self.formats: set[str] = set()
+        from .hub import HubRun, is_hub
+
+        # where the checkpoints come from when their files are not on disk yet
+        self.source = HubRun(root, cfg.checkpoints) if is_hub(root) else None
 
     def __call__(self) -> Outcome:
         from tqdm.auto import tqdm
@@ -111,11 +116,14 @@ class Run:
 
         c = self.cfg.checkpoints
         try:
-            # how to read each checkpoint (model_config, key_map) travels on its record to the worker
-            checkpoints = discover(
-                self.root, quiet_seconds=self.quiet, format=str(c.format), key_map=str(c.key_map),
-                model_config=os.path.expanduser(str(c.model_config)) if c.model_config else None,
-            )
+            if self.source is not None:
+                checkpoints = self.source.discover(self.settings.steps)
+            else:
+                # how to read each checkpoint (model_config, key_map) travels on its record to the worker
+                checkpoints = discover(
+                    self.root, quiet_seconds=self.quiet, format=str(c.format), key_map=str(c.key_map),
+                    model_config=os.path.expanduser(str(c.model_config)) if c.model_config else None,
+                )
         except (FileNotFoundError, NotADirectoryError) as e:
             raise UsageError(f"checkpoints.root: {e}") from None
         if not checkpoints and strict:
@@ -139,6 +147,10 @@ class Run:
             steps = self.step_sources.setdefault(c.step_source, [])
             if c.step not in steps:
                 steps.append(c.step)
+        provenance = {str(c.step): c.provenance for c in fresh if c.provenance}
+        if provenance:  # with the steps earlier runs recorded
+            stored = self.store.attrs().get("checkpoint_provenance", {})
+            self._attrs["checkpoint_provenance"] = {**stored, **provenance}
         self.store.prepare([c.step for c in fresh], tokens_seen={c.step: c.tokens_seen for c in fresh},
                            loss={c.step: c.loss for c in fresh} if "loss" in self.settings.measure else {},
                            attrs={**self._attrs, "step_source": self.step_sources,
@@ -163,6 +175,8 @@ class Run:
         from .statedict import ModelConfigNeeded, hf_config, needs_mapping, resolve_key_map
         from .store import SinkStore
 
+        if self.source is not None:  # its config.json is fetched first
+            first = dataclasses.replace(first, path=self.source.first_config([first]))
         try:
             model_config = hf_config(first)
         except ModelConfigNeeded as e:
@@ -186,7 +200,7 @@ class Run:
 
     def _replay(self, todo: list[Checkpoint], bar) -> None:
         got = run_replays(self.cfg.cluster, todo, self.probe, self.settings, self.store, self.fingerprint,
-                          previous=self._previous, verbose=bool(self.cfg.verbose), bar=bar)
+                          previous=self._previous, verbose=bool(self.cfg.verbose), bar=bar, source=self.source)
         for name in ("done", "failures", "gone"):
             getattr(self.outcome, name).extend(getattr(got, name))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +27,9 @@ class Checkpoint:
     key_map: str = "auto"
     model_config: str | None = None
     loss: float | None = None  # the training loss logged at (or last before) this step
+    # where the step came from beyond its folder (a Hub repository: revision, commit, the weights' sha256), JSON
+    # types only: it is recorded in the store
+    provenance: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,11 @@ class CheckpointsSettings:
     format: str = "auto"
     model_config: str | None = None
     key_map: str = "auto"
+    # hf://<org>/<name> roots (pipeline/hub.py)
+    revision_pattern: str | None = None
+    cache_limit: str = "30GB"
+    keep_downloads: bool = False
+    allow_torch_pickle: bool = False
 
 
 @dataclass

@@ -130,6 +130,11 @@ class SinkStore:
             self._zgroup().update_attributes(_jsonable(dict(attrs)))
             self._layout.attrs.update(_jsonable(dict(attrs)))
 
+    def attrs(self) -> dict:
+        """The group's attributes ({} before the group exists)."""
+        layout = self._ready()
+        return dict(layout.attrs) if layout is not None else {}
+
     def status(self) -> dict[int, str]:
         """step -> "pending" | "done" | "failed", for every allocated step."""
         layout = self._ready()
