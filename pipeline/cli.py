@@ -7,7 +7,7 @@ import sys
 from omegaconf import DictConfig
 
 from . import hydra_app, settings
-from .errors import UsageError
+from .errors import ClusterLost, UsageError
 from .locations import default_store_path, exists, sinktrace_home
 
 CONF_MODULE = "pipeline.conf"
@@ -62,6 +62,9 @@ def run(cfg: DictConfig) -> int:
     except UsageError as e:
         print(f"sinktrace: error: {e}", file=sys.stderr)
         return 2
+    except ClusterLost as e:
+        print(f"sinktrace: error: {e}", file=sys.stderr)
+        return 1
     except Interrupted as e:
         print(f"\nsinktrace: interrupted by {e}; every step stored so far is kept, the one in progress is left "
               "pending: run the same command again to resume", file=sys.stderr)

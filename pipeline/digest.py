@@ -56,6 +56,19 @@ def start_digest(paths: list[str]) -> PendingDigest:
     return PendingDigest(_DRIVER.submit(_combine, tensors))
 
 
+def weights_digest_of(source: str) -> PendingDigest:
+    """The digest of a checkpoint's weight files where they can be mapped; for weights read by byte ranges from
+    object storage none is computed (it would read every byte once more), and the step's digest stays empty."""
+    from .locations import is_url
+    from .weightfiles import weight_paths
+
+    if is_url(source):
+        done: Future = Future()
+        done.set_result(None)
+        return PendingDigest(done)
+    return start_digest(weight_paths(source))
+
+
 def start_tensor_digest(tensors: dict) -> PendingDigest:
     """The same digest over tensors already in memory: checkpoints of other formats (pipeline/statedict.py), whose
     state dict in transformers' names is what the lines name (dtype as safetensors names it)."""

@@ -5,20 +5,36 @@ pool, no socket, nothing to start, and Ctrl-C stops the replay at once. Every ot
 cluster built by Hydra's `instantiate` (or an existing scheduler's address): workers replay checkpoints and
 return a few kilobytes of statistics. Either way the driver alone writes them into the store, as they arrive,
 and each worker keeps the last model it built (a ModelCache it owns), so consecutive checkpoints of one
-architecture reuse it.
-"""
+architecture reuse it. On Dask the run is cut into consecutive stretches of steps, one per worker, so that each
+worker also reads ahead the checkpoint it replays next; an idle worker takes work from a busy one (Dask's work
+stealing), and a worker that dies hands its stretch to the others.
 
+Failures on Dask, by kind:
+- a checkpoint that cannot be replayed (CheckpointError) fails once, with its reason: retrying cannot help;
+- any other error in a replay (a read from object storage that timed out, out of memory) is retried on a worker
+  up to `cluster.retries` times;
+- a worker process that dies mid-replay: the scheduler gives its step to another worker; after `cluster.retries`
+  deaths while replaying that step, the step fails (KilledWorker), so that one poisonous checkpoint cannot take
+  down the whole cluster one worker at a time;
+- the scheduler lost: ClusterLost; what was stored stays stored, and the rerun resumes.
+"""
 from __future__ import annotations
 
 import logging
+import os
+import re
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from .errors import CheckpointError, ClusterLost, UsageError
 from .records import Checkpoint
 
 PLUGIN_NAME = "sinktrace-models"
 IN_PROCESS = "in-process"
+# keys of a Dask `cluster` group read here; the others build the cluster (Hydra's instantiate)
+DISPATCH_KEYS = ("retries", "dashboard", "resources", "jobs")
+LOOPBACK = "127.0.0.1"
 
 
 @dataclass
@@ -142,6 +158,8 @@ def _next_of(todo: list[Checkpoint]) -> dict[int, Checkpoint | None]:
 
 
 def replay_on_worker(ckpt, probe, settings, read_next):
+    """One replay task. A bad checkpoint comes back as its CheckpointError, not raised: Dask retries what is
+    raised, and a corrupt file stays corrupt."""
     from distributed import get_worker
 
     from .devices import use_threads
@@ -150,10 +168,14 @@ def replay_on_worker(ckpt, probe, settings, read_next):
     worker = get_worker()
     plugin = worker.plugins[PLUGIN_NAME]
     use_threads(settings.threads, plugin.workers_here)
-    return replay(ckpt, probe, settings, read_next, models=plugin.models)
+    try:
+        return replay(ckpt, probe, settings, read_next, models=plugin.models)
+    except CheckpointError as e:
+        return e
 
 
 def _on_dask(cluster_cfg, todo, probe, settings, source):
+    import dask
     from distributed import WorkerPlugin, as_completed
 
     class KeepModels(WorkerPlugin):
@@ -174,27 +196,91 @@ def _on_dask(cluster_cfg, todo, probe, settings, source):
         def teardown(self, worker) -> None:
             self.models.clear()
 
-    client, cluster = connect(cluster_cfg)
+    retries = int(cluster_cfg.get("retries") or 0)
+    # a scheduler started here gives up on a step after this many of its workers died running it
+    with dask.config.set({"distributed.scheduler.allowed-failures": retries}):
+        client, cluster = connect(cluster_cfg)
+    stored = 0
     try:
-        hosts = [_host(a) for a in client.scheduler_info().get("workers", {})]
+        client.wait_for_workers(1)
+        hosts = [_host(a) for a in client.scheduler_info(n_workers=-1).get("workers", {})]
         client.register_plugin(KeepModels({h: hosts.count(h) for h in hosts}))
         if source is not None:
             yield from _as_fetched(client, todo, probe, settings, source)
             return
-        futures = {
-            client.submit(replay_on_worker, c, probe, settings, nxt, key=f"replay-{probe.name}-{c.step}", pure=False): c
-            for c, nxt in zip(todo, [*todo[1:], None])
-        }
+        futures = submit(client, todo, probe, settings, retries, cluster_cfg.get("resources"))
         for future in as_completed(futures):
             try:
-                result = future.result()
+                result = result_of(future, client, retries)
+            except ClusterLost as e:
+                # closing the client cancels its attempts to reconnect, which it logs with a traceback
+                logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
+                raise ClusterLost(
+                    f"{e} after {stored} of {len(futures)} checkpoint(s) came back; every step stored is kept: "
+                    "rerun the same command to replay the rest"
+                ) from None
             except Exception as e:
                 result = e
+            stored += 1
             yield futures[future], result
     finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+        close(client, cluster)
+
+
+def submit(client, todo, probe, settings, retries: int, resources) -> dict:
+    """One task per checkpoint, in step order: each worker gets a stretch of consecutive steps (and reads ahead
+    the next of its own), loosely, so that an idle or surviving worker may take them over."""
+    client.wait_for_workers(1)
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    plan = stretches(todo, workers)
+    futures = {}
+    for i, (ckpt, nxt, worker) in enumerate(plan):
+        future = client.submit(
+            replay_on_worker, ckpt, probe, settings, nxt,
+            key=f"replay-{probe.name}-{ckpt.step}", pure=False, retries=retries,
+            workers=[worker], allow_other_workers=True, priority=len(plan) - i,
+            resources=dict(resources) if resources else None,
+        )
+        futures[future] = ckpt
+    return futures
+
+
+def stretches(todo: list, workers: list[str]) -> list[tuple]:
+    """(checkpoint, the checkpoint the same worker replays next or None, worker) for each checkpoint: the steps
+    cut into len(workers) consecutive stretches as even as can be."""
+    n = max(1, min(len(workers), len(todo)))
+    bounds = [round(k * len(todo) / n) for k in range(n + 1)]
+    plan = []
+    for k in range(n):
+        part = todo[bounds[k]:bounds[k + 1]]
+        plan += [(c, nxt, workers[k]) for c, nxt in zip(part, [*part[1:], None])]
+    return plan
+
+
+def result_of(future, client, retries: int):
+    """The replay's Dataset or CheckpointError, or the reason it has neither raised as an exception."""
+    from concurrent.futures import CancelledError
+
+    from distributed import KilledWorker
+    from distributed.comm import CommClosedError
+
+    try:
+        result = future.result()
+    except KilledWorker as e:
+        raise RuntimeError(
+            f"{retries + 1} worker process(es) died while replaying it (the last: {e.last_worker.address}); "
+            "not retried again"
+        ) from None
+    except (CancelledError, CommClosedError) as e:
+        # results come through the scheduler: a closed connection there, or every future cancelled when the client
+        # gives up reconnecting, means the scheduler is gone
+        if isinstance(e, CommClosedError) or client.status != "running":
+            raise ClusterLost(f"lost the Dask scheduler at {client.scheduler.address}") from None
+        raise
+    return result
+
+
+# --------------------------------------------------------------------------------------------- clusters
 
 
 def _host(address: str) -> str:
@@ -233,14 +319,116 @@ def _as_fetched(client, todo, probe, settings, source):
 
 
 def connect(cluster_cfg):
+    """(client, the cluster built here or None for an existing scheduler)."""
     from distributed import Client
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
     # The scheduler's bookkeeping, and a worker's "Compute Failed" block for a step that is reported in one
     # line anyway, would drown the progress bar
     logging.getLogger("distributed").setLevel(logging.ERROR)
+    options = {k: v for k, v in OmegaConf.to_container(cluster_cfg).items() if k not in DISPATCH_KEYS}
+    dashboard = bool(cluster_cfg.get("dashboard"))
+    if dashboard:
+        try:
+            import bokeh  # noqa: F401
+        except ImportError:
+            raise UsageError("cluster.dashboard=true: Dask's dashboard needs bokeh (pip install bokeh)") from None
 
-    if "address" in cluster_cfg:
-        return Client(cluster_cfg.address), None
-    cluster = instantiate(cluster_cfg, _convert_="all")
-    return Client(cluster), cluster
+    if "address" in options:
+        security = instantiate(options["security"]) if options.get("security") else None
+        try:
+            client = Client(options["address"], security=security, timeout=options.get("timeout"))
+        except (OSError, TimeoutError) as e:
+            raise UsageError(f"cluster.address={options['address']}: no Dask scheduler answers there ({e})") from None
+        cluster = None
+    else:
+        cluster = instantiate(options, _convert_="all")
+        if cluster_cfg.get("jobs"):
+            cluster.scale(jobs=int(cluster_cfg.jobs))
+        client = Client(cluster)
+        if not dashboard:
+            close_http(client)
+    if dashboard:
+        print(f"sinktrace: Dask dashboard at {client.dashboard_link}")
+    return client, cluster
+
+
+def close_http(client) -> None:
+    """Close the HTTP servers of the scheduler and workers started here. Dask starts one in each whether or not a
+    dashboard is asked for (health checks, metrics: distributed/node.py, start_http_server), and one that talks
+    inproc:// binds it to every interface; conf/cluster/ puts them on 127.0.0.1, and nothing here needs them."""
+
+    def stop(dask_scheduler=None, dask_worker=None):
+        (dask_scheduler or dask_worker).http_server.stop()
+
+    client.run_on_scheduler(stop)
+    client.run(stop)
+
+
+def close(client, cluster) -> None:
+    try:
+        client.close()
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES's entries where set, else every device torch counts."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d.strip() for d in listed.split(",") if d.strip() and d.strip() != "-1"]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def gpu_cluster(n_workers: int | None = None, devices: list | None = None, threads_per_worker: int = 1,
+                dashboard_address: str | None = f"{LOOPBACK}:0"):
+    """One worker process per GPU on this machine, each started with CUDA_VISIBLE_DEVICES naming its own GPU
+    only (so `cuda` in it means that GPU) and a resource GPU=1, so that one replay runs per GPU."""
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    devices = [str(d) for d in devices] if devices else visible_gpus()
+    if not devices:
+        raise UsageError("cluster=gpus: no GPU is visible (CUDA_VISIBLE_DEVICES, torch.cuda.device_count())")
+    n = int(n_workers or len(devices))
+    workers = {
+        i: {"cls": Nanny, "options": {
+            "nthreads": threads_per_worker, "host": LOOPBACK, "resources": {"GPU": 1},
+            "env": {"CUDA_VISIBLE_DEVICES": devices[i % len(devices)]},
+        }}
+        for i in range(n)
+    }
+    scheduler = {"cls": Scheduler, "options": {"host": LOOPBACK, "dashboard_address": dashboard_address}}
+    return SpecCluster(workers=workers, scheduler=scheduler, name="sinktrace-gpus")
+
+
+def slurm_cluster(queue: str | None = None, account: str | None = None, cores: int = 8, memory: str = "64GB",
+                  gpus_per_job: int = 1, walltime: str = "04:00:00", dashboard_address: str | None = f"{LOOPBACK}:0",
+                  **options):
+    """dask-jobqueue's SLURMCluster, one worker process per GPU of each job (each pinned to its GPU by
+    `dask_setup` below, which every worker runs at start) and a resource GPU=1 per worker process."""
+    from dask_jobqueue import SLURMCluster
+
+    gpus = int(gpus_per_job)
+    extra_directives = [*options.pop("job_extra_directives", []), *([f"--gpus={gpus}"] if gpus else [])]
+    extra_args = [*options.pop("worker_extra_args", [])]
+    if gpus:
+        extra_args += ["--resources", "GPU=1", "--preload", __name__]
+    return SLURMCluster(
+        queue=queue, account=account, cores=cores, memory=memory, walltime=walltime,
+        processes=max(1, gpus), job_extra_directives=extra_directives, worker_extra_args=extra_args,
+        scheduler_options={**options.pop("scheduler_options", {}), "dashboard_address": dashboard_address}, **options,
+    )
+
+
+def dask_setup(worker) -> None:
+    """Run by every worker started with `--preload pipeline.dispatch`: several worker processes of one job share
+    the job's GPUs; the i-th (named `<job>-<i>` by `dask worker --nworkers`) keeps only the i-th GPU, before
+    anything in it touches CUDA. SLURM sets CUDA_VISIBLE_DEVICES to the job's GPUs."""
+    devices = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    index = re.search(r"-(\d+)$", str(worker.name))
+    if len(devices) > 1 and index:
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices[int(index.group(1)) % len(devices)]

@@ -29,3 +29,7 @@ def some(names: list[str], n: int = 3) -> str:
     """The first few of a list of names, and how many more there are."""
     shown = ", ".join(names[:n])
     return shown if len(names) <= n else f"{shown} and {len(names) - n} more"
+
+
+class ClusterLost(Exception):
+    """The Dask scheduler went away mid-run: what was stored stays stored, and the rerun resumes."""

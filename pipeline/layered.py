@@ -25,13 +25,13 @@ import torch
 from torch import nn
 
 from .devices import concrete_device, release_pinned
-from .digest import start_digest
+from .digest import weights_digest_of
 from .errors import CheckpointError, describe
-from .load import check_loading, checked_folder, quiet_transformers
+from .load import check_loading, checked_folder, quiet_transformers, weights_source
 from .locations import local_folder
 from .measure import find_blocks
 from .records import Checkpoint
-from .weightfiles import CONFIG_NAME, weight_paths
+from .weightfiles import CONFIG_NAME, open_weights, weight_paths
 
 
 @contextlib.contextmanager
@@ -47,12 +47,15 @@ def open_layered(ckpt: Checkpoint, *, device: str | torch.device, dtype, trust_r
     from . import attention  # noqa: F401  (registers "sinkstats")
 
     device = concrete_device(device)
-    with local_folder(ckpt.path) as folder:
-        _, _, want = checked_folder(folder, device, dtype, trust_remote_code)
-        digest = start_digest(weight_paths(folder))
+    # the config is all transformers needs on the local disk; the weights are read where they are (byte ranges
+    # for a URL), block by block, the output head never
+    with local_folder(ckpt.path, weights=False) as folder:
+        source = weights_source(ckpt.path, folder)
+        _, _, want = checked_folder(source, device, dtype, trust_remote_code)
+        digest = weights_digest_of(source)
         model = _skeleton(folder, device, want, trust_remote_code, attn_implementation)
         model.weights_digest = digest
-        with BlockStream(folder, model, device, want) as stream:
+        with BlockStream(source, model, device, want) as stream:
             yield model, stream.run_rows
 
 
@@ -136,13 +139,11 @@ class BlockStream:
     block when its turn comes (see `run_rows`)."""
 
     def __init__(self, folder: str, model, device: torch.device, dtype: torch.dtype):
-        from safetensors import safe_open
-
         self.folder, self.model, self.device, self.dtype = folder, model, device, dtype
         self.blocks = find_blocks(model)
         self.head = model.get_output_embeddings()  # never read: statistics stop at the last block's output
         self.prefix = next(name for name, m in model.named_modules() if m is self.blocks)
-        self._files = {p: safe_open(p, framework="pt") for p in weight_paths(folder)}
+        self._files = {p: open_weights(p) for p in weight_paths(folder)}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sinktrace-read")
         try:
             self.slices = self._group()

@@ -36,11 +36,19 @@ from .devices import (
     parse_dtype,
     release_pinned,
 )
-from .digest import start_digest, start_tensor_digest
+from .digest import start_tensor_digest, weights_digest_of
 from .errors import CheckpointError, describe, some
 from .locations import is_url, join, local_folder, read_bytes
 from .records import Checkpoint
-from .weightfiles import CONFIG_NAME, check_written, main_dtype, validate_weights, weight_paths
+from .weightfiles import (
+    CONFIG_NAME,
+    check_written,
+    file_size,
+    main_dtype,
+    open_weights,
+    validate_weights,
+    weight_paths,
+)
 
 # Keys that do not change the network a config describes: bookkeeping, runtime switches, the storage dtype.
 VOLATILE_CONFIG_KEYS = frozenset({
@@ -100,8 +108,8 @@ def load_model(
     pipeline/statedict.py and are built whole (see `_from_state_dict`).
 
     Args:
-        ckpt: the checkpoint (its `path` may be a local folder or an fsspec URL; a URL is copied to a
-            temporary local folder first).
+        ckpt: the checkpoint (its `path` may be a local folder or an fsspec URL: headers, and the tensors of a
+            model kept in `models`, are then read by byte ranges; a model built anew copies the files first).
         device: where the model goes ("cpu", "cuda", "cuda:1", a torch.device).
         dtype: "auto" (the checkpoint's own weight dtype on accelerators, float32 on CPU), or an explicit
             float32 / bfloat16 / float16 / float64 (names like "bf16" or torch dtypes).
@@ -123,15 +131,19 @@ def load_model(
 
     if needs_mapping(ckpt):
         return _from_state_dict(ckpt, device, dtype, trust_remote_code, attn_implementation)
-    with local_folder(ckpt.path) as folder:
-        config, weights, want = checked_folder(folder, device, dtype, trust_remote_code)
-        digest = start_digest(weight_paths(folder))
+    with local_folder(ckpt.path, weights=False) as folder:
+        source = weights_source(ckpt.path, folder)
+        config, weights, want = checked_folder(source, device, dtype, trust_remote_code)
+        digest = weights_digest_of(source)
         key = (config_fingerprint(config), str(device), want, attn_implementation)
         built = models.take(key) if models is not None else None
-        if built is not None and _load_into(built, folder, weights):
+        if built is not None and _load_into(built, source, weights):
             model = built
         else:
-            model = _from_pretrained(folder, device, want, trust_remote_code, attn_implementation)
+            # from_pretrained reads local files only: a URL's are copied first (once per worker and architecture,
+            # where the model is kept)
+            with local_folder(ckpt.path) as whole:
+                model = _from_pretrained(whole, device, want, trust_remote_code, attn_implementation)
         if models is not None:
             models.lend(key, model)
         model.weights_digest = digest
@@ -140,23 +152,11 @@ def load_model(
 
 def weights_in_memory(ckpt: Checkpoint, device, dtype="auto") -> tuple[torch.dtype, int]:
     """The dtype `load_model(ckpt, device=device, dtype=dtype)` loads the weights in, and the bytes they then take
-    (from the files' sizes, scaled from the dtype most of them are stored in). Reads headers only; for a URL, not
-    even those: the stored dtype is config.json's, so that nothing is downloaded twice."""
-    if is_url(ckpt.path):
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(ckpt.path)
-        files = ckpt.weight_files or [p for p in fs.ls(root, detail=False) if p.endswith(".safetensors")]
-        stored = sum(fs.size(p) for p in files)
-        config = read_config(ckpt)
-        try:
-            main = parse_dtype(config.get("dtype") or config.get("torch_dtype") or "float32") or torch.float32
-        except ValueError:
-            main = torch.float32
-    else:
-        with local_folder(ckpt.path) as folder:
-            main = main_dtype(validate_weights(folder))
-            stored = sum(os.path.getsize(p) for p in weight_paths(folder))
+    (from the files' sizes, scaled from the dtype most of them are stored in). Reads headers only (for a URL, by
+    byte ranges)."""
+    with contextlib.nullcontext(ckpt.path) if is_url(ckpt.path) else local_folder(ckpt.path) as source:
+        main = main_dtype(validate_weights(source))
+        stored = sum(file_size(p) for p in weight_paths(source))
     want = load_dtype(dtype, device, main)
     return want, stored * want.itemsize // main.itemsize
 
@@ -231,13 +231,20 @@ def config_fingerprint(config: dict) -> str:
     ).hexdigest()
 
 
+def weights_source(path: str, folder: str) -> str:
+    """Where a checkpoint's weights are read from: the URL itself (by byte ranges), or the local folder."""
+    return path if is_url(path) else folder
+
+
 def checked_folder(folder: str, device, dtype, trust_remote_code: bool) -> tuple[dict, dict[str, str], torch.dtype]:
     """What every way of loading checks first: config.json, the architecture, every weight file's header.
-    Returns the config, {tensor name: safetensors dtype} and the dtype the weights are to be loaded in."""
+    `folder`: local, or a URL whose files are read by byte ranges. Returns the config, {tensor name: safetensors
+    dtype} and the dtype the weights are to be loaded in."""
     config = read_config(folder)
     _check_architecture(folder, config, trust_remote_code)
     weights = validate_weights(folder)
-    for path in weight_paths(folder):
+    # an object store shows an object only once it is whole: nothing there is preallocated
+    for path in [] if is_url(folder) else weight_paths(folder):
         check_written(path, config.get("model_type"))
     return config, weights, load_dtype(dtype, device, main_dtype(weights))
 
@@ -250,7 +257,7 @@ def _check_architecture(folder: str, config: dict, trust_remote_code: bool) -> N
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    path = folder if folder.endswith(".json") else os.path.join(folder, CONFIG_NAME)
+    path = folder if folder.endswith(".json") else join(folder, CONFIG_NAME)
     model_type = config["model_type"]
     auto_map = config.get("auto_map") if isinstance(config.get("auto_map"), dict) else {}
     if model_type in CONFIG_MAPPING:
@@ -312,8 +319,6 @@ def _load_into(model, folder: str, weights: dict[str, str]) -> bool:
     """Copy a checkpoint's tensors into a model built for the same architecture. False when the file's names or
     shapes are not exactly the model's (transformers renames or fuses some families' weights on loading: those go
     through from_pretrained every time); the caller then drops this model, which may be partly overwritten."""
-    from safetensors import safe_open
-
     params = model.state_dict()
     tied = {name for name in params if name not in weights and _shares_storage(params, name, weights)}
     if set(weights) - set(params) or set(params) - set(weights) - tied:
@@ -321,7 +326,7 @@ def _load_into(model, folder: str, weights: dict[str, str]) -> bool:
     cuda = next(iter(params.values())).is_cuda
     with torch.no_grad():
         for path in weight_paths(folder):
-            with safe_open(path, framework="pt") as f:
+            with open_weights(path) as f:
                 for name in f.keys():
                     if tuple(f.get_slice(name).get_shape()) != tuple(params[name].shape):
                         return False

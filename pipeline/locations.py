@@ -69,9 +69,10 @@ def write_json_atomic(path: str | os.PathLike, obj, **dumps) -> None:
 
 
 @contextlib.contextmanager
-def local_folder(path: str):
+def local_folder(path: str, weights: bool = True):
     """A checkpoint folder on the local disk: itself, or for a URL a temporary copy of the files loading reads
-    (config, index, safetensors, remote code), removed afterwards. Optimizer states and other pickles stay."""
+    (config, index, remote code, and with `weights` the safetensors files), removed afterwards. Optimizer states
+    and other pickles stay."""
     if not is_url(path):
         folder = local_path(path)
         if not os.path.isdir(folder):
@@ -83,11 +84,12 @@ def local_folder(path: str):
     fs, remote = fsspec.core.url_to_fs(path)
     if not fs.isdir(remote):
         raise CheckpointError(path, "the checkpoint folder does not exist")
+    wanted = (".json", ".py", *([".safetensors"] if weights else []))
     tmp = tempfile.mkdtemp(prefix="sinktrace-ckpt-")
     try:
         for info in fs.ls(remote, detail=True):
             name = posixpath.basename(info["name"].rstrip("/"))
-            if info.get("type") != "directory" and name.endswith((".json", ".safetensors", ".py")):
+            if info.get("type") != "directory" and name.endswith(wanted):
                 fs.get_file(info["name"], os.path.join(tmp, name))
         try:
             yield tmp

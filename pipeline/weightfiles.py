@@ -16,7 +16,7 @@ import torch
 
 from .devices import SAFETENSORS_FLOATS
 from .errors import CheckpointError, some
-from .locations import read_bytes
+from .locations import is_url, join, read_bytes
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -62,15 +62,29 @@ def shard_names(index) -> list[str]:
     return sorted(shards)
 
 
+def open_weights(path: str):
+    """A safetensors file opened for reading tensors by name: safe_open (memory-mapped) on the local disk, byte
+    ranges through fsspec for a URL."""
+    if is_url(path):
+        from .ranged import RangedSafetensors
+
+        return RangedSafetensors(path)
+    from safetensors import safe_open
+
+    return safe_open(path, framework="pt")
+
+
 def weight_files(folder: str) -> list[tuple[str, list[str] | None]]:
-    """The safetensors files of a local folder that transformers loads, each with the tensors the index says it
-    holds (None: no index). CheckpointError when there are none, or only pickles, or the index is broken."""
-    single = os.path.join(folder, SAFE_WEIGHTS_NAME)
-    if os.path.isfile(single):
+    """The safetensors files of a folder (local, or an fsspec URL) that transformers loads, each with the tensors
+    the index says it holds (None: no index). CheckpointError when there are none, or only pickles, or the index is
+    broken."""
+    isfile, listdir = _file_tests(folder)
+    single = join(folder, SAFE_WEIGHTS_NAME)
+    if isfile(single):
         return [(single, None)]
-    index_path = os.path.join(folder, SAFE_INDEX_NAME)
-    if not os.path.isfile(index_path):
-        pickles = pickled_weights(os.listdir(folder))
+    index_path = join(folder, SAFE_INDEX_NAME)
+    if not isfile(index_path):
+        pickles = pickled_weights(listdir(folder))
         if pickles:
             raise CheckpointError(folder, pickles_refused(pickles))
         raise CheckpointError(folder, f"no weights: neither {SAFE_WEIGHTS_NAME} nor {SAFE_INDEX_NAME}")
@@ -82,7 +96,16 @@ def weight_files(folder: str) -> list[tuple[str, list[str] | None]]:
     by_shard: dict[str, list[str]] = {}
     for tensor, shard in index["weight_map"].items():
         by_shard.setdefault(shard, []).append(tensor)
-    return [(os.path.join(folder, *shard.split("/")), by_shard[shard]) for shard in shards]
+    return [(join(folder, shard), by_shard[shard]) for shard in shards]
+
+
+def _file_tests(folder: str):
+    if not is_url(folder):
+        return os.path.isfile, os.listdir
+    import fsspec
+
+    fs, _ = fsspec.core.url_to_fs(folder)  # its methods take whole URLs
+    return fs.isfile, lambda url: [posixpath.basename(p.rstrip("/")) for p in fs.ls(url, detail=False)]
 
 
 def weight_paths(folder: str) -> list[str]:
@@ -169,16 +192,19 @@ def main_dtype(weights: dict[str, str]) -> torch.dtype:
 
 
 def _open_safetensors(path: str, expected: list[str] | None) -> dict[str, str]:
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
 
-    name = os.path.basename(path)
-    if not os.path.exists(path):
-        raise CheckpointError(path, f"{name} is missing" + (f" (listed in {SAFE_INDEX_NAME})" if expected else ""))
+    name = posixpath.basename(path) if is_url(path) else os.path.basename(path)
+    missing = f"{name} is missing" + (f" (listed in {SAFE_INDEX_NAME})" if expected else "")
+    if not is_url(path) and not os.path.exists(path):
+        raise CheckpointError(path, missing)
     try:
-        with safe_open(path, framework="pt") as f:
+        with open_weights(path) as f:
             dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
-    except SafetensorError as e:
-        size = os.path.getsize(path)
+    except FileNotFoundError:
+        raise CheckpointError(path, missing) from None
+    except (SafetensorError, ValueError) as e:  # ValueError: the ranged reader's word for a bad header
+        size = file_size(path)
         raise CheckpointError(
             path,
             f"{name} is not a valid safetensors file ({e}; {size} bytes): truncated, damaged or still being written",
@@ -194,3 +220,12 @@ def _open_safetensors(path: str, expected: list[str] | None) -> dict[str, str]:
                 path, f"{name} lacks {some(absent)}, which {SAFE_INDEX_NAME} says it holds ({len(absent)} tensors)"
             )
     return dtypes
+
+
+def file_size(path: str) -> int:
+    if is_url(path):
+        import fsspec
+
+        fs, remote = fsspec.core.url_to_fs(path)
+        return fs.size(remote)
+    return os.path.getsize(path)

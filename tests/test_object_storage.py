@@ -1,0 +1,140 @@
+"""Checkpoints and the store on S3: an S3-compatible server (moto's server mode) run by the tests on 127.0.0.1 only,
+read and written through fsspec/s3fs exactly as a real bucket would be."""
+
+import numpy as np
+import pytest
+
+from pipeline.cli import compose, run
+from pipeline.records import Checkpoint
+from pipeline.store import open_sinks
+from tests.ckpt_factory import make_run, save_checkpoint
+
+moto_server = pytest.importorskip("moto.server")
+s3fs = pytest.importorskip("s3fs")
+
+BUCKET = "sinktrace-test"
+STEPS = [0, 100, 200, 300]
+PROBE = ["probe.rows=8", "probe.seq_len=32"]
+GROUP = "random-T32-r8-s0-bos"  # the store group of that probe
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """The server's filesystem; AWS_* point botocore (hence s3fs, in this process and any it starts) at it."""
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+                mp.setenv(key, value)
+            s3fs.S3FileSystem.clear_instance_cache()
+            fs = s3fs.S3FileSystem()
+            fs.mkdir(BUCKET)
+            yield fs
+            s3fs.S3FileSystem.clear_instance_cache()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def runs(s3, tmp_path_factory):
+    """The same run on the local disk and in the bucket."""
+    root = tmp_path_factory.mktemp("s3run") / "run"
+    make_run(root, STEPS)
+    s3.put(str(root), f"{BUCKET}/run", recursive=True)
+    return root, f"s3://{BUCKET}/run"
+
+
+def replay_args(root, store, *extra):
+    return [f"checkpoints.root={root}", "checkpoints.quiet_seconds=0", f"store.path={store}", "stages=[replay]",
+            *PROBE, *extra]
+
+
+def test_run_from_and_into_s3_equals_a_local_run(runs, s3, tmp_path, monkeypatch):
+    from pipeline import ranged
+
+    local_root, url_root = runs
+    reference = tmp_path / "local.zarr"
+    assert run(compose(replay_args(local_root, reference))) == 0
+
+    import pipeline.load
+
+    whole_copies, ranged_reads = [], []
+    local_folder, read = pipeline.load.local_folder, ranged.RangedSafetensors.read
+
+    def copying(path, weights=True):
+        if weights:
+            whole_copies.append(path)
+        return local_folder(path, weights)
+
+    monkeypatch.setattr(pipeline.load, "local_folder", copying)
+    monkeypatch.setattr(ranged.RangedSafetensors, "read", lambda f, name: (ranged_reads.append(name), read(f, name))[1])
+
+    store = f"s3://{BUCKET}/sinks.zarr"
+    # two steps first, then all: the second run inserts a step between stored ones (the staging copy) and appends
+    # after them (the journalled resize), both on storage that has no rename
+    assert run(compose(replay_args(url_root, store, "replay.steps=[0,200]"))) == 0
+    assert run(compose(replay_args(url_root, store))) == 0
+
+    got, want = open_sinks(store, GROUP), open_sinks(reference, GROUP)
+    assert list(got.step.values) == STEPS and list(got.status.values) == ["done"] * len(STEPS)
+    for name in want.data_vars:
+        np.testing.assert_allclose(got[name].values, want[name].values, rtol=1e-6, atol=1e-7, err_msg=name)
+    assert not any(k.endswith(".staging") for k in s3.ls(f"{BUCKET}/sinks.zarr"))
+
+    # each run builds its model once, from a copy of the first checkpoint's files; the worker keeps the model, and
+    # the next checkpoint's tensors come into it by byte ranges
+    assert [c.rsplit("/", 1)[1] for c in whole_copies] == ["checkpoint-0", "checkpoint-100"]
+    from safetensors import safe_open
+
+    with safe_open(local_root / "checkpoint-0" / "model.safetensors", framework="pt") as f:
+        tensors = sorted(f.keys())
+    assert sorted(ranged_reads) == sorted(tensors * 2)
+
+
+def test_layered_replay_from_s3_reads_the_tensors_it_needs_by_byte_ranges(s3, tmp_path, monkeypatch):
+    from pipeline import ranged
+    from pipeline.layered import open_layered
+    from pipeline.measure import measure
+
+    folder, saved = save_checkpoint(tmp_path / "step1", step=1)
+    s3.put(str(folder), f"{BUCKET}/layered/step1", recursive=True)
+    read, names = ranged.RangedSafetensors.read, []
+    monkeypatch.setattr(ranged.RangedSafetensors, "read", lambda f, name: (names.append(name), read(f, name))[1])
+    import pipeline.layered
+
+    local_folder = pipeline.layered.local_folder
+    monkeypatch.setattr(pipeline.layered, "local_folder", lambda path, weights=True: (
+        pytest.fail(f"{path} copied whole") if weights else local_folder(path, weights)))
+
+    ids = np.random.default_rng(0).integers(0, 101, size=(2, 16))
+    import torch
+
+    ids = torch.as_tensor(ids)
+    with open_layered(Checkpoint(1, f"s3://{BUCKET}/layered/step1"), device="cpu", dtype="float32") as (m, rows):
+        remote = measure(m, ids, batch_size=2, key_positions=4, run_rows=rows)
+    with open_layered(Checkpoint(1, str(folder)), device="cpu", dtype="float32") as (m, rows):
+        local = measure(m, ids, batch_size=2, key_positions=4, run_rows=rows)
+    for key in local:
+        np.testing.assert_array_equal(np.asarray(remote[key]), np.asarray(local[key]), err_msg=key)
+    assert sorted(names) == sorted(k for k in saved if k != "lm_head.weight")  # each once; the head never
+
+
+def test_truncated_safetensors_on_s3_is_a_clear_error(s3, tmp_path):
+    from pipeline.errors import CheckpointError
+    from pipeline.load import load_model
+    from tests.ckpt_factory import truncate
+
+    folder, _ = save_checkpoint(tmp_path / "step2", step=2)
+    truncate(folder / "model.safetensors")
+    url = f"s3://{BUCKET}/broken/step2"
+    s3.put(str(folder), url.removeprefix("s3://"), recursive=True)
+    with pytest.raises(CheckpointError) as err:
+        load_model(Checkpoint(2, url))
+    assert err.value.path == f"{url}/model.safetensors"
+    assert "is not a valid safetensors file" in err.value.problem
