@@ -64,10 +64,12 @@ def test_routes():
 def test_eager_family_matches_reference(family):
     model = build(family)
     ids = probe()
-    got = measure(model, ids, batch_size=2, key_positions=4)
+    got = measure(model, ids, batch_size=2, key_positions=4, measures=())
     assert set(got) == EXPECTED
     assert_stats_close(got, reference_stats(model, ids, key_positions=4))
     assert np.all(got["sink_mass"] > 0) and not np.allclose(got["sink_mass"], got["sink_mass"].mean())
+    with_defaults = measure(model, ids, batch_size=2, key_positions=4)  # sublayer outputs are left out here
+    assert set(with_defaults) == EXPECTED | {"p0_similarity", "rest_similarity"}
     if family == "gpt_neo":  # the local layer's window (8) hides key 0 from the last bin's queries
         assert np.all(got["sink_mass_by_q"][1, :, -1] == 0) and np.all(got["sink_mass_by_q"][0, :, -1] > 0)
 
