@@ -79,8 +79,7 @@ def probe_groups(sinks) -> dict[str, xr.Dataset]:
         return {str(sinks.attrs.get("probe_name", "probe")): sinks}
     if isinstance(sinks, Mapping):
         return dict(sorted(sinks.items()))
-    raise TypeError(f"expected a Dataset, a DataTree or a mapping of name -> Dataset, "
-                    f"not {type(sinks).__name__}")
+    raise TypeError(f"expected a Dataset, a DataTree or a mapping of name -> Dataset, not {type(sinks).__name__}")
 
 
 def done(ds: xr.Dataset) -> xr.Dataset:
@@ -134,15 +133,15 @@ def sink_score(ds: xr.Dataset, convention: Convention = "stored") -> xr.DataArra
         definition = "sink_mass as stored: attention on key 0, mean over queries 1..T-1"
     else:
         raise ValueError(f"convention must be 'stored' or 'gu', not {convention!r}")
-    return m.assign_attrs(convention=convention, definition=definition,
-                          long_name="sink score", units="attention weight")
+    return m.assign_attrs(
+        convention=convention, definition=definition, long_name="sink score", units="attention weight"
+    )
 
 
 def layer_sink_mass(ds: xr.Dataset, convention: Convention = "stored") -> xr.DataArray:
     """Sink score averaged over heads: (step, layer) on done steps."""
     score = sink_score(ds, convention)
-    return score.mean("head").assign_attrs(score.attrs, definition=score.attrs["definition"]
-                                           + "; mean over heads")
+    return score.mean("head").assign_attrs(score.attrs, definition=score.attrs["definition"] + "; mean over heads")
 
 
 def _first_label(mask: xr.DataArray, dim: str) -> xr.DataArray:
@@ -180,9 +179,11 @@ def sink_rate(
     rate = (score > eps).where(score.notnull()).mean(dim)
     dims = (dim,) if isinstance(dim, str) else tuple(dim)
     return rate.rename("sink_rate").assign_attrs(
-        long_name="sink rate", units="share of heads", eps=eps, convention=convention,
-        definition=f"share of heads (over {', '.join(dims)}) with score > eps; score: "
-        + score.attrs["definition"],
+        long_name="sink rate",
+        units="share of heads",
+        eps=eps,
+        convention=convention,
+        definition=f"share of heads (over {', '.join(dims)}) with score > eps; score: " + score.attrs["definition"],
     )
 
 
@@ -213,10 +214,17 @@ def emergence_step(
     else:
         raise ValueError(f"per must be 'layer' or 'head', not {per!r}")
     stays = _true_from_here_on(x > eps, "step")
-    return _first_label(stays, "step").rename("emergence_step").assign_attrs(
-        long_name="emergence step", units="training step", eps=eps, convention=convention,
-        definition=f"first step from which the {per} sink score stays > eps at every later "
-        "done step; NaN if it is not above eps at the last done step",
+    return (
+        _first_label(stays, "step")
+        .rename("emergence_step")
+        .assign_attrs(
+            long_name="emergence step",
+            units="training step",
+            eps=eps,
+            convention=convention,
+            definition=f"first step from which the {per} sink score stays > eps at every later "
+            "done step; NaN if it is not above eps at the last done step",
+        )
     )
 
 
@@ -233,9 +241,16 @@ def first_crossing_step(
     it never does. Always <= the emergence step.
     """
     x = layer_sink_mass(ds, convention) if per == "layer" else sink_score(ds, convention)
-    return _first_label(x > eps, "step").rename("first_crossing_step").assign_attrs(
-        long_name="first step above eps", units="training step", eps=eps,
-        convention=convention, definition="first done step with score > eps; NaN if none",
+    return (
+        _first_label(x > eps, "step")
+        .rename("first_crossing_step")
+        .assign_attrs(
+            long_name="first step above eps",
+            units="training step",
+            eps=eps,
+            convention=convention,
+            definition="first done step with score > eps; NaN if none",
+        )
     )
 
 
@@ -245,9 +260,16 @@ def onset_layer(ds: xr.Dataset, eps: float = 0.3, *, convention: Convention = "s
     Returns (step,) with layer numbers, NaN at steps where no layer exceeds eps.
     """
     above = layer_sink_mass(ds, convention) > eps
-    return _first_label(above, "layer").rename("onset_layer").assign_attrs(
-        long_name="onset layer", units="layer", eps=eps, convention=convention,
-        definition="lowest layer whose head-mean score > eps; NaN if none",
+    return (
+        _first_label(above, "layer")
+        .rename("onset_layer")
+        .assign_attrs(
+            long_name="onset layer",
+            units="layer",
+            eps=eps,
+            convention=convention,
+            definition="lowest layer whose head-mean score > eps; NaN if none",
+        )
     )
 
 
@@ -262,9 +284,16 @@ def early_share(ds: xr.Dataset, k: int = 2) -> xr.DataArray:
     m = _done_data(ds)["sink_mass"]
     total = m.sum(("layer", "head"))
     early = m.isel(layer=slice(0, k)).sum(("layer", "head"))
-    return (early / total).where(total > 0).rename("early_share").assign_attrs(
-        long_name=f"share of sink mass in layers 0..{k - 1}", units="fraction", k=k,
-        definition=f"sum of sink_mass over layers < {k} and heads / sum over all layers and heads",
+    return (
+        (early / total)
+        .where(total > 0)
+        .rename("early_share")
+        .assign_attrs(
+            long_name=f"share of sink mass in layers 0..{k - 1}",
+            units="fraction",
+            k=k,
+            definition=f"sum of sink_mass over layers < {k} and heads / sum over all layers and heads",
+        )
     )
 
 
@@ -284,10 +313,16 @@ def profile_change(ds: xr.Dataset, window: int = 3) -> xr.DataArray:
         return (p.max("layer") * np.nan).rename("profile_change")
     roll = p.rolling(step=window)
     spread = (roll.max() - roll.min()).max("layer", skipna=False)
-    return spread.shift(step=-(window - 1)).rename("profile_change").assign_attrs(
-        long_name="change of the layer sink profile", units="attention weight", window=window,
-        definition=f"max over layers of (max - min) of head-mean sink_mass over {window} "
-        "consecutive done checkpoints starting at this step",
+    return (
+        spread.shift(step=-(window - 1))
+        .rename("profile_change")
+        .assign_attrs(
+            long_name="change of the layer sink profile",
+            units="attention weight",
+            window=window,
+            definition=f"max over layers of (max - min) of head-mean sink_mass over {window} "
+            "consecutive done checkpoints starting at this step",
+        )
     )
 
 
@@ -309,16 +344,21 @@ def convergence_step(ds: xr.Dataset, tol: float = 0.05, window: int = 3) -> xr.D
     # Windows that do not fit at the end carry no evidence either way.
     calm = (change < tol) | ~full
     converged = _true_from_here_on(calm, "step") & full
-    return _first_label(converged, "step").rename("convergence_step").assign_attrs(
-        long_name="convergence step", units="training step", tol=tol, window=window,
-        definition=f"first step from which every window of {window} consecutive done "
-        f"checkpoints changes each layer's head-mean sink_mass by less than {tol}",
+    return (
+        _first_label(converged, "step")
+        .rename("convergence_step")
+        .assign_attrs(
+            long_name="convergence step",
+            units="training step",
+            tol=tol,
+            window=window,
+            definition=f"first step from which every window of {window} consecutive done "
+            f"checkpoints changes each layer's head-mean sink_mass by less than {tol}",
+        )
     )
 
 
-def massive_activation_ratio(
-    ds: xr.Dataset, kind: Literal["norm", "max_median"] = "norm"
-) -> xr.DataArray:
+def massive_activation_ratio(ds: xr.Dataset, kind: Literal["norm", "max_median"] = "norm") -> xr.DataArray:
     """Massive-activation ratio per step and layer, from the residual-stream statistics.
 
     ``kind="norm"``: ``resid_norm_p0 / resid_norm``, the L2 norm of the block output
@@ -335,12 +375,21 @@ def massive_activation_ratio(
         definition = "resid_norm_p0 / resid_norm (L2 norm at position 0 over mean norm at 1..T-1)"
     elif kind == "max_median":
         num, den = d["resid_max_p0"], d["resid_median"]
-        definition = ("resid_max_p0 / resid_median (Sun et al. 2024: max |component| at position 0 "
-                      "over median |component|)")
+        definition = (
+            "resid_max_p0 / resid_median (Sun et al. 2024: max |component| at position 0 over median |component|)"
+        )
     else:
         raise ValueError(f"kind must be 'norm' or 'max_median', not {kind!r}")
-    return (num / den).where(den > 0).rename("massive_activation_ratio").assign_attrs(
-        long_name="massive-activation ratio", units="ratio", kind=kind, definition=definition,
+    return (
+        (num / den)
+        .where(den > 0)
+        .rename("massive_activation_ratio")
+        .assign_attrs(
+            long_name="massive-activation ratio",
+            units="ratio",
+            kind=kind,
+            definition=definition,
+        )
     )
 
 
@@ -369,9 +418,14 @@ def writer_ratio(ds: xr.Dataset) -> xr.DataArray:
         return xr.where(rest > 0, p0 / rest.where(rest > 0), xr.where(p0 > 0, np.inf, np.nan))
 
     ratio = xr.concat([one(c) for c in ("attn", "mlp")], dim="component")
-    return ratio.assign_coords(component=["attn", "mlp"]).rename("writer_ratio").assign_attrs(
-        long_name="sublayer output at position 0 over the rest", units="ratio",
-        definition="<component>_out_norm_p0 / <component>_out_norm",
+    return (
+        ratio.assign_coords(component=["attn", "mlp"])
+        .rename("writer_ratio")
+        .assign_attrs(
+            long_name="sublayer output at position 0 over the rest",
+            units="ratio",
+            definition="<component>_out_norm_p0 / <component>_out_norm",
+        )
     )
 
 
@@ -387,10 +441,16 @@ def circuit_writer(ds: xr.Dataset, ratio: float = 3.0) -> xr.DataArray:
     order = r.stack(sublayer=("layer", "component"))  # layer-major: attn 0, mlp 0, attn 1, ...
     position = (order["layer"] + 0.5 * (order["component"] == "mlp")).values
     above = (order > ratio).drop_vars(["sublayer", "layer", "component"]).assign_coords(sublayer=position)
-    return _first_label(above, "sublayer").rename("circuit_writer").assign_attrs(
-        long_name="P0 circuit writer", units="layer (+0.5: MLP)", ratio=ratio,
-        definition=f"first sublayer in forward order whose output norm at position 0 exceeds {ratio} x its mean "
-        "at positions 1..T-1; layer for attention, layer + 0.5 for the MLP; NaN if none",
+    return (
+        _first_label(above, "sublayer")
+        .rename("circuit_writer")
+        .assign_attrs(
+            long_name="P0 circuit writer",
+            units="layer (+0.5: MLP)",
+            ratio=ratio,
+            definition=f"first sublayer in forward order whose output norm at position 0 exceeds {ratio} x its mean "
+            "at positions 1..T-1; layer for attention, layer + 0.5 for the MLP; NaN if none",
+        )
     )
 
 
@@ -399,9 +459,15 @@ def writer_settle_step(ds: xr.Dataset, ratio: float = 3.0) -> xr.DataArray:
     step. NaN if there is no writer at the last done step. 0-d."""
     w = circuit_writer(ds, ratio)
     same = (w == w.isel(step=-1)) & w.notnull() if w.sizes["step"] else w.notnull()
-    return _first_label(_true_from_here_on(same, "step"), "step").rename("writer_settle_step").assign_attrs(
-        long_name="step the writer settles", units="training step", ratio=ratio,
-        definition="first done step from which circuit_writer equals its value at the last done step",
+    return (
+        _first_label(_true_from_here_on(same, "step"), "step")
+        .rename("writer_settle_step")
+        .assign_attrs(
+            long_name="step the writer settles",
+            units="training step",
+            ratio=ratio,
+            definition="first done step from which circuit_writer equals its value at the last done step",
+        )
     )
 
 
@@ -416,13 +482,22 @@ def recognition_step(ds: xr.Dataset, threshold: float = 0.9, layers: int = 2) ->
     _needs(ds, ("p0_similarity",), "similarity")
     policy = ds.attrs.get("probe_first_token")
     if policy != "random":
-        raise ValueError(f"recognition needs a probe with first_token=random (this one: {policy!r}); with the "
-                         "same first token in every row p0_similarity is 1 by construction")
+        raise ValueError(
+            f"recognition needs a probe with first_token=random (this one: {policy!r}); with the "
+            "same first token in every row p0_similarity is 1 by construction"
+        )
     x = _done_data(ds)["p0_similarity"].isel(layer=slice(0, layers)).max("layer")
     stays = _true_from_here_on(x > threshold, "step")
-    return _first_label(stays, "step").rename("recognition_step").assign_attrs(
-        long_name="position-zero recognition step", units="training step", threshold=threshold, layers=layers,
-        definition=f"first done step from which max over layers < {layers} of p0_similarity stays > {threshold}",
+    return (
+        _first_label(stays, "step")
+        .rename("recognition_step")
+        .assign_attrs(
+            long_name="position-zero recognition step",
+            units="training step",
+            threshold=threshold,
+            layers=layers,
+            definition=f"first done step from which max over layers < {layers} of p0_similarity stays > {threshold}",
+        )
     )
 
 
@@ -435,11 +510,18 @@ def mixing_effect(ds: xr.Dataset) -> xr.Dataset:
     """
     _needs(ds, ("collapse", "sensitivity"), "mixing")
     d = _done_data(ds)
-    out = xr.Dataset({name: d[name].sel(sink="removed", drop=True) / d[name].sel(sink="kept", drop=True)
-                      for name in ("collapse", "sensitivity")})
+    out = xr.Dataset(
+        {
+            name: d[name].sel(sink="removed", drop=True) / d[name].sel(sink="kept", drop=True)
+            for name in ("collapse", "sensitivity")
+        }
+    )
     for name in out.data_vars:
-        out[name].attrs.update(long_name=f"{name}, sink removed over kept", units="ratio",
-                               definition=f"{name}(sink=removed) / {name}(sink=kept)")
+        out[name].attrs.update(
+            long_name=f"{name}, sink removed over kept",
+            units="ratio",
+            definition=f"{name}(sink=removed) / {name}(sink=kept)",
+        )
     return out
 
 
@@ -454,10 +536,17 @@ def circuit_share(ds: xr.Dataset, k: int = 2) -> xr.DataArray:
     d = _done_data(ds)
     excess = sum((d[f"{c}_out_norm_p0"] - d[f"{c}_out_norm"]).clip(min=0) for c in ("attn", "mlp"))
     total = excess.sum("layer")
-    return (excess.isel(layer=slice(0, k)).sum("layer") / total).where(total > 0).rename("circuit_share").assign_attrs(
-        long_name=f"share of the position-0 writing in layers 0..{k - 1}", units="fraction", k=k,
-        definition=f"sum over layers < {k} of max(0, out_norm_p0 - out_norm), attention and MLP, over the sum "
-        "over all layers",
+    return (
+        (excess.isel(layer=slice(0, k)).sum("layer") / total)
+        .where(total > 0)
+        .rename("circuit_share")
+        .assign_attrs(
+            long_name=f"share of the position-0 writing in layers 0..{k - 1}",
+            units="fraction",
+            k=k,
+            definition=f"sum over layers < {k} of max(0, out_norm_p0 - out_norm), attention and MLP, over the sum "
+            "over all layers",
+        )
     )
 
 
@@ -478,10 +567,18 @@ def circuit_convergence_step(ds: xr.Dataset, k: int = 2, tol: float = 0.05, wind
     change = (roll.max() - roll.min()).shift(step=-(window - 1))
     full = change.notnull()
     converged = _true_from_here_on((change < tol) | ~full, "step") & full
-    return _first_label(converged, "step").rename("circuit_convergence_step").assign_attrs(
-        long_name="circuit convergence step", units="training step", k=k, tol=tol, window=window,
-        definition=f"first step from which circuit_share (k={k}) changes by less than {tol} within every window "
-        f"of {window} consecutive done checkpoints",
+    return (
+        _first_label(converged, "step")
+        .rename("circuit_convergence_step")
+        .assign_attrs(
+            long_name="circuit convergence step",
+            units="training step",
+            k=k,
+            tol=tol,
+            window=window,
+            definition=f"first step from which circuit_share (k={k}) changes by less than {tol} within every window "
+            f"of {window} consecutive done checkpoints",
+        )
     )
 
 
@@ -490,8 +587,10 @@ def training_loss(ds: xr.Dataset) -> xr.DataArray:
     say)."""
     d = _done_data(ds)
     if "loss" not in d.coords:
-        raise KeyError("the cube has no loss coordinate: its checkpoints had no trainer_state.json log history, "
-                       "or 'loss' was not in replay.measure")
+        raise KeyError(
+            "the cube has no loss coordinate: its checkpoints had no trainer_state.json log history, "
+            "or 'loss' was not in replay.measure"
+        )
     return d["loss"].drop_vars([c for c in d["loss"].coords if c != "step"]).rename("training_loss")
 
 
@@ -500,8 +599,7 @@ def training_loss(ds: xr.Dataset) -> xr.DataArray:
 
 # Probe attrs that must agree for two groups to be a first-token pair. The seed is
 # left out: a random first token may be drawn from its own seed.
-_SAME_PROBE = ("probe_kind", "probe_seq_len", "probe_rows", "probe_source",
-               "architecture", "config_fingerprint")
+_SAME_PROBE = ("probe_kind", "probe_seq_len", "probe_rows", "probe_source", "architecture", "config_fingerprint")
 
 
 def same_weights(ds: xr.Dataset) -> list[list[int]]:
@@ -520,8 +618,7 @@ def same_weights(ds: xr.Dataset) -> list[list[int]]:
 
 
 def _probe_differences(a: Mapping, b: Mapping) -> list[str]:
-    return [key for key in _SAME_PROBE
-            if (key in a or key in b) and str(a.get(key)) != str(b.get(key))]
+    return [key for key in _SAME_PROBE if (key in a or key in b) and str(a.get(key)) != str(b.get(key))]
 
 
 def first_token_pair(tree) -> tuple[str, str] | None:
@@ -535,8 +632,7 @@ def first_token_pair(tree) -> tuple[str, str] | None:
     groups = probe_groups(tree)
     policy = {name: ds.attrs.get("probe_first_token") for name, ds in groups.items()}
     randoms = sorted(n for n, p in policy.items() if p == "random")
-    fixed = sorted((n for n, p in policy.items() if p in ("keep", "bos")),
-                   key=lambda n: (policy[n] != "keep", n))
+    fixed = sorted((n for n, p in policy.items() if p in ("keep", "bos")), key=lambda n: (policy[n] != "keep", n))
     for r in randoms:
         for f in fixed:
             if not _probe_differences(groups[f].attrs, groups[r].attrs):
@@ -567,16 +663,19 @@ def positional_index_pair(
     """
     diffs = _probe_differences(fixed.attrs, random.attrs)
     if diffs:
-        raise ValueError("the two probe groups differ in more than the first token: "
-                         + ", ".join(f"{k}={fixed.attrs.get(k)!r} vs {random.attrs.get(k)!r}"
-                                     for k in diffs))
+        raise ValueError(
+            "the two probe groups differ in more than the first token: "
+            + ", ".join(f"{k}={fixed.attrs.get(k)!r} vs {random.attrs.get(k)!r}" for k in diffs)
+        )
     u = uniform_sink_mass(probe_length(fixed)) if baseline else 0.0
     m_f, m_r = xr.align(layer_sink_mass(fixed), layer_sink_mass(random), join="inner")
     excess = m_f - u
     index = ((m_r - u) / excess).clip(0.0, 1.0).where(excess > min_excess)
     return index.rename("positional_index").assign_attrs(
-        long_name="positional index", units="fraction of the sink kept",
-        baseline=u, min_excess=min_excess,
+        long_name="positional index",
+        units="fraction of the sink kept",
+        baseline=u,
+        min_excess=min_excess,
         fixed_group=str(fixed.attrs.get("probe_name", "")),
         random_group=str(random.attrs.get("probe_name", "")),
         definition=f"clip((m_random - u) / (m_fixed - u), 0, 1) of head-mean sink_mass, u={u:.4f}; "
@@ -604,9 +703,13 @@ def positional_index(
         if pair is None:
             found = "; ".join(
                 f"{n} (first_token={ds.attrs.get('probe_first_token')}, kind={ds.attrs.get('probe_kind')}, "
-                f"T={ds.attrs.get('probe_seq_len')})" for n, ds in groups.items())
-            raise ValueError("the positional index needs two probe groups that differ only in "
-                             f"probe_first_token (keep or bos vs random); the store has: {found or 'none'}")
+                f"T={ds.attrs.get('probe_seq_len')})"
+                for n, ds in groups.items()
+            )
+            raise ValueError(
+                "the positional index needs two probe groups that differ only in "
+                f"probe_first_token (keep or bos vs random); the store has: {found or 'none'}"
+            )
         fixed, random = fixed or pair[0], random or pair[1]
     fixed_ds, random_ds = groups[fixed], groups[random]
     result = positional_index_pair(fixed_ds, random_ds, baseline=baseline, min_excess=min_excess)
@@ -681,6 +784,7 @@ class SinkAccessor:
 
     def training_loss(self):
         return training_loss(self._ds)
+
     def same_weights(self) -> list[list[int]]:
         return same_weights(self._ds)
 

@@ -36,8 +36,17 @@ BLOCK_BYTES = 64 * 2**20
 
 # kwargs that do not change what attention computes (bookkeeping the models forward to every attention call).
 _BENIGN_KWARGS = frozenset(
-    {"use_cache", "output_attentions", "output_hidden_states", "output_router_logits", "return_dict",
-     "num_items_in_batch", "cache_position", "past_key_values", "position_embeddings"}
+    {
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "output_router_logits",
+        "return_dict",
+        "num_items_in_batch",
+        "cache_position",
+        "past_key_values",
+        "position_embeddings",
+    }
 )
 # kwargs this module applies itself.
 _HANDLED_KWARGS = frozenset({"sliding_window", "softcap", "s_aux", "is_causal", "position_ids"})
@@ -232,8 +241,9 @@ def _fused_lse_with_keys(q, k, v, scale):
     if q.device.type != "cpu" or q.dtype != torch.float32 or v.dtype != torch.float32 or v.shape[-1] != k.shape[-1]:
         return None
     d = v.shape[-1]
-    res = _fused_lse(torch.cat([q, torch.zeros_like(q)], -1), torch.cat([k, torch.zeros_like(k)], -1),
-                     torch.cat([v, k], -1), scale)
+    res = _fused_lse(
+        torch.cat([q, torch.zeros_like(q)], -1), torch.cat([k, torch.zeros_like(k)], -1), torch.cat([v, k], -1), scale
+    )
     if res is None:
         return None
     both, lse = res
@@ -302,8 +312,9 @@ def _with_learned_sink(out, lse, sinks):
 # Blocked route
 
 
-def blocked_attention(q, k, v, scale, window=None, softcap=None, sinks=None, key_positions=4, block_rows=None,
-                      remove_sink=False):
+def blocked_attention(
+    q, k, v, scale, window=None, softcap=None, sinks=None, key_positions=4, block_rows=None, remove_sink=False
+):
     """Exact attention by blocks of query rows, float32 inside. Returns (out (B,Hq,T,dv) in q.dtype, RowStats).
 
     `remove_sink`: the probabilities on key 0 of queries 1..T-1 are set to zero and the rows renormalised before
@@ -387,8 +398,7 @@ def sinkstats_attention(module, query, key, value, attention_mask, scaling=None,
     if choose_route(query.shape[2], window, softcap) == "fused":
         result = fused_attention(query, key, value, scale, sinks, key_positions, with_stats, remove)
     if result is None:
-        result = blocked_attention(query, key, value, scale, window, softcap, sinks, key_positions,
-                                   remove_sink=remove)
+        result = blocked_attention(query, key, value, scale, window, softcap, sinks, key_positions, remove_sink=remove)
     out, stats = result
 
     if with_stats:

@@ -66,8 +66,11 @@ def run(cfg: DictConfig) -> int:
         print(f"sinktrace: error: {e}", file=sys.stderr)
         return 1
     except Interrupted as e:
-        print(f"\nsinktrace: interrupted by {e}; every step stored so far is kept, the one in progress is left "
-              "pending: run the same command again to resume", file=sys.stderr)
+        print(
+            f"\nsinktrace: interrupted by {e}; every step stored so far is kept, the one in progress is left "
+            "pending: run the same command again to resume",
+            file=sys.stderr,
+        )
         return e.exit_status
     print_same_weights(store)
     return summary(outcome)
@@ -80,8 +83,11 @@ def summary(outcome) -> int:
     for step in outcome.gone:
         print(f"step {step}: gone, deleted before it was replayed (e.g. by the trainer's save_total_limit)")
     if outcome.failures:
-        print(f"\n{len(outcome.failures)} checkpoint(s) failed (recorded as failed in the store, unless an earlier "
-              "result was kept; rerun to retry):", file=sys.stderr)
+        print(
+            f"\n{len(outcome.failures)} checkpoint(s) failed (recorded as failed in the store, unless an earlier "
+            "result was kept; rerun to retry):",
+            file=sys.stderr,
+        )
         for step, error in outcome.failures:
             print(f"  step {step}: {error}", file=sys.stderr)
         return 1

@@ -131,9 +131,14 @@ class BigramBackcopy:
         return content[~self.is_trigger(content)]
 
 
-def demo_task(*, vocab_size: int = DemoRecipe.vocab_size, n_triggers: int = DemoRecipe.n_triggers,
-              trigger_share: float = DemoRecipe.trigger_share, branching: int = DemoRecipe.branching,
-              seed: int = 0) -> BigramBackcopy:
+def demo_task(
+    *,
+    vocab_size: int = DemoRecipe.vocab_size,
+    n_triggers: int = DemoRecipe.n_triggers,
+    trigger_share: float = DemoRecipe.trigger_share,
+    branching: int = DemoRecipe.branching,
+    seed: int = 0,
+) -> BigramBackcopy:
     """The task instance for a seed: random triggers and a random sparse bigram chain over the content tokens.
 
     Each content token is followed by one of `branching` random non-trigger tokens (Dirichlet(1) weights) with
@@ -147,10 +152,12 @@ def demo_task(*, vocab_size: int = DemoRecipe.vocab_size, n_triggers: int = Demo
     probs = np.zeros((vocab_size, branching + n_triggers), dtype=np.float64)
     for token in content:
         successors[token] = np.concatenate([np.sort(rng.choice(plain, size=branching, replace=False)), triggers])
-        probs[token] = np.concatenate([(1 - trigger_share) * rng.dirichlet(np.ones(branching)),
-                                       np.full(n_triggers, trigger_share / n_triggers)])
-    return BigramBackcopy(vocab_size=vocab_size, triggers=tuple(int(t) for t in triggers), successors=successors,
-                          probs=probs)
+        probs[token] = np.concatenate(
+            [(1 - trigger_share) * rng.dirichlet(np.ones(branching)), np.full(n_triggers, trigger_share / n_triggers)]
+        )
+    return BigramBackcopy(
+        vocab_size=vocab_size, triggers=tuple(int(t) for t in triggers), successors=successors, probs=probs
+    )
 
 
 def demo_batch(task: BigramBackcopy, *, batch_size: int, seq_len: int, seed: int, step: int) -> torch.Tensor:
@@ -176,9 +183,14 @@ def demo_batch(task: BigramBackcopy, *, batch_size: int, seq_len: int, seed: int
 # ---------------------------------------------------------------------------------------------------- the model
 
 
-def demo_config(*, vocab_size: int = DemoRecipe.vocab_size, hidden_size: int = DemoRecipe.hidden_size,
-                n_layers: int = DemoRecipe.n_layers, n_heads: int = DemoRecipe.n_heads,
-                seq_len: int = DemoRecipe.seq_len):
+def demo_config(
+    *,
+    vocab_size: int = DemoRecipe.vocab_size,
+    hidden_size: int = DemoRecipe.hidden_size,
+    n_layers: int = DemoRecipe.n_layers,
+    n_heads: int = DemoRecipe.n_heads,
+    seq_len: int = DemoRecipe.seq_len,
+):
     """The demo model: a tiny Llama (RoPE, RMSNorm, SwiGLU), BOS = token 0, no EOS or padding."""
     from transformers import LlamaConfig
 
@@ -200,13 +212,23 @@ def demo_config(*, vocab_size: int = DemoRecipe.vocab_size, hidden_size: int = D
 
 
 def _recipe_config(recipe: DemoRecipe):
-    return demo_config(vocab_size=recipe.vocab_size, hidden_size=recipe.hidden_size, n_layers=recipe.n_layers,
-                       n_heads=recipe.n_heads, seq_len=recipe.seq_len)
+    return demo_config(
+        vocab_size=recipe.vocab_size,
+        hidden_size=recipe.hidden_size,
+        n_layers=recipe.n_layers,
+        n_heads=recipe.n_heads,
+        seq_len=recipe.seq_len,
+    )
 
 
 def _recipe_task(recipe: DemoRecipe) -> BigramBackcopy:
-    return demo_task(vocab_size=recipe.vocab_size, n_triggers=recipe.n_triggers,
-                     trigger_share=recipe.trigger_share, branching=recipe.branching, seed=recipe.seed)
+    return demo_task(
+        vocab_size=recipe.vocab_size,
+        n_triggers=recipe.n_triggers,
+        trigger_share=recipe.trigger_share,
+        branching=recipe.branching,
+        seed=recipe.seed,
+    )
 
 
 def _lr_at(recipe: DemoRecipe, step: int) -> float:
@@ -217,8 +239,15 @@ def _lr_at(recipe: DemoRecipe, step: int) -> float:
 # ----------------------------------------------------------------------------------------------------- the build
 
 
-def build_demo_run(root: str | Path, *, steps: int = DemoRecipe.steps, every: int = DemoRecipe.every,
-                   seed: int = DemoRecipe.seed, progress: bool = True, **recipe_overrides) -> Path:
+def build_demo_run(
+    root: str | Path,
+    *,
+    steps: int = DemoRecipe.steps,
+    every: int = DemoRecipe.every,
+    seed: int = DemoRecipe.seed,
+    progress: bool = True,
+    **recipe_overrides,
+) -> Path:
     """Train the demo model into `root`, one `checkpoint-<step>/` folder per scheduled step; returns `root`.
 
     Resumable: after a kill, calling again with the same recipe continues from the last complete checkpoint
@@ -253,8 +282,9 @@ def ensure_demo_run(cache_dir: str | Path, **kwargs) -> Path:
     if _is_complete(root, recipe):
         return root
     overrides = {k: v for k, v in dataclasses.asdict(recipe).items() if k not in ("steps", "every", "seed")}
-    return build_demo_run(root, steps=recipe.steps, every=recipe.every, seed=recipe.seed, progress=progress,
-                          **overrides)
+    return build_demo_run(
+        root, steps=recipe.steps, every=recipe.every, seed=recipe.seed, progress=progress, **overrides
+    )
 
 
 def _train(root: Path, recipe: DemoRecipe, progress: bool) -> None:
@@ -274,8 +304,7 @@ def _train_steps(root: Path, recipe: DemoRecipe, progress: bool) -> None:
     task = _recipe_task(recipe)
     torch.manual_seed(recipe.seed)
     model = LlamaForCausalLM(_recipe_config(recipe))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.95),
-                                  weight_decay=recipe.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=recipe.weight_decay)
     schedule = set(recipe.schedule())
     resumed = _resume(root, recipe, model, optimizer)
     if resumed is not None:
@@ -295,8 +324,7 @@ def _train_steps(root: Path, recipe: DemoRecipe, progress: bool) -> None:
         for step in range(start, recipe.steps):
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(recipe, step)
-            batch = demo_batch(task, batch_size=recipe.batch_size, seq_len=recipe.seq_len, seed=recipe.seed,
-                               step=step)
+            batch = demo_batch(task, batch_size=recipe.batch_size, seq_len=recipe.seq_len, seed=recipe.seed, step=step)
             logits = model(input_ids=batch).logits[:, :-1]
             per_token = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
@@ -333,10 +361,12 @@ class _LossWindow:
         after_trigger = torch.from_numpy(task.is_trigger(batch[:, :-1].numpy()))
         after_bigram = ~after_trigger
         after_bigram[:, 0] = False  # the token after BOS is uniform, neither a copy nor a bigram step
-        for key, value, n in (("loss", per_token.sum(), per_token.numel()),
-                              ("loss_backcopy", per_token[after_trigger].sum(), int(after_trigger.sum())),
-                              ("loss_bigram", per_token[after_bigram].sum(), int(after_bigram.sum())),
-                              ("grad_norm", grad_norm, 1)):
+        for key, value, n in (
+            ("loss", per_token.sum(), per_token.numel()),
+            ("loss_backcopy", per_token[after_trigger].sum(), int(after_trigger.sum())),
+            ("loss_bigram", per_token[after_bigram].sum(), int(after_bigram.sum())),
+            ("grad_norm", grad_norm, 1),
+        ):
             self.sums[key] += float(value)
             self.counts[key] += n
 
@@ -438,8 +468,6 @@ def _recipe_diff(found: dict, wanted: dict) -> str:
     return ", ".join(f"{k}: {found.get(k)!r} there, {wanted.get(k)!r} asked" for k in keys)
 
 
-
-
 @contextlib.contextmanager
 def _build_lock(root: Path):
     """One builder per folder at a time (a second caller waits), so two processes never interleave checkpoints."""
@@ -459,8 +487,9 @@ def _build_lock(root: Path):
 # --------------------------------------------------------------------------- a reference check of the emergence
 
 
-def layer0_sink(folder: str | Path, task_tokens: torch.Tensor, task: BigramBackcopy,
-                random_tokens: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+def layer0_sink(
+    folder: str | Path, task_tokens: torch.Tensor, task: BigramBackcopy, random_tokens: torch.Tensor | None = None
+) -> dict[str, np.ndarray]:
     """Attention to position 0 per (layer, head) with eager attention, over queries 1..T-1.
 
     Returns "all" (task rows, every query), "non_trigger" (task rows, queries whose token is not a trigger) and,
@@ -503,16 +532,18 @@ def emergence_table(root: str | Path, *, rows: int = 32, probe_seed: int = 0) ->
         state = json.loads((folder / "trainer_state.json").read_text())
         sink = layer0_sink(folder, task_tokens, task, torch.from_numpy(random_tokens))
         last_log = state["log_history"][-1] if state["log_history"] else {}
-        table.append({
-            "step": step,
-            "all": float(sink["all"][0].mean()),
-            "non_trigger": float(sink["non_trigger"][0].mean()),
-            "random": float(sink["random"][0].mean()),
-            "heads_non_trigger": [round(float(x), 3) for x in sink["non_trigger"][0]],
-            "layer1_all": float(sink["all"][1].mean()) if sink["all"].shape[0] > 1 else math.nan,
-            "loss_bigram": last_log.get("loss_bigram", math.nan),
-            "loss_backcopy": last_log.get("loss_backcopy", math.nan),
-        })
+        table.append(
+            {
+                "step": step,
+                "all": float(sink["all"][0].mean()),
+                "non_trigger": float(sink["non_trigger"][0].mean()),
+                "random": float(sink["random"][0].mean()),
+                "heads_non_trigger": [round(float(x), 3) for x in sink["non_trigger"][0]],
+                "layer1_all": float(sink["all"][1].mean()) if sink["all"].shape[0] > 1 else math.nan,
+                "loss_bigram": last_log.get("loss_bigram", math.nan),
+                "loss_backcopy": last_log.get("loss_backcopy", math.nan),
+            }
+        )
     return table
 
 
@@ -525,9 +556,16 @@ def _main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=DemoRecipe.steps)
     parser.add_argument("--every", type=int, default=DemoRecipe.every)
     parser.add_argument("--seed", type=int, default=DemoRecipe.seed)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads for the measurement (training always runs on one)")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override another DemoRecipe field, e.g. --set lr=0.005")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads for the measurement (training always runs on one)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override another DemoRecipe field, e.g. --set lr=0.005",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.threads:
@@ -540,15 +578,18 @@ def _main(argv=None) -> None:
             parser.error(f"--set {item}: no DemoRecipe field {key!r}")
         overrides[key] = float(value) if types[key] in ("float", float) else int(value)
     t0, c0 = time.perf_counter(), time.process_time()
-    build_demo_run(args.root, steps=args.steps, every=args.every, seed=args.seed, progress=not args.no_progress,
-                   **overrides)
+    build_demo_run(
+        args.root, steps=args.steps, every=args.every, seed=args.seed, progress=not args.no_progress, **overrides
+    )
     build_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     print(f"# {args.root}: built in {build_s:.1f} s wall, {cpu_s:.1f} s CPU, {torch.get_num_threads()} thread(s)")
     print("step   all  non_trig  random  heads(non_trig)  layer1_all  loss_bigram  loss_backcopy")
     for row in emergence_table(args.root):
-        print(f"{row['step']:5d}  {row['all']:.3f}  {row['non_trigger']:.3f}    {row['random']:.3f}   "
-              f"{row['heads_non_trigger']}  {row['layer1_all']:.3f}  {row['loss_bigram']:.3f}  "
-              f"{row['loss_backcopy']:.3f}")
+        print(
+            f"{row['step']:5d}  {row['all']:.3f}  {row['non_trigger']:.3f}    {row['random']:.3f}   "
+            f"{row['heads_non_trigger']}  {row['layer1_all']:.3f}  {row['loss_bigram']:.3f}  "
+            f"{row['loss_backcopy']:.3f}"
+        )
 
 
 if __name__ == "__main__":

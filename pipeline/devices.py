@@ -7,10 +7,17 @@ import os
 import torch
 
 DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+    "double": torch.float64,
 }
 # safetensors' dtype names -> torch, for the floating types a model's weights come in
 SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -67,7 +74,9 @@ def device_budget(setting, device: str | torch.device) -> int | None:
     try:
         budget = parse_bytes(setting)
     except (ValueError, TypeError):
-        raise ValueError(f"replay.max_device_memory={setting!r}: give a size like 24GB or 512MiB, auto, or null") from None
+        raise ValueError(
+            f"replay.max_device_memory={setting!r}: give a size like 24GB or 512MiB, auto, or null"
+        ) from None
     if budget <= 0:
         raise ValueError(f"replay.max_device_memory={setting!r}: must be positive")
     return budget

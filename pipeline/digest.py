@@ -96,7 +96,7 @@ def _tensors(path: str) -> list[tuple[str, str, list[int], memoryview]]:
             if 8 + n > size:
                 raise CheckpointError(path, f"the safetensors header claims {n} bytes, past the end of the file")
             header = json.loads(f.read(n))
-            data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))[8 + n:]
+            data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))[8 + n :]
     except OSError as e:
         raise CheckpointError(path, f"cannot be read for its digest ({e.strerror or e})") from None
     except ValueError as e:

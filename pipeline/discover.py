@@ -80,8 +80,13 @@ MEGATRON_TRACKER = "latest_checkpointed_iteration.txt"
 
 
 def discover(
-    root: str, *, quiet_seconds: float = 30.0, now: float | None = None, format: str = "auto",
-    model_config: str | None = None, key_map: str = "auto",
+    root: str,
+    *,
+    quiet_seconds: float = 30.0,
+    now: float | None = None,
+    format: str = "auto",
+    model_config: str | None = None,
+    key_map: str = "auto",
 ) -> list[Checkpoint]:
     """Find the checkpoints under `root`, one record per training step, sorted by step.
 
@@ -121,8 +126,10 @@ def discover(
             unnamed.append(e.name)
     if unnamed:  # otherwise a run saved as `ckpt100/` or `epoch-3/` would just come back empty
         log.warning(
-            "%s: ignoring %s: they hold a config.json, but their names match no checkpoint layout "
-            "(%s)", fs.url, some(sorted(unnamed)), LAYOUTS,
+            "%s: ignoring %s: they hold a config.json, but their names match no checkpoint layout (%s)",
+            fs.url,
+            some(sorted(unnamed)),
+            LAYOUTS,
         )
 
     # The root is one checkpoint when it looks like one and its step-named children do not (DeepSpeed keeps
@@ -147,14 +154,25 @@ def discover(
         name = posixpath.basename(folder.path)
         # NeMo-style markers sit next to the folder: `step100-unfinished`, `checkpoint-100.incomplete`.
         siblings = [
-            n for n, e in by_name.items()
-            if not e.is_dir and n != name and n.startswith(name) and TEMP_NAME.fullmatch(n[len(name):])
+            n
+            for n, e in by_name.items()
+            if not e.is_dir and n != name and n.startswith(name) and TEMP_NAME.fullmatch(n[len(name) :])
         ]
         ckpt = _inspect(folder, name_step, staging, siblings, now, quiet_seconds, format, model_config is None)
         if ckpt is not None and latest is not None and name.startswith("iter_") and ckpt.step > latest:
-            ckpt = dataclasses.replace(ckpt, complete=False, reason="; ".join(filter(None, [
-                ckpt.reason, f"newer than the iteration {MEGATRON_TRACKER} names ({latest}): still being written",
-            ])))
+            ckpt = dataclasses.replace(
+                ckpt,
+                complete=False,
+                reason="; ".join(
+                    filter(
+                        None,
+                        [
+                            ckpt.reason,
+                            f"newer than the iteration {MEGATRON_TRACKER} names ({latest}): still being written",
+                        ],
+                    )
+                ),
+            )
         if ckpt is not None:  # None: rotated away by the trainer while we looked
             found.append(ckpt)
     return _read_with(_one_per_step(found), model_config, key_map)
@@ -168,7 +186,14 @@ def _read_with(found: list[Checkpoint], model_config: str | None, key_map: str) 
 
 
 def _inspect(
-    folder, name_step, staging, sibling_markers, now, quiet_seconds, fmt="auto", needs_config=True,
+    folder,
+    name_step,
+    staging,
+    sibling_markers,
+    now,
+    quiet_seconds,
+    fmt="auto",
+    needs_config=True,
 ) -> Checkpoint | None:
     try:
         entries = folder.walk()
@@ -238,6 +263,7 @@ def _inspect(
         modified=max(stamps) if stamps else None,
         format=fmt,
         step_source=source,
+        loss=loss,
     )
 
 
@@ -258,9 +284,15 @@ def _inspect_file(fs, name: str, name_step: int | None, now: float, quiet_second
             quiet_in = quiet_seconds - age
             problems.append(f"modified {age:.0f} s ago; waiting {quiet_seconds:g} s quiet period")
     return Checkpoint(
-        step=step, path=path, weight_files=(path,), complete=not problems, reason="; ".join(problems) or None,
-        quiet_in=quiet_in, modified=modified, format="torch", step_source=source,
-        loss=loss,
+        step=step,
+        path=path,
+        weight_files=(path,),
+        complete=not problems,
+        reason="; ".join(problems) or None,
+        quiet_in=quiet_in,
+        modified=modified,
+        format="torch",
+        step_source=source,
     )
 
 
@@ -303,21 +335,33 @@ def _weights(folder, files, entries, fmt="auto") -> tuple[str, list[str], list[s
     if fmt in ("auto", "dcp"):
         for sub in DCP_FOLDERS:
             prefix = f"{sub}/" if sub else ""
-            data = [n for n in present if n.startswith(prefix) and "/" not in n[len(prefix):] and n.endswith(".distcp")]
+            data = [
+                n for n in present if n.startswith(prefix) and "/" not in n[len(prefix) :] and n.endswith(".distcp")
+            ]
             if prefix + METADATA_NAME in present:
                 return "dcp", [folder.file_url(sub) if sub else folder.url], []
             if data:
-                return "dcp", [], [
-                    f"DCP data files in {sub or 'the folder'} but no {METADATA_NAME}, which DCP writes last: "
-                    "still being written, or its writer failed"
-                ]
+                return (
+                    "dcp",
+                    [],
+                    [
+                        f"DCP data files in {sub or 'the folder'} but no {METADATA_NAME}, which DCP writes last: "
+                        "still being written, or its writer failed"
+                    ],
+                )
     if fmt in ("auto", "torch"):
         for name in TORCH_IN_FOLDER:
             if name in files:
                 return "torch", [folder.file_url(name)], []
     if fmt in ("dcp", "torch"):
-        return fmt, [], [f"no {'DCP (.metadata and *.distcp)' if fmt == 'dcp' else 'lit_model.pth'} weights "
-                         f"(checkpoints.format={fmt})"]
+        return (
+            fmt,
+            [],
+            [
+                f"no {'DCP (.metadata and *.distcp)' if fmt == 'dcp' else 'lit_model.pth'} weights "
+                f"(checkpoints.format={fmt})"
+            ],
+        )
 
     pickles = pickled_weights(e.name for e in entries if not e.is_dir)
     if pickles:
@@ -326,8 +370,6 @@ def _weights(folder, files, entries, fmt="auto") -> tuple[str, list[str], list[s
     if other:
         return "hf", [], [f"no {SAFE_WEIGHTS_NAME} or {SAFE_INDEX_NAME} (found {some(other)})"]
     return "hf", [], [f"no weights: neither {SAFE_WEIGHTS_NAME} nor {SAFE_INDEX_NAME}"]
-
-
 
 
 def _tokens_seen(state: dict, step: int | None) -> int | None:
@@ -342,22 +384,36 @@ def _tokens_seen(state: dict, step: int | None) -> int | None:
 
 def _holds_weights(folder) -> bool:
     return any(folder.has(n) for n in (CONFIG_NAME, METADATA_NAME, *DCP_FOLDERS[1:], *TORCH_IN_FOLDER))
+
+
 def _training_loss(state: dict, step: int | None) -> float | None:
     """The last training loss the trainer logged at or before `step` (its log_history entries with a "loss")."""
     history = state.get("log_history")
     if step is None or not isinstance(history, list):
         return None
-    logged = [(e["step"], e["loss"]) for e in history if isinstance(e, dict) and isinstance(e.get("step"), int)
-              and isinstance(e.get("loss"), (int, float)) and not isinstance(e.get("loss"), bool) and e["step"] <= step]
+    logged = [
+        (e["step"], e["loss"])
+        for e in history
+        if isinstance(e, dict)
+        and isinstance(e.get("step"), int)
+        and isinstance(e.get("loss"), (int, float))
+        and not isinstance(e.get("loss"), bool)
+        and e["step"] <= step
+    ]
     return float(max(logged)[1]) if logged else None
 
 
 def _looks_like_checkpoint(names: set[str]) -> bool:
-    markers = {CONFIG_NAME, SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME, TRAINER_STATE_NAME, METADATA_NAME, *TORCH_IN_FOLDER,
-               *DCP_FOLDERS[1:]}
-    return bool(names & markers) or any(
-        n.endswith(".safetensors") or n == "pytorch_model.bin" for n in names
-    )
+    markers = {
+        CONFIG_NAME,
+        SAFE_WEIGHTS_NAME,
+        SAFE_INDEX_NAME,
+        TRAINER_STATE_NAME,
+        METADATA_NAME,
+        *TORCH_IN_FOLDER,
+        *DCP_FOLDERS[1:],
+    }
+    return bool(names & markers) or any(n.endswith(".safetensors") or n == "pytorch_model.bin" for n in names)
 
 
 def _one_per_step(found: list[Checkpoint]) -> list[Checkpoint]:
@@ -378,18 +434,19 @@ def _one_per_step(found: list[Checkpoint]) -> list[Checkpoint]:
             out.append(complete[0])
         elif complete:
             names = ", ".join(posixpath.basename(c.path) for c in complete)
-            out.append(dataclasses.replace(
-                complete[0], complete=False,
-                reason=f"{len(complete)} complete folders claim step {step} ({names}); sinktrace will not guess "
-                       "which one to replay: remove or rename all but one",
-            ))
+            out.append(
+                dataclasses.replace(
+                    complete[0],
+                    complete=False,
+                    reason=f"{len(complete)} complete folders claim step {step} ({names}); sinktrace will not guess "
+                    "which one to replay: remove or rename all but one",
+                )
+            )
         else:
             first, rest = group[0], group[1:]
             also = ", ".join(posixpath.basename(c.path) for c in rest)
             out.append(dataclasses.replace(first, reason=f"{first.reason}; step {step} is also claimed by {also}"))
     return out
-
-
 
 
 # --------------------------------------------------------------------------------------------- listing
@@ -472,7 +529,7 @@ class _Folder:
         if not found and not self.fs.exists(self.path):
             raise FileNotFoundError(self.url)
         return [
-            _Entry(name[len(base):], info.get("type") == "directory", _mtime(info))
+            _Entry(name[len(base) :], info.get("type") == "directory", _mtime(info))
             for name, info in found.items()
             if name.startswith(base) and name != base
         ]

@@ -18,6 +18,7 @@ Failures on Dask, by kind:
   down the whole cluster one worker at a time;
 - the scheduler lost: ClusterLost; what was stored stays stored, and the rerun resumes.
 """
+
 from __future__ import annotations
 
 import logging
@@ -61,8 +62,19 @@ def results(cluster_cfg, todo: list[Checkpoint], probe, settings, source=None) -
         yield from _on_dask(cluster_cfg, todo, probe, settings, source)
 
 
-def run_replays(cluster_cfg, todo, probe, settings, store, fingerprint, *, previous: dict[int, str] | None = None,
-                verbose: bool = False, bar=None, source=None) -> Outcome:
+def run_replays(
+    cluster_cfg,
+    todo,
+    probe,
+    settings,
+    store,
+    fingerprint,
+    *,
+    previous: dict[int, str] | None = None,
+    verbose: bool = False,
+    bar=None,
+    source=None,
+) -> Outcome:
     """Replay `todo` where the cluster config says; the driver alone writes each result into the store.
 
     A failure is recorded as failed, except on a step that was done before (an overwrite): that step keeps its
@@ -236,9 +248,17 @@ def submit(client, todo, probe, settings, retries: int, resources) -> dict:
     futures = {}
     for i, (ckpt, nxt, worker) in enumerate(plan):
         future = client.submit(
-            replay_on_worker, ckpt, probe, settings, nxt,
-            key=f"replay-{probe.name}-{ckpt.step}", pure=False, retries=retries,
-            workers=[worker], allow_other_workers=True, priority=len(plan) - i,
+            replay_on_worker,
+            ckpt,
+            probe,
+            settings,
+            nxt,
+            key=f"replay-{probe.name}-{ckpt.step}",
+            pure=False,
+            retries=retries,
+            workers=[worker],
+            allow_other_workers=True,
+            priority=len(plan) - i,
             resources=dict(resources) if resources else None,
         )
         futures[future] = ckpt
@@ -252,7 +272,7 @@ def stretches(todo: list, workers: list[str]) -> list[tuple]:
     bounds = [round(k * len(todo) / n) for k in range(n + 1)]
     plan = []
     for k in range(n):
-        part = todo[bounds[k]:bounds[k + 1]]
+        part = todo[bounds[k] : bounds[k + 1]]
         plan += [(c, nxt, workers[k]) for c, nxt in zip(part, [*part[1:], None])]
     return plan
 
@@ -300,8 +320,15 @@ def _as_fetched(client, todo, probe, settings, source):
                 left -= 1
                 yield ckpt, fetch_error
             else:
-                future = client.submit(replay_on_worker, ckpt, probe, settings, after[ckpt.step],
-                                       key=f"replay-{probe.name}-{ckpt.step}", pure=False)
+                future = client.submit(
+                    replay_on_worker,
+                    ckpt,
+                    probe,
+                    settings,
+                    after[ckpt.step],
+                    key=f"replay-{probe.name}-{ckpt.step}",
+                    pure=False,
+                )
                 futures[future] = ckpt
         if not futures:
             continue
@@ -384,8 +411,12 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def gpu_cluster(n_workers: int | None = None, devices: list | None = None, threads_per_worker: int = 1,
-                dashboard_address: str | None = f"{LOOPBACK}:0"):
+def gpu_cluster(
+    n_workers: int | None = None,
+    devices: list | None = None,
+    threads_per_worker: int = 1,
+    dashboard_address: str | None = f"{LOOPBACK}:0",
+):
     """One worker process per GPU on this machine, each started with CUDA_VISIBLE_DEVICES naming its own GPU
     only (so `cuda` in it means that GPU) and a resource GPU=1, so that one replay runs per GPU."""
     from distributed import Nanny, Scheduler, SpecCluster
@@ -395,19 +426,31 @@ def gpu_cluster(n_workers: int | None = None, devices: list | None = None, threa
         raise UsageError("cluster=gpus: no GPU is visible (CUDA_VISIBLE_DEVICES, torch.cuda.device_count())")
     n = int(n_workers or len(devices))
     workers = {
-        i: {"cls": Nanny, "options": {
-            "nthreads": threads_per_worker, "host": LOOPBACK, "resources": {"GPU": 1},
-            "env": {"CUDA_VISIBLE_DEVICES": devices[i % len(devices)]},
-        }}
+        i: {
+            "cls": Nanny,
+            "options": {
+                "nthreads": threads_per_worker,
+                "host": LOOPBACK,
+                "resources": {"GPU": 1},
+                "env": {"CUDA_VISIBLE_DEVICES": devices[i % len(devices)]},
+            },
+        }
         for i in range(n)
     }
     scheduler = {"cls": Scheduler, "options": {"host": LOOPBACK, "dashboard_address": dashboard_address}}
     return SpecCluster(workers=workers, scheduler=scheduler, name="sinktrace-gpus")
 
 
-def slurm_cluster(queue: str | None = None, account: str | None = None, cores: int = 8, memory: str = "64GB",
-                  gpus_per_job: int = 1, walltime: str = "04:00:00", dashboard_address: str | None = f"{LOOPBACK}:0",
-                  **options):
+def slurm_cluster(
+    queue: str | None = None,
+    account: str | None = None,
+    cores: int = 8,
+    memory: str = "64GB",
+    gpus_per_job: int = 1,
+    walltime: str = "04:00:00",
+    dashboard_address: str | None = f"{LOOPBACK}:0",
+    **options,
+):
     """dask-jobqueue's SLURMCluster, one worker process per GPU of each job (each pinned to its GPU by
     `dask_setup` below, which every worker runs at start) and a resource GPU=1 per worker process."""
     from dask_jobqueue import SLURMCluster
@@ -418,9 +461,16 @@ def slurm_cluster(queue: str | None = None, account: str | None = None, cores: i
     if gpus:
         extra_args += ["--resources", "GPU=1", "--preload", __name__]
     return SLURMCluster(
-        queue=queue, account=account, cores=cores, memory=memory, walltime=walltime,
-        processes=max(1, gpus), job_extra_directives=extra_directives, worker_extra_args=extra_args,
-        scheduler_options={**options.pop("scheduler_options", {}), "dashboard_address": dashboard_address}, **options,
+        queue=queue,
+        account=account,
+        cores=cores,
+        memory=memory,
+        walltime=walltime,
+        processes=max(1, gpus),
+        job_extra_directives=extra_directives,
+        worker_extra_args=extra_args,
+        scheduler_options={**options.pop("scheduler_options", {}), "dashboard_address": dashboard_address},
+        **options,
     )
 
 

@@ -100,8 +100,10 @@ class Run:
                 quiet = [c for c in waiting if c.quiet_in is not None and c.step not in self.tried]
                 if quiet:
                     wait = max(c.quiet_in for c in quiet) + 0.1
-                    bar.write(f"sinktrace: waiting {wait:.0f} s for {len(quiet)} checkpoint(s) to stay unchanged for "
-                              f"checkpoints.quiet_seconds={self.quiet:g} (step {', '.join(str(c.step) for c in quiet)})")
+                    bar.write(
+                        f"sinktrace: waiting {wait:.0f} s for {len(quiet)} checkpoint(s) to stay unchanged for "
+                        f"checkpoints.quiet_seconds={self.quiet:g} (step {', '.join(str(c.step) for c in quiet)})"
+                    )
                     time.sleep(wait)
                     continue
                 if not self.tried and not ready:
@@ -121,7 +123,10 @@ class Run:
             else:
                 # how to read each checkpoint (model_config, key_map) travels on its record to the worker
                 checkpoints = discover(
-                    self.root, quiet_seconds=self.quiet, format=str(c.format), key_map=str(c.key_map),
+                    self.root,
+                    quiet_seconds=self.quiet,
+                    format=str(c.format),
+                    key_map=str(c.key_map),
                     model_config=os.path.expanduser(str(c.model_config)) if c.model_config else None,
                 )
         except (FileNotFoundError, NotADirectoryError) as e:
@@ -130,8 +135,9 @@ class Run:
             raise UsageError(f"checkpoints.root={self.root}: no checkpoint there; looked for {LAYOUTS}")
         if not self.announced:
             ready, skipped = select(checkpoints, self.settings.steps, strict=strict)
-            print(f"sinktrace: {self.root}: {len(checkpoints)} checkpoint(s), {len(ready)} ready, "
-                  f"{len(skipped)} not yet")
+            print(
+                f"sinktrace: {self.root}: {len(checkpoints)} checkpoint(s), {len(ready)} ready, {len(skipped)} not yet"
+            )
             for c in skipped:
                 print(f"  skipped step {c.step} ({c.path}): {c.reason}")
             self.announced = True
@@ -151,10 +157,16 @@ class Run:
         if provenance:  # with the steps earlier runs recorded
             stored = self.store.attrs().get("checkpoint_provenance", {})
             self._attrs["checkpoint_provenance"] = {**stored, **provenance}
-        self.store.prepare([c.step for c in fresh], tokens_seen={c.step: c.tokens_seen for c in fresh},
-                           loss={c.step: c.loss for c in fresh} if "loss" in self.settings.measure else {},
-                           attrs={**self._attrs, "step_source": self.step_sources,
-                                  "checkpoint_format": sorted({*self.formats, *(c.format for c in fresh)})})
+        self.store.prepare(
+            [c.step for c in fresh],
+            tokens_seen={c.step: c.tokens_seen for c in fresh},
+            loss={c.step: c.loss for c in fresh} if "loss" in self.settings.measure else {},
+            attrs={
+                **self._attrs,
+                "step_source": self.step_sources,
+                "checkpoint_format": sorted({*self.formats, *(c.format for c in fresh)}),
+            },
+        )
         self.formats = {*self.formats, *(c.format for c in fresh)}
         self._attrs = {}  # the run's attributes go in once
         status = self.store.status()
@@ -163,8 +175,9 @@ class Run:
             self.tried[c.step] = c.modified
         if not self.outcome.done and not self.outcome.failures:
             done = sum(status.get(c.step) == "done" for c in fresh)
-            print(f"sinktrace: store {self.store_location} group {self.probe.name!r}: {done} done, "
-                  f"{len(todo)} to replay")
+            print(
+                f"sinktrace: store {self.store_location} group {self.probe.name!r}: {done} done, {len(todo)} to replay"
+            )
         self._previous = status
         return todo
 
@@ -199,8 +212,18 @@ class Run:
         }
 
     def _replay(self, todo: list[Checkpoint], bar) -> None:
-        got = run_replays(self.cfg.cluster, todo, self.probe, self.settings, self.store, self.fingerprint,
-                          previous=self._previous, verbose=bool(self.cfg.verbose), bar=bar, source=self.source)
+        got = run_replays(
+            self.cfg.cluster,
+            todo,
+            self.probe,
+            self.settings,
+            self.store,
+            self.fingerprint,
+            previous=self._previous,
+            verbose=bool(self.cfg.verbose),
+            bar=bar,
+            source=self.source,
+        )
         for name in ("done", "failures", "gone"):
             getattr(self.outcome, name).extend(getattr(got, name))
 

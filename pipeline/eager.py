@@ -85,8 +85,9 @@ class EagerHooks:
         name = "cache" if "cache" in inspect.signature(type(body).forward).parameters else "past_key_values"
 
         def run(input_ids):
-            return body(input_ids=input_ids, output_attentions=True, use_cache=True,
-                        **{name: _RecordingCache(self.pending)})
+            return body(
+                input_ids=input_ids, output_attentions=True, use_cache=True, **{name: _RecordingCache(self.pending)}
+            )
 
         return run
 

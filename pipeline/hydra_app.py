@@ -8,8 +8,12 @@ from collections.abc import Callable
 from omegaconf import DictConfig
 
 
-def command(config_module: str, config_name: str, run: Callable[[DictConfig], int],
-            rewrite: Callable[[str], str] = lambda arg: arg) -> Callable[[], None]:
+def command(
+    config_module: str,
+    config_name: str,
+    run: Callable[[DictConfig], int],
+    rewrite: Callable[[str], str] = lambda arg: arg,
+) -> Callable[[], None]:
     """A console-script `main` that composes `config_name` from the package `config_module` (installed with the
     code, so the command works from a wheel as from a clone), runs `run` and exits with the worst status any of
     its jobs returned (a multirun must not stop at its first failing job). `rewrite` maps each command-line
@@ -56,8 +60,12 @@ def composition_problem(config_module: str, config_name: str, overrides: list[st
     return None
 
 
-def compose(config_module: str, config_name: str, overrides: list[str] | None = None,
-            rewrite: Callable[[str], str] = lambda arg: arg) -> DictConfig:
+def compose(
+    config_module: str,
+    config_name: str,
+    overrides: list[str] | None = None,
+    rewrite: Callable[[str], str] = lambda arg: arg,
+) -> DictConfig:
     """The config the command line would build, for Python callers (notebooks, tests)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module

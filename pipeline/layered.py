@@ -35,8 +35,14 @@ from .weightfiles import CONFIG_NAME, open_weights, weight_paths
 
 
 @contextlib.contextmanager
-def open_layered(ckpt: Checkpoint, *, device: str | torch.device, dtype, trust_remote_code: bool = False,
-                 attn_implementation: str = "sinkstats"):
+def open_layered(
+    ckpt: Checkpoint,
+    *,
+    device: str | torch.device,
+    dtype,
+    trust_remote_code: bool = False,
+    attn_implementation: str = "sinkstats",
+):
     """The checkpoint's model with only the weights outside its blocks loaded, and the `run_rows` that streams
     its blocks. `dtype` and `attn_implementation` as for load_model.
 

@@ -51,11 +51,21 @@ from .weightfiles import (
 )
 
 # Keys that do not change the network a config describes: bookkeeping, runtime switches, the storage dtype.
-VOLATILE_CONFIG_KEYS = frozenset({
-    "transformers_version", "torch_dtype", "dtype", "name_or_path", "use_cache", "attn_implementation",
-    "output_attentions", "output_hidden_states", "return_dict", "torchscript",
-    "auto_map",  # where remote code lives, not what network it builds
-})
+VOLATILE_CONFIG_KEYS = frozenset(
+    {
+        "transformers_version",
+        "torch_dtype",
+        "dtype",
+        "name_or_path",
+        "use_cache",
+        "attn_implementation",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "torchscript",
+        "auto_map",  # where remote code lives, not what network it builds
+    }
+)
 
 
 class ModelCache:
@@ -274,7 +284,8 @@ def _check_architecture(folder: str, config: dict, trust_remote_code: bool) -> N
         hint = (
             " config.json's auto_map points to modeling code shipped with the checkpoint: set "
             "replay.trust_remote_code=true to run it, only if you trust its source"
-            if auto_map else ""
+            if auto_map
+            else ""
         )
         raise CheckpointError(
             path,
@@ -372,8 +383,11 @@ def _from_state_dict(ckpt, device, dtype, trust_remote_code, attn_implementation
     tied = set(model.all_tied_weights_keys) if getattr(model, "all_tied_weights_keys", None) else set()
     missing = sorted(k for k in expected if k not in tensors and k not in tied)
     unexpected = sorted(k for k in tensors if k not in expected)
-    mismatched = [(k, tuple(tensors[k].shape), tuple(expected[k].shape)) for k in sorted(expected)
-                  if k in tensors and tuple(tensors[k].shape) != tuple(expected[k].shape)]
+    mismatched = [
+        (k, tuple(tensors[k].shape), tuple(expected[k].shape))
+        for k in sorted(expected)
+        if k in tensors and tuple(tensors[k].shape) != tuple(expected[k].shape)
+    ]
     if mismatched:
         shown = ", ".join(f"{k} is {a} in the checkpoint but {b} in the model" for k, a, b in mismatched[:3])
         raise CheckpointError(ckpt.path, f"{len(mismatched)} tensors do not fit the model config: {shown}")
@@ -475,7 +489,8 @@ def _strip(obj):
     if isinstance(obj, dict):
         generic = _generic_defaults() if "model_type" in obj else {}
         return {
-            k: _strip(v) for k, v in obj.items()
+            k: _strip(v)
+            for k, v in obj.items()
             if not k.startswith("_") and k not in VOLATILE_CONFIG_KEYS and not (k in generic and generic[k] == v)
         }
     if isinstance(obj, list):

@@ -27,8 +27,11 @@ class StoreLock:
         self._lock = None
 
     def __enter__(self) -> StoreLock:
-        me = {"host": socket.gethostname(), "pid": os.getpid(),
-              "since": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+        me = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "since": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }
         if is_url(self.store):
             self._enter_remote(me)
             return self
@@ -77,8 +80,11 @@ class StoreLock:
         fs.pipe_file(path, json.dumps(me).encode())
 
     def _refusal(self, holder: dict, lock: str) -> str:
-        who = (f"process {holder.get('pid', '?')} on {holder.get('host', '?')} (since {holder.get('since', '?')})"
-               if holder else "another process")
+        who = (
+            f"process {holder.get('pid', '?')} on {holder.get('host', '?')} (since {holder.get('since', '?')})"
+            if holder
+            else "another process"
+        )
         return (
             f"store.path={self.store} is being written by {who}: one run writes a store at a time. Wait for it to "
             f"finish, or choose another store.path. If that process is gone and the lock stayed (a network file "

@@ -17,8 +17,7 @@ from pipeline import attention
 from pipeline.attention import ATTENTION_NAME, LayerSums
 
 # Families checked statistic by statistic against eager attention in tests/test_families.py.
-TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "olmo2", "gpt_neox", "gpt2", "gemma2",
-                   "gpt_oss")
+TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "olmo2", "gpt_neox", "gpt2", "gemma2", "gpt_oss")
 
 
 def qbin_edges(seq_len: int) -> np.ndarray:
@@ -132,7 +131,6 @@ def sublayer_writers(block: nn.Module) -> tuple[nn.Module, nn.Module]:
     return attn, mlp
 
 
-
 def perturbed(ids: torch.Tensor, vocab: int, seed: int = 0) -> torch.Tensor:
     """The probe rows with the token at position T // 2 of each row replaced by another token id, drawn uniformly
     from the rest of the vocabulary (seeded: every checkpoint sees the same replacement)."""
@@ -213,13 +211,19 @@ class _BlockHooks:
                 return
             rows = torch.full((), h.shape[0], dtype=torch.float64, device=h.device)
             norms = torch.linalg.vector_norm(h, dim=-1)
-            self._add(self.sums, layer, torch.stack([
-                rows,
-                norms[:, 0].sum(dtype=torch.float64),
-                norms[:, 1:].mean(1).sum(dtype=torch.float64),
-                h[:, 0].abs().amax(-1).sum(dtype=torch.float64),
-                _median(h[:, 1:].abs().reshape(h.shape[0], -1)).sum(dtype=torch.float64),
-            ]))
+            self._add(
+                self.sums,
+                layer,
+                torch.stack(
+                    [
+                        rows,
+                        norms[:, 0].sum(dtype=torch.float64),
+                        norms[:, 1:].mean(1).sum(dtype=torch.float64),
+                        h[:, 0].abs().amax(-1).sum(dtype=torch.float64),
+                        _median(h[:, 1:].abs().reshape(h.shape[0], -1)).sum(dtype=torch.float64),
+                    ]
+                ),
+            )
             if "similarity" in self.measures:
                 u = _unit(h).sum(0, dtype=torch.float64)  # (T, D)
                 if layer in self.units:
@@ -252,8 +256,9 @@ def _median(x: torch.Tensor) -> torch.Tensor:
     return (lo.double() + hi.double()) / 2
 
 
-def measure(model, input_ids, *, batch_size: int = 16, key_positions: int = 4, run_rows=None,
-            measures=("outputs", "similarity")) -> dict[str, np.ndarray]:
+def measure(
+    model, input_ids, *, batch_size: int = 16, key_positions: int = 4, run_rows=None, measures=("outputs", "similarity")
+) -> dict[str, np.ndarray]:
     """Sink statistics of `model` on probe rows `input_ids` (rows, T). The model is loaded with the
     attn_implementation of its `attention_route`: "sinkstats", or "eager" for families outside the interface.
 
@@ -286,8 +291,11 @@ def measure(model, input_ids, *, batch_size: int = 16, key_positions: int = 4, r
     if problem:
         raise attention.UnsupportedAttention(problem)
     # rows move to the device one micro-batch at a time; a tensor already there is brought back (numpy cannot read it)
-    ids = input_ids.detach().to("cpu", torch.long) if torch.is_tensor(input_ids) else torch.as_tensor(
-        np.asarray(input_ids), dtype=torch.long)
+    ids = (
+        input_ids.detach().to("cpu", torch.long)
+        if torch.is_tensor(input_ids)
+        else torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
+    )
     if ids.ndim != 2 or ids.shape[0] < 1:
         raise ValueError(f"input_ids must be (rows, seq_len), got shape {tuple(ids.shape)}")
     n_rows, seq_len = ids.shape
@@ -355,9 +363,12 @@ def measure(model, input_ids, *, batch_size: int = 16, key_positions: int = 4, r
 
     missing = [i for i in range(n_layers) if i not in collector.layers]
     if missing:
-        how = ("returned no attention probabilities with output_attentions=True" if route == EAGER else
-               f"never called the {ATTENTION_NAME!r} attention function "
-               "(this architecture bypasses transformers' AttentionInterface)")
+        how = (
+            "returned no attention probabilities with output_attentions=True"
+            if route == EAGER
+            else f"never called the {ATTENTION_NAME!r} attention function "
+            "(this architecture bypasses transformers' AttentionInterface)"
+        )
         raise attention.UnsupportedAttention(f"model_type={arch!r}: layers {missing} {how}")
     wrong = {i: s.rows for i, s in collector.layers.items() if s.rows != n_rows}
     wrong.update({f"block {i}": int(s[0]) for i, s in hooks.sums.items() if int(s[0]) != n_rows})
@@ -387,8 +398,11 @@ def _extra_stats(hooks: _BlockHooks, n_layers: int, n_rows: int) -> dict[str, np
         for j, name in enumerate(("attn_out_norm_p0", "attn_out_norm", "mlp_out_norm_p0", "mlp_out_norm")):
             out[name] = s[:, j]
     if "similarity" in hooks.measures:
-        cos = np.stack([_pairwise_cosine(hooks.units[i], n_rows).cpu().numpy() for i in layers]) if n_rows > 1 else (
-            np.full((n_layers, 2), np.nan))  # (L, T); one row has no pairs
+        cos = (
+            np.stack([_pairwise_cosine(hooks.units[i], n_rows).cpu().numpy() for i in layers])
+            if n_rows > 1
+            else (np.full((n_layers, 2), np.nan))
+        )  # (L, T); one row has no pairs
         out["p0_similarity"] = cos[:, 0]
         out["rest_similarity"] = cos[:, 1:].mean(-1)
     if "mixing" in hooks.measures:

@@ -19,10 +19,21 @@ import torch
 
 # safetensors dtype names (safetensors/src/tensor.rs) -> torch
 DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 # one request brings the header of most checkpoints; a larger one costs a second request
 FIRST_READ = 1 << 16
@@ -45,7 +56,7 @@ class RangedSafetensors:
         (n,) = struct.unpack("<Q", head[:8])
         if n > size - 8:
             raise ValueError(f"header length {n} runs past the end of the file ({size} bytes)")
-        raw = head[8:8 + n] if 8 + n <= len(head) else self.fs.cat_file(self.path, start=8, end=8 + n)
+        raw = head[8 : 8 + n] if 8 + n <= len(head) else self.fs.cat_file(self.path, start=8, end=8 + n)
         try:
             header = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:

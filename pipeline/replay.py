@@ -47,11 +47,20 @@ DIMS = {
     "sensitivity": ("layer", "sink"),
 }
 # statistics stored only where the model has them or replay.measure asks for them
-OPTIONAL = frozenset({"learned_sink_mass", "attn_out_norm_p0", "attn_out_norm", "mlp_out_norm_p0", "mlp_out_norm",
-                      "p0_similarity", "rest_similarity", "collapse", "sensitivity"})
+OPTIONAL = frozenset(
+    {
+        "learned_sink_mass",
+        "attn_out_norm_p0",
+        "attn_out_norm",
+        "mlp_out_norm_p0",
+        "mlp_out_norm",
+        "p0_similarity",
+        "rest_similarity",
+        "collapse",
+        "sensitivity",
+    }
+)
 SINK_LABELS = ("kept", "removed")  # the `sink` coordinate of collapse and sensitivity
-
-
 
 
 @dataclass
@@ -120,8 +129,14 @@ def _replay_whole(ckpt, probe, settings, device, dtype, route, read_next, models
     from .load import load_model, read_ahead
 
     with times.phase("load"):
-        model = load_model(ckpt, device=device, dtype=dtype, trust_remote_code=settings.trust_remote_code,
-                           attn_implementation=route, models=models)
+        model = load_model(
+            ckpt,
+            device=device,
+            dtype=dtype,
+            trust_remote_code=settings.trust_remote_code,
+            attn_implementation=route,
+            models=models,
+        )
     if read_next is not None:
         read_ahead(read_next)
     with times.phase("measure"):
@@ -138,10 +153,15 @@ def _replay_layered(ckpt, probe, settings, device, dtype, route, read_next, time
 
     with contextlib.ExitStack() as stack:
         with times.phase("load"):  # not the measure phase inside it
-            model, run_rows = stack.enter_context(open_layered(
-                ckpt, device=device, dtype=dtype, trust_remote_code=settings.trust_remote_code,
-                attn_implementation=route,
-            ))
+            model, run_rows = stack.enter_context(
+                open_layered(
+                    ckpt,
+                    device=device,
+                    dtype=dtype,
+                    trust_remote_code=settings.trust_remote_code,
+                    attn_implementation=route,
+                )
+            )
         if read_next is not None:
             read_ahead(read_next)
         with times.phase("measure"):
@@ -157,10 +177,17 @@ def _measure(ckpt, model, probe, settings, run_rows=None):
     if int(probe.tokens.max()) >= vocab:
         raise CheckpointError(
             ckpt.path,
-            f"probe {probe.name!r} holds token id {int(probe.tokens.max())}, outside this model's vocabulary of {vocab}",
+            f"probe {probe.name!r} holds token id {int(probe.tokens.max())}, "
+            f"outside this model's vocabulary of {vocab}",
         )
-    return measure(model, probe.tokens, batch_size=settings.batch_size, key_positions=settings.key_positions,
-                   run_rows=run_rows, measures=[m for m in settings.measure if m != "loss"])
+    return measure(
+        model,
+        probe.tokens,
+        batch_size=settings.batch_size,
+        key_positions=settings.key_positions,
+        run_rows=run_rows,
+        measures=[m for m in settings.measure if m != "loss"],
+    )
 
 
 def to_dataset(stats: dict[str, np.ndarray], config, seq_len: int, weights_digest: str | None = None) -> xr.Dataset:
@@ -171,7 +198,9 @@ def to_dataset(stats: dict[str, np.ndarray], config, seq_len: int, weights_diges
     missing = [name for name in DIMS if name not in stats and name not in OPTIONAL]
     if missing:
         raise RuntimeError(f"the measurement returned no {', '.join(missing)}")
-    data_vars = {name: (DIMS[name], np.asarray(value, dtype=np.float64)) for name, value in stats.items() if name in DIMS}
+    data_vars = {
+        name: (DIMS[name], np.asarray(value, dtype=np.float64)) for name, value in stats.items() if name in DIMS
+    }
     n_layer, n_head = data_vars["sink_mass"][1].shape
     edges = np.asarray(qbin_edges(seq_len))
     n_qbin = data_vars["sink_mass_by_q"][1].shape[-1]
@@ -191,6 +220,9 @@ def to_dataset(stats: dict[str, np.ndarray], config, seq_len: int, weights_diges
     if weights_digest is not None:
         coords["weights_digest"] = weights_digest
     config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    attrs = {"architecture": config_dict.get("model_type", "unknown"),
-             "config_fingerprint": config_fingerprint(config_dict), "attention_route": attention_route(config)}
+    attrs = {
+        "architecture": config_dict.get("model_type", "unknown"),
+        "config_fingerprint": config_fingerprint(config_dict),
+        "attention_route": attention_route(config),
+    }
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)

@@ -28,9 +28,22 @@ DPI = 120
 MAX_LEGEND_LAYERS = 10
 # Variables the figures read; loading only these keeps the report quick on wide cubes.
 # (status, error, tokens_seen and loss are step coordinates and come along.)
-_NEEDED = ("sink_mass", "sink_mass_by_q", "resid_norm_p0", "resid_norm", "resid_max_p0", "resid_median",
-           "attn_out_norm_p0", "attn_out_norm", "mlp_out_norm_p0", "mlp_out_norm", "p0_similarity",
-           "rest_similarity", "collapse", "sensitivity")
+_NEEDED = (
+    "sink_mass",
+    "sink_mass_by_q",
+    "resid_norm_p0",
+    "resid_norm",
+    "resid_max_p0",
+    "resid_median",
+    "attn_out_norm_p0",
+    "attn_out_norm",
+    "mlp_out_norm_p0",
+    "mlp_out_norm",
+    "p0_similarity",
+    "rest_similarity",
+    "collapse",
+    "sensitivity",
+)
 
 
 def default_out_dir(store_path: str | Path) -> Path:
@@ -71,13 +84,13 @@ class GroupNumbers:
     eps: float
     tol: float
     window: int
-    steps: np.ndarray                 # done steps
+    steps: np.ndarray  # done steps
     first_step: int | None
     last_step: int | None
-    first_mass: np.ndarray            # per layer, head mean
+    first_mass: np.ndarray  # per layer, head mean
     last_mass: np.ndarray
-    first_crossing: np.ndarray        # per layer
-    emergence: np.ndarray             # per layer
+    first_crossing: np.ndarray  # per layer
+    emergence: np.ndarray  # per layer
     rate_last: float
     rate_last_gu: float
     convergence: float
@@ -100,7 +113,10 @@ def group_numbers(ds: xr.Dataset, eps: float = 0.3, *, tol: float = 0.05, window
     except KeyError:  # no probe length in the attrs: Gu's score cannot be formed
         rate_gu = math.nan
     return GroupNumbers(
-        eps=eps, tol=tol, window=window, steps=steps,
+        eps=eps,
+        tol=tol,
+        window=window,
+        steps=steps,
         first_step=int(steps[0]) if has else None,
         last_step=int(steps[-1]) if has else None,
         first_mass=layer_mass.isel(step=0).values if has else empty,
@@ -123,22 +139,27 @@ def summary_table(ds: xr.Dataset, eps: float = 0.3) -> str:
     counts = ", ".join(f"{v} {k}" for k, v in n.counts.items())
     if n.first_step is None:
         return f"no done steps yet ({counts})"
-    header = ["layer", f"mass @ {n.first_step}", f"mass @ {n.last_step}",
-              f"first > {eps:g}", f"stays > {eps:g} from"]
-    rows = [[str(layer), _fmt_mass(a), _fmt_mass(b), _fmt_step(c), _fmt_step(e)]
-            for layer, a, b, c, e in zip(ds["layer"].values, n.first_mass, n.last_mass,
-                                         n.first_crossing, n.emergence)]
+    header = ["layer", f"mass @ {n.first_step}", f"mass @ {n.last_step}", f"first > {eps:g}", f"stays > {eps:g} from"]
+    rows = [
+        [str(layer), _fmt_mass(a), _fmt_mass(b), _fmt_step(c), _fmt_step(e)]
+        for layer, a, b, c, e in zip(ds["layer"].values, n.first_mass, n.last_mass, n.first_crossing, n.emergence)
+    ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in [header, *rows]]
-    lines.append(f"sink mass: head mean of attention on token 0; steps: {counts}; "
-                 f"sink rate at step {n.last_step}: {_fmt_share(n.rate_last)} of heads > {eps:g}")
+    lines.append(
+        f"sink mass: head mean of attention on token 0; steps: {counts}; "
+        f"sink rate at step {n.last_step}: {_fmt_share(n.rate_last)} of heads > {eps:g}"
+    )
     return "\n".join(lines)
 
 
 def same_weights_lines(ds: xr.Dataset) -> list[str]:
     """One line per group of steps that hold identical weights (``analysis.same_weights``)."""
-    return [f"steps {', '.join(str(s) for s in steps)} hold identical weights (the same weights_digest): "
-            "one checkpoint under several step names" for steps in an.same_weights(ds)]
+    return [
+        f"steps {', '.join(str(s) for s in steps)} hold identical weights (the same weights_digest): "
+        "one checkpoint under several step names"
+        for steps in an.same_weights(ds)
+    ]
 
 
 # ---------------------------------------------------------------------------
@@ -172,9 +193,18 @@ def _mark_not_done(ax, ds: xr.Dataset, done_steps: np.ndarray) -> None:
     """Small grey crosses on the step axis where a checkpoint failed or is pending."""
     missing = np.setdiff1d(ds["step"].values, done_steps)
     if missing.size:
-        ax.plot(missing, np.zeros(missing.size), ls="none", marker="x", color="0.45", markersize=7,
-                clip_on=False, zorder=5, transform=ax.get_xaxis_transform(),
-                label=f"failed or pending ({missing.size})")
+        ax.plot(
+            missing,
+            np.zeros(missing.size),
+            ls="none",
+            marker="x",
+            color="0.45",
+            markersize=7,
+            clip_on=False,
+            zorder=5,
+            transform=ax.get_xaxis_transform(),
+            label=f"failed or pending ({missing.size})",
+        )
 
 
 def _marker_size(n_steps: int) -> float:
@@ -239,13 +269,26 @@ def fig_heatmap(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Path
     n_layers = ds.sizes["layer"]
     fig, ax = _new_figure(figsize=(9, max(3.0, 1.2 + 0.35 * n_layers)))
     cmap = matplotlib.colormaps["magma"].with_extremes(bad="#d9d9d9")
-    mesh = ax.pcolormesh(_step_edges(steps), np.arange(n_layers + 1) - 0.5,
-                         np.ma.masked_invalid(mass.transpose("layer", "step").values),
-                         cmap=cmap, vmin=0.0, vmax=1.0, shading="flat")
+    mesh = ax.pcolormesh(
+        _step_edges(steps),
+        np.arange(n_layers + 1) - 0.5,
+        np.ma.masked_invalid(mass.transpose("layer", "step").values),
+        cmap=cmap,
+        vmin=0.0,
+        vmax=1.0,
+        shading="flat",
+    )
     emerged = np.isfinite(n.emergence)
     if emerged.any():
-        ax.scatter(n.emergence[emerged], np.arange(n_layers)[emerged], marker="D", s=40,
-                   facecolor="white", edgecolor="black", zorder=3)
+        ax.scatter(
+            n.emergence[emerged],
+            np.arange(n_layers)[emerged],
+            marker="D",
+            s=40,
+            facecolor="white",
+            edgecolor="black",
+            zorder=3,
+        )
     cb = fig.colorbar(mesh, ax=ax, pad=0.02)
     cb.set_label(SINK_LABEL)
     _step_axis(ax)
@@ -270,21 +313,50 @@ def fig_emergence(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Pa
         emerge = n.emergence[i]
         when = f"stays > {n.eps:g} from {emerge:,.0f}" if np.isfinite(emerge) else f"not > {n.eps:g} at the end"
         y = mass.sel(layer=layer)
-        ax.plot(mass.step, y, color=colors[i], marker="o", markersize=_marker_size(n.steps.size), lw=1.6,
-                label=f"layer {layer}: {when}")
+        ax.plot(
+            mass.step,
+            y,
+            color=colors[i],
+            marker="o",
+            markersize=_marker_size(n.steps.size),
+            lw=1.6,
+            label=f"layer {layer}: {when}",
+        )
         if np.isfinite(emerge):
-            ax.plot([emerge], [float(y.sel(step=emerge))], marker="D", markersize=8,
-                    color=colors[i], markeredgecolor="black", zorder=4)
+            ax.plot(
+                [emerge],
+                [float(y.sel(step=emerge))],
+                marker="D",
+                markersize=8,
+                color=colors[i],
+                markeredgecolor="black",
+                zorder=4,
+            )
     ax.axhline(n.eps, color="0.4", ls="--", lw=1)
-    ax.annotate(f"eps = {n.eps:g}", xy=(1.0, n.eps), xycoords=("axes fraction", "data"),
-                xytext=(-4, 3), textcoords="offset points", ha="right", fontsize=8, color="0.3")
+    ax.annotate(
+        f"eps = {n.eps:g}",
+        xy=(1.0, n.eps),
+        xycoords=("axes fraction", "data"),
+        xytext=(-4, 3),
+        textcoords="offset points",
+        ha="right",
+        fontsize=8,
+        color="0.3",
+    )
     if np.isfinite(n.convergence):
         ax.axvline(n.convergence, color="0.5", ls=":", lw=1.2)
         right_half = n.convergence > (n.steps[0] + n.steps[-1]) / 2
-        ax.annotate(f"layer profile settled\n(change < {n.tol:g} over {n.window} checkpoints)",
-                    xy=(n.convergence, 1.0), xycoords=("data", "axes fraction"),
-                    xytext=(-4 if right_half else 4, -4), textcoords="offset points", va="top",
-                    ha="right" if right_half else "left", fontsize=8, color="0.3")
+        ax.annotate(
+            f"layer profile settled\n(change < {n.tol:g} over {n.window} checkpoints)",
+            xy=(n.convergence, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(-4 if right_half else 4, -4),
+            textcoords="offset points",
+            va="top",
+            ha="right" if right_half else "left",
+            fontsize=8,
+            color="0.3",
+        )
     _mark_not_done(ax, ds, n.steps)
     ax.set_ylim(0, 1.02)
     ax.set_ylabel(SINK_LABEL)
@@ -300,12 +372,10 @@ def fig_heads(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Path:
     last = an.sink_score(ds).isel(step=-1).transpose("layer", "head").values
     n_layers, n_heads = last.shape
     fig, ax = _new_figure(figsize=(min(12, 2.5 + 0.55 * n_heads), min(10, 1.5 + 0.45 * n_layers)))
-    im = ax.imshow(last, origin="lower", aspect="auto", cmap="magma", vmin=0, vmax=1,
-                   interpolation="nearest")
+    im = ax.imshow(last, origin="lower", aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest")
     if last.size <= 256:  # values stay legible up to about a 16 x 16 grid
         for (li, hi), v in np.ndenumerate(last):
-            ax.text(hi, li, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                    color="black" if v > 0.6 else "white")
+            ax.text(hi, li, f"{v:.2f}", ha="center", va="center", fontsize=7, color="black" if v > 0.6 else "white")
     cb = fig.colorbar(im, ax=ax, pad=0.02)
     cb.set_label(SINK_LABEL)
     ax.set_xlabel("query head")
@@ -340,8 +410,7 @@ def fig_by_query(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Pat
     ax.set_ylabel(SINK_LABEL)
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.25)
-    ax.set_title(f"{title}: sink mass by query position at step {n.last_step:,} (mean over heads)",
-                 fontsize=10)
+    ax.set_title(f"{title}: sink mass by query position at step {n.last_step:,} (mean over heads)", fontsize=10)
     _layer_key(fig, ax, n_layers, cmap, norm)
     return _save(fig, path)
 
@@ -361,8 +430,14 @@ def fig_overview(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Pat
     ms = _marker_size(n.steps.size)
     ax.plot(rate.step, 100 * rate, marker="o", markersize=ms, label="sink_mass as stored")
     if rate_gu is not None:
-        ax.plot(rate_gu.step, 100 * rate_gu, marker="s", markersize=ms, ls="--",
-                label=f"Gu et al. score (T={an.probe_length(ds)})")
+        ax.plot(
+            rate_gu.step,
+            100 * rate_gu,
+            marker="s",
+            markersize=ms,
+            ls="--",
+            label=f"Gu et al. score (T={an.probe_length(ds)})",
+        )
     ax.set_ylabel(f"sink rate\n(% heads > {n.eps:g})")
     ax.set_ylim(-2, 102)
     ax.legend(fontsize=8, frameon=False, loc="upper left")
@@ -372,12 +447,18 @@ def fig_overview(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Pat
     ax.set_ylim(-0.5, n_layers - 0.5)
     _layer_ticks(ax, n_layers)
     if onset.isnull().any():
-        ax.text(0.01, 0.95, f"steps without a point: no layer above {n.eps:g}",
-                transform=ax.transAxes, va="top", fontsize=8, color="0.4")
+        ax.text(
+            0.01,
+            0.95,
+            f"steps without a point: no layer above {n.eps:g}",
+            transform=ax.transAxes,
+            va="top",
+            fontsize=8,
+            color="0.4",
+        )
     ax = axes[2]
     ax.plot(share.step, share, marker="o", markersize=_marker_size(n.steps.size), label="early share")
-    ax.axhline(min(2, n_layers) / n_layers, color="0.5", ls="--", lw=1,
-               label="same mass in every layer (2 / layers)")
+    ax.axhline(min(2, n_layers) / n_layers, color="0.5", ls="--", lw=1, label="same mass in every layer (2 / layers)")
     ax.legend(fontsize=8, frameon=False, loc="best")
     _mark_not_done(ax, ds, n.steps)
     ax.set_ylabel("share of sink mass\nin layers 0–1")
@@ -387,8 +468,11 @@ def fig_overview(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Pat
         ax.grid(alpha=0.25)
         if np.isfinite(n.convergence):
             ax.axvline(n.convergence, color="0.5", ls=":", lw=1.2)
-    settled = (f"; dotted line: profile settled at step {n.convergence:,.0f}"
-               if np.isfinite(n.convergence) else "; the layer profile has not settled")
+    settled = (
+        f"; dotted line: profile settled at step {n.convergence:,.0f}"
+        if np.isfinite(n.convergence)
+        else "; the layer profile has not settled"
+    )
     axes[0].set_title(f"{title}: sink over training{settled}", fontsize=10)
     fig.align_ylabels(axes)
     return _save(fig, path)
@@ -399,14 +483,21 @@ def fig_massive(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Path
     n_layers = ds.sizes["layer"]
     colors, cmap, norm = _layer_colors(n_layers)
     fig, axes = _new_figure(1, 2, figsize=(11, 4.2), sharex=True)
-    specs = [("norm", "‖h₀‖ / mean ‖hₜ‖ (L2 norms)", "token-0 norm ratio"),
-             ("max_median", "max |h₀| / median |hₜ| (Sun et al.)", "top / median activation")]
+    specs = [
+        ("norm", "‖h₀‖ / mean ‖hₜ‖ (L2 norms)", "token-0 norm ratio"),
+        ("max_median", "max |h₀| / median |hₜ| (Sun et al.)", "top / median activation"),
+    ]
     for ax, (kind, ylabel, name) in zip(axes, specs):
         ratio = an.massive_activation_ratio(ds, kind)
         for i, layer in enumerate(ds["layer"].values):
-            ax.plot(ratio.step, ratio.sel(layer=layer), color=colors[i], marker="o",
-                    markersize=_marker_size(n.steps.size),
-                    label=f"layer {layer}")
+            ax.plot(
+                ratio.step,
+                ratio.sel(layer=layer),
+                color=colors[i],
+                marker="o",
+                markersize=_marker_size(n.steps.size),
+                label=f"layer {layer}",
+            )
         positive = ratio.where(ratio > 0)
         # Log scale once the ratios span a decade; below that it would leave hardly a tick label.
         if positive.count() and float(positive.max()) / float(positive.min()) >= 10:
@@ -416,8 +507,7 @@ def fig_massive(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Path
         _step_axis(ax)
         ax.grid(alpha=0.25, which="both")
     _layer_key(fig, axes[1], n_layers, cmap, norm)
-    fig.suptitle(f"{title}: massive activations at position 0 (residual stream after each block)",
-                 fontsize=10)
+    fig.suptitle(f"{title}: massive activations at position 0 (residual stream after each block)", fontsize=10)
     return _save(fig, path)
 
 
@@ -429,8 +519,11 @@ def fig_circuit(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Path
     axes[0].plot(writer.step, writer, marker="o", markersize=_marker_size(n.steps.size), drawstyle="steps-post")
     axes[0].set_ylim(-0.25, ds.sizes["layer"] - 0.25)
     axes[0].set_ylabel("writer: layer (+0.5 = MLP)")
-    axes[0].set_title(f"first sublayer writing position 0 > {writer.attrs['ratio']:g}x the rest "
-                      f"(settles at {_fmt_step(float(an.writer_settle_step(ds)))})", fontsize=9)
+    axes[0].set_title(
+        f"first sublayer writing position 0 > {writer.attrs['ratio']:g}x the rest "
+        f"(settles at {_fmt_step(float(an.writer_settle_step(ds)))})",
+        fontsize=9,
+    )
     share = an.circuit_share(ds)
     axes[1].plot(share.step, share, marker="o", markersize=_marker_size(n.steps.size), color="C1")
     axes[1].set_ylim(-0.05, 1.05)
@@ -459,13 +552,21 @@ def fig_recognition(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> 
     fig, ax = _new_figure(figsize=(8, 4.2))
     d = an.done(ds)
     for i, layer in enumerate(ds["layer"].values):
-        ax.plot(d.step, d["p0_similarity"].sel(layer=layer), color=colors[i], marker="o",
-                markersize=_marker_size(n.steps.size))
+        ax.plot(
+            d.step,
+            d["p0_similarity"].sel(layer=layer),
+            color=colors[i],
+            marker="o",
+            markersize=_marker_size(n.steps.size),
+        )
         ax.plot(d.step, d["rest_similarity"].sel(layer=layer), color=colors[i], linestyle="--")
     ax.set_ylabel("mean pairwise cosine across rows")
     random = ds.attrs.get("probe_first_token") == "random"
-    ax.set_title("position 0 (solid) and later positions (dashed)" + (
-        "" if random else ": one first token in every row, so position 0 is 1 by construction"), fontsize=9)
+    ax.set_title(
+        "position 0 (solid) and later positions (dashed)"
+        + ("" if random else ": one first token in every row, so position 0 is 1 by construction"),
+        fontsize=9,
+    )
     _step_axis(ax)
     ax.grid(alpha=0.25)
     _layer_key(fig, ax, n_layers, cmap, norm)
@@ -481,8 +582,13 @@ def fig_mixing(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Path:
     fig, axes = _new_figure(1, 2, figsize=(11, 4.2), sharex=True)
     for ax, name in zip(axes, ("collapse", "sensitivity")):
         for i, layer in enumerate(ds["layer"].values):
-            ax.plot(effect.step, effect[name].sel(layer=layer), color=colors[i], marker="o",
-                    markersize=_marker_size(n.steps.size))
+            ax.plot(
+                effect.step,
+                effect[name].sel(layer=layer),
+                color=colors[i],
+                marker="o",
+                markersize=_marker_size(n.steps.size),
+            )
         ax.axhline(1.0, color="0.5", linewidth=0.8)
         ax.set_ylabel(f"{name}: sink removed / kept")
         _step_axis(ax)
@@ -504,12 +610,12 @@ def fig_first_token(fixed: xr.Dataset, random: xr.Dataset, index: xr.DataArray, 
     fig, (ax0, ax1) = _new_figure(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [1, 1.4]})
     w = 0.4
     fname, rname = index.attrs["fixed_group"], index.attrs["random_group"]
-    ax0.bar(layers - w / 2, m_f, w, label=f"first token {fixed.attrs.get('probe_first_token')} ({fname})",
-            color="#3b528b")
+    ax0.bar(
+        layers - w / 2, m_f, w, label=f"first token {fixed.attrs.get('probe_first_token')} ({fname})", color="#3b528b"
+    )
     ax0.bar(layers + w / 2, m_r, w, label=f"random first token ({rname})", color="#f89540")
     if index.attrs["baseline"] > 0:
-        ax0.axhline(index.attrs["baseline"], color="0.4", ls="--", lw=1,
-                    label="uniform attention (no sink)")
+        ax0.axhline(index.attrs["baseline"], color="0.4", ls="--", lw=1, label="uniform attention (no sink)")
     ax0.set_ylim(0, 1.02)
     ax0.set_xlabel("layer")
     _layer_ticks(ax0, n_layers, axis="x")
@@ -517,9 +623,14 @@ def fig_first_token(fixed: xr.Dataset, random: xr.Dataset, index: xr.DataArray, 
     ax0.set_title(f"sink mass at step {last:,}", fontsize=9)
     ax0.legend(fontsize=7, frameon=False, loc="upper right")
     for i, layer in enumerate(layers):
-        ax1.plot(index.step, index.sel(layer=layer), color=colors[i], marker="o",
-                 markersize=_marker_size(index.sizes["step"]),
-                 label=f"layer {layer}")
+        ax1.plot(
+            index.step,
+            index.sel(layer=layer),
+            color=colors[i],
+            marker="o",
+            markersize=_marker_size(index.sizes["step"]),
+            label=f"layer {layer}",
+        )
     # Keep the whole run on the axis: early steps without a sink are gaps, not cropped away.
     all_steps = np.union1d(fixed["step"].values, random["step"].values)
     pad = 0.03 * max(all_steps[-1] - all_steps[0], 1)
@@ -528,8 +639,9 @@ def fig_first_token(fixed: xr.Dataset, random: xr.Dataset, index: xr.DataArray, 
     ax1.set_ylabel("positional index\n1 = tied to position 0, 0 = to the token")
     _step_axis(ax1)
     ax1.grid(alpha=0.25)
-    ax1.set_title("share of the sink (above uniform) kept with a random first token; "
-                  "gaps: no sink to compare", fontsize=9)
+    ax1.set_title(
+        "share of the sink (above uniform) kept with a random first token; gaps: no sink to compare", fontsize=9
+    )
     _layer_key(fig, ax1, n_layers, cmap, norm)
     fig.suptitle("First-token comparison: is the sink tied to position 0 or to the token?", fontsize=10)
     return _save(fig, path)
@@ -551,15 +663,24 @@ figcaption { font-size: 0.85em; color: #555; } .note { color: #555; font-size: 0
 
 def _table(header: list[str], rows: list[list[str]], left: int = 0) -> str:
     def cells(tag, row):
-        return "".join(f"<{tag}{' class=l' if i < left else ''}>{html.escape(str(c))}</{tag}>"
-                       for i, c in enumerate(row))
-    return ("<table><tr>" + cells("th", header) + "</tr>"
-            + "".join("<tr>" + cells("td", r) + "</tr>" for r in rows) + "</table>")
+        return "".join(
+            f"<{tag}{' class=l' if i < left else ''}>{html.escape(str(c))}</{tag}>" for i, c in enumerate(row)
+        )
+
+    return (
+        "<table><tr>"
+        + cells("th", header)
+        + "</tr>"
+        + "".join("<tr>" + cells("td", r) + "</tr>" for r in rows)
+        + "</table>"
+    )
 
 
 def _html_figure(src: str, caption: str) -> str:
-    return (f'<figure><img src="{html.escape(src)}" alt="{html.escape(caption)}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return (
+        f'<figure><img src="{html.escape(src)}" alt="{html.escape(caption)}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
 
 
 def _safe_name(name: str) -> str:
@@ -570,67 +691,114 @@ def _group_section(name: str, ds: xr.Dataset, out: Path, eps: float, tol: float,
     prefix = _safe_name(name)
     n = group_numbers(ds, eps, tol=tol, window=window)
     probe = {k: v for k, v in ds.attrs.items() if k.startswith("probe_") or k in ("architecture", "attention_route")}
-    parts = [f"<h2>Probe group <code>{html.escape(name)}</code></h2>",
-             _table(["attribute", "value"], [[k, v] for k, v in probe.items()], left=2),
-             "<p class=note>Steps: " + html.escape(", ".join(f"{v} {k}" for k, v in n.counts.items()))
-             + ". Only done steps enter the numbers and curves.</p>"]
+    parts = [
+        f"<h2>Probe group <code>{html.escape(name)}</code></h2>",
+        _table(["attribute", "value"], [[k, v] for k, v in probe.items()], left=2),
+        "<p class=note>Steps: "
+        + html.escape(", ".join(f"{v} {k}" for k, v in n.counts.items()))
+        + ". Only done steps enter the numbers and curves.</p>",
+    ]
     if "error" in ds.variables and n.counts.get("failed"):
         status = [str(s) for s in ds["status"].values.tolist()]
-        errors = [[int(s), str(e)] for s, st, e in zip(ds["step"].values, status, ds["error"].values.tolist())
-                  if st == "failed"]
-        parts.append("<details><summary>failed steps</summary>"
-                     + _table(["step", "error"], errors) + "</details>")
+        errors = [
+            [int(s), str(e)]
+            for s, st, e in zip(ds["step"].values, status, ds["error"].values.tolist())
+            if st == "failed"
+        ]
+        parts.append("<details><summary>failed steps</summary>" + _table(["step", "error"], errors) + "</details>")
     parts.extend(f"<p class=warn>Warning: {html.escape(line)}.</p>" for line in same_weights_lines(ds))
     if n.first_step is None:
         parts.append("<p>No done steps yet: nothing to plot.</p>")
         return "\n".join(parts)
 
-    layer_rows = [[str(layer), _fmt_mass(a), _fmt_mass(b), _fmt_step(c), _fmt_step(e)]
-                  for layer, a, b, c, e in zip(ds["layer"].values, n.first_mass, n.last_mass,
-                                               n.first_crossing, n.emergence)]
-    parts.append(_table(["layer", f"sink mass at step {n.first_step}", f"sink mass at step {n.last_step}",
-                         f"first step > {eps:g}", f"emergence step (stays > {eps:g})"], layer_rows))
+    layer_rows = [
+        [str(layer), _fmt_mass(a), _fmt_mass(b), _fmt_step(c), _fmt_step(e)]
+        for layer, a, b, c, e in zip(ds["layer"].values, n.first_mass, n.last_mass, n.first_crossing, n.emergence)
+    ]
+    parts.append(
+        _table(
+            [
+                "layer",
+                f"sink mass at step {n.first_step}",
+                f"sink mass at step {n.last_step}",
+                f"first step > {eps:g}",
+                f"emergence step (stays > {eps:g})",
+            ],
+            layer_rows,
+        )
+    )
     scalars = [
         [f"sink rate at step {n.last_step} (share of heads with sink_mass > {eps:g})", _fmt_share(n.rate_last)],
         [f"sink rate at step {n.last_step}, Gu et al. score (1 + (T-1)·m)/T > {eps:g}", _fmt_share(n.rate_last_gu)],
-        [f"convergence step (every {window} consecutive checkpoints change each layer by < {tol:g})",
-         _fmt_step(n.convergence)],
+        [
+            f"convergence step (every {window} consecutive checkpoints change each layer by < {tol:g})",
+            _fmt_step(n.convergence),
+        ],
         [f"onset layer at step {n.last_step} (first layer with mean > {eps:g})", _fmt_step(n.onset_last)],
         [f"early share at step {n.last_step} (sink mass in layers 0–1)", _fmt_share(n.early_last)],
     ]
     parts.append(_table(["quantity", "value"], scalars, left=1))
-    parts.append("<p class=note>Sink mass: attention on key 0 averaged over probe rows and queries "
-                 "1..T-1, then over heads. Emergence step: first done step from which the layer stays "
-                 "above eps at every later done step (— where it is not above eps at the last one).</p>")
+    parts.append(
+        "<p class=note>Sink mass: attention on key 0 averaged over probe rows and queries "
+        "1..T-1, then over heads. Emergence step: first done step from which the layer stays "
+        "above eps at every later done step (— where it is not above eps at the last one).</p>"
+    )
 
     title = name
     # (figure, file, caption, the variables it reads): a cube without some variable skips that figure.
     figures = [
-        (fig_heatmap, "sink_mass_heatmap.png",
-         "Sink mass per layer and step (mean over heads). Cells sit at the real checkpoint steps; "
-         "diamonds mark emergence steps; grey columns are failed or pending steps.", ()),
-        (fig_emergence, "emergence_curves.png",
-         f"Per-layer sink mass over training with eps = {eps:g} (dashed) and each layer's "
-         "emergence step (diamond).", ()),
+        (
+            fig_heatmap,
+            "sink_mass_heatmap.png",
+            "Sink mass per layer and step (mean over heads). Cells sit at the real checkpoint steps; "
+            "diamonds mark emergence steps; grey columns are failed or pending steps.",
+            (),
+        ),
+        (
+            fig_emergence,
+            "emergence_curves.png",
+            f"Per-layer sink mass over training with eps = {eps:g} (dashed) and each layer's emergence step (diamond).",
+            (),
+        ),
         (fig_heads, "heads_last_step.png", f"Sink mass of every head at step {n.last_step}.", ()),
-        (fig_by_query, "sink_by_query.png",
-         f"Sink mass by query position at step {n.last_step}: does the sink grow with context?",
-         ("sink_mass_by_q",)),
-        (fig_overview, "training_overview.png",
-         "Sink rate, onset layer and the share of sink mass in the first two layers over training.", ()),
-        (fig_massive, "massive_activations.png",
-         "Residual-stream norm at position 0 relative to other positions, and Sun et al.'s max/median ratio.",
-         ("resid_norm_p0", "resid_norm", "resid_max_p0", "resid_median")),
-        (fig_circuit, "p0_circuit.png",
-         "The P0 circuit: the first sublayer whose output at position 0 is more than 3x its mean elsewhere, and "
-         "the share of that excess writing done in layers 0-1, beside the training loss.",
-         ("attn_out_norm_p0", "attn_out_norm", "mlp_out_norm_p0", "mlp_out_norm")),
-        (fig_recognition, "p0_recognition.png",
-         "Cosine similarity of the residual stream across probe rows at position 0 and at later positions; "
-         "with a random first token, 1 at position 0 means it is recognised without its content.",
-         ("p0_similarity", "rest_similarity")),
-        (fig_mixing, "mixing.png",
-         "Collapse and sensitivity with the sink removed, over the model as it is.", ("collapse", "sensitivity")),
+        (
+            fig_by_query,
+            "sink_by_query.png",
+            f"Sink mass by query position at step {n.last_step}: does the sink grow with context?",
+            ("sink_mass_by_q",),
+        ),
+        (
+            fig_overview,
+            "training_overview.png",
+            "Sink rate, onset layer and the share of sink mass in the first two layers over training.",
+            (),
+        ),
+        (
+            fig_massive,
+            "massive_activations.png",
+            "Residual-stream norm at position 0 relative to other positions, and Sun et al.'s max/median ratio.",
+            ("resid_norm_p0", "resid_norm", "resid_max_p0", "resid_median"),
+        ),
+        (
+            fig_circuit,
+            "p0_circuit.png",
+            "The P0 circuit: the first sublayer whose output at position 0 is more than 3x its mean elsewhere, and "
+            "the share of that excess writing done in layers 0-1, beside the training loss.",
+            ("attn_out_norm_p0", "attn_out_norm", "mlp_out_norm_p0", "mlp_out_norm"),
+        ),
+        (
+            fig_recognition,
+            "p0_recognition.png",
+            "Cosine similarity of the residual stream across probe rows at position 0 and at later positions; "
+            "with a random first token, 1 at position 0 means it is recognised without its content.",
+            ("p0_similarity", "rest_similarity"),
+        ),
+        (
+            fig_mixing,
+            "mixing.png",
+            "Collapse and sensitivity with the sink removed, over the model as it is.",
+            ("collapse", "sensitivity"),
+        ),
     ]
     for fn, file, caption, needs in figures:
         missing = [v for v in needs if v not in ds.variables]
@@ -643,8 +811,9 @@ def _group_section(name: str, ds: xr.Dataset, out: Path, eps: float, tol: float,
     return "\n".join(parts)
 
 
-def write_report(store_path: str, out_dir: str | None = None, *, eps: float = 0.3,
-                 tol: float = 0.05, window: int = 3) -> Path:
+def write_report(
+    store_path: str, out_dir: str | None = None, *, eps: float = 0.3, tol: float = 0.05, window: int = 3
+) -> Path:
     """Write figures and ``index.html`` for every probe group of a store; return the page's path.
 
     ``out_dir`` defaults to ``<store>.report`` beside the store. Each group gets its
@@ -655,10 +824,14 @@ def write_report(store_path: str, out_dir: str | None = None, *, eps: float = 0.
     """
     out = Path(out_dir) if out_dir is not None else default_out_dir(store_path)
     out.mkdir(parents=True, exist_ok=True)
-    groups = {name: ds[[v for v in _NEEDED if v in ds.data_vars]].load()
-              for name, ds in an.probe_groups(open_sinks(store_path)).items()}
-    parts = [f"<h1>sinktrace report</h1><p class=note>Store: <code>{html.escape(str(store_path))}</code>; "
-             f"eps = {eps:g}; {len(groups)} probe group{'s' if len(groups) != 1 else ''}.</p>"]
+    groups = {
+        name: ds[[v for v in _NEEDED if v in ds.data_vars]].load()
+        for name, ds in an.probe_groups(open_sinks(store_path)).items()
+    }
+    parts = [
+        f"<h1>sinktrace report</h1><p class=note>Store: <code>{html.escape(str(store_path))}</code>; "
+        f"eps = {eps:g}; {len(groups)} probe group{'s' if len(groups) != 1 else ''}.</p>"
+    ]
     if not groups:
         parts.append("<p>The store holds no probe groups yet.</p>")
     pair = an.first_token_pair(groups)
@@ -667,17 +840,18 @@ def write_report(store_path: str, out_dir: str | None = None, *, eps: float = 0.
     for name, ds in groups.items():
         parts.append(_group_section(name, ds, out, eps, tol, window))
     page = out / "index.html"
-    page.write_text("<!doctype html><html><head><meta charset=utf-8><title>sinktrace report</title>"
-                    f"<style>{_CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n",
-                    encoding="utf-8")
+    page.write_text(
+        "<!doctype html><html><head><meta charset=utf-8><title>sinktrace report</title>"
+        f"<style>{_CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n",
+        encoding="utf-8",
+    )
     return page
 
 
 def _first_token_section(groups: dict, pair: tuple[str, str], out: Path) -> str:
     fixed_name, random_name = pair
     index = an.positional_index(groups, fixed=fixed_name, random=random_name)
-    head = (f"<h2>First token: <code>{html.escape(fixed_name)}</code> vs "
-            f"<code>{html.escape(random_name)}</code></h2>")
+    head = f"<h2>First token: <code>{html.escape(fixed_name)}</code> vs <code>{html.escape(random_name)}</code></h2>"
     if index.sizes["step"] == 0:
         return head + "<p>No step is done in both groups yet.</p>"
     last = int(index.step.values[-1])
@@ -685,13 +859,26 @@ def _first_token_section(groups: dict, pair: tuple[str, str], out: Path) -> str:
     fig_first_token(groups[fixed_name], groups[random_name], index, out / file)
     m_f = an.layer_sink_mass(groups[fixed_name]).sel(step=last).values
     m_r = an.layer_sink_mass(groups[random_name]).sel(step=last).values
-    rows = [[str(layer), _fmt_mass(a), _fmt_mass(b), _fmt_mass(p)]
-            for layer, a, b, p in zip(index.layer.values, m_f, m_r, index.isel(step=-1).values)]
-    return (head + _table(["layer", f"sink mass, fixed first token (step {last})",
-                           f"sink mass, random first token (step {last})", "positional index"], rows)
-            + "<p class=note>Positional index = clip((m_random − u) / (m_fixed − u), 0, 1), "
-            f"u = {index.attrs['baseline']:.3f} the sink mass of uniform attention at this probe length: "
-            "1 = the sink is tied to position 0 alone, 0 = tied to the first token's identity; "
-            "— where the fixed probe has no sink above u to compare.</p>"
-            + _html_figure(file, "Sink mass with a fixed vs a random first token, and the positional index "
-                      "per layer over training."))
+    rows = [
+        [str(layer), _fmt_mass(a), _fmt_mass(b), _fmt_mass(p)]
+        for layer, a, b, p in zip(index.layer.values, m_f, m_r, index.isel(step=-1).values)
+    ]
+    return (
+        head
+        + _table(
+            [
+                "layer",
+                f"sink mass, fixed first token (step {last})",
+                f"sink mass, random first token (step {last})",
+                "positional index",
+            ],
+            rows,
+        )
+        + "<p class=note>Positional index = clip((m_random − u) / (m_fixed − u), 0, 1), "
+        f"u = {index.attrs['baseline']:.3f} the sink mass of uniform attention at this probe length: "
+        "1 = the sink is tied to position 0 alone, 0 = tied to the first token's identity; "
+        "— where the fixed probe has no sink above u to compare.</p>"
+        + _html_figure(
+            file, "Sink mass with a fixed vs a random first token, and the positional index per layer over training."
+        )
+    )

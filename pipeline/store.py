@@ -111,8 +111,10 @@ class SinkStore:
         """
         layout = self._ready()
         wanted = sorted({int(s) for s in steps})
-        known = {name: {int(s): float(v) for s, v in given.items() if v is not None}
-                 for name, given in (("tokens_seen", tokens_seen), ("loss", loss))}
+        known = {
+            name: {int(s): float(v) for s, v in given.items() if v is not None}
+            for name, given in (("tokens_seen", tokens_seen), ("loss", loss))
+        }
         if layout is not None:
             self._add_step_coords()
         if layout is None:
@@ -166,8 +168,9 @@ class SinkStore:
         # statistics the group holds but this step did not measure (replay.measure): NaN, not a stale value
         for k in layout.data_vars:
             if k not in ds.data_vars:
-                ds[k] = xr.DataArray(np.full(list(layout.data_vars[k].values()), np.nan),
-                                     dims=list(layout.data_vars[k]))
+                ds[k] = xr.DataArray(
+                    np.full(list(layout.data_vars[k].values()), np.nan), dims=list(layout.data_vars[k])
+                )
         region = {"step": slice(i, i + 1)}
         if self._zgroup()["status"][i] != PENDING:
             # an overwrite: while the data changes, the step must not claim to be done
@@ -209,8 +212,7 @@ class SinkStore:
         layout = self._layout
         if layout is None or int(step) not in layout.index:
             raise KeyError(
-                f"step {int(step)} is not allocated in {self.path} group {self.group!r}; "
-                "call prepare() with it first"
+                f"step {int(step)} is not allocated in {self.path} group {self.group!r}; call prepare() with it first"
             )
         return layout.index[int(step)]
 
@@ -218,25 +220,22 @@ class SinkStore:
         root = self._root()
         if root is None or self.group not in root:
             return None
-        with xr.open_dataset(
-            self.path, group=self.group, engine="zarr", consolidated=False, chunks=None
-        ) as ds:
+        with xr.open_dataset(self.path, group=self.group, engine="zarr", consolidated=False, chunks=None) as ds:
             steps = ds["step"].values.astype(np.int64)
             return _Layout(
                 steps=steps,
                 index={int(s): i for i, s in enumerate(steps)},
                 data_vars={
                     k: {d: n for d, n in v.sizes.items() if d != "step"}
-                    for k, v in ds.data_vars.items() if k not in STEP_COORDS
+                    for k, v in ds.data_vars.items()
+                    if k not in STEP_COORDS
                 },
                 coords={k: c.values for k, c in ds.coords.items() if "step" not in c.dims},
                 attrs=dict(ds.attrs),
             )
 
     def _load(self, name: str) -> xr.Dataset:
-        with xr.open_dataset(
-            self.path, group=name, engine="zarr", consolidated=False, chunks=None
-        ) as ds:
+        with xr.open_dataset(self.path, group=name, engine="zarr", consolidated=False, chunks=None) as ds:
             ds = ds.load()
         ds.attrs.pop(_COMPLETE, None)
         return ds.drop_encoding()
@@ -257,11 +256,15 @@ class SinkStore:
                 }
             )
         else:
-            fill = {k: np.nan for k in cur.data_vars} | {k: np.nan for k in NUMERIC_STEP_COORDS} | {
-                "status": PENDING,
-                "error": "",
-                "weights_digest": "",
-            }
+            fill = (
+                {k: np.nan for k in cur.data_vars}
+                | {k: np.nan for k in NUMERIC_STEP_COORDS}
+                | {
+                    "status": PENDING,
+                    "error": "",
+                    "weights_digest": "",
+                }
+            )
             ds = cur.reindex(step=np.union1d(cur["step"].values, new), fill_value=fill)
         fresh = set(new)
         for name in NUMERIC_STEP_COORDS:
@@ -290,13 +293,23 @@ class SinkStore:
                 k: xr.Variable(
                     ("step", *v.dims),
                     dask.array.full(
-                        (n, *v.shape), np.nan, chunks=(1, *v.shape),
+                        (n, *v.shape),
+                        np.nan,
+                        chunks=(1, *v.shape),
                         dtype=np.result_type(v.dtype, np.float32),
                     ),
                     # name the step coordinates too, or they read back as data variables
-                    attrs=v.attrs | {"coordinates": " ".join(sorted([*STEP_COORDS, *(
-                        c for c in ds.coords if c not in ds.dims and set(ds[c].dims) <= set(v.dims)
-                    )]))},
+                    attrs=v.attrs
+                    | {
+                        "coordinates": " ".join(
+                            sorted(
+                                [
+                                    *STEP_COORDS,
+                                    *(c for c in ds.coords if c not in ds.dims and set(ds[c].dims) <= set(v.dims)),
+                                ]
+                            )
+                        )
+                    },
                 )
                 for k, v in ds.data_vars.items()
             },
@@ -305,7 +318,11 @@ class SinkStore:
         )
         self._drop_consolidated()
         template.to_zarr(
-            self.path, group=self.group, mode="a", compute=False, consolidated=False,
+            self.path,
+            group=self.group,
+            mode="a",
+            compute=False,
+            consolidated=False,
             encoding={k: {"chunks": (1, *v.shape)} for k, v in ds.data_vars.items()},
         )
         del self._zgroup().attrs[_ADDING]  # a fresh handle: xarray rewrote the attributes
@@ -324,9 +341,7 @@ class SinkStore:
     def _write_group(self, ds: xr.Dataset, name: str) -> None:
         # one step per chunk: region writes into chunks shared by several steps lose data
         # silently (xarray #8371, zarr-python #3682)
-        encoding = {
-            k: {"chunks": (1, *v.shape[1:])} for k, v in ds.variables.items() if "step" in v.dims
-        }
+        encoding = {k: {"chunks": (1, *v.shape[1:])} for k, v in ds.variables.items() if "step" in v.dims}
         # unwritten chunks read as these, so pending steps and empty errors cost no files
         encoding["status"]["fill_value"] = PENDING
         encoding["error"]["fill_value"] = ""
@@ -358,14 +373,16 @@ class SinkStore:
         group["step"][n:] = np.asarray(new, dtype=np.int64)
         xr.Dataset(
             {
-                **{name: ("step", np.array([known[name].get(s, np.nan) for s in new]))
-                   for name in NUMERIC_STEP_COORDS},
+                **{name: ("step", np.array([known[name].get(s, np.nan) for s in new])) for name in NUMERIC_STEP_COORDS},
                 "status": ("step", np.full(k, PENDING, dtype=_STR)),
                 "error": ("step", np.full(k, "", dtype=_STR)),
                 "weights_digest": ("step", np.full(k, "", dtype=_STR)),
             }
         ).to_zarr(
-            self.path, group=self.group, mode="r+", region={"step": slice(n, n + k)},
+            self.path,
+            group=self.group,
+            mode="r+",
+            region={"step": slice(n, n + k)},
             consolidated=False,
         )
         del group.attrs[_RESIZE_FROM]
@@ -380,7 +397,10 @@ class SinkStore:
                 updated[layout.index[s]] = v
             if not np.array_equal(updated, current, equal_nan=True):
                 xr.Dataset({name: ("step", updated)}).to_zarr(
-                    self.path, group=self.group, mode="r+", region={"step": slice(0, updated.size)},
+                    self.path,
+                    group=self.group,
+                    mode="r+",
+                    region={"step": slice(0, updated.size)},
                     consolidated=False,
                 )
 
@@ -394,8 +414,9 @@ class SinkStore:
         self._drop_consolidated()
         n = group["step"].shape[0]
         for name in missing:
-            group.create_array(name, shape=(n,), chunks=(1,), dtype="float64", fill_value=np.nan,
-                               dimension_names=["step"])
+            group.create_array(
+                name, shape=(n,), chunks=(1,), dtype="float64", fill_value=np.nan, dimension_names=["step"]
+            )
         for _, array in group.arrays():
             names = array.attrs.get("coordinates")
             if names:
@@ -437,7 +458,10 @@ class SinkStore:
         self._drop_consolidated()
         n = group["step"].shape[0]
         xr.Dataset({"weights_digest": ("step", np.full(n, "", dtype=_STR))}).to_zarr(
-            self.path, group=self.group, mode="a", consolidated=False,
+            self.path,
+            group=self.group,
+            mode="a",
+            consolidated=False,
             encoding={"weights_digest": {"chunks": (1,), "fill_value": ""}},
         )
         for _, array in group.arrays():
@@ -489,13 +513,19 @@ class SinkStore:
             problems = "; ".join(problems)
             raise StoreMismatchError(f"{where} does not match the stored cube: {problems}")
         if layout.data_vars:
-            ds = xr.Dataset({k: v.transpose(*layout.data_vars[k]) if k in layout.data_vars else v
-                             for k, v in ds.data_vars.items()}, coords=ds.coords, attrs=ds.attrs)
+            ds = xr.Dataset(
+                {k: v.transpose(*layout.data_vars[k]) if k in layout.data_vars else v for k, v in ds.data_vars.items()},
+                coords=ds.coords,
+                attrs=ds.attrs,
+            )
         return ds
 
     def _write_strings(self, i: int, **values: str) -> None:
         xr.Dataset({k: ("step", np.array([v], dtype=_STR)) for k, v in values.items()}).to_zarr(
-            self.path, group=self.group, mode="r+", region={"step": slice(i, i + 1)},
+            self.path,
+            group=self.group,
+            mode="r+",
+            region={"step": slice(i, i + 1)},
             consolidated=False,
         )
 
@@ -508,9 +538,7 @@ class SinkStore:
             return None
 
     def _zgroup(self, name: str | None = None) -> zarr.Group:
-        return zarr.open_group(
-            self.path, mode="r+", path=name or self.group, use_consolidated=False
-        )
+        return zarr.open_group(self.path, mode="r+", path=name or self.group, use_consolidated=False)
 
     def _drop_consolidated(self) -> None:
         """Remove the consolidated metadata before the metadata it copies changes."""

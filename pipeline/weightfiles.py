@@ -147,8 +147,11 @@ def check_written(path: str, model_type: str | None = None) -> None:
         header = json.loads(f.read(header_len))
         start = 8 + header_len
         end = f.seek(0, os.SEEK_END)
-        spans = {k: (start + v["data_offsets"][0], start + v["data_offsets"][1])
-                 for k, v in header.items() if k != "__metadata__"}
+        spans = {
+            k: (start + v["data_offsets"][0], start + v["data_offsets"][1])
+            for k, v in header.items()
+            if k != "__metadata__"
+        }
         zeros_from = _zero_tail(f, start, end)
         suspects = [k for k, (a, b) in spans.items() if a >= zeros_from and b > a and never_zero.search(k)]
         if not suspects:

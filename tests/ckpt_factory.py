@@ -18,8 +18,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 HOUR = 3600.0
 TINY = dict(
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    intermediate_size=64, vocab_size=101, max_position_embeddings=64,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    vocab_size=101,
+    max_position_embeddings=64,
 )
 SHARD_SIZE = "30KB"  # splits the float32 tiny model into a few shards
 
@@ -67,8 +72,12 @@ def save_checkpoint(
     model = tiny_model(seed=seed, tie=tie, dtype=dtype, **config_overrides)
     model.save_pretrained(folder, max_shard_size=SHARD_SIZE if sharded else "10GB")
     if trainer_state:
-        state = {"global_step": step if step is not None else 0, "num_input_tokens_seen": tokens_seen or 0,
-                 "log_history": [{"step": step, "loss": 1.0}], "epoch": 0.5}
+        state = {
+            "global_step": step if step is not None else 0,
+            "num_input_tokens_seen": tokens_seen or 0,
+            "log_history": [{"step": step, "loss": 1.0}],
+            "epoch": 0.5,
+        }
         (folder / "trainer_state.json").write_text(json.dumps(state))
     if training_files:
         write_training_files(folder)
@@ -173,14 +182,14 @@ def backdate(folder, seconds: float) -> None:
     os.utime(folder, (t, t))
 
 
-REMOTE_CODE_CONFIG = '''
+REMOTE_CODE_CONFIG = """
 from transformers import LlamaConfig
 
 
 class MysteryConfig(LlamaConfig):
     model_type = "sinktrace_remote"
-'''
-REMOTE_CODE_MODEL = '''
+"""
+REMOTE_CODE_MODEL = """
 from transformers import LlamaForCausalLM
 
 from .configuration_mystery import MysteryConfig
@@ -188,7 +197,7 @@ from .configuration_mystery import MysteryConfig
 
 class MysteryForCausalLM(LlamaForCausalLM):
     config_class = MysteryConfig
-'''
+"""
 
 
 def make_remote_code(folder) -> Path:
@@ -197,8 +206,12 @@ def make_remote_code(folder) -> Path:
     (folder / "configuration_mystery.py").write_text(REMOTE_CODE_CONFIG)
     (folder / "modeling_mystery.py").write_text(REMOTE_CODE_MODEL)
     edit_config(
-        folder, model_type="sinktrace_remote", architectures=["MysteryForCausalLM"],
-        auto_map={"AutoConfig": "configuration_mystery.MysteryConfig",
-                  "AutoModelForCausalLM": "modeling_mystery.MysteryForCausalLM"},
+        folder,
+        model_type="sinktrace_remote",
+        architectures=["MysteryForCausalLM"],
+        auto_map={
+            "AutoConfig": "configuration_mystery.MysteryConfig",
+            "AutoModelForCausalLM": "modeling_mystery.MysteryForCausalLM",
+        },
     )
     return folder

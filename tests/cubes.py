@@ -14,8 +14,28 @@ import numpy as np
 import xarray as xr
 
 # 20 checkpoints from 0 to 10000, denser early on, as real runs often save them.
-REALISTIC_STEPS = (0, 100, 250, 500, 750, 1000, 1500, 2000, 2500, 3000,
-                   3500, 4000, 5000, 6000, 7000, 8000, 8500, 9000, 9500, 10000)
+REALISTIC_STEPS = (
+    0,
+    100,
+    250,
+    500,
+    750,
+    1000,
+    1500,
+    2000,
+    2500,
+    3000,
+    3500,
+    4000,
+    5000,
+    6000,
+    7000,
+    8000,
+    8500,
+    9000,
+    9500,
+    10000,
+)
 
 
 def qbin_edges(seq_len: int) -> list[int]:
@@ -163,8 +183,7 @@ def realistic_cube(
     sink = base + excess[:, :, None] * head_gain
     sink = np.clip(sink + rng.normal(0.0, 0.01, sink.shape), 0.0, 1.0)
     status = ["failed" if s in failed else "done" for s in steps]
-    return make_cube(sink, steps, status=status, seq_len=seq_len, first_token=first_token,
-                     name=f"probe_{first_token}")
+    return make_cube(sink, steps, status=status, seq_len=seq_len, first_token=first_token, name=f"probe_{first_token}")
 
 
 def write_store(path, groups: dict[str, xr.Dataset]) -> Path:

@@ -61,7 +61,9 @@ def reference_stats(model, input_ids, key_positions: int = 4, *, keep_dtype: boo
         hook.remove()
     assert len(out.attentions) == n_layers and len(out.hidden_states) == n_layers + 1
     assert sorted(keys) == list(range(n_layers)), "eager_attention_forward was not called for every layer"
-    blocks = [h.double().cpu().numpy() for h in out.hidden_states[1:n_layers]] + [last_block["x"].double().cpu().numpy()]
+    blocks = [h.double().cpu().numpy() for h in out.hidden_states[1:n_layers]] + [
+        last_block["x"].double().cpu().numpy()
+    ]
     has_sinks = any(hasattr(m, "sinks") for m in ref.modules())
 
     stats = [_layer_stats(out.attentions[i].double().cpu().numpy(), has_sinks, key_positions) for i in range(n_layers)]
@@ -134,16 +136,23 @@ def eager_blocks(model, input_ids, *, remove_sink=False, compare=None):
     ref = copy.deepcopy(model).eval().float()
     ref.set_attn_implementation("eager")
     modeling = sys.modules[type(ref).__module__]
-    blocks = next(m for m in ref.modules() if isinstance(m, torch.nn.ModuleList)
-                  and len(m) == ref.config.num_hidden_layers)
+    blocks = next(
+        m for m in ref.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == ref.config.num_hidden_layers
+    )
     parallel = getattr(ref.config, "use_parallel_residual", False)
     ins, mids, outs, handles = {}, {}, {}, []
     for i, block in enumerate(blocks):
-        handles.append(block.register_forward_pre_hook(
-            lambda m, args, kwargs, i=i: ins.update({i: args[0] if args else kwargs["hidden_states"]}),
-            with_kwargs=True))
-        handles.append(block.register_forward_hook(
-            lambda m, args, out, i=i: outs.update({i: out[0] if isinstance(out, tuple) else out})))
+        handles.append(
+            block.register_forward_pre_hook(
+                lambda m, args, kwargs, i=i: ins.update({i: args[0] if args else kwargs["hidden_states"]}),
+                with_kwargs=True,
+            )
+        )
+        handles.append(
+            block.register_forward_hook(
+                lambda m, args, out, i=i: outs.update({i: out[0] if isinstance(out, tuple) else out})
+            )
+        )
         if not parallel:
             after = getattr(block, RESIDUAL_AFTER_ATTENTION.get(ref.config.model_type, "post_attention_layernorm"))
             handles.append(after.register_forward_pre_hook(lambda m, args, i=i: mids.update({i: args[0]})))
@@ -159,6 +168,7 @@ def eager_blocks(model, input_ids, *, remove_sink=False, compare=None):
             with attention.removing_sink():
                 compare(attention.sinkstats_attention(module, query, key, value, None, *args, **kwargs)[0], out)
             return out, w
+
     try:
         with mock.patch.object(modeling, "eager_attention_forward", patch), torch.no_grad():
             ref(input_ids=ids, use_cache=False)

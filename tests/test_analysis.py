@@ -22,8 +22,7 @@ def assert_same(actual: xr.DataArray, expected) -> None:
 
 
 def test_done_keeps_only_done_steps():
-    ds = constant_cube([[0.1, 0.2, 0.3, 0.4]], steps=(0, 10, 20, 30),
-                       status=["done", "failed", "pending", "done"])
+    ds = constant_cube([[0.1, 0.2, 0.3, 0.4]], steps=(0, 10, 20, 30), status=["done", "failed", "pending", "done"])
     assert list(an.done(ds).step.values) == [0, 30]
     assert list(an.done(ds.drop_vars("status")).step.values) == [0, 10, 20, 30]
 
@@ -38,8 +37,7 @@ def test_results_reindex_onto_every_stored_step():
 
 def test_status_not_nan_decides_what_is_done():
     # A failed step's data is NaN in the store, but even a stray value there must not count.
-    ds = constant_cube([[0.1, 0.4, 0.5, 0.6]], steps=(0, 100, 200, 300),
-                       status=["done", "done", "failed", "done"])
+    ds = constant_cube([[0.1, 0.4, 0.5, 0.6]], steps=(0, 100, 200, 300), status=["done", "done", "failed", "done"])
     ds["sink_mass"][2] = 0.0
     assert_same(an.emergence_step(ds), [100])
     assert list(an.sink_rate(ds).step.values) == [0, 100, 300]
@@ -49,8 +47,12 @@ def test_status_not_nan_decides_what_is_done():
 
 
 def rate_cube(seq_len=64):
-    sink = np.array([[[0.5, 0.2], [0.31, 0.3]],     # step 0
-                     [[0.9, 0.9], [0.9, 0.1]]])     # step 10
+    sink = np.array(
+        [
+            [[0.5, 0.2], [0.31, 0.3]],  # step 0
+            [[0.9, 0.9], [0.9, 0.1]],
+        ]
+    )  # step 10
     return make_cube(sink, (0, 10), seq_len=seq_len)
 
 
@@ -93,14 +95,17 @@ def test_unknown_convention_and_missing_length_are_clear_errors():
 
 
 def emergence_cube():
-    return constant_cube([
-        [0.1, 0.4, 0.5, 0.6, 0.7],   # layer 0: emerges at 100
-        [0.1, 0.4, 0.2, 0.5, 0.6],   # layer 1: passes at 100, dips, stays from 1000
-        [0.1, 0.1, 0.1, 0.1, 0.1],   # layer 2: never
-        [0.5, 0.5, 0.5, 0.5, 0.2],   # layer 3: lost at the end
-        [0.5, 0.5, 0.5, 0.5, 0.5],   # layer 4: from the first step
-        [0.1, 0.2, 0.3, 0.3, 0.31],  # layer 5: equal to eps is not above it
-    ], steps=STEPS)
+    return constant_cube(
+        [
+            [0.1, 0.4, 0.5, 0.6, 0.7],  # layer 0: emerges at 100
+            [0.1, 0.4, 0.2, 0.5, 0.6],  # layer 1: passes at 100, dips, stays from 1000
+            [0.1, 0.1, 0.1, 0.1, 0.1],  # layer 2: never
+            [0.5, 0.5, 0.5, 0.5, 0.2],  # layer 3: lost at the end
+            [0.5, 0.5, 0.5, 0.5, 0.5],  # layer 4: from the first step
+            [0.1, 0.2, 0.3, 0.3, 0.31],  # layer 5: equal to eps is not above it
+        ],
+        steps=STEPS,
+    )
 
 
 def test_emergence_step_per_layer():
@@ -116,8 +121,8 @@ def test_first_crossing_differs_from_emergence_after_a_dip():
 
 def test_emergence_step_per_head_and_mean_over_heads():
     sink = np.full((3, 1, 2), 0.0)
-    sink[:, 0, 0] = [0.2, 0.6, 0.7]   # head 0 emerges at 10
-    sink[:, 0, 1] = [0.1, 0.1, 0.2]   # head 1 never; the layer mean (0.15, 0.35, 0.45) emerges at 10
+    sink[:, 0, 0] = [0.2, 0.6, 0.7]  # head 0 emerges at 10
+    sink[:, 0, 1] = [0.1, 0.1, 0.2]  # head 1 never; the layer mean (0.15, 0.35, 0.45) emerges at 10
     ds = make_cube(sink, (0, 10, 20))
     assert_same(an.emergence_step(ds, per="head"), [[10, NAN]])
     assert_same(an.emergence_step(ds), [10])
@@ -126,8 +131,7 @@ def test_emergence_step_per_head_and_mean_over_heads():
 
 def test_emergence_skips_a_failed_dip():
     # The dip to 0.1 is at a failed step: it is not data, so layer 0 emerges at 100.
-    ds = constant_cube([[0.1, 0.4, 0.1, 0.5, 0.6]], steps=STEPS,
-                       status=["done", "done", "failed", "done", "done"])
+    ds = constant_cube([[0.1, 0.4, 0.1, 0.5, 0.6]], steps=STEPS, status=["done", "done", "failed", "done", "done"])
     ds["sink_mass"][2] = 0.1
     assert_same(an.emergence_step(ds), [100])
 
@@ -142,11 +146,15 @@ def test_emergence_with_no_done_step_is_nan():
 
 
 def test_onset_layer_per_step():
-    ds = constant_cube([
-        [0.1, 0.1, 0.5, 0.1],
-        [0.1, 0.5, 0.5, 0.1],
-        [0.1, 0.1, 0.1, 0.1],
-    ], steps=(0, 10, 20, 30), status=["done", "done", "done", "failed"])
+    ds = constant_cube(
+        [
+            [0.1, 0.1, 0.5, 0.1],
+            [0.1, 0.5, 0.5, 0.1],
+            [0.1, 0.1, 0.1, 0.1],
+        ],
+        steps=(0, 10, 20, 30),
+        status=["done", "done", "done", "failed"],
+    )
     result = an.onset_layer(ds)
     assert result.dims == ("step",)
     assert_same(result, [NAN, 1, 0])
@@ -154,7 +162,7 @@ def test_onset_layer_per_step():
 
 def test_early_share():
     ds = constant_cube([[0.2, 0.0], [0.2, 0.0], [0.4, 0.0], [0.2, 0.0]], steps=(0, 10))
-    assert_same(an.early_share(ds), [0.4, NAN])   # no sink mass at all: no share
+    assert_same(an.early_share(ds), [0.4, NAN])  # no sink mass at all: no share
     assert_same(an.early_share(ds, k=1), [0.2, NAN])
     assert_same(an.early_share(ds, k=4), [1.0, NAN])
 
@@ -162,8 +170,7 @@ def test_early_share():
 # ---------------------------------------------------------------- convergence
 
 
-CONVERGING = [[0.0, 0.3, 0.6, 0.62, 0.63, 0.63, 0.64],
-              [0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]]
+CONVERGING = [[0.0, 0.3, 0.6, 0.62, 0.63, 0.63, 0.64], [0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]]
 CONV_STEPS = (0, 10, 20, 30, 40, 60, 100)
 
 
@@ -250,8 +257,9 @@ def test_positional_index_refuses_probes_that_differ_in_more_than_the_first_toke
 
 def test_positional_index_uses_steps_done_in_both_groups():
     fixed = constant_cube([[0.8, 0.8, 0.8]], steps=(0, 10, 20), status=["done", "failed", "done"])
-    random = constant_cube([[0.8, 0.8, 0.8]], steps=(0, 10, 20), first_token="random",
-                           status=["done", "done", "pending"])
+    random = constant_cube(
+        [[0.8, 0.8, 0.8]], steps=(0, 10, 20), first_token="random", status=["done", "done", "pending"]
+    )
     assert list(an.positional_index_pair(fixed, random).step.values) == [0]
 
 
@@ -271,9 +279,15 @@ def test_probe_groups_accepts_what_open_sinks_returns(tmp_path):
 
 
 def test_massive_activation_ratio_both_kinds():
-    ds = constant_cube([[0.1, 0.1], [0.1, 0.1]], steps=(0, 10), status=["done", "failed"],
-                       resid_norm_p0=[[30.0, 8.0], [0.0, 0.0]], resid_norm=[[10.0, 0.0], [1.0, 1.0]],
-                       resid_max_p0=[[500.0, 2.0], [0.0, 0.0]], resid_median=[[0.5, 1.0], [1.0, 1.0]])
+    ds = constant_cube(
+        [[0.1, 0.1], [0.1, 0.1]],
+        steps=(0, 10),
+        status=["done", "failed"],
+        resid_norm_p0=[[30.0, 8.0], [0.0, 0.0]],
+        resid_norm=[[10.0, 0.0], [1.0, 1.0]],
+        resid_max_p0=[[500.0, 2.0], [0.0, 0.0]],
+        resid_median=[[0.5, 1.0], [1.0, 1.0]],
+    )
     ratio = an.massive_activation_ratio(ds)
     assert ratio.dims == ("step", "layer")
     assert_same(ratio, [[3.0, NAN]])  # zero denominator: no ratio
@@ -288,8 +302,9 @@ def test_massive_activation_ratio_both_kinds():
 def test_accessor_matches_the_functions():
     ds = emergence_cube()
     xr.testing.assert_identical(ds.sinks.emergence_step(), an.emergence_step(ds))
-    xr.testing.assert_identical(ds.sinks.sink_rate(dim="head", convention="gu"),
-                                an.sink_rate(ds, dim="head", convention="gu"))
+    xr.testing.assert_identical(
+        ds.sinks.sink_rate(dim="head", convention="gu"), an.sink_rate(ds, dim="head", convention="gu")
+    )
     xr.testing.assert_identical(ds.sinks.onset_layer(), an.onset_layer(ds))
     xr.testing.assert_identical(ds.sinks.early_share(k=1), an.early_share(ds, k=1))
     xr.testing.assert_identical(ds.sinks.convergence_step(0.1, 2), an.convergence_step(ds, 0.1, 2))
@@ -300,8 +315,14 @@ def test_accessor_matches_the_functions():
 def test_dask_backed_cube_stays_lazy_and_agrees():
     ds = emergence_cube()
     lazy = ds.chunk(step=1)  # the store's chunking: one step per chunk
-    for fn in (an.sink_rate, an.emergence_step, an.onset_layer, an.early_share,
-               an.convergence_step, an.massive_activation_ratio):
+    for fn in (
+        an.sink_rate,
+        an.emergence_step,
+        an.onset_layer,
+        an.early_share,
+        an.convergence_step,
+        an.massive_activation_ratio,
+    ):
         result = fn(lazy)
         assert hasattr(result.data, "dask"), fn.__name__
         xr.testing.assert_allclose(result.compute(), fn(ds))
@@ -321,21 +342,27 @@ def circuit_cube(first_token="random"):
     cube = make_cube(np.full((steps, layers, 2), 0.3), STEPS5, first_token=first_token)
     rest = np.ones((steps, layers))
     attn_p0, mlp_p0 = np.ones((steps, layers)), np.ones((steps, layers))
-    mlp_p0[1, 2] = 10.0                      # step 100: layer 2's MLP (excess 9: share 0)
-    mlp_p0[2, 0], mlp_p0[2, 2] = 4.0, 3.0    # step 200: layer 0's MLP (ratio 4 > 3); excess 3 + 2: share 0.6
+    mlp_p0[1, 2] = 10.0  # step 100: layer 2's MLP (excess 9: share 0)
+    mlp_p0[2, 0], mlp_p0[2, 2] = 4.0, 3.0  # step 200: layer 0's MLP (ratio 4 > 3); excess 3 + 2: share 0.6
     mlp_p0[3, 0], attn_p0[3, 3] = 50.0, 2.0  # step 300: excess 49 vs 1: share 0.98
-    mlp_p0[4, 0] = 60.0                      # step 400: share 1
+    mlp_p0[4, 0] = 60.0  # step 400: share 1
     sim = np.full((steps, layers), 0.2)
     sim[:, 1] = [0.1, 0.95, 0.5, 0.92, 0.99]  # crosses at 100, dips, stays from 300
     collapse = np.stack([np.full((steps, layers), 0.2), np.full((steps, layers), 0.4)], -1)
     sensitivity = np.stack([np.full((steps, layers), 0.5), np.full((steps, layers), 0.25)], -1)
     sl, sls = ("step", "layer"), ("step", "layer", "sink")
     return cube.assign(
-        attn_out_norm_p0=(sl, attn_p0), attn_out_norm=(sl, rest), mlp_out_norm_p0=(sl, mlp_p0),
-        mlp_out_norm=(sl, rest), p0_similarity=(sl, sim), rest_similarity=(sl, np.full((steps, layers), 0.1)),
-        collapse=(sls, collapse), sensitivity=(sls, sensitivity),
-    ).assign_coords(sink=np.array(["kept", "removed"], dtype=np.dtypes.StringDType()),
-                    loss=("step", [6.0, 5.0, 4.0, 3.5, 3.4]))
+        attn_out_norm_p0=(sl, attn_p0),
+        attn_out_norm=(sl, rest),
+        mlp_out_norm_p0=(sl, mlp_p0),
+        mlp_out_norm=(sl, rest),
+        p0_similarity=(sl, sim),
+        rest_similarity=(sl, np.full((steps, layers), 0.1)),
+        collapse=(sls, collapse),
+        sensitivity=(sls, sensitivity),
+    ).assign_coords(
+        sink=np.array(["kept", "removed"], dtype=np.dtypes.StringDType()), loss=("step", [6.0, 5.0, 4.0, 3.5, 3.4])
+    )
 
 
 def test_circuit_writer_and_the_step_it_settles():

@@ -166,8 +166,9 @@ def test_registered():
     assert AttentionInterface._global_mapping[A.ATTENTION_NAME] is A.sinkstats_attention
 
 
-@pytest.mark.parametrize("window,softcap,route", [(None, None, "fused"), (37, None, "fused"), (36, None, "blocked"),
-                                                  (None, 5.0, "blocked")])
+@pytest.mark.parametrize(
+    "window,softcap,route", [(None, None, "fused"), (37, None, "fused"), (36, None, "blocked"), (None, 5.0, "blocked")]
+)
 def test_entry_point_routes_and_layout(window, softcap, route, monkeypatch):
     q, k, v = make_qkv()
     taken = []

@@ -13,13 +13,34 @@ import pipeline
 from pipeline.cli import compose, run
 from pipeline.records import Checkpoint
 
-STATS = ["sink_mass", "entropy", "sink_mass_by_q", "key_mass", "key_norm_p0", "value_norm_p0", "key_norm",
-         "value_norm", "resid_norm_p0", "resid_norm", "resid_max_p0", "resid_median"]
+STATS = [
+    "sink_mass",
+    "entropy",
+    "sink_mass_by_q",
+    "key_mass",
+    "key_norm_p0",
+    "value_norm_p0",
+    "key_norm",
+    "value_norm",
+    "resid_norm_p0",
+    "resid_norm",
+    "resid_max_p0",
+    "resid_median",
+]
 
 
 def replay_cfg(root, store, *extra):
-    return compose([f"checkpoints.root={root}", "checkpoints.quiet_seconds=0", f"store.path={store}",
-                    "stages=[replay]", "probe.rows=8", "probe.seq_len=32", *extra])
+    return compose(
+        [
+            f"checkpoints.root={root}",
+            "checkpoints.quiet_seconds=0",
+            f"store.path={store}",
+            "stages=[replay]",
+            "probe.rows=8",
+            "probe.seq_len=32",
+            *extra,
+        ]
+    )
 
 
 def group_name(store):
@@ -114,8 +135,15 @@ def test_an_overwrite_that_fails_keeps_the_stored_result(run_copy, tmp_path, cap
 def test_probe_token_outside_vocabulary_is_a_clear_error(trained_run, tmp_path, capsys):
     bad = tmp_path / "probe.npy"
     np.save(bad, np.full((2, 16), 10_000, dtype=np.int64))
-    cfg = compose([f"checkpoints.root={trained_run}", "checkpoints.quiet_seconds=0", f"store.path={tmp_path / 's.zarr'}",
-                   "probe=tokens", f"probe.path={bad}"])
+    cfg = compose(
+        [
+            f"checkpoints.root={trained_run}",
+            "checkpoints.quiet_seconds=0",
+            f"store.path={tmp_path / 's.zarr'}",
+            "probe=tokens",
+            f"probe.path={bad}",
+        ]
+    )
     assert run(cfg) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "10000" in err and "vocabulary" in err
@@ -127,8 +155,14 @@ def test_unknown_stage_is_a_clear_error(trained_run, tmp_path, capsys):
 
 
 def cli(*args, env=None, **kw):
-    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=600, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+        **kw,
+    )
 
 
 def test_unknown_config_key_is_rejected_by_name(tmp_path):
@@ -139,8 +173,16 @@ def test_unknown_config_key_is_rejected_by_name(tmp_path):
 
 def test_multirun_writes_one_group_per_probe_length(trained_run, tmp_path):
     store = tmp_path / "s.zarr"
-    res = cli("-m", f"checkpoints.root={trained_run}", "checkpoints.quiet_seconds=0", f"store.path={store}",
-              "stages=[replay]", "probe.rows=4", "replay.steps=[0,150]", "probe.seq_len=16,32")
+    res = cli(
+        "-m",
+        f"checkpoints.root={trained_run}",
+        "checkpoints.quiet_seconds=0",
+        f"store.path={store}",
+        "stages=[replay]",
+        "probe.rows=4",
+        "replay.steps=[0,150]",
+        "probe.seq_len=16,32",
+    )
     assert res.returncode == 0, res.stderr
     tree = xr.open_datatree(store, engine="zarr")
     assert sorted(tree.children) == ["random-T16-r4-s0-bos", "random-T32-r4-s0-bos"]
@@ -152,18 +194,27 @@ def test_multirun_writes_one_group_per_probe_length(trained_run, tmp_path):
 def test_killed_run_resumes_to_the_same_store(run_copy, tmp_path):
     # more checkpoints, so the kill lands mid-run
     import shutil
+
     for step in (200, 250, 300, 350):
         shutil.copytree(run_copy / "checkpoint-150", run_copy / f"checkpoint-{step}")
-        state = (run_copy / f"checkpoint-{step}" / "trainer_state.json")
+        state = run_copy / f"checkpoint-{step}" / "trainer_state.json"
         state.write_text(state.read_text().replace('"global_step": 150', f'"global_step": {step}'))
-    args = [f"checkpoints.root={run_copy}", "checkpoints.quiet_seconds=0", "stages=[replay]", "probe.rows=8",
-            "probe.seq_len=32"]
+    args = [
+        f"checkpoints.root={run_copy}",
+        "checkpoints.quiet_seconds=0",
+        "stages=[replay]",
+        "probe.rows=8",
+        "probe.seq_len=32",
+    ]
     reference = tmp_path / "reference.zarr"
     assert cli(*args, f"store.path={reference}").returncode == 0
 
     store = tmp_path / "killed.zarr"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, f"store.path={store}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args, f"store.path={store}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while time.time() < deadline:
         time.sleep(0.2)
@@ -187,8 +238,14 @@ def test_killed_run_resumes_to_the_same_store(run_copy, tmp_path):
 def test_report_stage_alone_redraws_from_the_store(trained_run, tmp_path, capsys):
     store = tmp_path / "s.zarr"
     assert run(replay_cfg(trained_run, store)) == 0
-    cfg = compose([f"checkpoints.root={trained_run}", f"store.path={store}", "stages=[report]",
-                   f"report.out_dir={tmp_path / 'report'}"])
+    cfg = compose(
+        [
+            f"checkpoints.root={trained_run}",
+            f"store.path={store}",
+            "stages=[report]",
+            f"report.out_dir={tmp_path / 'report'}",
+        ]
+    )
     assert run(cfg) == 0
     out = capsys.readouterr().out
     assert "layer" in out and str(store) in out
@@ -210,13 +267,29 @@ def test_default_run_never_imports_dask_and_report_never_imports_torch(trained_r
     """The default in-process replay never loads Dask; `stages=[report]` never loads a model library."""
     store = tmp_path / "s.zarr"
     args = [f"checkpoints.root={trained_run}", "checkpoints.quiet_seconds=0", "probe.rows=8", "probe.seq_len=32"]
-    res = subprocess.run([sys.executable, "-c", HEAVY_IMPORTS, *args, f"store.path={store}", "stages=[replay]"],
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-c", HEAVY_IMPORTS, *args, f"store.path={store}", "stages=[replay]"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "imported: ['torch', 'transformers']" in res.stdout, res.stdout[-2000:]
 
-    res = subprocess.run([sys.executable, "-c", HEAVY_IMPORTS, *args, f"store.path={store}", "stages=[report]",
-                          f"report.out_dir={tmp_path / 'report'}"], capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            HEAVY_IMPORTS,
+            *args,
+            f"store.path={store}",
+            "stages=[report]",
+            f"report.out_dir={tmp_path / 'report'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "imported: []" in res.stdout, res.stdout[-2000:]
 
@@ -227,8 +300,10 @@ def test_measure_switches_loss_and_mixing_reach_the_store(trained_run, tmp_path,
     from pipeline.store import open_sinks
 
     store = str(tmp_path / "s.zarr")
-    assert run(replay_cfg(trained_run, store, "replay.steps=[0,100]",
-                          "replay.measure=[outputs,similarity,loss,mixing]")) == 0
+    assert (
+        run(replay_cfg(trained_run, store, "replay.steps=[0,100]", "replay.measure=[outputs,similarity,loss,mixing]"))
+        == 0
+    )
     ds = open_sinks(store, group_name(store))
     state = json.loads((trained_run / "checkpoint-100" / "trainer_state.json").read_text())
     logged = [e["loss"] for e in state["log_history"] if "loss" in e and e["step"] <= 100]

@@ -28,8 +28,14 @@ DEADLINE = 240  # seconds any one real-process run may take before the test give
 
 
 def replay_args(root, store, *extra):
-    return [f"checkpoints.root={root}", "checkpoints.quiet_seconds=0", f"store.path={store}", "stages=[replay]",
-            *PROBE, *extra]
+    return [
+        f"checkpoints.root={root}",
+        "checkpoints.quiet_seconds=0",
+        f"store.path={store}",
+        "stages=[replay]",
+        *PROBE,
+        *extra,
+    ]
 
 
 def listeners(procs) -> set[tuple[str, int]]:
@@ -92,8 +98,13 @@ def test_default_run_listens_on_no_network_address(clean):
 
 def sinktrace(*args, env=None) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", *map(str, args)], cwd=REPO, env=env or worker_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [sys.executable, "-m", "pipeline", *map(str, args)],
+        cwd=REPO,
+        env=env or worker_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
 
 
@@ -174,17 +185,52 @@ def dask_scheduler(tmp_path):
     procs = []
     file = tmp_path / "scheduler.json"
     env = worker_env(DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES="2")
-    procs.append(subprocess.Popen(
-        [sys.executable, "-m", "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-         "--scheduler-file", str(file)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    ))
+    procs.append(
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dask",
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--no-dashboard",
+                "--scheduler-file",
+                str(file),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    )
 
     def start_workers(n):
-        started = [subprocess.Popen(
-            [sys.executable, "-m", "dask", "worker", "--scheduler-file", str(file), "--host", "127.0.0.1",
-             "--nthreads", "1", "--no-nanny", "--no-dashboard", "--name", f"w{i}"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ) for i in range(n)]
+        started = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "dask",
+                    "worker",
+                    "--scheduler-file",
+                    str(file),
+                    "--host",
+                    "127.0.0.1",
+                    "--nthreads",
+                    "1",
+                    "--no-nanny",
+                    "--no-dashboard",
+                    "--name",
+                    f"w{i}",
+                ],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for i in range(n)
+        ]
         procs.extend(started)
         from distributed import Client
 
@@ -242,8 +288,15 @@ def test_lost_scheduler_ends_with_a_clear_message_and_the_rerun_resumes(run_root
 
 
 def test_scheduler_address_nobody_answers_is_a_usage_error(run_root, tmp_path, capsys):
-    cfg = compose(replay_args(run_root, tmp_path / "s.zarr", "cluster=scheduler", "cluster.address=tcp://127.0.0.1:9",
-                              "cluster.timeout=2s"))
+    cfg = compose(
+        replay_args(
+            run_root,
+            tmp_path / "s.zarr",
+            "cluster=scheduler",
+            "cluster.address=tcp://127.0.0.1:9",
+            "cluster.timeout=2s",
+        )
+    )
     assert run(cfg) == 2
     err = capsys.readouterr().err
     assert "cluster.address=tcp://127.0.0.1:9: no Dask scheduler answers there" in err
@@ -253,13 +306,21 @@ def test_tls_settings_build_dask_security(tmp_path):
     from hydra.utils import instantiate
 
     paths = {k: tmp_path / f"{k}.pem" for k in ("ca", "cert", "key")}
-    cfg = compose(["cluster=scheduler", "cluster.address=tls://10.0.0.5:8786",
-                   f"cluster.security.tls_ca_file={paths['ca']}", f"cluster.security.tls_client_cert={paths['cert']}",
-                   f"cluster.security.tls_client_key={paths['key']}", "cluster.security.require_encryption=true"])
+    cfg = compose(
+        [
+            "cluster=scheduler",
+            "cluster.address=tls://10.0.0.5:8786",
+            f"cluster.security.tls_ca_file={paths['ca']}",
+            f"cluster.security.tls_client_cert={paths['cert']}",
+            f"cluster.security.tls_client_key={paths['key']}",
+            "cluster.security.require_encryption=true",
+        ]
+    )
     security = instantiate(cfg.cluster.security)
     assert security.require_encryption is True
     assert (security.tls_ca_file, security.tls_client_cert, security.tls_client_key) == tuple(
-        str(p) for p in paths.values())
+        str(p) for p in paths.values()
+    )
 
 
 def test_gpus_cluster_gives_each_worker_its_own_device(monkeypatch):
@@ -291,15 +352,28 @@ def test_slurm_jobs_ask_for_the_configured_resources(tmp_path, monkeypatch):
     bin_dir, jobs = tmp_path / "bin", tmp_path / "jobs"
     bin_dir.mkdir()
     jobs.mkdir()
-    fake = {"sbatch": f'cp "$1" {jobs}/job-$$.sh\necho "Submitted batch job $$"\n',
-            "scancel": "exit 0\n", "squeue": "exit 0\n"}
+    fake = {
+        "sbatch": f'cp "$1" {jobs}/job-$$.sh\necho "Submitted batch job $$"\n',
+        "scancel": "exit 0\n",
+        "squeue": "exit 0\n",
+    }
     for name, body in fake.items():
         (bin_dir / name).write_text("#!/bin/sh\n" + body)
         (bin_dir / name).chmod(stat.S_IRWXU)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    cfg = compose(["cluster=slurm", "cluster.queue=gpu", "cluster.account=lab42", "cluster.cores=16",
-                   "cluster.memory=120GB", "cluster.gpus_per_job=4", "cluster.walltime=12:00:00", "cluster.jobs=3",
-                   "cluster.interface=lo"]).cluster
+    cfg = compose(
+        [
+            "cluster=slurm",
+            "cluster.queue=gpu",
+            "cluster.account=lab42",
+            "cluster.cores=16",
+            "cluster.memory=120GB",
+            "cluster.gpus_per_job=4",
+            "cluster.walltime=12:00:00",
+            "cluster.jobs=3",
+            "cluster.interface=lo",
+        ]
+    ).cluster
     client, cluster = dispatch.connect(cfg)
     try:
         wait_until(lambda: len(list(jobs.iterdir())) == 3, "three submitted jobs", timeout=60)
@@ -307,8 +381,15 @@ def test_slurm_jobs_ask_for_the_configured_resources(tmp_path, monkeypatch):
         dispatch.close(client, cluster)
     for script in jobs.iterdir():
         text = script.read_text()
-        for line in ("#SBATCH -p gpu", "#SBATCH -A lab42", "#SBATCH -n 1", "#SBATCH --cpus-per-task=16",
-                     "#SBATCH --mem=112G", "#SBATCH -t 12:00:00", "#SBATCH --gpus=4"):
+        for line in (
+            "#SBATCH -p gpu",
+            "#SBATCH -A lab42",
+            "#SBATCH -n 1",
+            "#SBATCH --cpus-per-task=16",
+            "#SBATCH --mem=112G",
+            "#SBATCH -t 12:00:00",
+            "#SBATCH --gpus=4",
+        ):
             assert line in text, (line, text)
         command = text.strip().splitlines()[-1]
         for arg in ("--nworkers 4", "--nthreads 4", "--resources GPU=1", "--preload pipeline.dispatch"):
@@ -328,9 +409,13 @@ def test_consecutive_steps_go_to_one_worker_each():
     ckpts = [Checkpoint(step=s, path=f"/r/{s}") for s in range(7)]
     plan = dispatch.stretches(ckpts, ["tcp://a", "tcp://b", "tcp://c"])
     assert [(c.step, n.step if n else None, w) for c, n, w in plan] == [
-        (0, 1, "tcp://a"), (1, None, "tcp://a"),
-        (2, 3, "tcp://b"), (3, 4, "tcp://b"), (4, None, "tcp://b"),
-        (5, 6, "tcp://c"), (6, None, "tcp://c"),
+        (0, 1, "tcp://a"),
+        (1, None, "tcp://a"),
+        (2, 3, "tcp://b"),
+        (3, 4, "tcp://b"),
+        (4, None, "tcp://b"),
+        (5, 6, "tcp://c"),
+        (6, None, "tcp://c"),
     ]
     assert [w for _, _, w in dispatch.stretches(ckpts[:2], ["tcp://a", "tcp://b", "tcp://c"])] == ["tcp://a", "tcp://b"]
 

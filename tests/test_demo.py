@@ -124,8 +124,9 @@ def test_the_chain_is_a_fixed_random_sparse_chain():
     task = demo_task(seed=0)
     assert demo_task(seed=0).triggers == task.triggers
     np.testing.assert_array_equal(demo_task(seed=0).successors, task.successors)
-    assert demo_task(seed=1).triggers != task.triggers or not np.array_equal(demo_task(seed=1).successors,
-                                                                             task.successors)
+    assert demo_task(seed=1).triggers != task.triggers or not np.array_equal(
+        demo_task(seed=1).successors, task.successors
+    )
     assert len(task.triggers) == DemoRecipe.n_triggers
     np.testing.assert_allclose(task.probs[1:].sum(axis=1), 1.0)
     for token in range(1, task.vocab_size):  # a few plain successors, plus every trigger

@@ -41,8 +41,10 @@ def test_digest_depends_on_the_tensors_only(tmp_path):
 
     # the definition in the module docstring, computed from the tensors themselves
     assert {v.dtype for v in saved.values()} == {torch.float32}
-    lines = "".join(f"{k} F32 {list(v.shape)} {hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest()}\n"
-                    for k, v in sorted(saved.items()))
+    lines = "".join(
+        f"{k} F32 {list(v.shape)} {hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest()}\n"
+        for k, v in sorted(saved.items())
+    )
     assert digest == hashlib.sha256(lines.encode()).hexdigest()
 
     # metadata and tensor order in the file do not count; one changed value does
@@ -65,8 +67,7 @@ def test_digest_of_a_damaged_file_names_it(tmp_path):
 def test_both_routes_record_the_same_digest(tmp_path):
     folder, _ = save_checkpoint(tmp_path / "c", seed=3, sharded=True)
     ckpt = Checkpoint(step=7, path=str(folder), weight_files=tuple(files(folder)), complete=True)
-    probe = Probe(name="p", kind="random", tokens=np.arange(2 * 16).reshape(2, 16) % 101, seed=0,
-                                   first_token="keep")
+    probe = Probe(name="p", kind="random", tokens=np.arange(2 * 16).reshape(2, 16) % 101, seed=0, first_token="keep")
     whole = replay(ckpt, probe, ReplaySettings(device="cpu", max_device_memory=None))
     layered = replay(ckpt, probe, ReplaySettings(device="cpu", max_device_memory="1KB"))
     assert str(whole.weights_digest.values) == str(layered.weights_digest.values) == weights_digest(files(folder))
@@ -82,8 +83,16 @@ def test_same_weights_are_flagged_in_summary_report_and_analysis(tmp_path, capsy
     save_checkpoint(root / "checkpoint-200", step=200, seed=2, sharded=True)
     backdate(root, 3600)
     store = str(tmp_path / "s.zarr")
-    cfg = compose([f"checkpoints.root={root}", "checkpoints.quiet_seconds=0", f"store.path={store}",
-                   "probe.rows=4", "probe.seq_len=16", f"report.out_dir={tmp_path / 'report'}"])
+    cfg = compose(
+        [
+            f"checkpoints.root={root}",
+            "checkpoints.quiet_seconds=0",
+            f"store.path={store}",
+            "probe.rows=4",
+            "probe.seq_len=16",
+            f"report.out_dir={tmp_path / 'report'}",
+        ]
+    )
     assert run(cfg) == 0
     out = capsys.readouterr().out
     flagged = [line for line in out.splitlines() if "identical weights" in line]
@@ -104,8 +113,16 @@ def test_no_flag_when_every_step_differs(tmp_path, capsys):
     for step in (1, 2):
         save_checkpoint(root / f"checkpoint-{step}", step=step, seed=step)
     store = str(tmp_path / "s.zarr")
-    cfg = compose([f"checkpoints.root={root}", "checkpoints.quiet_seconds=0", f"store.path={store}",
-                   "stages=[replay]", "probe.rows=4", "probe.seq_len=16"])
+    cfg = compose(
+        [
+            f"checkpoints.root={root}",
+            "checkpoints.quiet_seconds=0",
+            f"store.path={store}",
+            "stages=[replay]",
+            "probe.rows=4",
+            "probe.seq_len=16",
+        ]
+    )
     assert run(cfg) == 0
     assert "identical weights" not in capsys.readouterr().out
     ds = pipeline.open_sinks(store, group_name(store))
@@ -144,7 +161,9 @@ def test_checkpoints_of_other_formats_get_a_digest_too(tmp_path):
         tc.torchtitan_step(tmp_path / "run", step, model)
     a.config.to_json_file(tmp_path / "config.json")
     found = discover(str(tmp_path / "run"), quiet_seconds=0)
-    digests = [load_model(replace(c, model_config=str(tmp_path / "config.json")), dtype="float32")
-               .weights_digest.result() for c in found]
+    digests = [
+        load_model(replace(c, model_config=str(tmp_path / "config.json")), dtype="float32").weights_digest.result()
+        for c in found
+    ]
     assert [c.step for c in found] == [100, 200, 300]
     assert len(digests[0]) == 64 and digests[1] == digests[2] != digests[0]

@@ -33,6 +33,7 @@ def by_step(found):
 @pytest.fixture
 def no_unpickling(monkeypatch):
     """Fail the test if anything unpickles a file."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("a pickle was loaded")
 
@@ -234,8 +235,15 @@ def test_staging_folder_names(tmp_path, name):
 
 
 @pytest.mark.parametrize(
-    "marker", ["model.safetensors.tmp", "model-00001-of-00002.safetensors.partial", ".incomplete", "unfinished",
-               "tmpa8f3k2", "sub/x.tmp"],
+    "marker",
+    [
+        "model.safetensors.tmp",
+        "model-00001-of-00002.safetensors.partial",
+        ".incomplete",
+        "unfinished",
+        "tmpa8f3k2",
+        "sub/x.tmp",
+    ],
 )
 def test_marker_files_inside(tmp_path, marker):
     folder, _ = save_checkpoint(tmp_path / "checkpoint-6", step=6)
@@ -380,10 +388,23 @@ def test_file_url(tmp_path):
 def test_trainer_state_of_a_real_trainer_layout(tmp_path):
     """The fields the HF Trainer writes (TrainerState.save_to_json): only global_step and the token count matter."""
     folder, _ = save_checkpoint(tmp_path / "checkpoint-500", trainer_state=False, training_files=True)
-    state = {"best_global_step": None, "best_metric": None, "epoch": 1.0, "eval_steps": 500, "global_step": 500,
-             "is_hyper_param_search": False, "log_history": [{"loss": 2.1, "step": 500}], "max_steps": 1000,
-             "num_input_tokens_seen": 2048000, "num_train_epochs": 2, "save_steps": 500, "total_flos": 1.0,
-             "train_batch_size": 8, "trial_name": None, "trial_params": None}
+    state = {
+        "best_global_step": None,
+        "best_metric": None,
+        "epoch": 1.0,
+        "eval_steps": 500,
+        "global_step": 500,
+        "is_hyper_param_search": False,
+        "log_history": [{"loss": 2.1, "step": 500}],
+        "max_steps": 1000,
+        "num_input_tokens_seen": 2048000,
+        "num_train_epochs": 2,
+        "save_steps": 500,
+        "total_flos": 1.0,
+        "train_batch_size": 8,
+        "trial_name": None,
+        "trial_params": None,
+    }
     (folder / "trainer_state.json").write_text(json.dumps(state, indent=2))
     backdate(folder, 3600)
     [c] = discover(tmp_path)

@@ -29,15 +29,22 @@ EAGER_FAMILIES = {
     # ALiBi position biases, no position embedding
     "bloom": lambda: tf.BloomConfig(**SMALL, n_layer=2, n_head=4),
     # learned positions, a local (windowed) layer after a global one
-    "gpt_neo": lambda: tf.GPTNeoConfig(**SMALL, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
-                                       window_size=8, max_position_embeddings=128),
+    "gpt_neo": lambda: tf.GPTNeoConfig(
+        **SMALL,
+        num_layers=2,
+        num_heads=4,
+        attention_types=[[["global", "local"], 1]],
+        window_size=8,
+        max_position_embeddings=128,
+    ),
     # ALiBi, fused query/key/value projection
     "mpt": lambda: tf.MptConfig(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, max_seq_len=128),
     # learned positions, scaled embeddings
     "biogpt": lambda: tf.BioGptConfig(**SMALL, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96),
     # sinusoidal positions
-    "xglm": lambda: tf.XGLMConfig(vocab_size=VOCAB, d_model=64, num_layers=2, attention_heads=4, ffn_dim=96,
-                                  init_std=0.2),
+    "xglm": lambda: tf.XGLMConfig(
+        vocab_size=VOCAB, d_model=64, num_layers=2, attention_heads=4, ffn_dim=96, init_std=0.2
+    ),
 }
 
 
@@ -142,8 +149,17 @@ def test_cli_replays_stablelm_through_the_eager_route(layered, tmp_path):
             models[step].model.layers[0].mlp.down_proj.weight.mul_(step / 5)
         models[step].save_pretrained(root / f"checkpoint-{step}")
     extra = ["replay.max_device_memory=1KB"] if layered else []
-    cfg = compose([f"checkpoints.root={root}", "checkpoints.quiet_seconds=0", f"store.path={store}", "stages=[replay]",
-                   "probe.rows=4", f"probe.seq_len={SEQ_LEN}", *extra])
+    cfg = compose(
+        [
+            f"checkpoints.root={root}",
+            "checkpoints.quiet_seconds=0",
+            f"store.path={store}",
+            "stages=[replay]",
+            "probe.rows=4",
+            f"probe.seq_len={SEQ_LEN}",
+            *extra,
+        ]
+    )
     assert run(cfg) == 0
 
     tree = xr.open_datatree(store, engine="zarr")

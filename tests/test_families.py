@@ -13,8 +13,17 @@ SEQ_LEN, ROWS, VOCAB = 32, 3, 96
 FIRST = 5  # the probe's first token (not 0: some configs make 0 the padding index, which gets no gradient)
 WINDOW = 8  # shorter than SEQ_LEN, so key 0 leaves the window for later queries
 # Large init makes attention peaky (scores of a few units), so a wrong formula moves the numbers visibly.
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16, max_position_embeddings=128, initializer_range=0.2)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+    initializer_range=0.2,
+)
 
 
 def _no_gqa(**extra):
@@ -29,15 +38,39 @@ FAMILIES = {
     "qwen3_moe": lambda: tf.Qwen3MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
     "olmo2": lambda: tf.Olmo2Config(**COMMON),
     "gpt_neox": lambda: tf.GPTNeoXConfig(**_no_gqa(rotary_pct=0.25, use_parallel_residual=True)),
-    "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
-                                  initializer_range=0.2, scale_attn_by_inverse_layer_idx=True),
-    "gemma2": lambda: tf.Gemma2Config(**(COMMON | {"num_hidden_layers": 3}), sliding_window=WINDOW,
-                                      query_pre_attn_scalar=16, attn_logit_softcapping=2.0),
-    "gpt_oss": lambda: tf.GptOssConfig(**(COMMON | {"num_hidden_layers": 3}), sliding_window=WINDOW,
-                                       num_local_experts=4, num_experts_per_tok=2),
+    "gpt2": lambda: tf.GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=128,
+        initializer_range=0.2,
+        scale_attn_by_inverse_layer_idx=True,
+    ),
+    "gemma2": lambda: tf.Gemma2Config(
+        **(COMMON | {"num_hidden_layers": 3}),
+        sliding_window=WINDOW,
+        query_pre_attn_scalar=16,
+        attn_logit_softcapping=2.0,
+    ),
+    "gpt_oss": lambda: tf.GptOssConfig(
+        **(COMMON | {"num_hidden_layers": 3}), sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2
+    ),
 }
-EXPECTED = {"sink_mass", "entropy", "sink_mass_by_q", "key_mass", "key_norm_p0", "value_norm_p0", "key_norm",
-            "value_norm", "resid_norm_p0", "resid_norm", "resid_max_p0", "resid_median"}
+EXPECTED = {
+    "sink_mass",
+    "entropy",
+    "sink_mass_by_q",
+    "key_mass",
+    "key_norm_p0",
+    "value_norm_p0",
+    "key_norm",
+    "value_norm",
+    "resid_norm_p0",
+    "resid_norm",
+    "resid_max_p0",
+    "resid_median",
+}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add overhead
@@ -169,8 +202,10 @@ def test_sink_removed_pass_equals_edited_eager_attention(family):
     model = build(family)
     ids = probe()
     outs = {}
-    hooks = [b.register_forward_hook(lambda m, a, o, i=i: outs.update({i: (o[0] if isinstance(o, tuple) else o)}))
-             for i, b in enumerate(find_blocks(model))]
+    hooks = [
+        b.register_forward_hook(lambda m, a, o, i=i: outs.update({i: (o[0] if isinstance(o, tuple) else o)}))
+        for i, b in enumerate(find_blocks(model))
+    ]
     try:
         with torch.no_grad(), attention.removing_sink():
             model.base_model(input_ids=torch.as_tensor(ids), use_cache=False)
@@ -179,8 +214,12 @@ def test_sink_removed_pass_equals_edited_eager_attention(family):
             h.remove()  # before the reference copies the model, hooks included
     got = np.stack([outs[i].double().numpy() for i in range(len(outs))])
     diffs = []
-    want = eager_blocks(model, ids, remove_sink=True, compare=lambda mine, theirs: diffs.append(
-        float((mine.double() - theirs.double()).abs().max())))[2]
+    want = eager_blocks(
+        model,
+        ids,
+        remove_sink=True,
+        compare=lambda mine, theirs: diffs.append(float((mine.double() - theirs.double()).abs().max())),
+    )[2]
     kept = eager_blocks(model, ids)[2]
     # each attention call, on the same inputs: the edited matrix against sinkstats' removal
     assert len(diffs) == model.config.num_hidden_layers and max(diffs) < 1e-5, diffs
@@ -231,9 +270,16 @@ def test_refuses_layer_that_bypasses_attention_interface():
 
 def test_refuses_window_hidden_in_mask():
     # Qwen2-MoE applies its sliding window through the mask only; sinkstats never sees it.
-    config = tf.Qwen2MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                               shared_expert_intermediate_size=32, use_sliding_window=True, sliding_window=WINDOW,
-                               max_window_layers=2)
+    config = tf.Qwen2MoeConfig(
+        **COMMON,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+        use_sliding_window=True,
+        sliding_window=WINDOW,
+        max_window_layers=2,
+    )
     model = tf.AutoModelForCausalLM.from_config(config, attn_implementation=attention.ATTENTION_NAME).eval()
     with pytest.raises(attention.UnsupportedAttention, match="qwen2_moe.*sliding"):
         measure(model, probe())

@@ -1,6 +1,5 @@
 """Every fault a user meets beside a live training run ends in a clear message and a store with nothing lost."""
 
-import json
 import os
 import shutil
 import signal
@@ -23,8 +22,17 @@ GROUP = "random-T16-r4-s0-bos"
 
 
 def cfg_for(root, store, *extra):
-    return compose([f"checkpoints.root={root}", "checkpoints.quiet_seconds=0", f"store.path={store}",
-                    "stages=[replay]", "probe.rows=4", "probe.seq_len=16", *extra])
+    return compose(
+        [
+            f"checkpoints.root={root}",
+            "checkpoints.quiet_seconds=0",
+            f"store.path={store}",
+            "stages=[replay]",
+            "probe.rows=4",
+            "probe.seq_len=16",
+            *extra,
+        ]
+    )
 
 
 def files_of(store: Path) -> dict[str, bytes]:
@@ -84,11 +92,14 @@ def test_the_old_spelling_of_device_and_dtype_still_works():
     assert (cfg.replay.device, cfg.replay.dtype) == ("cpu", "bfloat16")
 
 
-@pytest.mark.parametrize("override,message", [
-    ("replay.batch_size=abc", "replay.batch_size=abc"),
-    ("replay.batchsize=3", "replay.batchsize: no such setting"),
-    ("probe.sq_len=3", "probe.sq_len: no such setting"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("replay.batch_size=abc", "replay.batch_size=abc"),
+        ("replay.batchsize=3", "replay.batchsize: no such setting"),
+        ("probe.sq_len=3", "probe.sq_len: no such setting"),
+    ],
+)
 def test_what_does_not_compose_is_named_in_one_line(override, message):
     problem = composition_problem("pipeline.conf", "config", [override])
     assert problem is not None and "\n" not in problem and message in problem, problem
@@ -120,10 +131,16 @@ def test_bad_paths_are_usage_errors(small_run, tmp_path, case, capsys):
 
 
 def test_the_command_line_says_it_in_one_line_with_exit_2(tmp_path):
-    for args, message in ([["replay.batch_size=abc"], "replay.batch_size=abc"],
-                          [["replay.batch_size=0"], "replay.batch_size=0"]):
-        res = subprocess.run([sys.executable, "-m", "pipeline", *args, f"store.path={tmp_path / 's.zarr'}"],
-                             capture_output=True, text=True, timeout=300)
+    for args, message in (
+        [["replay.batch_size=abc"], "replay.batch_size=abc"],
+        [["replay.batch_size=0"], "replay.batch_size=0"],
+    ):
+        res = subprocess.run(
+            [sys.executable, "-m", "pipeline", *args, f"store.path={tmp_path / 's.zarr'}"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert res.returncode == 2 and res.stderr.count("\n") == 1 and message in res.stderr, res.stderr
         assert "Traceback" not in res.stderr and not (tmp_path / "s.zarr").exists()
 
@@ -141,8 +158,16 @@ def test_a_root_without_checkpoints_names_the_layouts(tmp_path, capsys):
 def test_a_checkpoint_in_its_quiet_period_is_waited_for(tmp_path, capsys):
     root = tmp_path / "run"
     make_run(root, [0, 10, 20], age=0)  # just copied
-    cfg = compose([f"checkpoints.root={root}", "checkpoints.quiet_seconds=2", f"store.path={tmp_path / 's.zarr'}",
-                   "stages=[replay]", "probe.rows=4", "probe.seq_len=16"])
+    cfg = compose(
+        [
+            f"checkpoints.root={root}",
+            "checkpoints.quiet_seconds=2",
+            f"store.path={tmp_path / 's.zarr'}",
+            "stages=[replay]",
+            "probe.rows=4",
+            "probe.seq_len=16",
+        ]
+    )
     t0 = time.monotonic()
     assert run(cfg) == 0
     assert time.monotonic() - t0 >= 1.5
@@ -211,8 +236,14 @@ def test_zero_initialised_projections_are_not_suspect(tmp_path):
     from pipeline.weightfiles import check_written
 
     path = tmp_path / "model.safetensors"
-    save_file({"model.embed_tokens.weight": torch.randn(8, 4), "model.norm.weight": torch.ones(4),
-               "model.z_out_proj.weight": torch.zeros(64, 64)}, str(path))
+    save_file(
+        {
+            "model.embed_tokens.weight": torch.randn(8, 4),
+            "model.norm.weight": torch.ones(4),
+            "model.z_out_proj.weight": torch.zeros(64, 64),
+        },
+        str(path),
+    )
     check_written(str(path))  # a zero-initialised output layer last in the file is a real step-0 checkpoint
     save_file({"model.embed_tokens.weight": torch.randn(8, 4), "model.norm.weight": torch.zeros(4)}, str(path))
     check_written(str(path), "gemma2")  # norms that scale by (1 + weight) start at zero
@@ -305,8 +336,16 @@ def wait_for_done(store: Path, n: int, proc, timeout: float = 240) -> None:
 def test_an_interrupt_stops_between_steps_and_the_rerun_finishes(tmp_path, sig):
     root = tmp_path / "run"
     make_run(root, list(range(0, 120, 10)))
-    args = [sys.executable, "-m", "pipeline", f"checkpoints.root={root}", "checkpoints.quiet_seconds=0",
-            "stages=[replay]", "probe.rows=4", "probe.seq_len=16"]
+    args = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        f"checkpoints.root={root}",
+        "checkpoints.quiet_seconds=0",
+        "stages=[replay]",
+        "probe.rows=4",
+        "probe.seq_len=16",
+    ]
     store = tmp_path / "s.zarr"
     proc = subprocess.Popen([*args, f"store.path={store}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_done(store, 2, proc)
@@ -324,5 +363,6 @@ def test_an_interrupt_stops_between_steps_and_the_rerun_finishes(tmp_path, sig):
     assert subprocess.run([*args, f"store.path={store}"], capture_output=True, timeout=300).returncode == 0
     reference = tmp_path / "ref.zarr"
     assert run(cfg_for(root, reference)) == 0
-    xr.testing.assert_equal(pipeline.open_sinks(store, GROUP).load().drop_attrs(),
-                            pipeline.open_sinks(reference, GROUP).load().drop_attrs())
+    xr.testing.assert_equal(
+        pipeline.open_sinks(store, GROUP).load().drop_attrs(), pipeline.open_sinks(reference, GROUP).load().drop_attrs()
+    )

@@ -37,8 +37,7 @@ def test_family_matches_whole_model_and_reference(family, tmp_path):
     model.save_pretrained(tmp_path)
     ids = probe()
     got = measure_layered(tmp_path, ids, measures=MEASURES)
-    assert_stats_close(got, measure(model, ids, batch_size=2, key_positions=4, measures=MEASURES), rtol=1e-6,
-                       atol=1e-6)
+    assert_stats_close(got, measure(model, ids, batch_size=2, key_positions=4, measures=MEASURES), rtol=1e-6, atol=1e-6)
     assert_stats_close(got, reference_stats(model, ids, key_positions=4) | reference_extra(model, ids))
 
 
@@ -141,8 +140,15 @@ def test_budget_settings():
 def test_bad_budget_is_a_usage_error(trained_run, tmp_path, capsys):
     from pipeline.cli import compose, run
 
-    cfg = compose([f"checkpoints.root={trained_run}", "checkpoints.quiet_seconds=0", f"store.path={tmp_path / 's.zarr'}", "stages=[replay]",
-                   "replay.max_device_memory=lots"])
+    cfg = compose(
+        [
+            f"checkpoints.root={trained_run}",
+            "checkpoints.quiet_seconds=0",
+            f"store.path={tmp_path / 's.zarr'}",
+            "stages=[replay]",
+            "replay.max_device_memory=lots",
+        ]
+    )
     assert run(cfg) == 2
     assert "replay.max_device_memory='lots'" in capsys.readouterr().err
 

@@ -23,9 +23,20 @@ STEPS = list(range(0, 400, 10))  # 40 checkpoints
 
 
 def watch_args(root, store, *extra):
-    return [sys.executable, "-m", "pipeline", f"checkpoints.root={root}", "checkpoints.quiet_seconds=1",
-            f"store.path={store}", "stages=[replay]", "probe.rows=4", "probe.seq_len=16", "replay.watch=true",
-            "replay.poll_seconds=0.2", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline",
+        f"checkpoints.root={root}",
+        "checkpoints.quiet_seconds=1",
+        f"store.path={store}",
+        "stages=[replay]",
+        "probe.rows=4",
+        "probe.seq_len=16",
+        "replay.watch=true",
+        "replay.poll_seconds=0.2",
+        *extra,
+    ]
 
 
 class Trainer(threading.Thread):
@@ -48,7 +59,9 @@ class Trainer(threading.Thread):
                 weights = (src / "model.safetensors").read_bytes()
                 if i % 7 == 3:
                     (header_len,) = struct.unpack("<Q", weights[:8])
-                    (dst / "model.safetensors").write_bytes(weights[: 8 + header_len] + bytes(len(weights) - 8 - header_len))
+                    (dst / "model.safetensors").write_bytes(
+                        weights[: 8 + header_len] + bytes(len(weights) - 8 - header_len)
+                    )
                     time.sleep(2.5 if i == 10 else 0.2)
                 (dst / "model.safetensors").write_bytes(weights)
                 (dst / "trainer_state.json").write_bytes((src / "trainer_state.json").read_bytes())
@@ -82,14 +95,31 @@ def test_soak_watch_killed_at_random_equals_a_clean_replay(tmp_path):
     assert trainer.error is None and not trainer.is_alive()
     assert kills >= 2, "the trainer finished before the watcher was killed twice"
 
-    final = subprocess.run(watch_args(root, store, f"replay.until_step={STEPS[-1]}", "replay.idle_timeout=60"),
-                           capture_output=True, text=True, timeout=300)
+    final = subprocess.run(
+        watch_args(root, store, f"replay.until_step={STEPS[-1]}", "replay.idle_timeout=60"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert final.returncode == 0, final.stderr[-2000:]
     assert "reached replay.until_step" in final.stdout
 
     reference = tmp_path / "clean.zarr"
-    assert run(compose([f"checkpoints.root={root}", "checkpoints.quiet_seconds=0", f"store.path={reference}",
-                        "stages=[replay]", "probe.rows=4", "probe.seq_len=16"])) == 0
+    assert (
+        run(
+            compose(
+                [
+                    f"checkpoints.root={root}",
+                    "checkpoints.quiet_seconds=0",
+                    f"store.path={reference}",
+                    "stages=[replay]",
+                    "probe.rows=4",
+                    "probe.seq_len=16",
+                ]
+            )
+        )
+        == 0
+    )
     got, want = pipeline.open_sinks(store, GROUP).load(), pipeline.open_sinks(reference, GROUP).load()
     assert got.step.values.tolist() == STEPS and set(got.status.values.tolist()) == {"done"}
     xr.testing.assert_equal(got.drop_attrs(), want.drop_attrs())
@@ -100,8 +130,9 @@ def test_watch_stops_when_idle_and_says_what_it_waits_for(tmp_path):
     make_run(root, [0, 10])
     save_checkpoint(root / "checkpoint-20", step=20, age=0)
     (root / "checkpoint-20" / "model.safetensors").unlink()  # still being written: no weights yet
-    res = subprocess.run(watch_args(root, tmp_path / "s.zarr", "replay.idle_timeout=3"), capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run(
+        watch_args(root, tmp_path / "s.zarr", "replay.idle_timeout=3"), capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr
     assert "nothing new for" in res.stdout and "replay.idle_timeout" in res.stdout
     assert "waiting for step 20" in res.stderr  # the progress line
@@ -113,8 +144,9 @@ def test_two_runs_on_one_store_the_second_is_refused(tmp_path):
     root = tmp_path / "run"
     make_run(root, [0, 10])
     store = tmp_path / "s.zarr"
-    first = subprocess.Popen(watch_args(root, store, "replay.idle_timeout=120"), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        watch_args(root, store, "replay.idle_timeout=120"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.time() + 240
         while time.time() < deadline:  # the first run has replayed both and now waits for more
@@ -147,7 +179,7 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
         for _ in range(rng.randint(1, 8)):
             data[rng.randrange(len(data))] = rng.randrange(256)
     elif kind == 1:  # cut short
-        del data[rng.randrange(len(data) + 1):]
+        del data[rng.randrange(len(data) + 1) :]
     elif kind == 2:  # random junk
         data = bytearray(rng.randbytes(rng.randint(0, 64)))
     else:  # a plausible but wrong value
@@ -196,9 +228,18 @@ def test_fuzz_of_what_discovery_and_loading_read(tmp_path, capsys):
             path = target / name
             path.write_bytes(mutate(path.read_bytes(), rng))
         backdate(case, 3600)
-        status = run(compose([f"checkpoints.root={case}", "checkpoints.quiet_seconds=0",
-                              f"store.path={tmp_path / f's{cases}.zarr'}", "stages=[replay]", "probe.rows=2",
-                              "probe.seq_len=8"]))
+        status = run(
+            compose(
+                [
+                    f"checkpoints.root={case}",
+                    "checkpoints.quiet_seconds=0",
+                    f"store.path={tmp_path / f's{cases}.zarr'}",
+                    "stages=[replay]",
+                    "probe.rows=2",
+                    "probe.seq_len=8",
+                ]
+            )
+        )
         out = capsys.readouterr()
         assert status in (0, 1, 2), (name, status)
         if status == 1:  # the damaged step failed with a message that names the folder; the other one was stored

@@ -71,13 +71,19 @@ def test_weights_round_trip(tmp_path, sharded, dtype, tie):
 
 def test_single_file(tmp_path):
     folder, saved = save_checkpoint(tmp_path / "step1", dtype=torch.bfloat16)
-    assert sorted(os.listdir(folder)) == ["config.json", "generation_config.json", "model.safetensors",
-                                          "trainer_state.json"]
+    assert sorted(os.listdir(folder)) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "trainer_state.json",
+    ]
     assert_same_weights(load(folder, dtype="bfloat16"), saved, torch.bfloat16)
 
 
-@pytest.mark.parametrize("name, dtype", [("float16", torch.float16), ("fp16", torch.float16),
-                                         ("bf16", torch.bfloat16), (torch.float32, torch.float32)])
+@pytest.mark.parametrize(
+    "name, dtype",
+    [("float16", torch.float16), ("fp16", torch.float16), ("bf16", torch.bfloat16), (torch.float32, torch.float32)],
+)
 def test_explicit_dtype_is_honoured(tmp_path, name, dtype):
     folder, saved = save_checkpoint(tmp_path / "step1")
     assert_same_weights(load(folder, dtype=name), saved, dtype)
@@ -96,7 +102,9 @@ def test_auto_dtype_on_an_accelerator_is_the_checkpoints_own(tmp_path, monkeypat
 
     folder, _ = save_checkpoint(tmp_path / "step1", dtype=stored, sharded=True)
     seen = {}
-    monkeypatch.setattr(mod, "_from_pretrained", lambda folder, device, dtype, *a: seen.update(dtype=dtype) or torch.nn.Module())
+    monkeypatch.setattr(
+        mod, "_from_pretrained", lambda folder, device, dtype, *a: seen.update(dtype=dtype) or torch.nn.Module()
+    )
     load_model(ckpt(folder), device="cuda", attn_implementation="eager")
     assert seen["dtype"] == stored
     load_model(ckpt(folder), device="cpu", attn_implementation="eager")
@@ -150,12 +158,18 @@ def test_truncated_weights(tmp_path, sharded):
     truncate(bad)
     with pytest.raises(CheckpointError) as err:
         load(folder)
-    check_error(err, bad, f"{bad.name} is not a valid safetensors file", "incomplete metadata, file not fully covered",
-                "truncated")
+    check_error(
+        err,
+        bad,
+        f"{bad.name} is not a valid safetensors file",
+        "incomplete metadata, file not fully covered",
+        "truncated",
+    )
 
 
-@pytest.mark.parametrize("keep, says", [(0, "header too small"), (5, "header too small"),
-                                        (60, "invalid header length")])
+@pytest.mark.parametrize(
+    "keep, says", [(0, "header too small"), (5, "header too small"), (60, "invalid header length")]
+)
 def test_header_cut_short(tmp_path, keep, says):
     folder, _ = save_checkpoint(tmp_path / "step1")
     bad = truncate(folder / "model.safetensors", keep=keep)
@@ -235,8 +249,7 @@ def test_missing_tensor_is_not_left_random(tmp_path):
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError) as err:
         load(folder)
-    check_error(err, folder, "the safetensors files lack 1 of the model's weights (model.norm.weight)",
-                "random values")
+    check_error(err, folder, "the safetensors files lack 1 of the model's weights (model.norm.weight)", "random values")
 
 
 def test_tied_checkpoint_under_an_untied_config(tmp_path):
@@ -254,8 +267,12 @@ def test_unexpected_tensor(tmp_path):
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError) as err:
         load(folder)
-    check_error(err, folder, "hold 1 tensors the model built from config.json has no place for",
-                "model.layers.0.self_attn.q_proj.bias")
+    check_error(
+        err,
+        folder,
+        "hold 1 tensors the model built from config.json has no place for",
+        "model.layers.0.self_attn.q_proj.bias",
+    )
 
 
 def test_shapes_that_do_not_fit_the_config(tmp_path):
@@ -263,8 +280,12 @@ def test_shapes_that_do_not_fit_the_config(tmp_path):
     edit_config(folder, intermediate_size=48)
     with pytest.raises(CheckpointError) as err:
         load(folder)
-    check_error(err, folder, "6 weights do not fit config.json",
-                "model.layers.0.mlp.down_proj.weight is (32, 64) in the file but (32, 48) in the model")
+    check_error(
+        err,
+        folder,
+        "6 weights do not fit config.json",
+        "model.layers.0.mlp.down_proj.weight is (32, 64) in the file but (32, 48) in the model",
+    )
 
 
 # ------------------------------------------------------------------------------------------ bad config
@@ -301,8 +322,12 @@ def test_config_transformers_rejects(tmp_path):
     edit_config(folder, num_attention_heads=5)  # 32 is not divisible by 5
     with pytest.raises(CheckpointError) as err:
         load(folder)
-    check_error(err, folder / "config.json", "transformers rejects it:",
-                "The hidden size (32) is not a multiple of the number of attention heads (5)")
+    check_error(
+        err,
+        folder / "config.json",
+        "transformers rejects it:",
+        "The hidden size (32) is not a multiple of the number of attention heads (5)",
+    )
     assert err.value.__cause__ is not None  # the original error stays attached for debugging
 
 
@@ -311,8 +336,13 @@ def test_unknown_architecture(tmp_path):
     path = break_config(folder, "unknown_type")
     with pytest.raises(CheckpointError) as err:
         load(folder)
-    check_error(err, path, "unknown model_type 'sinktrace_mystery'", "does not know this architecture",
-                "remote code is off (replay.trust_remote_code=false)")
+    check_error(
+        err,
+        path,
+        "unknown model_type 'sinktrace_mystery'",
+        "does not know this architecture",
+        "remote code is off (replay.trust_remote_code=false)",
+    )
     with pytest.raises(CheckpointError) as err:
         load(folder, trust_remote_code=True)
     check_error(err, path, "auto_map names no AutoConfig or AutoModelForCausalLM")
@@ -345,8 +375,13 @@ def test_remote_code_only_when_trusted(tmp_path, modules_cache):
     make_remote_code(folder)
     with pytest.raises(CheckpointError) as err:
         load(folder)
-    check_error(err, folder / "config.json", "unknown model_type 'sinktrace_remote'",
-                "replay.trust_remote_code=false", "set replay.trust_remote_code=true to run it")
+    check_error(
+        err,
+        folder / "config.json",
+        "unknown model_type 'sinktrace_remote'",
+        "replay.trust_remote_code=false",
+        "set replay.trust_remote_code=true to run it",
+    )
     model = load(folder, trust_remote_code=True)
     assert type(model).__name__ == "MysteryForCausalLM"
     assert_same_weights(model, saved, torch.float32)
@@ -373,8 +408,14 @@ def test_fingerprint_is_the_architecture(tmp_path):
     assert len(fa) == 64 and int(fa, 16) >= 0
 
     raw = read_config(ckpt(a))
-    noisy = {**raw, "transformers_version": "9.9.9", "_name_or_path": "/else", "torch_dtype": "float16",
-             "use_cache": False, "_attn_implementation_autoset": True}
+    noisy = {
+        **raw,
+        "transformers_version": "9.9.9",
+        "_name_or_path": "/else",
+        "torch_dtype": "float16",
+        "use_cache": False,
+        "_attn_implementation_autoset": True,
+    }
     assert config_fingerprint(noisy) == fa
     assert config_fingerprint({**raw, "rms_norm_eps": 1e-5}) != fa
     # a config.json that leaves a default out describes the same network as one that spells it out

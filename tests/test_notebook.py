@@ -24,30 +24,33 @@ def _run(store: Path, monkeypatch) -> nbformat.NotebookNode:
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nb.cells.insert(0, nbformat.v4.new_code_cell("import sys; print(sys.executable)"))
-    client = NotebookClient(nb, kernel_name="python3", timeout=120,
-                            resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+    client = NotebookClient(
+        nb, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    )
     client.execute()  # raises CellExecutionError on the first failing cell
     return nb
 
 
 def _images(nb) -> int:
-    return sum("image/png" in out.get("data", {})
-               for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs)
+    return sum(
+        "image/png" in out.get("data", {}) for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
+    )
 
 
 def _text(nb) -> str:
-    return "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
-                   for out in cell.outputs)
+    return "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs)
 
 
 def test_notebook_runs_on_a_store_with_both_first_token_groups(tmp_path, monkeypatch):
-    store = write_store(tmp_path / "sinks.zarr",
-                        {"r64-keep": realistic_cube("keep"), "r64-random": realistic_cube("random")})
+    store = write_store(
+        tmp_path / "sinks.zarr", {"r64-keep": realistic_cube("keep"), "r64-random": realistic_cube("random")}
+    )
     nb = _run(store, monkeypatch)
     printed = nb.cells[0].outputs[0]["text"].strip()
     assert os.path.realpath(printed) == os.path.realpath(sys.executable)
-    assert not [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
-                if out.output_type == "error"]
+    assert not [
+        out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs if out.output_type == "error"
+    ]
     assert _images(nb) == 6  # one figure per question, the first-token comparison included
     text = _text(nb)
     assert "group 'r64-keep'" in text and "19 of 20 steps done" in text

@@ -29,8 +29,12 @@ def s3():
     host, port = server.get_host_and_port()
     try:
         with pytest.MonkeyPatch.context() as mp:
-            for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+            for key, value in {
+                "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+            }.items():
                 mp.setenv(key, value)
             s3fs.S3FileSystem.clear_instance_cache()
             fs = s3fs.S3FileSystem()
@@ -51,8 +55,14 @@ def runs(s3, tmp_path_factory):
 
 
 def replay_args(root, store, *extra):
-    return [f"checkpoints.root={root}", "checkpoints.quiet_seconds=0", f"store.path={store}", "stages=[replay]",
-            *PROBE, *extra]
+    return [
+        f"checkpoints.root={root}",
+        "checkpoints.quiet_seconds=0",
+        f"store.path={store}",
+        "stages=[replay]",
+        *PROBE,
+        *extra,
+    ]
 
 
 def test_run_from_and_into_s3_equals_a_local_run(runs, s3, tmp_path, monkeypatch):
@@ -109,8 +119,11 @@ def test_layered_replay_from_s3_reads_the_tensors_it_needs_by_byte_ranges(s3, tm
     import pipeline.layered
 
     local_folder = pipeline.layered.local_folder
-    monkeypatch.setattr(pipeline.layered, "local_folder", lambda path, weights=True: (
-        pytest.fail(f"{path} copied whole") if weights else local_folder(path, weights)))
+    monkeypatch.setattr(
+        pipeline.layered,
+        "local_folder",
+        lambda path, weights=True: pytest.fail(f"{path} copied whole") if weights else local_folder(path, weights),
+    )
 
     ids = np.random.default_rng(0).integers(0, 101, size=(2, 16))
     import torch

@@ -18,7 +18,9 @@ def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(REPO)],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     (whl,) = out.glob("sinktrace-*.whl")
     return whl
@@ -39,17 +41,33 @@ def installed(wheel, tmp_path_factory) -> Path:
     """A fresh virtual environment with the wheel installed; the dependencies come from this environment."""
     venv = tmp_path_factory.mktemp("venv") / "env"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    site = Path(subprocess.run(
-        [venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
     # the test environment's packages, but not its editable sinktrace: a .pth line adds a folder to sys.path
     # without running the .pth files inside it, which is where an editable install hooks in
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q", "--no-deps",
-         "--no-index", str(wheel)],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(venv / "bin" / "python"),
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return venv
 
@@ -72,18 +90,34 @@ def test_the_installed_command_runs_from_anywhere(installed, trained_run, tmp_pa
     assert help_.returncode == 0, help_.stderr
     assert "checkpoints" in help_.stdout and "replay" in help_.stdout
 
-    composed = run_installed([python, "-c", (
-        "from pipeline.cli import compose; cfg = compose(['replay.batch_size=4', 'probe.seq_len=32']); "
-        "print(cfg.replay.batch_size, cfg.probe.seq_len, cfg.store.path)"
-    )], elsewhere)
+    composed = run_installed(
+        [
+            python,
+            "-c",
+            (
+                "from pipeline.cli import compose; cfg = compose(['replay.batch_size=4', 'probe.seq_len=32']); "
+                "print(cfg.replay.batch_size, cfg.probe.seq_len, cfg.store.path)"
+            ),
+        ],
+        elsewhere,
+    )
     assert composed.returncode == 0, composed.stderr
     assert composed.stdout.split() == ["4", "32", "None"]
 
     store = tmp_path / "s.zarr"
-    replayed = run_installed([
-        sinktrace, f"checkpoints.root={trained_run}", "checkpoints.quiet_seconds=0", f"store.path={store}",
-        "stages=[replay]", "probe.rows=4", "probe.seq_len=16", "replay.steps=[0,150]",
-    ], elsewhere)
+    replayed = run_installed(
+        [
+            sinktrace,
+            f"checkpoints.root={trained_run}",
+            "checkpoints.quiet_seconds=0",
+            f"store.path={store}",
+            "stages=[replay]",
+            "probe.rows=4",
+            "probe.seq_len=16",
+            "replay.steps=[0,150]",
+        ],
+        elsewhere,
+    )
     assert replayed.returncode == 0, replayed.stdout + replayed.stderr
     ds = xr.open_datatree(store, engine="zarr")["random-T16-r4-s0-bos"].to_dataset()
     assert ds.status.values.tolist() == ["done", "done"]

@@ -11,8 +11,14 @@ from pipeline import analysis as an
 from pipeline.report import default_out_dir, summary_table, write_report
 from tests.cubes import constant_cube, realistic_cube, write_store
 
-GROUP_FIGURES = ("sink_mass_heatmap.png", "emergence_curves.png", "heads_last_step.png",
-                 "sink_by_query.png", "training_overview.png", "massive_activations.png")
+GROUP_FIGURES = (
+    "sink_mass_heatmap.png",
+    "emergence_curves.png",
+    "heads_last_step.png",
+    "sink_by_query.png",
+    "training_overview.png",
+    "massive_activations.png",
+)
 
 
 def assert_png(path) -> None:
@@ -49,14 +55,14 @@ def test_report_writes_figures_and_page_with_the_numbers(pair_store):
 
     # The cube is built so that layers 0, 1, 2 emerge at 3000, 5000, 8000 and layer 3 never.
     assert list(an.emergence_step(keep).values[:3]) == [3000, 5000, 8000]
-    rows = re.findall(r"<tr><td>(\d)</td><td>([\d.]+)</td><td>([\d.]+)</td><td>([^<]+)</td><td>([^<]+)</td></tr>",
-                      text)
+    rows = re.findall(r"<tr><td>(\d)</td><td>([\d.]+)</td><td>([\d.]+)</td><td>([^<]+)</td><td>([^<]+)</td></tr>", text)
     assert len(rows) == 8  # four layers for each group, keep first (groups are sorted by name)
     keep_rows = rows[:4]
     mass = an.layer_sink_mass(keep)
     first, last = mass.isel(step=0).values, mass.isel(step=-1).values
-    expected = [(str(i), f"{first[i]:.3f}", f"{last[i]:.3f}", e, e)
-                for i, e in enumerate(["3000", "5000", "8000", "—"])]
+    expected = [
+        (str(i), f"{first[i]:.3f}", f"{last[i]:.3f}", e, e) for i, e in enumerate(["3000", "5000", "8000", "—"])
+    ]
     assert keep_rows == expected
     # Scalars: the sink rate at the last step (18 of 24 heads), the convergence step, the failed step.
     assert f"{100 * float(an.sink_rate(keep).isel(step=-1)):.1f} %" == "75.0 %"
@@ -87,12 +93,29 @@ def test_report_single_group_explicit_out_dir_and_empty_group(tmp_path):
 
 
 def test_summary_table_text():
-    ds = constant_cube([[0.1, 0.4, 0.2, 0.5], [0.05, 0.05, 0.05, 0.05]], steps=(0, 100, 300, 1000),
-                       status=["done", "done", "done", "done"])
+    ds = constant_cube(
+        [[0.1, 0.4, 0.2, 0.5], [0.05, 0.05, 0.05, 0.05]],
+        steps=(0, 100, 300, 1000),
+        status=["done", "done", "done", "done"],
+    )
     table = summary_table(ds, eps=0.3)
     lines = table.splitlines()
-    assert lines[0].split() == ["layer", "mass", "@", "0", "mass", "@", "1000", "first", ">", "0.3",
-                                "stays", ">", "0.3", "from"]
+    assert lines[0].split() == [
+        "layer",
+        "mass",
+        "@",
+        "0",
+        "mass",
+        "@",
+        "1000",
+        "first",
+        ">",
+        "0.3",
+        "stays",
+        ">",
+        "0.3",
+        "from",
+    ]
     assert lines[1].split() == ["0", "0.100", "0.500", "100", "1000"]
     assert lines[2].split() == ["1", "0.050", "0.050", "—", "—"]
     assert "4 done" in lines[3] and "50.0 % of heads" in lines[3]

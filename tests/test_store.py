@@ -25,8 +25,16 @@ ATTRS = {"probe": "random", "seed": 0, "config": "probe:\n  name: random\n", "ve
 FEW = ("sink_mass", "sink_mass_by_q", "key_mass", "key_norm_p0", "resid_norm")
 
 
-def step_ds(step: int, layers: int = 2, heads: int = 4, kv_heads: int = 2, keys: int = 4,
-            seq_len: int = 16, architecture: str = "llama", full: bool = False) -> xr.Dataset:
+def step_ds(
+    step: int,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    keys: int = 4,
+    seq_len: int = 16,
+    architecture: str = "llama",
+    full: bool = False,
+) -> xr.Dataset:
     """One step's statistics shaped as replay returns them, with values unique to the step."""
     rng = np.random.default_rng(step)
     edges = [1, *(2**i for i in range(1, int(np.log2(seq_len)))), seq_len]
@@ -38,15 +46,20 @@ def step_ds(step: int, layers: int = 2, heads: int = 4, kv_heads: int = 2, keys:
             "entropy": (lh, rng.random((layers, heads))),
             "sink_mass_by_q": ((*lh, "qbin"), rng.random((layers, heads, nb))),
             "key_mass": ((*lh, "key"), rng.random((layers, heads, keys))),
-            **{k: (lk, rng.random((layers, kv_heads)))
-               for k in ("key_norm_p0", "value_norm_p0", "key_norm", "value_norm")},
-            **{k: (ln, rng.random(layers))
-               for k in ("resid_norm_p0", "resid_norm", "resid_max_p0", "resid_median")},
+            **{
+                k: (lk, rng.random((layers, kv_heads)))
+                for k in ("key_norm_p0", "value_norm_p0", "key_norm", "value_norm")
+            },
+            **{k: (ln, rng.random(layers)) for k in ("resid_norm_p0", "resid_norm", "resid_max_p0", "resid_median")},
         },
         coords={
-            "layer": np.arange(layers), "head": np.arange(heads), "kv_head": np.arange(kv_heads),
-            "key": np.arange(keys), "qbin": np.arange(nb),
-            "qbin_start": ("qbin", edges[:-1]), "qbin_stop": ("qbin", edges[1:]),
+            "layer": np.arange(layers),
+            "head": np.arange(heads),
+            "kv_head": np.arange(kv_heads),
+            "key": np.arange(keys),
+            "qbin": np.arange(nb),
+            "qbin_start": ("qbin", edges[:-1]),
+            "qbin_stop": ("qbin", edges[1:]),
         },
         attrs={"architecture": architecture, "config_fingerprint": "f" * 16},
     )
@@ -73,14 +86,14 @@ def load(path, group="random") -> xr.Dataset:
 
 def check_step(ds: xr.Dataset, step: int, full: bool = False) -> None:
     """The stored step equals what was written, bit for bit."""
-    got = ds.sel(step=step).drop_vars(["step", "tokens_seen", "loss", "status", "error", "weights_digest"],
-                                      errors="ignore")
+    got = ds.sel(step=step).drop_vars(
+        ["step", "tokens_seen", "loss", "status", "error", "weights_digest"], errors="ignore"
+    )
     xr.testing.assert_identical(got.drop_attrs(), step_ds(step, full=full).drop_attrs())
 
 
 def files(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 class Killed(BaseException):
@@ -175,8 +188,7 @@ raise SystemExit("not killed")
 
 
 def run_killed(path, body: str) -> None:
-    code = KILLED_WRITER.format(repo=str(REPO), tests=str(REPO / "tests"), path=str(path),
-                                body=textwrap.dedent(body))
+    code = KILLED_WRITER.format(repo=str(REPO), tests=str(REPO / "tests"), path=str(path), body=textwrap.dedent(body))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
 
@@ -185,7 +197,9 @@ def test_sigkill_mid_write_step(tmp_path):
     ref, path = tmp_path / "ref.zarr", tmp_path / "s.zarr"
     run(ref, [5, 6, 7])
     run(path, [5, 6])
-    run_killed(path, """
+    run_killed(
+        path,
+        """
         original = SinkStore._write_strings
         def kill_after_data(self, i, **values):
             if values.get("error") == "":
@@ -194,7 +208,8 @@ def test_sigkill_mid_write_step(tmp_path):
         SinkStore._write_strings = kill_after_data
         store.prepare([5, 6, 7], attrs=ATTRS)
         store.write_step(7, step_ds(7))
-    """)
+    """,
+    )
     ds = load(path)
     assert ds["status"].values.tolist() == ["done", "done", "pending"]
     check_step(ds, 5)
@@ -209,7 +224,9 @@ def test_sigkill_while_inserting_a_middle_step(tmp_path):
     run(ref, [200])
     run(path, [100, 300])
     # the worst moment: the real group wiped, the complete staging copy not yet copied back
-    run_killed(path, """
+    run_killed(
+        path,
+        """
         original = SinkStore._write_group
         def kill_while_overwriting(self, ds, name):
             if name == self.group:
@@ -218,7 +235,8 @@ def test_sigkill_while_inserting_a_middle_step(tmp_path):
             original(self, ds, name)
         SinkStore._write_group = kill_while_overwriting
         store.prepare([200], attrs=ATTRS)
-    """)
+    """,
+    )
     assert not list(zarr.open_group(path, mode="r", path="random").array_keys())
     ds = load(path)  # readers take the complete staging copy
     assert ds["step"].values.tolist() == [100, 200, 300]
@@ -249,8 +267,11 @@ def test_append_interrupted_mid_resize_rolls_back(tmp_path, monkeypatch):
     with pytest.raises(Killed):
         SinkStore(path, "random").prepare([3, 4], attrs=ATTRS)
     monkeypatch.setattr(zarr.Array, "resize", original)
-    shapes = {a.shape[0] for _, a in zarr.open_group(path, mode="r", path="random").arrays()
-              if a.metadata.dimension_names[0] == "step"}
+    shapes = {
+        a.shape[0]
+        for _, a in zarr.open_group(path, mode="r", path="random").arrays()
+        if a.metadata.dimension_names[0] == "step"
+    }
     assert shapes == {2, 4}  # left half resized: the journal must undo it
     assert SinkStore(path, "random").status() == {1: "done", 2: "done"}
     xr.testing.assert_identical(load(path), before)
@@ -307,8 +328,7 @@ def test_mark_failed_keeps_data(tmp_path):
     store.mark_failed(2, "rerun failed: out of memory")
     ds = load(path)
     assert ds["status"].values.tolist() == ["done", "failed", "done", "failed"]
-    assert ds["error"].values.tolist() == ["", "rerun failed: out of memory", "",
-                                           "model.safetensors: truncated header"]
+    assert ds["error"].values.tolist() == ["", "rerun failed: out of memory", "", "model.safetensors: truncated header"]
     for s in (1, 2, 3):
         check_step(ds, s)
     assert np.isnan(ds["sink_mass"].sel(step=4)).all()
@@ -381,8 +401,15 @@ def test_every_step_variable_is_one_step_per_chunk(tmp_path):
     run(path, [0])
     group = zarr.open_group(path, mode="r", path="random")
     step_arrays = {name: a for name, a in group.arrays() if a.metadata.dimension_names[0] == "step"}
-    assert set(step_arrays) == {*step_ds(0).data_vars, "step", "tokens_seen", "loss", "status", "error",
-                                "weights_digest"}
+    assert set(step_arrays) == {
+        *step_ds(0).data_vars,
+        "step",
+        "tokens_seen",
+        "loss",
+        "status",
+        "error",
+        "weights_digest",
+    }
     for name, a in step_arrays.items():
         assert a.shape[0] == 5 and a.chunks == (1, *a.shape[1:]), name
         assert a.metadata.to_dict()["codecs"][0]["name"] != "sharding_indexed", name
@@ -416,7 +443,13 @@ def test_first_write_interrupted_while_creating_variables(tmp_path, monkeypatch)
     store = SinkStore(path, "random")
     assert store.status() == {1: "failed", 2: "pending"}
     assert sorted(zarr.open_group(path, mode="r", path="random").array_keys()) == [
-        "error", "loss", "status", "step", "tokens_seen", "weights_digest"]
+        "error",
+        "loss",
+        "status",
+        "step",
+        "tokens_seen",
+        "weights_digest",
+    ]
     store.write_step(2, step_ds(2))
     xr.testing.assert_identical(load(path), load(ref))
 

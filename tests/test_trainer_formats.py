@@ -62,7 +62,9 @@ def test_torchtitan_run(tmp_path):
     tc.torchtitan_step(tmp_path / "run", 200, b, release="0.3")
     found = one(tmp_path / "run")
     assert [(c.step, c.format, c.step_source, c.complete) for c in found] == [
-        (100, "dcp", "folder name", True), (200, "dcp", "folder name", True)]
+        (100, "dcp", "folder name", True),
+        (200, "dcp", "folder name", True),
+    ]
     config = config_file(a, tmp_path / "config.json")
     assert_matches(found[0], a, model_config=config)
     assert_matches(found[1], b, model_config=config, key_map="torchtitan_llama")
@@ -76,8 +78,10 @@ def test_dcp_safetensors_flavour(tmp_path):
     folder = tmp_path / "run" / "step-7"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        dcp.save(tc.torchtitan_names(model), storage_writer=FileSystemWriter(
-            str(folder), serialization_format=SerializationFormat.SAFETENSORS))
+        dcp.save(
+            tc.torchtitan_names(model),
+            storage_writer=FileSystemWriter(str(folder), serialization_format=SerializationFormat.SAFETENSORS),
+        )
     [c] = one(tmp_path / "run")
     assert c.format == "dcp"
     assert_matches(c, model, model_config=config_file(model, tmp_path / "config.json"))
@@ -149,7 +153,9 @@ def test_olmo_core_run_written_by_olmo_core(tmp_path):
     root, references = tc.olmo_run(tmp_path / "run", [10, 20])
     found = one(root)
     assert [(c.step, c.format, c.step_source) for c in found] == [
-        (10, "dcp", "folder name"), (20, "dcp", "folder name")]
+        (10, "dcp", "folder name"),
+        (20, "dcp", "folder name"),
+    ]
     assert found[0].weight_files[0].endswith("model_and_optim")
     for c in found:  # the config comes from OLMo-core's own config.json in the step folder
         assert_matches(c, references[c.step])
@@ -171,7 +177,9 @@ def test_nanochat_run(tmp_path):
     tc.nanochat_checkpoint(tmp_path / "d2", 1000, b)
     found = one(tmp_path / "d2")
     assert [(c.step, c.format, c.step_source) for c in found] == [
-        (500, "torch", "file name"), (1000, "torch", "file name")]
+        (500, "torch", "file name"),
+        (1000, "torch", "file name"),
+    ]
     assert_matches(found[0], a)
     assert_matches(found[1], b)
 
@@ -210,8 +218,19 @@ def test_sinktrace_replays_unconverted_runs(tmp_path):
     tc.torchtitan_step(tmp_path / "titan", 5, llama)
     store = tmp_path / "titan.zarr"
     config = config_file(llama, tmp_path / "config.json")
-    assert run(compose([f"checkpoints.root={tmp_path / 'titan'}", f"store.path={store}", *base,
-                        f"checkpoints.model_config={config}"])) == 0
+    assert (
+        run(
+            compose(
+                [
+                    f"checkpoints.root={tmp_path / 'titan'}",
+                    f"store.path={store}",
+                    *base,
+                    f"checkpoints.model_config={config}",
+                ]
+            )
+        )
+        == 0
+    )
     tree = xr.open_datatree(store, engine="zarr")
     (name,) = tree.children
     ds = tree[name].to_dataset()
@@ -221,8 +240,14 @@ def test_sinktrace_replays_unconverted_runs(tmp_path):
 
 def test_a_run_that_does_not_describe_its_model_is_a_usage_error(tmp_path, capsys):
     tc.torchtitan_step(tmp_path / "run", 5, tc.llama())
-    cfg = compose([f"checkpoints.root={tmp_path / 'run'}", "checkpoints.quiet_seconds=0",
-                   f"store.path={tmp_path / 's.zarr'}", "stages=[replay]"])
+    cfg = compose(
+        [
+            f"checkpoints.root={tmp_path / 'run'}",
+            "checkpoints.quiet_seconds=0",
+            f"store.path={tmp_path / 's.zarr'}",
+            "stages=[replay]",
+        ]
+    )
     assert run(cfg) == 2
     assert "checkpoints.model_config" in capsys.readouterr().err
     assert not (tmp_path / "s.zarr").exists()
@@ -281,8 +306,11 @@ def test_map_leaving_tensors_unused_lists_them(tmp_path):
     tc._dcp_save(names, tmp_path / "run" / "step-1")
     [c] = one(tmp_path / "run")
     config = config_file(model, tmp_path / "config.json")
-    with pytest.raises(CheckpointError, match=r"key map torchtitan_llama leaves 1 tensors unused "
-                                              r"\(layers\.0\.attention\.wq_extra\.weight\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"key map torchtitan_llama leaves 1 tensors unused "
+        r"\(layers\.0\.attention\.wq_extra\.weight\)",
+    ):
         load_model(replace(c, model_config=config))
     with pytest.raises(CheckpointError, match=r"key map megatron_gpt leaves 22 tensors unused"):
         load_model(replace(c, model_config=config, key_map="megatron_gpt"))
@@ -294,8 +322,11 @@ def test_model_tensor_nothing_fills_is_named(tmp_path):
     del names["layers.1.ffn_norm.weight"]
     tc._dcp_save(names, tmp_path / "run" / "step-1")
     [c] = one(tmp_path / "run")
-    with pytest.raises(CheckpointError, match=r"nothing in the checkpoint fills 1 of the model's tensors "
-                                              r"\(model\.layers\.1\.post_attention_layernorm\.weight\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"nothing in the checkpoint fills 1 of the model's tensors "
+        r"\(model\.layers\.1\.post_attention_layernorm\.weight\)",
+    ):
         load_model(replace(c, model_config=config_file(model, tmp_path / "config.json")))
 
 
@@ -339,6 +370,9 @@ def test_torch_file_with_a_tensor_the_map_does_not_know(tmp_path):
     sd = torch.load(path, weights_only=True)
     torch.save({**sd, "transformer.h.0.attn.c_gate.weight": torch.ones(2)}, path)
     [c] = one(tmp_path / "d2")
-    with pytest.raises(CheckpointError, match=r"key map nanochat leaves 1 tensors unused "
-                                              r"\(transformer\.h\.0\.attn\.c_gate\.weight\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"key map nanochat leaves 1 tensors unused "
+        r"\(transformer\.h\.0\.attn\.c_gate\.weight\)",
+    ):
         load_model(c)

@@ -63,8 +63,11 @@ def torchtitan_names(model, *, release: str = "0.2") -> dict[str, torch.Tensor]:
     """torchtitan's Llama 3 state dict; from release 0.3 on, wq/wk/wv sit under attention.qkv_linear and the output
     projection is lm_head (torchtitan/models/llama3/state_dict_adapter.py)."""
     c, sd = model.config, hf_state(model)
-    out = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
-           "output.weight": sd["lm_head.weight"]}
+    out = {
+        "tok_embeddings.weight": sd["model.embed_tokens.weight"],
+        "norm.weight": sd["model.norm.weight"],
+        "output.weight": sd["lm_head.weight"],
+    }
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
         out |= {
@@ -79,8 +82,10 @@ def torchtitan_names(model, *, release: str = "0.2") -> dict[str, torch.Tensor]:
             f"layers.{i}.ffn_norm.weight": sd[p + "post_attention_layernorm.weight"],
         }
     if release >= "0.3":
-        out = {k.replace(".attention.w", ".attention.qkv_linear.w").replace("qkv_linear.wo", "wo"): v
-               for k, v in out.items()}
+        out = {
+            k.replace(".attention.w", ".attention.qkv_linear.w").replace("qkv_linear.wo", "wo"): v
+            for k, v in out.items()
+        }
         out["lm_head.weight"] = out.pop("output.weight")
     return out
 
@@ -89,8 +94,16 @@ def torchtitan_step(root, step: int, model, *, release: str = "0.2", age: float 
     """`<dump>/checkpoint/step-<N>/` as torchtitan's CheckpointManager saves it mid-run."""
     folder = Path(root) / f"step-{step}"
     model_sd = torchtitan_names(model, release=release)
-    _dcp_save({**model_sd, "optimizer": _adam_state(model_sd), "lr_scheduler": {"lr_scheduler_0": {"step": step}},
-               "dataloader": {"dp_rank_0": b"state"}, "train_state": {"step": step}}, folder)
+    _dcp_save(
+        {
+            **model_sd,
+            "optimizer": _adam_state(model_sd),
+            "lr_scheduler": {"lr_scheduler_0": {"step": step}},
+            "dataloader": {"dp_rank_0": b"state"},
+            "train_state": {"step": step},
+        },
+        folder,
+    )
     backdate(folder, age)
     return folder
 
@@ -125,8 +138,11 @@ def megatron_names(model) -> dict[str, torch.Tensor]:
         pre + "self_attention.linear_qkv.weight": stack(qkv),
         pre + "self_attention.linear_proj.weight": layer("self_attn.o_proj.weight"),
         pre + "mlp.linear_fc1.layer_norm_weight": layer("post_attention_layernorm.weight"),
-        pre + "mlp.linear_fc1.weight": stack(lambda i: torch.cat(
-            [sd[f"model.layers.{i}.mlp.gate_proj.weight"], sd[f"model.layers.{i}.mlp.up_proj.weight"]])),
+        pre + "mlp.linear_fc1.weight": stack(
+            lambda i: torch.cat(
+                [sd[f"model.layers.{i}.mlp.gate_proj.weight"], sd[f"model.layers.{i}.mlp.up_proj.weight"]]
+            )
+        ),
         pre + "mlp.linear_fc2.weight": layer("mlp.down_proj.weight"),
         "decoder.final_layernorm.weight": sd["model.norm.weight"],
         "output_layer.weight": sd["lm_head.weight"],
@@ -138,12 +154,25 @@ def megatron_iteration(root, iteration: int, model, *, tracker: bool = True, age
     root = Path(root)
     folder = root / f"iter_{iteration:07d}"
     model_sd = megatron_names(model)
-    optim = {f"optimizer.state.{m}.{k}": torch.full_like(v, 3.0) for k, v in model_sd.items()
-             for m in ("exp_avg", "exp_avg_sq")}
-    _dcp_save({**model_sd, **optim, "rng_state": b"rng",
-               "decoder.layers.self_attention.linear_qkv._extra_state": b"te"}, folder)
-    (folder / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
-                                                       "common_backend": "torch", "common_backend_version": 1}))
+    optim = {
+        f"optimizer.state.{m}.{k}": torch.full_like(v, 3.0)
+        for k, v in model_sd.items()
+        for m in ("exp_avg", "exp_avg_sq")
+    }
+    _dcp_save(
+        {**model_sd, **optim, "rng_state": b"rng", "decoder.layers.self_attention.linear_qkv._extra_state": b"te"},
+        folder,
+    )
+    (folder / "metadata.json").write_text(
+        json.dumps(
+            {
+                "sharded_backend": "torch_dist",
+                "sharded_backend_version": 1,
+                "common_backend": "torch",
+                "common_backend_version": 1,
+            }
+        )
+    )
     torch.save({"args": {"iteration": iteration}, "checkpoint_version": 3.0}, folder / "common.pt")
     if tracker:
         (root / "latest_checkpointed_iteration.txt").write_text(str(iteration))
@@ -172,8 +201,17 @@ def fsdp_trainer_checkpoint(root, step: int, model, *, age: float = HOUR) -> Pat
 
 def gpt2(seed: int = 0, bias: bool = True):
     torch.manual_seed(seed)
-    config = tf.GPT2Config(n_layer=2, n_head=4, n_embd=32, n_positions=64, vocab_size=101,
-                           activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = tf.GPT2Config(
+        n_layer=2,
+        n_head=4,
+        n_embd=32,
+        n_positions=64,
+        vocab_size=101,
+        activation_function="gelu",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     model = tf.GPT2LMHeadModel(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -187,8 +225,9 @@ def gpt2(seed: int = 0, bias: bool = True):
 NANOGPT_LINEAR = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def nanogpt_checkpoint(out_dir, model, iter_num: int, *, bias: bool = True, compiled: bool = True,
-                       age: float = HOUR) -> Path:
+def nanogpt_checkpoint(
+    out_dir, model, iter_num: int, *, bias: bool = True, compiled: bool = True, age: float = HOUR
+) -> Path:
     """nanoGPT's train.py checkpoint: `{"model", "optimizer", "model_args", "iter_num", "best_val_loss", "config"}`
     in out_dir/ckpt.pt; the model's state dict as the compiled model gives it (`_orig_mod.` prefix)."""
     c = model.config
@@ -199,18 +238,36 @@ def nanogpt_checkpoint(out_dir, model, iter_num: int, *, bias: bool = True, comp
         sd[k] = v.t().contiguous() if k.endswith(NANOGPT_LINEAR) else v
     for i in range(c.n_layer):  # the causal mask buffer nanoGPT keeps without flash attention
         sd[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(c.n_positions, c.n_positions)).view(
-            1, 1, c.n_positions, c.n_positions)
+            1, 1, c.n_positions, c.n_positions
+        )
     if compiled:
         sd = {f"_orig_mod.{k}": v for k, v in sd.items()}
-    model_args = {"n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "block_size": c.n_positions,
-                  "bias": bias, "vocab_size": c.vocab_size, "dropout": 0.0}
-    optimizer = {"state": {0: {"step": torch.tensor(float(iter_num)), "exp_avg": torch.zeros(3)}},
-                 "param_groups": [{"lr": 6e-4, "betas": (0.9, 0.95), "weight_decay": 0.1, "params": [0]}]}
+    model_args = {
+        "n_layer": c.n_layer,
+        "n_head": c.n_head,
+        "n_embd": c.n_embd,
+        "block_size": c.n_positions,
+        "bias": bias,
+        "vocab_size": c.vocab_size,
+        "dropout": 0.0,
+    }
+    optimizer = {
+        "state": {0: {"step": torch.tensor(float(iter_num)), "exp_avg": torch.zeros(3)}},
+        "param_groups": [{"lr": 6e-4, "betas": (0.9, 0.95), "weight_decay": 0.1, "params": [0]}],
+    }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": sd, "optimizer": optimizer, "model_args": model_args, "iter_num": iter_num,
-                "best_val_loss": torch.tensor(2.5), "config": {"batch_size": 12, "learning_rate": 6e-4}},
-               out_dir / "ckpt.pt")
+    torch.save(
+        {
+            "model": sd,
+            "optimizer": optimizer,
+            "model_args": model_args,
+            "iter_num": iter_num,
+            "best_val_loss": torch.tensor(2.5),
+            "config": {"batch_size": 12, "learning_rate": 6e-4},
+        },
+        out_dir / "ckpt.pt",
+    )
     backdate(out_dir, age)
     return out_dir / "ckpt.pt"
 
@@ -226,9 +283,15 @@ def nanochat_config() -> dict:
 def nanochat_model(seed: int = 0):
     c = nanochat_config()
     torch.manual_seed(seed)
-    config = tf.NanoChatConfig(vocab_size=c["vocab_size"], hidden_size=c["n_embd"], intermediate_size=4 * c["n_embd"],
-                               num_hidden_layers=c["n_layer"], num_attention_heads=c["n_head"],
-                               num_key_value_heads=c["n_kv_head"], max_position_embeddings=c["sequence_len"])
+    config = tf.NanoChatConfig(
+        vocab_size=c["vocab_size"],
+        hidden_size=c["n_embd"],
+        intermediate_size=4 * c["n_embd"],
+        num_hidden_layers=c["n_layer"],
+        num_attention_heads=c["n_head"],
+        num_key_value_heads=c["n_kv_head"],
+        max_position_embeddings=c["sequence_len"],
+    )
     model = tf.NanoChatForCausalLM(config)
     with torch.no_grad():
         for p in model.parameters():
@@ -240,8 +303,14 @@ def nanochat_checkpoint(folder, step: int, model, *, age: float = HOUR) -> Path:
     """nanochat's checkpoint_manager.save_checkpoint: model_<step:06d>.pt (the model's state dict alone),
     meta_<step:06d>.json (with model_config) and optim_<step:06d>_rank0.pt, in one folder per model."""
     names = {"model.embed_tokens.weight": "transformer.wte.weight", "lm_head.weight": "lm_head.weight"}
-    rename = {"self_attn.q_proj": "attn.c_q", "self_attn.k_proj": "attn.c_k", "self_attn.v_proj": "attn.c_v",
-              "self_attn.o_proj": "attn.c_proj", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    rename = {
+        "self_attn.q_proj": "attn.c_q",
+        "self_attn.k_proj": "attn.c_k",
+        "self_attn.v_proj": "attn.c_v",
+        "self_attn.o_proj": "attn.c_proj",
+        "mlp.fc1": "mlp.c_fc",
+        "mlp.fc2": "mlp.c_proj",
+    }
     sd = {}
     for k, v in hf_state(model).items():
         if k in names:
@@ -253,8 +322,9 @@ def nanochat_checkpoint(folder, step: int, model, *, age: float = HOUR) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(sd, folder / f"model_{step:06d}.pt")
-    (folder / f"meta_{step:06d}.json").write_text(json.dumps(
-        {"step": step, "val_bpb": 1.1, "model_config": nanochat_config(), "user_config": {"depth": 2}}))
+    (folder / f"meta_{step:06d}.json").write_text(
+        json.dumps({"step": step, "val_bpb": 1.1, "model_config": nanochat_config(), "user_config": {"depth": 2}})
+    )
     torch.save([{"state": {}, "param_groups": []}], folder / f"optim_{step:06d}_rank0.pt")
     backdate(folder, age)
     return folder / f"model_{step:06d}.pt"
@@ -269,36 +339,61 @@ def litgpt_names(model, *, grouped: bool = False) -> dict[str, torch.Tensor]:
     c, sd = model.config, hf_state(model)
     d = c.hidden_size // c.num_attention_heads
     per = c.num_attention_heads // c.num_key_value_heads
-    out = {"transformer.wte.weight": sd["model.embed_tokens.weight"],
-           "transformer.ln_f.weight": sd["model.norm.weight"], "lm_head.weight": sd["lm_head.weight"]}
+    out = {
+        "transformer.wte.weight": sd["model.embed_tokens.weight"],
+        "transformer.ln_f.weight": sd["model.norm.weight"],
+        "lm_head.weight": sd["lm_head.weight"],
+    }
     for i in range(c.num_hidden_layers):
         p, h = f"model.layers.{i}.", f"transformer.h.{i}."
         q, k, v = (sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv")
         if grouped:
-            fused = torch.cat([q.view(c.num_key_value_heads, per * d, -1), k.view(c.num_key_value_heads, d, -1),
-                               v.view(c.num_key_value_heads, d, -1)], dim=1).reshape(-1, c.hidden_size)
+            fused = torch.cat(
+                [
+                    q.view(c.num_key_value_heads, per * d, -1),
+                    k.view(c.num_key_value_heads, d, -1),
+                    v.view(c.num_key_value_heads, d, -1),
+                ],
+                dim=1,
+            ).reshape(-1, c.hidden_size)
             out[h + "attn.attn.weight"] = fused
         else:
             out[h + "attn.qkv.weight"] = torch.cat([q, k, v])
-        out |= {h + "attn.proj.weight": sd[p + "self_attn.o_proj.weight"],
-                h + "norm_1.weight": sd[p + "input_layernorm.weight"],
-                h + "norm_2.weight": sd[p + "post_attention_layernorm.weight"],
-                h + "mlp.fc_1.weight": sd[p + "mlp.gate_proj.weight"],
-                h + "mlp.fc_2.weight": sd[p + "mlp.up_proj.weight"],
-                h + "mlp.proj.weight": sd[p + "mlp.down_proj.weight"]}
+        out |= {
+            h + "attn.proj.weight": sd[p + "self_attn.o_proj.weight"],
+            h + "norm_1.weight": sd[p + "input_layernorm.weight"],
+            h + "norm_2.weight": sd[p + "post_attention_layernorm.weight"],
+            h + "mlp.fc_1.weight": sd[p + "mlp.gate_proj.weight"],
+            h + "mlp.fc_2.weight": sd[p + "mlp.up_proj.weight"],
+            h + "mlp.proj.weight": sd[p + "mlp.down_proj.weight"],
+        }
     return out
 
 
 def litgpt_model_config(model) -> str:
     c = model.config
-    return "\n".join([
-        "name: tiny-llama", f"block_size: {c.max_position_embeddings}", f"vocab_size: {c.vocab_size}",
-        f"padded_vocab_size: {c.vocab_size}", f"n_layer: {c.num_hidden_layers}", f"n_head: {c.num_attention_heads}",
-        f"n_embd: {c.hidden_size}", f"n_query_groups: {c.num_key_value_heads}",
-        f"head_size: {c.hidden_size // c.num_attention_heads}", "rotary_percentage: 1.0", "parallel_residual: false",
-        "bias: false", "norm_class_name: RMSNorm", f"norm_eps: {c.rms_norm_eps}", "mlp_class_name: LLaMAMLP",
-        f"intermediate_size: {c.intermediate_size}", f"rope_base: {int(c.rope_parameters['rope_theta'])}", "",
-    ])
+    return "\n".join(
+        [
+            "name: tiny-llama",
+            f"block_size: {c.max_position_embeddings}",
+            f"vocab_size: {c.vocab_size}",
+            f"padded_vocab_size: {c.vocab_size}",
+            f"n_layer: {c.num_hidden_layers}",
+            f"n_head: {c.num_attention_heads}",
+            f"n_embd: {c.hidden_size}",
+            f"n_query_groups: {c.num_key_value_heads}",
+            f"head_size: {c.hidden_size // c.num_attention_heads}",
+            "rotary_percentage: 1.0",
+            "parallel_residual: false",
+            "bias: false",
+            "norm_class_name: RMSNorm",
+            f"norm_eps: {c.rms_norm_eps}",
+            "mlp_class_name: LLaMAMLP",
+            f"intermediate_size: {c.intermediate_size}",
+            f"rope_base: {int(c.rope_parameters['rope_theta'])}",
+            "",
+        ]
+    )
 
 
 def litgpt_step(out_dir, step: int, model, *, age: float = HOUR) -> Path:
@@ -307,8 +402,10 @@ def litgpt_step(out_dir, step: int, model, *, age: float = HOUR) -> Path:
     folder = Path(out_dir) / f"step-{step:08d}"
     folder.mkdir(parents=True, exist_ok=True)
     sd = litgpt_names(model)
-    torch.save({"model": sd, "optimizer": {"state": {}, "param_groups": []}, "iter_num": step * 4,
-                "step_count": step}, folder / "lit_model.pth")
+    torch.save(
+        {"model": sd, "optimizer": {"state": {}, "param_groups": []}, "iter_num": step * 4, "step_count": step},
+        folder / "lit_model.pth",
+    )
     (folder / "model_config.yaml").write_text(litgpt_model_config(model))
     backdate(folder, age)
     return folder
@@ -320,8 +417,16 @@ def tinyllama_iteration(out_dir, iteration: int, model, *, age: float = HOUR) ->
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"iter-{iteration:06d}-ckpt.pth"
-    torch.save({"model": litgpt_names(model, grouped=True), "optimizer": {"state": {}, "param_groups": []},
-                "hparams": {"learning_rate": 4e-4}, "iter_num": iteration, "step_count": iteration // 2}, path)
+    torch.save(
+        {
+            "model": litgpt_names(model, grouped=True),
+            "optimizer": {"state": {}, "param_groups": []},
+            "hparams": {"learning_rate": 4e-4},
+            "iter_num": iteration,
+            "step_count": iteration // 2,
+        },
+        path,
+    )
     backdate(out_dir, age)
     return path
 
@@ -340,8 +445,14 @@ def olmo_run(root, steps, *, seed: int = 0):
 
     root = Path(root)
     config = TransformerConfig.llama_like(
-        d_model=32, n_layers=2, n_heads=4, vocab_size=101, block_name=TransformerBlockType.reordered_norm,
-        qk_norm=True, rope_theta=500_000, layer_norm_eps=1e-6,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        vocab_size=101,
+        block_name=TransformerBlockType.reordered_norm,
+        qk_norm=True,
+        rope_theta=500_000,
+        layer_norm_eps=1e-6,
     )
     references = {}
     for n, step in enumerate(steps):
@@ -357,8 +468,10 @@ def olmo_run(root, steps, *, seed: int = 0):
             save_hf_model(root.parent / f"{root.name}-hf-{step}", model.state_dict(), model)
         # what OLMo-core's ConfigSaverCallback writes into every checkpoint folder (ExperimentConfig.as_config_dict)
         (root / f"step{step}" / "config.json").write_text(
-            json.dumps({"run_name": "tiny", "model": config.as_config_dict()}))
+            json.dumps({"run_name": "tiny", "model": config.as_config_dict()})
+        )
         references[step] = tf.AutoModelForCausalLM.from_pretrained(
-            root.parent / f"{root.name}-hf-{step}", dtype=torch.float32).eval()
+            root.parent / f"{root.name}-hf-{step}", dtype=torch.float32
+        ).eval()
     backdate(root, HOUR)
     return root, references

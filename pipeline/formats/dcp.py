@@ -28,11 +28,26 @@ if TYPE_CHECKING:
 
 METADATA_NAME = ".metadata"
 # Entries under these roots are training state, never the model: skipped without reading a byte.
-TRAINING_ROOTS = ("optimizer", "optim", "lr_scheduler", "scheduler", "dataloader", "train_state", "rng_state",
-                  "rerun_state_machine_state", "trainer")
+TRAINING_ROOTS = (
+    "optimizer",
+    "optim",
+    "lr_scheduler",
+    "scheduler",
+    "dataloader",
+    "train_state",
+    "rng_state",
+    "rerun_state_machine_state",
+    "trainer",
+)
 _METADATA_CLASSES = {
-    "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "ChunkStorageMetadata",
-    "TensorProperties", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING",
+    "Metadata",
+    "MetadataIndex",
+    "StorageMeta",
+    "TensorStorageMetadata",
+    "ChunkStorageMetadata",
+    "TensorProperties",
+    "BytesStorageMetadata",
+    "_MEM_FORMAT_ENCODING",
 }
 # The per-entry storage record: torch's, and OLMo-core's own (olmo_core/distributed/checkpoint/filesystem.py, a
 # dataclass of the same relative_path, offset and length, written by its RemoteFileSystemWriter), read as torch's.
@@ -124,7 +139,7 @@ def _model_entries(metadata) -> dict[str, tuple[str, tuple]]:
         for name, md in metadata.state_dict_metadata.items()
         if isinstance(md, TensorStorageMetadata)  # bytes entries (extra states, RNG) are not weights
     }
-    prefixed = {name[len("model."):]: (name, spec) for name, spec in entries.items() if name.startswith("model.")}
+    prefixed = {name[len("model.") :]: (name, spec) for name, spec in entries.items() if name.startswith("model.")}
     if prefixed:
         return prefixed
     return {name: (name, spec) for name, spec in entries.items() if name.split(".", 1)[0] not in TRAINING_ROOTS}
@@ -206,4 +221,3 @@ def _read_safetensors(folder: str, files: list[str], wanted: dict) -> dict[str, 
     if short:
         raise CheckpointError(folder, f"the data files do not cover {some(short)}: chunks are missing")
     return out
-

@@ -118,8 +118,7 @@ def head_dim(config) -> int:
 def _product(config, expr: str) -> int:
     value = 1
     for factor in expr.split("*"):
-        value *= head_dim(config) if factor == "head_dim" else (
-            int(factor) if factor.isdigit() else getattr(config, factor)
+        value *= (
+            head_dim(config) if factor == "head_dim" else (int(factor) if factor.isdigit() else getattr(config, factor))
         )
     return value
-

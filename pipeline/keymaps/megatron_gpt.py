@@ -36,8 +36,11 @@ def _stacked(transform=None):
 L = r"decoder\.layers\.(\d+)\."
 PER_LAYER = [
     (r"self_attention\.linear_qkv\.layer_norm_weight", ("input_layernorm.weight",), None),
-    (r"self_attention\.linear_qkv\.weight", ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
-                                             "self_attn.v_proj.weight"), split_grouped_qkv),
+    (
+        r"self_attention\.linear_qkv\.weight",
+        ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+        split_grouped_qkv,
+    ),
     (r"self_attention\.linear_proj\.weight", ("self_attn.o_proj.weight",), None),
     (r"mlp\.linear_fc1\.layer_norm_weight", ("post_attention_layernorm.weight",), None),
     (r"mlp\.linear_fc1\.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), _fc1),

@@ -27,8 +27,13 @@ def hf_config(model_config: dict) -> dict:
     n_embd), as convert_nanochat_checkpoints.py builds it: MLP width 4 x n_embd, logits soft-capped at 15."""
     n_embd, n_head = int(model_config["n_embd"]), int(model_config["n_head"])
     return {
-        "model_type": "nanochat", "hidden_size": n_embd, "num_hidden_layers": int(model_config["n_layer"]),
-        "num_attention_heads": n_head, "num_key_value_heads": int(model_config.get("n_kv_head", n_head)),
-        "intermediate_size": 4 * n_embd, "vocab_size": int(model_config["vocab_size"]),
-        "max_position_embeddings": int(model_config["sequence_len"]), "tie_word_embeddings": False,
+        "model_type": "nanochat",
+        "hidden_size": n_embd,
+        "num_hidden_layers": int(model_config["n_layer"]),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": int(model_config.get("n_kv_head", n_head)),
+        "intermediate_size": 4 * n_embd,
+        "vocab_size": int(model_config["vocab_size"]),
+        "max_position_embeddings": int(model_config["sequence_len"]),
+        "tie_word_embeddings": False,
     }

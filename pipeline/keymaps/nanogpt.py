@@ -27,8 +27,10 @@ RULES = [
     Rule(P + r"lm_head\.weight", "lm_head.weight"),
     Rule(H + r"(ln_1|ln_2)\.(weight|bias)", "transformer.h.{0}.{1}.{2}"),
     Rule(H + r"attn\.bias", ()),
-    *[Rule(H + name.replace(".", r"\.") + r"\.weight", f"transformer.h.{{0}}.{name}.weight", _t)
-      for name in TRANSPOSED],
+    *[
+        Rule(H + name.replace(".", r"\.") + r"\.weight", f"transformer.h.{{0}}.{name}.weight", _t)
+        for name in TRANSPOSED
+    ],
     *[Rule(H + name.replace(".", r"\.") + r"\.bias", f"transformer.h.{{0}}.{name}.bias") for name in TRANSPOSED],
 ]
 
@@ -49,8 +51,16 @@ def hf_config(model_args: dict) -> dict:
     """GPT2Config from nanoGPT's `model_args` (n_layer, n_head, n_embd, block_size, bias, vocab_size, dropout).
     nanoGPT's MLP uses nn.GELU() (exact erf), hence activation_function="gelu"; its LayerNorm eps is 1e-5."""
     return {
-        "model_type": "gpt2", "n_layer": int(model_args["n_layer"]), "n_head": int(model_args["n_head"]),
-        "n_embd": int(model_args["n_embd"]), "n_positions": int(model_args["block_size"]),
-        "vocab_size": int(model_args["vocab_size"]), "activation_function": "gelu", "layer_norm_epsilon": 1e-5,
-        "tie_word_embeddings": True, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        "model_type": "gpt2",
+        "n_layer": int(model_args["n_layer"]),
+        "n_head": int(model_args["n_head"]),
+        "n_embd": int(model_args["n_embd"]),
+        "n_positions": int(model_args["block_size"]),
+        "vocab_size": int(model_args["vocab_size"]),
+        "activation_function": "gelu",
+        "layer_norm_epsilon": 1e-5,
+        "tie_word_embeddings": True,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
     }

@@ -5,6 +5,7 @@ torch.compile's `_orig_mod.` prefix is dropped, as transformers' own loading doe
 
 SIGNATURE = r"."
 
+
 def rules(config):
     from . import Rule
 

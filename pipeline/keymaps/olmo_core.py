@@ -47,13 +47,20 @@ def hf_config(model: dict) -> dict | None:
     feed_forward = block.get("feed_forward") or {}
     norm = block.get("layer_norm") or {}
     plain = (
-        block.get("name") in ("reordered_norm", "default") and not attention.get("bias")
-        and attention.get("name", "default") == "default" and rope.get("name", "default") == "default"
-        and not rope.get("scaling") and float(rope.get("partial_rotary_factor", 1.0)) == 1.0
-        and not attention.get("use_head_qk_norm") and not attention.get("attention_sinks")
-        and not attention.get("sliding_window") and not attention.get("gate")
-        and feed_forward.get("activation", "silu") == "silu" and not feed_forward.get("bias")
-        and norm.get("name") == "rms" and not block.get("feed_forward_moe")
+        block.get("name") in ("reordered_norm", "default")
+        and not attention.get("bias")
+        and attention.get("name", "default") == "default"
+        and rope.get("name", "default") == "default"
+        and not rope.get("scaling")
+        and float(rope.get("partial_rotary_factor", 1.0)) == 1.0
+        and not attention.get("use_head_qk_norm")
+        and not attention.get("attention_sinks")
+        and not attention.get("sliding_window")
+        and not attention.get("gate")
+        and feed_forward.get("activation", "silu") == "silu"
+        and not feed_forward.get("bias")
+        and norm.get("name") == "rms"
+        and not block.get("feed_forward_moe")
     )
     qk_norm = attention.get("qk_norm") is not None
     reordered = block.get("name") == "reordered_norm"
@@ -61,10 +68,15 @@ def hf_config(model: dict) -> dict | None:
         return None
     n_heads = int(attention["n_heads"])
     return {
-        "model_type": "olmo2" if reordered else "llama", "hidden_size": int(model["d_model"]),
-        "num_hidden_layers": int(model["n_layers"]), "num_attention_heads": n_heads,
+        "model_type": "olmo2" if reordered else "llama",
+        "hidden_size": int(model["d_model"]),
+        "num_hidden_layers": int(model["n_layers"]),
+        "num_attention_heads": n_heads,
         "num_key_value_heads": int(attention.get("n_kv_heads") or n_heads),
-        "intermediate_size": int(feed_forward["hidden_size"]), "vocab_size": int(model["vocab_size"]),
-        "rms_norm_eps": float(norm.get("eps", 1e-5)), "rope_theta": float(rope.get("theta", 500_000)),
-        "tie_word_embeddings": bool(model.get("tie_word_embeddings", False)), "attention_bias": False,
+        "intermediate_size": int(feed_forward["hidden_size"]),
+        "vocab_size": int(model["vocab_size"]),
+        "rms_norm_eps": float(norm.get("eps", 1e-5)),
+        "rope_theta": float(rope.get("theta", 500_000)),
+        "tie_word_embeddings": bool(model.get("tie_word_embeddings", False)),
+        "attention_bias": False,
     }
