@@ -304,7 +304,7 @@ def test_qbin_edges():
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_family_on_gpu_in_half_precision(family, dtype, record_property):
-    """Issue 3's GPU matrix: the fused CUDA kernels in half precision against eager in the same dtype and device."""
+    """The GPU matrix: fused CUDA kernels in half precision against eager in the same dtype and device."""
     model = build(family).to("cuda", dtype)
     ids = probe()
     got = measure(model, torch.as_tensor(ids, device="cuda"))
