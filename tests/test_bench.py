@@ -223,3 +223,9 @@ def test_peers_in_their_own_processes_agree_with_eager(tmp_path, sinktrace_home)
     (target,) = [t for t in doc["targets"] if t["target"].startswith("small run")]
     ratio = small["sinktrace"]["wall_s"] / small["transformers"]["wall_s"]
     assert target["judged"] and target["value"] == pytest.approx(ratio)
+    # sinktrace alone, then two at once on one machine (each takes the lock of its own store)
+    c = doc["concurrent_runs"]
+    assert c["status"] == "ok" and c["alone_s"] > 0 and len(c["together_s"]) == 2
+    assert c["ratio"] == pytest.approx(max(c["together_s"]) / c["alone_s"])
+    (target,) = [t for t in doc["targets"] if t["target"].startswith("two sinktrace runs at once")]
+    assert target["judged"] and target["value"] == pytest.approx(c["ratio"])

@@ -21,7 +21,7 @@ from . import GIB, LOG_PREFIX, gib
 from .contenders import CONTENDERS
 from .fixtures import default_checkpoint_root, ensure_checkpoints, find_checkpoints, make_probes, param_count
 from .jobs import JobRunner, run_job
-from .peers import PEERS, run_peers
+from .peers import PEERS, concurrent_runs, run_peers
 from .tables import assemble, render, short
 from .timing import device_name
 
@@ -141,7 +141,7 @@ def bench(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         peer_job = {**base_job, "vocab_size": int(model_config["vocab_size"])}
         peer_probes = {str(t): probes[str(t)] for t in cfg.peers.seq_lens} if cfg.peers.contenders else {}
         peers = run_peers(cfg, ckpts, peer_probes, peer_job, Path(work), list(cfg.peers.contenders))
-        small = small_run(cfg, peer_job, Path(work)) if cfg.small_run.enabled else {}
+        small, concurrent = small_run(cfg, peer_job, Path(work)) if cfg.small_run.enabled else ({}, {})
 
     doc = assemble(
         cfg,
@@ -158,6 +158,7 @@ def bench(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         budget,
         peers,
         small,
+        concurrent,
     )
     out_path.parent.mkdir(parents=True, exist_ok=True)
     doc["out"] = str(out_path)
@@ -168,8 +169,9 @@ def bench(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     return doc
 
 
-def small_run(cfg: DictConfig, job: dict, work: Path) -> dict:
-    """sinktrace's command and the plain transformers script on one checkpoint of a `small_run.layers`-layer model."""
+def small_run(cfg: DictConfig, job: dict, work: Path) -> tuple[dict, dict]:
+    """sinktrace's command and the plain transformers script on one checkpoint of a `small_run.layers`-layer model;
+    then, with `small_run.concurrent`, sinktrace's command alone and twice at once on it."""
     small = OmegaConf.merge(
         cfg,
         {
@@ -184,7 +186,12 @@ def small_run(cfg: DictConfig, job: dict, work: Path) -> dict:
     ckpts = find_checkpoints(root, 1)
     (work / "small").mkdir()
     probes = make_probes(small, json.loads((Path(ckpts[0].path) / "config.json").read_text()), work / "small")
-    return run_peers(small, ckpts, probes, job, work / "small", ["sinktrace", "transformers"])
+    rows = run_peers(small, ckpts, probes, job, work / "small", ["sinktrace", "transformers"])
+    if not cfg.small_run.concurrent:
+        return rows, {}
+    ((t, meta),) = probes.items()
+    probe = {"path": meta["path"], "seq_len": int(t), "rows": meta["rows"], "seed": meta["seed"]}
+    return rows, concurrent_runs(ckpts, probe, job, work / "small", float(cfg.job_timeout_s))
 
 
 def check_config(cfg: DictConfig) -> None:

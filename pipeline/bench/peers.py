@@ -183,6 +183,41 @@ def run_peer(peer: str, ckpts, probe: dict, job: dict, work: Path, venv: Path, t
     return {**row, "status": "ok", "sink_mass": sink, "entropy": entropy, "versions": versions}
 
 
+def concurrent_runs(ckpts, probe: dict, job: dict, work: Path, timeout_s: float) -> dict:
+    """sinktrace's command alone, then two of them at once over the same checkpoints (each with its own store), at
+    the default thread count: two runs on one machine should take about twice one run, not many times that (torch
+    threads of both oversubscribing the cores)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | {"HF_HUB_OFFLINE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+    root, steps = Path(ckpts[0].path).parent, [c.step for c in ckpts]
+
+    def one(name: str) -> dict:
+        argv = sinktrace_argv(root, work / f"{name}.zarr", steps, probe, {**job, "threads": None})
+        return run_process(argv, work / f"{name}.log", timeout_s, env)
+
+    print(f"{LOG_PREFIX} sinktrace alone, then two at once ({len(ckpts)} checkpoint(s), T={probe['seq_len']}) ...")
+    alone = one("alone")
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(one, ["together-a", "together-b"]))
+    if any(r["rc"] != 0 or r["timed_out"] for r in (alone, *together)):
+        return {"status": "error", "note": "a run failed: see the logs in " + str(work)}
+    ratio = max(r["wall_s"] for r in together) / alone["wall_s"]
+    print(
+        f"{LOG_PREFIX}   {alone['wall_s']:.2f} s alone, {together[0]['wall_s']:.2f} s and "
+        f"{together[1]['wall_s']:.2f} s at once: {ratio:.2f}x"
+    )
+    return {
+        "status": "ok",
+        "alone_s": alone["wall_s"],
+        "together_s": [r["wall_s"] for r in together],
+        "ratio": ratio,
+        "seq_len": int(probe["seq_len"]),
+        "checkpoints": len(ckpts),
+    }
+
+
 def run_peers(cfg, ckpts, probes: dict, job: dict, work: Path, peers: list[str]) -> dict:
     """Every peer at every probe length of `probes` (make_probes' dict); {(peer, T): row}."""
     venv = Path(cfg.peers.venv).expanduser() if cfg.peers.venv else default_venv()

@@ -31,6 +31,7 @@ READ_TARGET_SHARE, READ_TARGET_MIN_CKPTS = 0.85, 8
 # plain transformers script; large runs (T >= 1,024) against the fastest and the leanest peer
 CPU_FLOOR_LENS, CPU_FLOOR_LIMIT = (512, 2048), 1.3
 SMALL_RUN_LIMIT = 1.2
+CONCURRENT_LIMIT = 2.5  # two runs at once, each against one run alone: twice the work on the same cores, plus slack
 LARGE_RUN_LEN, LARGE_RUN_SPEEDUP, LARGE_RUN_MEMORY_SHARE = 1024, 2.0, 0.5
 
 
@@ -49,6 +50,7 @@ def assemble(
     budget,
     peers=None,
     small=None,
+    concurrent=None,
 ) -> dict:
     import numpy as np
     import torch
@@ -125,6 +127,7 @@ def assemble(
     }
     doc["peers"] = peer_rows(peers or {}, results)
     doc["small_run"] = peer_rows(small or {}, {})
+    doc["concurrent_runs"] = concurrent or {}
     doc["targets"] = targets(doc)
     return finite(doc)
 
@@ -335,6 +338,16 @@ def cpu_targets(doc: dict, rows: dict, on_gpu: bool) -> list[dict]:
             SMALL_RUN_LIMIT,
             v <= SMALL_RUN_LIMIT,
             f"{s['wall_s']:.2f} s against {p['wall_s']:.2f} s",
+            judged=True,
+        )
+    c = doc.get("concurrent_runs") or {}
+    if c.get("status") == "ok":
+        add_cpu(
+            f"two sinktrace runs at once on one machine, each <= {CONCURRENT_LIMIT}x one run alone",
+            c["ratio"],
+            CONCURRENT_LIMIT,
+            c["ratio"] <= CONCURRENT_LIMIT,
+            f"{c['alone_s']:.2f} s alone, {c['together_s'][0]:.2f} s and {c['together_s'][1]:.2f} s at once",
             judged=True,
         )
     for t in sorted({r["seq_len"] for r in doc["peers"]}):
