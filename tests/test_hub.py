@@ -153,7 +153,9 @@ def test_demo_run_published_on_the_hub_replays_into_the_folder_replays_store(tra
 
     a = pipeline.open_sinks(str(reference), GROUP).load()
     b = pipeline.open_sinks(str(store), GROUP).load()
-    xr.testing.assert_identical(a.drop_attrs(), b.drop_attrs())
+    # a Hub revision carries config and weights only, not the trainer's log: its training loss is unknown
+    assert np.isnan(b["loss"].values).all()
+    xr.testing.assert_identical(a.drop_attrs().drop_vars("loss"), b.drop_attrs().drop_vars("loss"))
     assert list(b.status.values) == ["done"] * 4 and np.isfinite(b.tokens_seen).all()
     provenance = b.attrs["checkpoint_provenance"]
     assert sorted(provenance, key=int) == ["0", "50", "100", "150"]
@@ -208,7 +210,7 @@ def test_two_revisions_with_the_same_weights_are_flagged(tiny_revisions, hub, ca
     hub.add_folder("org/tiny", "step20", sharded)
     store = tmp_path / "hub.zarr"
     # on a Dask cluster of two workers: each checkpoint is submitted once fetched
-    dask = ["cluster=processes", "cluster.processes=false", "cluster.n_workers=2"]
+    dask = ["cluster=processes", "cluster.n_workers=2"]
     with caplog.at_level(logging.WARNING, logger="pipeline.hub"):
         assert run(hub_cfg("hf://org/tiny", store, *dask)) == 0
     assert "steps 0, 10 (revisions step0, step10) serve the same weights" in caplog.text
