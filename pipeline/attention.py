@@ -241,13 +241,23 @@ def _fused_lse_with_keys(q, k, v, scale):
     if q.device.type != "cpu" or q.dtype != torch.float32 or v.dtype != torch.float32 or v.shape[-1] != k.shape[-1]:
         return None
     d = v.shape[-1]
-    res = _fused_lse(
-        torch.cat([q, torch.zeros_like(q)], -1), torch.cat([k, torch.zeros_like(k)], -1), torch.cat([v, k], -1), scale
-    )
+    res = _fused_lse(_side_by_side(q, None), _side_by_side(k, None), _side_by_side(v, k), scale)
     if res is None:
         return None
     both, lse = res
     return both[..., :d], both[..., d:], lse
+
+
+def _side_by_side(x, right):
+    """[x | right] along the last dimension, zeros where `right` is None (one allocation, each half written once)."""
+    out = x.new_empty(*x.shape[:-1], 2 * x.shape[-1])
+    d = x.shape[-1]
+    out[..., :d] = x
+    if right is None:
+        out[..., d:] = 0
+    else:
+        out[..., d:] = right
+    return out
 
 
 def _grouped(q, hkv):

@@ -6,6 +6,7 @@ import torch
 import transformers as tf
 
 from pipeline import attention
+from pipeline import measure as measure_module
 from pipeline.measure import MEASURES, find_blocks, is_supported, measure, qbin_edges, support_problem
 from tests.reference import eager_blocks, reference_extra, reference_stats
 
@@ -251,6 +252,39 @@ def test_batch_size_does_not_change_results():
     model = build("gpt_oss")
     ids = probe()
     assert_stats_close(measure(model, ids, batch_size=1), measure(model, ids, batch_size=3), rtol=1e-6, atol=1e-6)
+
+
+def _median_rows():
+    g = torch.Generator().manual_seed(0)
+    n = 20_000  # past the length where rows are bracketed from a sample first
+    stride = (n // measure_module._SAMPLE) | 1
+    trap = torch.rand(2, n, generator=g) + 1
+    trap[:, ::stride] = 0  # the sample sees only the smallest values: its bracket misses the middle
+    return {
+        "normal": torch.randn(3, n, generator=g).abs(),
+        "odd count": torch.randn(2, n + 1, generator=g).abs(),
+        "ties": torch.randint(0, 4, (2, n), generator=g).float(),
+        "sorted": torch.sort(torch.rand(2, n, generator=g)).values,
+        "outliers": torch.cat([torch.full((2, 500), 1e4), torch.rand(2, n, generator=g)], 1),
+        "bracket misses": trap,
+        "short": torch.rand(3, 7, generator=g),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_median_rows()))
+def test_median_is_numpys(case):
+    x = _median_rows()[case]
+    np.testing.assert_array_equal(measure_module._median(x).numpy(), np.median(x.double().numpy(), axis=-1))
+
+
+def test_resid_median_of_long_rows_matches_reference():
+    """Rows of (T-1) x D values long enough that the median is bracketed from a sample before selecting."""
+    model = build("llama")
+    ids = torch.randint(0, VOCAB, (2, 300), generator=torch.Generator().manual_seed(1))
+    ids[:, 0] = FIRST
+    assert 299 * COMMON["hidden_size"] > 4 * measure_module._SAMPLE
+    got = measure(model, ids, measures=())["resid_median"]
+    np.testing.assert_allclose(got, reference_stats(model, ids)["resid_median"], rtol=1e-5)
 
 
 def test_refuses_model_loaded_with_other_attention():

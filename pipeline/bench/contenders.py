@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import json
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -82,12 +83,11 @@ def run_sinktrace(job, ckpts, tokens, meta, peaks) -> dict:
     if not layered:
         model = load_model(ckpts[0], device=device, dtype=job["dtype"])
         ids = torch.from_numpy(tokens).to(device)
-        # (no extra warm-up call: the end-to-end pass just ran this code)
-        fwd, fwd_cpu = median_time(
+        fwd, fwd_cpu, paired = paired_forwards(
             lambda: measure(model, ids, batch_size=job["batch_size"], key_positions=job["key_positions"]),
+            floor_forward(model, ids, job["batch_size"], job["logits_to_keep"]),
             job["forward_repeats"],
             device,
-            warm=False,
         )
         del model
     n = len(ckpts)
@@ -96,12 +96,47 @@ def run_sinktrace(job, ckpts, tokens, meta, peaks) -> dict:
         "e2e_s": e2e,
         "forward_s": fwd,
         "forward_cpu_s": fwd_cpu,
+        "paired_floor": paired,
         "breakdown": {"load_s": load_s, "measure_s": measure_s, "other_s": e2e - load_s - measure_s},
         "cache": cache,
         "io": io_per_ckpt(io0, io1, n),
         "sink_mass": sink,
         "entropy": entropy,
     }
+
+
+def floor_forward(model, ids, batch_size: int, logits_to_keep: int):
+    """The compute floor's forward on a model loaded for sinktrace: the same weights with sdpa attention."""
+    import torch
+
+    def forward():
+        route = model.config._attn_implementation
+        model.set_attn_implementation("sdpa")
+        try:
+            with torch.inference_mode():
+                for start in range(0, ids.shape[0], batch_size):
+                    model(input_ids=ids[start : start + batch_size], use_cache=False, logits_to_keep=logits_to_keep)
+        finally:
+            model.set_attn_implementation(route)
+
+    return forward
+
+
+def paired_forwards(stats, floor, repeats: int, device: str):
+    """Median wall and CPU seconds of the statistics forward, and its ratios to the compute floor's forward run
+    right after it, pair by pair: a machine's speed drifts between processes and over minutes (by a fifth on a
+    shared 2-core machine), so a ratio of two medians taken apart moves more than the statistics' own cost."""
+    floor()  # warm-up: sdpa's first call (the statistics forward's code just ran in the end-to-end pass)
+    pairs = [
+        (median_time(stats, 1, device, warm=False), median_time(floor, 1, device, warm=False)) for _ in range(repeats)
+    ]
+    paired = {
+        "forward_s": statistics.median(f[0] for _, f in pairs),
+        "forward_cpu_s": statistics.median(f[1] for _, f in pairs),
+        "ratio": statistics.median(s[0] / f[0] for s, f in pairs),
+        "ratio_cpu": statistics.median(s[1] / f[1] for s, f in pairs),
+    }
+    return statistics.median(s[0] for s, _ in pairs), statistics.median(s[1] for s, _ in pairs), paired
 
 
 def eager_attention_bytes(n_layers: int, n_heads: int, seq_len: int, batch: int, itemsize: int) -> int:
@@ -245,7 +280,56 @@ def run_sdpa(job, ckpts, tokens, meta, peaks) -> dict:
                 model(input_ids=ids[start : start + bs], use_cache=False, logits_to_keep=keep)
 
     fwd, fwd_cpu = median_time(forward, job["forward_repeats"], device, warm=job["warmup"] > 0)
-    return {"e2e_s": None, "forward_s": fwd, "forward_cpu_s": fwd_cpu}
+    return {
+        "e2e_s": None,
+        "forward_s": fwd,
+        "forward_cpu_s": fwd_cpu,
+        "attention": attention_share(model, forward, job["forward_repeats"], device),
+    }
+
+
+def attention_share(model, forward, repeats: int, device: str) -> dict:
+    """What bounds the statistics forward against this floor: the share of the floor's forward spent in its
+    attention calls, and sinktrace's attention function with its statistics against the same function without
+    them, on the same queries, keys and values (every layer's, of the first micro-batch)."""
+    import torch
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from ..attention import fused_attention
+
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    inside, calls, layers = [0.0], [], model.config.get_text_config().num_hidden_layers
+
+    def timed(module, query, key, value, *args, **kwargs):
+        sync(device)
+        t0 = time.process_time()
+        out = sdpa(module, query, key, value, *args, **kwargs)
+        sync(device)
+        inside[0] += time.process_time() - t0
+        if len(calls) < layers:
+            calls.append((query, key, value, kwargs.get("scaling") or query.shape[-1] ** -0.5))
+        return out
+
+    ALL_ATTENTION_FUNCTIONS["bench_timed_sdpa"] = timed
+    model.set_attn_implementation("bench_timed_sdpa")
+    try:
+        total = median_time(forward, 1, device, warm=False)[1]
+    finally:
+        model.set_attn_implementation("sdpa")
+        del ALL_ATTENTION_FUNCTIONS["bench_timed_sdpa"]
+
+    def run(with_stats):
+        with torch.inference_mode():
+            for q, k, v, scale in calls:
+                if fused_attention(q, k, v, scale, with_stats=with_stats) is None:
+                    raise RuntimeError("no fused kernel serves this device and dtype")
+
+    try:
+        plain = median_time(lambda: run(False), repeats, device, warm=True)[1]
+        stats = median_time(lambda: run(True), repeats, device, warm=True)[1]
+    except RuntimeError as e:
+        return {"share": inside[0] / total, "note": str(e)}
+    return {"share": inside[0] / total, "with_stats": stats / plain}
 
 
 # the contenders in table order, and the function each job kind runs ("layered" is the replay with a 1-byte budget)

@@ -318,14 +318,24 @@ def cpu_targets(doc: dict, rows: dict, on_gpu: bool) -> list[dict]:
 
     for t in doc["probe"]["seq_lens"]:
         r = rows.get((t, "sinktrace"))
-        if CPU_FLOOR_LENS[0] <= t <= CPU_FLOOR_LENS[1] and r and r["forward_cpu_vs_sdpa"] is not None:
-            v = r["forward_cpu_vs_sdpa"]
+        paired = (doc["details"].get(f"sinktrace@{t}") or {}).get("paired_floor")
+        alone = r and r["forward_cpu_vs_sdpa"]
+        if CPU_FLOOR_LENS[0] <= t <= CPU_FLOOR_LENS[1] and (paired or alone):
+            v = paired["ratio_cpu"] if paired else alone
+            how = (
+                f"paired with the floor in one process, wall {paired['ratio']:.2f}x"
+                + (f"; against the floor's own row {alone:.2f}x" if alone else "")
+                if paired
+                else f"wall: {r['forward_vs_sdpa']:.2f}x"
+            )
+            a = (doc["details"].get(f"sdpa@{t}") or {}).get("attention") or {}
+            bound = f"; attention alone: {attention_bound(a):.2f}x" if "with_stats" in a else ""
             add_cpu(
                 f"statistics forward <= {CPU_FLOOR_LIMIT}x the compute floor at T={t} (CPU seconds)",
                 v,
                 CPU_FLOOR_LIMIT,
                 v <= CPU_FLOOR_LIMIT,
-                f"wall: {r['forward_vs_sdpa']:.2f}x",
+                how + bound,
             )
     small = {r["contender"]: r for r in doc["small_run"]}
     s, p = small.get("sinktrace"), small.get("transformers")
@@ -394,6 +404,11 @@ def layered_memory_limit(doc: dict, whole: dict, seq_len: int) -> int | None:
     weights = doc["checkpoints"]["bytes_per_checkpoint"]
     hidden = itemsize * (whole.get("rows") or 0) * seq_len * h
     return int(whole["peak_device_bytes"] - weights + itemsize * c["vocab_size"] * h + 2 * block + hidden)
+
+
+def attention_bound(a: dict) -> float:
+    """The statistics forward's ratio to the floor if nothing but its attention cost more."""
+    return 1 + a["share"] * (a["with_stats"] - 1)
 
 
 def finite(obj):
@@ -565,6 +580,17 @@ def render(doc: dict) -> str:
                 f"sinktrace replay at T={key.split('@')[1]}: load {fmt_s(b['load_s'])} + measure "
                 f"{fmt_s(b['measure_s'])} + rest {fmt_s(b['other_s'])} per checkpoint{disk}"
                 + "; each replay read the next checkpoint ahead"
+            )
+        a = r.get("attention") if key.startswith("sdpa@") and r.get("status") == "ok" else None
+        if a:
+            lines.append(
+                f"compute floor at T={key.split('@')[1]}: attention {a['share']:.0%} of its forward (CPU seconds); "
+                + (
+                    f"sinktrace's attention with its statistics {a['with_stats']:.2f}x without them, so "
+                    f"{attention_bound(a):.2f}x the floor from attention alone"
+                    if "with_stats" in a
+                    else a["note"]
+                )
             )
         if key.startswith("eager@") and r.get("status") == "ok":
             b = r["breakdown"]
