@@ -617,6 +617,15 @@ def same_weights(ds: xr.Dataset) -> list[list[int]]:
     return sorted(sorted(steps) for steps in groups.values() if len(steps) > 1)
 
 
+def same_weights_lines(ds: xr.Dataset) -> list[str]:
+    """One line per group of steps that hold identical weights (:func:`same_weights`)."""
+    return [
+        f"steps {', '.join(str(s) for s in steps)} hold identical weights (the same weights_digest): "
+        "one checkpoint under several step names"
+        for steps in same_weights(ds)
+    ]
+
+
 def _probe_differences(a: Mapping, b: Mapping) -> list[str]:
     return [key for key in _SAME_PROBE if (key in a or key in b) and str(a.get(key)) != str(b.get(key))]
 

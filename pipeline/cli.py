@@ -110,8 +110,7 @@ def report_stage(cfg: DictConfig, store_location: str) -> None:
 
 def print_same_weights(store_location: str) -> None:
     """Flag, per probe group, the steps whose weights equal another step's (docs/data.md, weights_digest)."""
-    from .analysis import probe_groups
-    from .report import same_weights_lines
+    from .analysis import probe_groups, same_weights_lines
     from .store import open_sinks
 
     try:

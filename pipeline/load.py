@@ -264,8 +264,7 @@ def checked_folder(folder: str, device, dtype, trust_remote_code: bool) -> tuple
 
 def _check_architecture(folder: str, config: dict, trust_remote_code: bool) -> None:
     import transformers
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING
 
     path = folder if folder.endswith(".json") else join(folder, CONFIG_NAME)
     model_type = config["model_type"]
@@ -358,8 +357,7 @@ def _shares_storage(params: dict, name: str, present) -> bool:
 def _from_state_dict(ckpt, device, dtype, trust_remote_code, attn_implementation):
     """Build the model from a config and "the state dict in transformers' names" (pipeline/statedict.py): the
     parameters start on the meta device (no random init, no memory) and take the checkpoint's tensors."""
-    from transformers import AutoModelForCausalLM
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     from .layered import parameters_on_meta
     from .statedict import hf_config, state_dict
@@ -476,7 +474,7 @@ def _normalise(config: dict) -> dict:
     config = copy.deepcopy(config)
     model_type = config.get("model_type")
     try:
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+        from transformers import CONFIG_MAPPING
 
         if isinstance(model_type, str) and model_type in CONFIG_MAPPING:
             config = CONFIG_MAPPING[model_type].from_dict(config).to_dict()

@@ -50,7 +50,7 @@ def _model_class(model_or_config):
         return type(model_or_config)
     config = model_or_config
     if isinstance(config, dict):
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+        from transformers import CONFIG_MAPPING
 
         try:
             config = CONFIG_MAPPING[config["model_type"]].from_dict(config)

@@ -153,15 +153,6 @@ def summary_table(ds: xr.Dataset, eps: float = 0.3) -> str:
     return "\n".join(lines)
 
 
-def same_weights_lines(ds: xr.Dataset) -> list[str]:
-    """One line per group of steps that hold identical weights (``analysis.same_weights``)."""
-    return [
-        f"steps {', '.join(str(s) for s in steps)} hold identical weights (the same weights_digest): "
-        "one checkpoint under several step names"
-        for steps in an.same_weights(ds)
-    ]
-
-
 # ---------------------------------------------------------------------------
 # Figures
 
@@ -706,7 +697,7 @@ def _group_section(name: str, ds: xr.Dataset, out: Path, eps: float, tol: float,
             if st == "failed"
         ]
         parts.append("<details><summary>failed steps</summary>" + _table(["step", "error"], errors) + "</details>")
-    parts.extend(f"<p class=warn>Warning: {html.escape(line)}.</p>" for line in same_weights_lines(ds))
+    parts.extend(f"<p class=warn>Warning: {html.escape(line)}.</p>" for line in an.same_weights_lines(ds))
     if n.first_step is None:
         parts.append("<p>No done steps yet: nothing to plot.</p>")
         return "\n".join(parts)

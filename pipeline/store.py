@@ -42,7 +42,6 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import dask.array
 import numpy as np
 import xarray as xr
 import zarr
@@ -284,6 +283,8 @@ class SinkStore:
         new variables, and until the marker is gone a repair deletes them (they hold no data yet).
         The same path adds statistics a group did not hold yet to a group already written.
         """
+        import dask.array  # here, not at the top: only a new group or new statistics need it
+
         n = self._layout.steps.size
         group = self._zgroup()
         adding = sorted(k for k in ds.variables if k not in group)

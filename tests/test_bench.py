@@ -14,6 +14,7 @@ from pipeline.bench.command import compose, run_bench
 from pipeline.bench.contenders import eager_attention_bytes
 from pipeline.bench.fixtures import param_count
 from pipeline.bench.pagecache import drop_page_cache, read_floor, resident_fraction
+from pipeline.bench.peers import median_run
 from pipeline.bench.timing import is_oom
 from pipeline.devices import resolve_device
 
@@ -229,3 +230,15 @@ def test_peers_in_their_own_processes_agree_with_eager(tmp_path, sinktrace_home)
     assert c["ratio"] == pytest.approx(max(c["together_s"]) / c["alone_s"])
     (target,) = [t for t in doc["targets"] if t["target"].startswith("two sinktrace runs at once")]
     assert target["judged"] and target["value"] == pytest.approx(c["ratio"])
+
+
+def test_median_run_of_repeated_processes():
+    rows = [
+        {"status": "ok", "wall_s": 9.0, "cpu_s": 8.0},
+        {"status": "ok", "wall_s": 7.0, "cpu_s": 6.5},
+        {"status": "ok", "wall_s": 8.0, "cpu_s": 7.5},
+    ]
+    assert median_run(rows) == {"status": "ok", "wall_s": 8.0, "cpu_s": 7.5, "runs_wall_s": [9.0, 7.0, 8.0]}
+    failed = {"status": "error", "wall_s": 1.0, "cpu_s": 1.0, "note": "exit status 1"}
+    assert median_run([rows[0], failed, rows[1]]) is failed
+    assert median_run(rows[:1]) is rows[0]

@@ -12,14 +12,13 @@ import zarr
 from safetensors.torch import save_file
 
 import pipeline
-from pipeline.analysis import same_weights
+from pipeline.analysis import same_weights, same_weights_lines
 from pipeline.cli import compose, run
 from pipeline.digest import weights_digest
 from pipeline.errors import CheckpointError
 from pipeline.load import load_model
 from pipeline.records import Checkpoint, Probe
 from pipeline.replay import ReplaySettings, replay
-from pipeline.report import same_weights_lines
 from pipeline.store import SinkStore
 from tests.ckpt_factory import backdate, save_checkpoint, shards
 from tests.test_cli import group_name

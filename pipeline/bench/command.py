@@ -186,7 +186,9 @@ def small_run(cfg: DictConfig, job: dict, work: Path) -> tuple[dict, dict]:
     ckpts = find_checkpoints(root, 1)
     (work / "small").mkdir()
     probes = make_probes(small, json.loads((Path(ckpts[0].path) / "config.json").read_text()), work / "small")
-    rows = run_peers(small, ckpts, probes, job, work / "small", ["sinktrace", "transformers"])
+    rows = run_peers(
+        small, ckpts, probes, job, work / "small", ["sinktrace", "transformers"], int(cfg.small_run.repeats)
+    )
     if not cfg.small_run.concurrent:
         return rows, {}
     ((t, meta),) = probes.items()

@@ -218,23 +218,39 @@ def concurrent_runs(ckpts, probe: dict, job: dict, work: Path, timeout_s: float)
     }
 
 
-def run_peers(cfg, ckpts, probes: dict, job: dict, work: Path, peers: list[str]) -> dict:
-    """Every peer at every probe length of `probes` (make_probes' dict); {(peer, T): row}."""
+def run_peers(cfg, ckpts, probes: dict, job: dict, work: Path, peers: list[str], repeats: int = 1) -> dict:
+    """Every peer at every probe length of `probes` (make_probes' dict); {(peer, T): row}. With `repeats`, the
+    peers take turns that many times (each run in a folder of its own) and each row holds the median run."""
     venv = Path(cfg.peers.venv).expanduser() if cfg.peers.venv else default_venv()
     out = {}
     for t, meta in probes.items():
         probe = {"path": meta["path"], "seq_len": int(t), "rows": meta["rows"], "seed": meta["seed"]}
-        for peer in peers:
-            print(f"{LOG_PREFIX} {peer} ({len(ckpts)} checkpoints, T={t}, its own process) ...", flush=True)
-            row = run_peer(peer, ckpts, probe, job, work, venv, float(cfg.job_timeout_s))
-            out[(peer, int(t))] = row
-            words = (
-                f"{row['wall_s']:.2f} s wall, {row['cpu_s']:.2f} s CPU"
-                if row["status"] == "ok"
-                else f"{row['status']}: {row['note']}"
-            )
-            print(f"{LOG_PREFIX}   {words}", flush=True)
+        runs = {peer: [] for peer in peers}
+        for turn in range(repeats):
+            folder = work / f"turn-{turn}" if repeats > 1 else work
+            folder.mkdir(exist_ok=True)
+            for peer in peers:
+                print(f"{LOG_PREFIX} {peer} ({len(ckpts)} checkpoints, T={t}, its own process) ...", flush=True)
+                row = run_peer(peer, ckpts, probe, job, folder, venv, float(cfg.job_timeout_s))
+                runs[peer].append(row)
+                words = (
+                    f"{row['wall_s']:.2f} s wall, {row['cpu_s']:.2f} s CPU"
+                    if row["status"] == "ok"
+                    else f"{row['status']}: {row['note']}"
+                )
+                print(f"{LOG_PREFIX}   {words}", flush=True)
+        for peer, rows in runs.items():
+            out[(peer, int(t))] = median_run(rows)
     return out
+
+
+def median_run(rows: list[dict]) -> dict:
+    """The run of median wall time (the first failure, if any run failed), with every run's wall seconds."""
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed or len(rows) == 1:
+        return failed[0] if failed else rows[0]
+    ordered = sorted(rows, key=lambda r: r["wall_s"])
+    return {**ordered[(len(rows) - 1) // 2], "runs_wall_s": [r["wall_s"] for r in rows]}
 
 
 def main() -> int:
