@@ -418,10 +418,7 @@ class SinkStore:
             group.create_array(
                 name, shape=(n,), chunks=(1,), dtype="float64", fill_value=np.nan, dimension_names=["step"]
             )
-        for _, array in group.arrays():
-            names = array.attrs.get("coordinates")
-            if names:
-                array.update_attributes({"coordinates": " ".join(sorted({*names.split(), *missing}))})
+        _name_coordinates(group, missing)
 
     def _repair(self) -> None:
         """Finish or undo whatever a killed writer left half done."""
@@ -465,10 +462,7 @@ class SinkStore:
             consolidated=False,
             encoding={"weights_digest": {"chunks": (1,), "fill_value": ""}},
         )
-        for _, array in group.arrays():
-            names = array.attrs.get("coordinates")
-            if names is not None and "weights_digest" not in names.split():
-                array.attrs["coordinates"] = " ".join(sorted([*names.split(), "weights_digest"]))
+        _name_coordinates(group, ["weights_digest"])
 
     def _remove_orphans(self) -> None:
         # zarr's LocalStore writes each key to "<key>.<uuid>.partial" and renames it; a SIGKILL in
@@ -605,6 +599,15 @@ def _open_node(path: str, node: str, consolidated: bool) -> xr.Dataset:
     if not ds.indexes["step"].is_monotonic_increasing:
         ds = ds.sortby("step")
     return ds
+
+
+def _name_coordinates(group: zarr.Group, names) -> None:
+    """Add step coordinates given to an older group to each data variable's ``coordinates`` attribute, so that
+    xarray reads them back as coordinates, not data variables."""
+    for _, array in group.arrays():
+        listed = array.attrs.get("coordinates")
+        if listed and not set(names) <= set(listed.split()):
+            array.update_attributes({"coordinates": " ".join(sorted({*listed.split(), *names}))})
 
 
 def _step_arrays(group: zarr.Group) -> list[zarr.Array]:

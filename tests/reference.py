@@ -23,6 +23,22 @@ import torch
 
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "norm_f", "layer_norm")
 
+# The statistics every replay stores (docs/data.md); measure's `measures` and learned sinks add more.
+STATS = (
+    "sink_mass",
+    "entropy",
+    "sink_mass_by_q",
+    "key_mass",
+    "key_norm_p0",
+    "value_norm_p0",
+    "key_norm",
+    "value_norm",
+    "resid_norm_p0",
+    "resid_norm",
+    "resid_max_p0",
+    "resid_median",
+)
+
 
 def reference_stats(model, input_ids, key_positions: int = 4, *, keep_dtype: bool = False) -> dict[str, np.ndarray]:
     """keep_dtype: run eager in the model's own dtype and device (the GPU half-precision check) instead of a

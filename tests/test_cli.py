@@ -12,21 +12,7 @@ import xarray as xr
 import pipeline
 from pipeline.cli import compose, run
 from pipeline.records import Checkpoint
-
-STATS = [
-    "sink_mass",
-    "entropy",
-    "sink_mass_by_q",
-    "key_mass",
-    "key_norm_p0",
-    "value_norm_p0",
-    "key_norm",
-    "value_norm",
-    "resid_norm_p0",
-    "resid_norm",
-    "resid_max_p0",
-    "resid_median",
-]
+from tests.reference import STATS
 
 
 def replay_cfg(root, store, *extra):

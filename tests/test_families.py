@@ -8,7 +8,7 @@ import transformers as tf
 from pipeline import attention
 from pipeline import measure as measure_module
 from pipeline.measure import MEASURES, find_blocks, is_supported, measure, qbin_edges, support_problem
-from tests.reference import eager_blocks, reference_extra, reference_stats
+from tests.reference import STATS, eager_blocks, reference_extra, reference_stats
 
 SEQ_LEN, ROWS, VOCAB = 32, 3, 96
 FIRST = 5  # the probe's first token (not 0: some configs make 0 the padding index, which gets no gradient)
@@ -58,20 +58,7 @@ FAMILIES = {
         **(COMMON | {"num_hidden_layers": 3}), sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2
     ),
 }
-EXPECTED = {
-    "sink_mass",
-    "entropy",
-    "sink_mass_by_q",
-    "key_mass",
-    "key_norm_p0",
-    "value_norm_p0",
-    "key_norm",
-    "value_norm",
-    "resid_norm_p0",
-    "resid_norm",
-    "resid_max_p0",
-    "resid_median",
-}
+EXPECTED = set(STATS)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add overhead

@@ -22,7 +22,7 @@ from .contenders import CONTENDERS
 from .fixtures import default_checkpoint_root, ensure_checkpoints, find_checkpoints, make_probes, param_count
 from .jobs import JobRunner, run_job
 from .peers import PEERS, concurrent_runs, run_peers
-from .tables import assemble, render, short
+from .tables import Measured, assemble, render, short
 from .timing import device_name
 
 CONF_MODULE = "pipeline.bench.conf"
@@ -144,21 +144,23 @@ def bench(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         small, concurrent = small_run(cfg, peer_job, Path(work)) if cfg.small_run.enabled else ({}, {})
 
     doc = assemble(
-        cfg,
-        preset,
-        command,
-        device,
-        ckpts,
-        bytes_per_ckpt,
-        model_config,
-        read,
-        results,
-        contenders,
-        started,
-        budget,
-        peers,
-        small,
-        concurrent,
+        Measured(
+            cfg=cfg,
+            preset=preset,
+            command=command,
+            device=device,
+            ckpts=ckpts,
+            bytes_per_ckpt=bytes_per_ckpt,
+            model_config=model_config,
+            read=read,
+            results=results,
+            contenders=contenders,
+            started=started,
+            budget=budget,
+            peers=peers,
+            small=small,
+            concurrent=concurrent,
+        )
     )
     out_path.parent.mkdir(parents=True, exist_ok=True)
     doc["out"] = str(out_path)

@@ -79,7 +79,7 @@ def run_sinktrace(job, ckpts, tokens, meta, peaks) -> dict:
     free(device)
 
     # the statistics forward alone, weights already on the device (layer by layer, the forward is the replay)
-    fwd = fwd_cpu = None
+    fwd = fwd_cpu = paired = None
     if not layered:
         model = load_model(ckpts[0], device=device, dtype=job["dtype"])
         ids = torch.from_numpy(tokens).to(device)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import platform
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from ..devices import parse_dtype
 from . import gib
@@ -35,23 +37,30 @@ CONCURRENT_LIMIT = 2.5  # two runs at once, each against one run alone: twice th
 LARGE_RUN_LEN, LARGE_RUN_SPEEDUP, LARGE_RUN_MEMORY_SHARE = 1024, 2.0, 0.5
 
 
-def assemble(
-    cfg,
-    preset,
-    command,
-    device,
-    ckpts,
-    bytes_per_ckpt,
-    model_config,
-    read,
-    results,
-    contenders,
-    started,
-    budget,
-    peers=None,
-    small=None,
-    concurrent=None,
-) -> dict:
+@dataclass
+class Measured:
+    """What one benchmark run measured, which `assemble` turns into the JSON document."""
+
+    cfg: DictConfig
+    preset: str
+    command: str
+    device: str
+    ckpts: list
+    bytes_per_ckpt: int
+    model_config: dict
+    read: dict  # the read floor
+    results: dict  # (contender, T) -> its row
+    contenders: list[str]
+    started: datetime.datetime
+    budget: int | None  # eager's memory budget in bytes
+    peers: dict = field(default_factory=dict)  # (peer, T) -> its row
+    small: dict = field(default_factory=dict)  # the small run's rows, as `peers`
+    concurrent: dict = field(default_factory=dict)  # two runs at once
+
+
+def assemble(m: Measured) -> dict:
+    cfg, device, read, results, contenders = m.cfg, m.device, m.read, m.results, m.contenders
+    ckpts, bytes_per_ckpt, model_config, budget = m.ckpts, m.bytes_per_ckpt, m.model_config, m.budget
     import numpy as np
     import torch
     import transformers
@@ -84,9 +93,9 @@ def assemble(
                     "max_abs_entropy": float(np.max(np.abs(np.subtract(s["entropy"], e["entropy"])))),
                 }
     doc = {
-        "command": command,
-        "preset": preset,
-        "created": started.isoformat(timespec="seconds"),
+        "command": m.command,
+        "preset": m.preset,
+        "created": m.started.isoformat(timespec="seconds"),
         "device": {
             "kind": "cuda" if device.startswith("cuda") else "cpu",
             "name": device_words(device, results),
@@ -125,9 +134,9 @@ def assemble(
         "details": {f"{c}@{t}": details(r) for (c, t), r in results.items()},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    doc["peers"] = peer_rows(peers or {}, results)
-    doc["small_run"] = peer_rows(small or {}, {})
-    doc["concurrent_runs"] = concurrent or {}
+    doc["peers"] = peer_rows(m.peers, results)
+    doc["small_run"] = peer_rows(m.small, {})
+    doc["concurrent_runs"] = m.concurrent
     doc["targets"] = targets(doc)
     return finite(doc)
 
