@@ -226,7 +226,7 @@ class _BlockHooks:
                 ),
             )
             if "similarity" in self.measures:
-                # summed over this micro-batch's rows in float32 (a few rows: no digits lost), over batches in float64
+                # over a micro-batch's rows in float32 (rounding of 1e-7 per unit component), over batches in float64
                 u = (h / norms).sum(0).double()  # (T, D)
                 if layer in self.units:
                     self.units[layer].add_(u)

@@ -88,6 +88,7 @@ def test_the_installed_command_runs_from_anywhere(installed, trained_run, tmp_pa
 
     help_ = run_installed([sinktrace, "--help"], elsewhere)
     assert help_.returncode == 0, help_.stderr
+    assert help_.stdout.startswith("sinktrace is powered by Hydra")
     assert "checkpoints" in help_.stdout and "replay" in help_.stdout
 
     composed = run_installed(
