@@ -397,6 +397,14 @@ def massive_activation_ratio(ds: xr.Dataset, kind: Literal["norm", "max_median"]
 # The P0 circuit and over-mixing
 
 
+# The statistics each group of replay.measure adds to a cube (docs/data.md).
+MEASURED = {
+    "outputs": ("attn_out_norm_p0", "attn_out_norm", "mlp_out_norm_p0", "mlp_out_norm"),
+    "similarity": ("p0_similarity", "rest_similarity"),
+    "mixing": ("collapse", "sensitivity"),
+}
+
+
 def _needs(ds: xr.Dataset, names, switch: str) -> None:
     missing = [n for n in names if n not in ds.variables]
     if missing:
@@ -410,7 +418,7 @@ def writer_ratio(ds: xr.Dataset) -> xr.DataArray:
     adds to the residual stream at position 0 over its mean norm at positions 1..T-1. Infinite where only
     position 0 is written, NaN where nothing is.
     """
-    _needs(ds, ("attn_out_norm_p0", "attn_out_norm", "mlp_out_norm_p0", "mlp_out_norm"), "outputs")
+    _needs(ds, MEASURED["outputs"], "outputs")
     d = _done_data(ds)
 
     def one(c):
@@ -508,12 +516,12 @@ def mixing_effect(ds: xr.Dataset) -> xr.Dataset:
     alike (the sink held over-mixing back). ``sensitivity``: sensitivity(removed) / sensitivity(kept); above 1:
     without the sink one replaced token moves the later positions more.
     """
-    _needs(ds, ("collapse", "sensitivity"), "mixing")
+    _needs(ds, MEASURED["mixing"], "mixing")
     d = _done_data(ds)
     out = xr.Dataset(
         {
             name: d[name].sel(sink="removed", drop=True) / d[name].sel(sink="kept", drop=True)
-            for name in ("collapse", "sensitivity")
+            for name in MEASURED["mixing"]
         }
     )
     for name in out.data_vars:
@@ -532,7 +540,7 @@ def circuit_share(ds: xr.Dataset, k: int = 2) -> xr.DataArray:
     position 0 than at the other positions; share = sum of e over layers < k / sum over all layers (both
     components). NaN where the total is 0.
     """
-    _needs(ds, ("attn_out_norm_p0", "attn_out_norm", "mlp_out_norm_p0", "mlp_out_norm"), "outputs")
+    _needs(ds, MEASURED["outputs"], "outputs")
     d = _done_data(ds)
     excess = sum((d[f"{c}_out_norm_p0"] - d[f"{c}_out_norm"]).clip(min=0) for c in ("attn", "mlp"))
     total = excess.sum("layer")

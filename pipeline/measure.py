@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pipeline import attention
+from pipeline.analysis import MEASURED
 from pipeline.attention import ATTENTION_NAME, LayerSums
 
 # Families checked statistic by statistic against eager attention in tests/test_families.py.
@@ -428,7 +429,7 @@ def _extra_stats(hooks: _BlockHooks, n_layers: int, n_rows: int) -> dict[str, np
     layers = range(n_layers)
     if "outputs" in hooks.measures:
         s = torch.stack([hooks.outputs[i] for i in layers]).cpu().numpy() / n_rows
-        for j, name in enumerate(("attn_out_norm_p0", "attn_out_norm", "mlp_out_norm_p0", "mlp_out_norm")):
+        for j, name in enumerate(MEASURED["outputs"]):
             out[name] = s[:, j]
     if "similarity" in hooks.measures:
         cos = (

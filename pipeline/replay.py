@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from .analysis import MEASURED
 from .devices import device_budget, resolve_device
 from .errors import CheckpointError
 from .load import ModelCache
@@ -47,19 +48,7 @@ DIMS = {
     "sensitivity": ("layer", "sink"),
 }
 # statistics stored only where the model has them or replay.measure asks for them
-OPTIONAL = frozenset(
-    {
-        "learned_sink_mass",
-        "attn_out_norm_p0",
-        "attn_out_norm",
-        "mlp_out_norm_p0",
-        "mlp_out_norm",
-        "p0_similarity",
-        "rest_similarity",
-        "collapse",
-        "sensitivity",
-    }
-)
+OPTIONAL = frozenset({"learned_sink_mass", *(name for names in MEASURED.values() for name in names)})
 SINK_LABELS = ("kept", "removed")  # the `sink` coordinate of collapse and sensitivity
 
 

@@ -35,14 +35,7 @@ _NEEDED = (
     "resid_norm",
     "resid_max_p0",
     "resid_median",
-    "attn_out_norm_p0",
-    "attn_out_norm",
-    "mlp_out_norm_p0",
-    "mlp_out_norm",
-    "p0_similarity",
-    "rest_similarity",
-    "collapse",
-    "sensitivity",
+    *(name for names in an.MEASURED.values() for name in names),
 )
 
 
@@ -775,20 +768,20 @@ def _group_section(name: str, ds: xr.Dataset, out: Path, eps: float, tol: float,
             "p0_circuit.png",
             "The P0 circuit: the first sublayer whose output at position 0 is more than 3x its mean elsewhere, and "
             "the share of that excess writing done in layers 0-1, beside the training loss.",
-            ("attn_out_norm_p0", "attn_out_norm", "mlp_out_norm_p0", "mlp_out_norm"),
+            an.MEASURED["outputs"],
         ),
         (
             fig_recognition,
             "p0_recognition.png",
             "Cosine similarity of the residual stream across probe rows at position 0 and at later positions; "
             "with a random first token, 1 at position 0 means it is recognised without its content.",
-            ("p0_similarity", "rest_similarity"),
+            an.MEASURED["similarity"],
         ),
         (
             fig_mixing,
             "mixing.png",
             "Collapse and sensitivity with the sink removed, over the model as it is.",
-            ("collapse", "sensitivity"),
+            an.MEASURED["mixing"],
         ),
     ]
     for fn, file, caption, needs in figures:
