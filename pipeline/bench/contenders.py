@@ -105,19 +105,22 @@ def run_sinktrace(job, ckpts, tokens, meta, peaks) -> dict:
     }
 
 
-def floor_forward(model, ids, batch_size: int, logits_to_keep: int):
-    """The compute floor's forward on a model loaded for sinktrace: the same weights with sdpa attention."""
+def floor_forward(model, ids, batch_size: int, logits_to_keep: int, attention: str = "sdpa"):
+    """The compute floor's forward: the probe in micro-batches, logits for the last `logits_to_keep` positions,
+    with `attention` (a model loaded for another attention, e.g. for sinktrace, is switched for the call)."""
     import torch
 
     def forward():
         route = model.config._attn_implementation
-        model.set_attn_implementation("sdpa")
+        if route != attention:
+            model.set_attn_implementation(attention)
         try:
             with torch.inference_mode():
                 for start in range(0, ids.shape[0], batch_size):
                     model(input_ids=ids[start : start + batch_size], use_cache=False, logits_to_keep=logits_to_keep)
         finally:
-            model.set_attn_implementation(route)
+            if route != attention:
+                model.set_attn_implementation(route)
 
     return forward
 
@@ -273,22 +276,17 @@ def run_sdpa(job, ckpts, tokens, meta, peaks) -> dict:
     ids = torch.from_numpy(tokens).to(device)
     bs, keep = job["batch_size"], job["logits_to_keep"]
     peaks.reset()  # weights already on the device: the floor's peak is that of the forward (weights included)
-
-    def forward():
-        with torch.inference_mode():
-            for start in range(0, ids.shape[0], bs):
-                model(input_ids=ids[start : start + bs], use_cache=False, logits_to_keep=keep)
-
+    forward = floor_forward(model, ids, bs, keep)
     fwd, fwd_cpu = median_time(forward, job["forward_repeats"], device, warm=job["warmup"] > 0)
     return {
         "e2e_s": None,
         "forward_s": fwd,
         "forward_cpu_s": fwd_cpu,
-        "attention": attention_share(model, forward, job["forward_repeats"], device),
+        "attention": attention_share(model, ids, bs, keep, job["forward_repeats"], device),
     }
 
 
-def attention_share(model, forward, repeats: int, device: str) -> dict:
+def attention_share(model, ids, batch_size: int, logits_to_keep: int, repeats: int, device: str) -> dict:
     """What bounds the statistics forward against this floor: the share of the floor's forward spent in its
     attention calls, and sinktrace's attention function with its statistics against the same function without
     them, on the same queries, keys and values (every layer's, of the first micro-batch)."""
@@ -311,11 +309,10 @@ def attention_share(model, forward, repeats: int, device: str) -> dict:
         return out
 
     ALL_ATTENTION_FUNCTIONS["bench_timed_sdpa"] = timed
-    model.set_attn_implementation("bench_timed_sdpa")
     try:
-        total = median_time(forward, 1, device, warm=False)[1]
+        timed_forward = floor_forward(model, ids, batch_size, logits_to_keep, attention="bench_timed_sdpa")
+        total = median_time(timed_forward, 1, device, warm=False)[1]
     finally:
-        model.set_attn_implementation("sdpa")
         del ALL_ATTENTION_FUNCTIONS["bench_timed_sdpa"]
 
     def run(with_stats):
