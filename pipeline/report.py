@@ -542,6 +542,7 @@ def fig_recognition(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> 
             color=colors[i],
             marker="o",
             markersize=_marker_size(n.steps.size),
+            label=f"layer {layer}",
         )
         ax.plot(d.step, d["rest_similarity"].sel(layer=layer), color=colors[i], linestyle="--")
     ax.set_ylabel("mean pairwise cosine across rows")
@@ -564,7 +565,7 @@ def fig_mixing(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Path:
     colors, cmap, norm = _layer_colors(n_layers)
     effect = an.mixing_effect(ds)
     fig, axes = _new_figure(1, 2, figsize=(11, 4.2), sharex=True)
-    for ax, name in zip(axes, ("collapse", "sensitivity")):
+    for ax, name in zip(axes, an.MEASURED["mixing"]):
         for i, layer in enumerate(ds["layer"].values):
             ax.plot(
                 effect.step,
@@ -572,6 +573,7 @@ def fig_mixing(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Path:
                 color=colors[i],
                 marker="o",
                 markersize=_marker_size(n.steps.size),
+                label=f"layer {layer}",
             )
         ax.axhline(1.0, color="0.5", linewidth=0.8)
         ax.set_ylabel(f"{name}: sink removed / kept")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 from PIL import Image
@@ -140,7 +141,9 @@ def test_report_draws_the_circuit_recognition_and_mixing_figures(tmp_path):
     cube = circuit_cube()
     cube.attrs["probe_name"] = "circuit"
     store = write_store(tmp_path / "sinks.zarr", {"circuit": cube})
-    page = write_report(str(store))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # e.g. matplotlib's "No artists with labels" for an empty legend
+        page = write_report(str(store))
     for fig in ("p0_circuit.png", "p0_recognition.png", "mixing.png"):
         assert_png(page.parent / f"circuit_{fig}")
     assert "No p0_circuit.png" not in page.read_text()
