@@ -125,9 +125,6 @@ class FamilyResult:
     seconds: dict[str, float] = field(default_factory=dict)  # "route" and "eager" forwards
     error: str | None = None
 
-    def worst(self) -> float:
-        return max(self.differences.values(), default=float("nan"))
-
     def passed(self, tolerance: float) -> bool:
         # written so that a NaN difference fails
         return self.error is None and all(d <= tolerance for d in self.differences.values())
@@ -286,7 +283,7 @@ def run(overrides: list[str], families: tuple[str, ...] = FAMILIES) -> int:
         f"{str(dtype).removeprefix('torch.')}, its route against eager attention (torch {torch.__version__}, "
         f"transformers {transformers.__version__})\n"
         f"probe: {ROWS} rows x {SEQ_LEN} tokens; each column: max |route - eager| / (1 + |eager|) over its "
-        "statistics; time: the route's forward / eager's\n",
+        "statistics; time: the route's measuring forward / eager's forward\n",
         flush=True,
     )
     start = time.perf_counter()
