@@ -122,7 +122,17 @@ def print_same_weights(store_location: str) -> None:
             print(f"sinktrace: probe {name}: {line}")
 
 
-main = hydra_app.command(CONF_MODULE, "config", run, rewrite=new_spelling)
+replay_main = hydra_app.command(CONF_MODULE, "config", run, rewrite=new_spelling)
+
+
+def main() -> None:
+    """`sinktrace [overrides]` replays; `sinktrace check [overrides]` checks the measuring routes on this machine
+    (pipeline/check.py). A Hydra override always holds `=` (or starts with `+`, `~`), so `check` is no override."""
+    if sys.argv[1:2] == ["check"]:
+        from .check import run as check
+
+        sys.exit(check([new_spelling(a) for a in sys.argv[2:]]))
+    replay_main()
 
 
 def compose(overrides: list[str] | None = None) -> DictConfig:
