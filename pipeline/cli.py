@@ -57,6 +57,8 @@ def run(cfg: DictConfig) -> int:
             from .driver import replay_stage
 
             outcome = replay_stage(cfg, root, quiet, store)
+            if outcome.unreadable and len(outcome.unreadable) == outcome.found:
+                return summary(outcome)  # nothing could be read, so there is nothing to report on
         if "report" in cfg.stages:
             report_stage(cfg, store)
     except UsageError as e:
