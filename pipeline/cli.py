@@ -38,8 +38,8 @@ def store_path(cfg: DictConfig, root: str) -> str:
 
 
 def run(cfg: DictConfig) -> int:
-    """Run the configured stages; returns the exit status (0: all good, 1: some checkpoint failed, 2: usage,
-    128 + the signal's number: interrupted by Ctrl-C or SIGTERM)."""
+    """Run the configured stages; returns the exit status (0: all good, 1: some checkpoint failed or is unreadable,
+    2: usage, or every checkpoint found unreadable; 128 + the signal's number: interrupted by Ctrl-C or SIGTERM)."""
     from .signals import Interrupted
 
     try:
@@ -57,6 +57,8 @@ def run(cfg: DictConfig) -> int:
             from .driver import replay_stage
 
             outcome = replay_stage(cfg, root, quiet, store)
+            if outcome.unreadable and len(outcome.unreadable) == outcome.found:
+                return summary(outcome)  # nothing could be read, so there is nothing to report on
         if "report" in cfg.stages:
             report_stage(cfg, store)
     except UsageError as e:
@@ -82,6 +84,16 @@ def summary(outcome) -> int:
         return 0
     for step in outcome.gone:
         print(f"step {step}: gone, deleted before it was replayed (e.g. by the trainer's save_total_limit)")
+    if outcome.unreadable:
+        print(
+            f"\nsinktrace: {len(outcome.unreadable)} of {outcome.found} checkpoint(s) hold nothing sinktrace can read "
+            "(unreadable, not replayed):",
+            file=sys.stderr,
+        )
+        for c in outcome.unreadable:
+            print(f"  step {c.step} ({c.path}): {c.reason}", file=sys.stderr)
+        if len(outcome.unreadable) == outcome.found:  # most likely a wrong checkpoints.format or root
+            return 2
     if outcome.failures:
         print(
             f"\n{len(outcome.failures)} checkpoint(s) failed (recorded as failed in the store, unless an earlier "
@@ -90,8 +102,7 @@ def summary(outcome) -> int:
         )
         for step, error in outcome.failures:
             print(f"  step {step}: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if outcome.failures or outcome.unreadable else 0
 
 
 def report_stage(cfg: DictConfig, store_location: str) -> None:

@@ -3,16 +3,19 @@
 A checkpoint folder is a direct child of the root named like one of the layouts trainers write:
 `checkpoint-<N>` (Hugging Face Trainer), `step<N>` (OLMo-core), `step_<N>`, `step-<N>` (torchtitan, litgpt),
 `iter_<N>` (Megatron, zero-padded too) or `global_step<N>` (DeepSpeed). A checkpoint may also be one file
-directly in the root: nanochat's `model_<N>.pt` and lit-gpt's `iter-<N>-ckpt.pth`. Other folders and files are
-ignored. When the root holds none of these but is itself a checkpoint (it has a config.json, weights, a
-trainer_state.json, a DCP `.metadata`, or nanoGPT's `ckpt.pt`), it is the one checkpoint.
+directly in the root, named with its step: nanochat's `model_<N>.pt`, lit-gpt's `iter-<N>-ckpt.pth`, or any
+`<name>_<N>` / `<name>-<N>` with `.pt`, `.pth` or `.ckpt` (`ckpt_<N>.pt`: nanoGPT's file kept per step). Other
+folders and files are ignored. When the root holds none of these but is itself a checkpoint (it has a config.json,
+weights, a trainer_state.json, a DCP `.metadata`, or nanoGPT's `ckpt.pt`), it is the one checkpoint.
 
 Inside a folder the weights are, in this order (`checkpoints.format` narrows the choice): Hugging Face safetensors
 (`hf`); a PyTorch Distributed Checkpoint (`dcp`) in the folder itself (torchtitan, Megatron-Core torch_dist), in
-`model_and_optim/` (OLMo-core) or in `pytorch_model_fsdp_0/` (the Hugging Face Trainer with FSDP); litgpt's
-`lit_model.pth` (`torch`). DCP writes `.metadata` last, so data files without it are a checkpoint still being
-written; Megatron writes `latest_checkpointed_iteration.txt` at the root after a checkpoint is finished, so an
-`iter_<N>` beyond the iteration it names is one too.
+`model_and_optim/` (OLMo-core) or in `pytorch_model_fsdp_0/` (the Hugging Face Trainer with FSDP); one
+`torch.save` file of any name (`*.pt`, `*.pth`, `*.ckpt`, training state aside), or litgpt's `lit_model.pth`
+among several (`torch`); several other torch.save files make the folder ambiguous, and sinktrace does not guess.
+DCP writes `.metadata` last, so data files without it are a checkpoint still being written; Megatron writes
+`latest_checkpointed_iteration.txt` at the root after a checkpoint is finished, so an `iter_<N>` beyond the
+iteration it names is one too.
 
 The step comes from the folder name, else the file name, else a field inside (trainer_state.json's global_step,
 which overrides a folder name as before; a torch.save file's iter_num or step); `step_source` records which.
@@ -21,7 +24,9 @@ Discovery answers "is this folder finished?", not "is it valid?": it lists files
 JSON files it needs (trainer_state.json, model.safetensors.index.json). A folder that is still being written
 is reported with `complete=False` and a reason, and a later run picks it up. A finished folder whose weights
 are damaged is reported complete; loading fails on it with a CheckpointError naming the file (pipeline/load.py),
-so the store records it as failed instead of waiting on it forever.
+so the store records it as failed instead of waiting on it forever. A finished folder that holds files but no
+weights sinktrace can read (another format than `checkpoints.format`, files of an unknown kind, several candidate
+files) is `unreadable`: its reason names the files it holds.
 
 Roots may be local paths or fsspec URLs (s3://, gs://, memory://, ...).
 """
@@ -63,17 +68,19 @@ STEP_DIR = re.compile(
     re.IGNORECASE,
 )
 LAYOUTS = (
-    "checkpoint-<N>, step<N>, step_<N>, step-<N>, iter_<N>, global_step<N>, model_<N>.pt, iter-<N>-ckpt.pth, "
-    "ckpt.pt, or a checkpoint folder itself"
+    "checkpoint-<N>, step<N>, step_<N>, step-<N>, iter_<N>, global_step<N>, <name>_<N>.pt (or -<N>, .pth, .ckpt), "
+    "iter-<N>-ckpt.pth, ckpt.pt, or a checkpoint folder itself"
 )
 # A file or folder inside a checkpoint whose name says it is still being written (`*.tmp`, `*.partial`, an
 # `.incomplete` or `unfinished` marker, a `tmpXXXXXX` from tempfile). Names need a separator around the word, so
 # `chat_template.jinja` or `temperature.json` do not match.
 TEMP_NAME = re.compile(rf"(?:^|[-_.])(?:{_STAGING})(?:[-_.]|$)|^\.?tmp", re.IGNORECASE)
-# Checkpoints that are single torch.save files in the run's folder: nanochat, lit-gpt (TinyLlama's code).
-STEP_FILE = re.compile(r"^(?:model_(?P<nanochat>\d+)\.pt|iter-(?P<litgpt>\d+)-ckpt\.pth)$")
+# Checkpoints that are single torch.save files in the run's folder, named with their step: nanochat's model_<N>.pt,
+# lit-gpt's iter-<N>-ckpt.pth (TinyLlama's code), and a researcher's ckpt_<N>.pt, <name>-<N>.pth, ...
+STEP_FILE = re.compile(r"^(?:iter-(?P<litgpt>\d+)-ckpt\.pth|.+?[-_](?P<step>\d+)\.(?:pt|pth|ckpt))$", re.IGNORECASE)
+TORCH_SUFFIXES = (".pt", ".pth", ".ckpt")
 NANOGPT_FILE = "ckpt.pt"  # nanoGPT overwrites one file; its step is the iter_num inside
-TORCH_IN_FOLDER = ("lit_model.pth",)  # litgpt's step-<N>/lit_model.pth
+TORCH_IN_FOLDER = ("lit_model.pth",)  # litgpt's step-<N>/lit_model.pth, the model among several torch.save files
 # Where a step folder keeps its DCP: itself (torchtitan, Megatron-Core), OLMo-core, the HF Trainer with FSDP.
 DCP_FOLDERS = ("", "model_and_optim", "pytorch_model_fsdp_0")
 MEGATRON_TRACKER = "latest_checkpointed_iteration.txt"
@@ -117,11 +124,12 @@ def discover(
     for e in top:
         m = STEP_DIR.match(e.name) if e.is_dir else None
         f = STEP_FILE.match(e.name) if not e.is_dir and format in ("auto", "torch") else None
+        f = None if f and TRAINING_STATE.search(e.name) else f  # optimizer_<N>.pt is no model
         if m:
             staging = e.name if (m.group("pre") or m.group("tmp")) else None
             candidates.append((fs.child(e.name), int(m.group("step")), staging))
         elif f:
-            step_files.append((e.name, int(f.group("nanochat") or f.group("litgpt"))))
+            step_files.append((e.name, int(f.group("litgpt") or f.group("step"))))
         elif e.is_dir and fs.child(e.name).has(CONFIG_NAME):
             unnamed.append(e.name)
     if unnamed:  # otherwise a run saved as `ckpt100/` or `epoch-3/` would just come back empty
@@ -138,9 +146,9 @@ def discover(
     m = STEP_DIR.match(posixpath.basename(fs.path.rstrip("/")))
     if NANOGPT_FILE in by_name and format in ("auto", "torch") and not candidates and not step_files:
         return _read_with([_inspect_file(fs, NANOGPT_FILE, None, now, quiet_seconds)], model_config, key_map)
-    if _looks_like_checkpoint({e.name for e in top}) and (
-        m or not any(_holds_weights(folder) for folder, _, _ in candidates)
-    ):
+    if (
+        _looks_like_checkpoint({e.name for e in top}) or (m and format in ("auto", "torch") and _torch_saves(by_name))
+    ) and (m or not any(_holds_weights(folder) for folder, _, _ in candidates)):
         name_step = int(m.group("step")) if m else None
         staging = fs.path if m and (m.group("pre") or m.group("tmp")) else None
         found = _inspect(fs, name_step, staging, [], now, quiet_seconds, format, model_config is None)
@@ -215,7 +223,7 @@ def _inspect(
             problems.append(f"{TRAINER_STATE_NAME} is not a valid JSON object ({e})")
         except FileNotFoundError:
             return None
-    fmt, weight_files, weight_problems = _weights(folder, files, entries, fmt)
+    fmt, weight_files, weight_problems, unreadable = _weights(folder, files, entries, fmt)
     if step is None and fmt == "torch" and weight_files:
         step, source = _step_inside(weight_files[0])
     if step is None:
@@ -225,9 +233,11 @@ def _inspect(
             "global_step and its name does not end in a step number (rename it step<N>)",
         )
 
+    unfinished = bool(problems)  # problems before what the folder holds, and after it, say it may change yet
     if CONFIG_NAME not in files and fmt == "hf" and needs_config:
         problems.append(f"{CONFIG_NAME} is missing")
     problems += weight_problems
+    held = len(problems)
 
     if staging is not None:
         problems.append(f"its name {posixpath.basename(staging)!r} marks a checkpoint still being written")
@@ -236,7 +246,7 @@ def _inspect(
     if markers:
         problems.append(f"{some(markers)} {'marks' if len(markers) == 1 else 'mark'} files still being written")
 
-    if TRAINER_STATE_NAME not in files and any(TRAINING_STATE.search(n) for n in files):
+    if TRAINER_STATE_NAME not in files and fmt != "torch" and any(TRAINING_STATE.search(n) for n in files):
         # the Trainer saves the model, then optimizer, scheduler and RNG states, and trainer_state.json last
         problems.append(f"the Trainer has not written {TRAINER_STATE_NAME} yet (it writes it last)")
 
@@ -252,11 +262,17 @@ def _inspect(
                     quiet_in = quiet_seconds - age
                 problems.append(f"modified {age:.0f} s ago; waiting {quiet_seconds:g} s quiet period")
 
+    seen = sorted(e.name for e in entries if not e.is_dir)
+    # finished, yet nothing in it can be read: waiting would not help (an empty folder is one about to be written)
+    unreadable = unreadable and bool(seen) and not unfinished and len(problems) == held
+    if unreadable:
+        problems.append(f"it holds {some(seen, 6)}")
     return Checkpoint(
         step=step,
         path=folder.url,
         weight_files=tuple(weight_files),
         complete=not problems,
+        unreadable=unreadable,
         reason="; ".join(problems) or None,
         tokens_seen=tokens_seen,
         quiet_in=quiet_in,
@@ -315,22 +331,23 @@ def _megatron_latest(fs) -> int | None:
     return int(text) if text.isdigit() else None  # "release" marks a converted checkpoint, not a training step
 
 
-def _weights(folder, files, entries, fmt="auto") -> tuple[str, list[str], list[str]]:
+def _weights(folder, files, entries, fmt="auto") -> tuple[str, list[str], list[str], bool]:
     """The checkpoint's format, its weights (safetensors files transformers would load, preferring
-    model.safetensors over an index; the DCP folder; the torch.save file), and problems."""
+    model.safetensors over an index; the DCP folder; the torch.save file), problems, and whether those problems
+    make the folder unreadable (what it holds cannot be read, however long one waits) rather than unfinished."""
     hf = fmt in ("auto", "hf")
     if hf and SAFE_WEIGHTS_NAME in files:
-        return "hf", [folder.file_url(SAFE_WEIGHTS_NAME)], []
+        return "hf", [folder.file_url(SAFE_WEIGHTS_NAME)], [], False
     if hf and SAFE_INDEX_NAME in files:
         try:
             shards = shard_names(json.loads(folder.read_text(SAFE_INDEX_NAME)))
         except ValueError as e:
-            return "hf", [], [f"{SAFE_INDEX_NAME} is unusable: {e}"]
+            return "hf", [], [f"{SAFE_INDEX_NAME} is unusable: {e}"], False
         except FileNotFoundError:
-            return "hf", [], [f"{SAFE_INDEX_NAME} vanished while it was read"]
+            return "hf", [], [f"{SAFE_INDEX_NAME} vanished while it was read"], False
         present = {e.name for e in entries if not e.is_dir}
         problems = [f"{s} listed in {SAFE_INDEX_NAME} is missing" for s in shards if s not in present]
-        return "hf", [folder.file_url(s) for s in shards], problems
+        return "hf", [folder.file_url(s) for s in shards], problems, False
     present = {e.name for e in entries if not e.is_dir}
     if fmt in ("auto", "dcp"):
         for sub in DCP_FOLDERS:
@@ -339,7 +356,7 @@ def _weights(folder, files, entries, fmt="auto") -> tuple[str, list[str], list[s
                 n for n in present if n.startswith(prefix) and "/" not in n[len(prefix) :] and n.endswith(".distcp")
             ]
             if prefix + METADATA_NAME in present:
-                return "dcp", [folder.file_url(sub) if sub else folder.url], []
+                return "dcp", [folder.file_url(sub) if sub else folder.url], [], False
             if data:
                 return (
                     "dcp",
@@ -348,28 +365,49 @@ def _weights(folder, files, entries, fmt="auto") -> tuple[str, list[str], list[s
                         f"DCP data files in {sub or 'the folder'} but no {METADATA_NAME}, which DCP writes last: "
                         "still being written, or its writer failed"
                     ],
+                    False,
                 )
-    if fmt in ("auto", "torch"):
-        for name in TORCH_IN_FOLDER:
-            if name in files:
-                return "torch", [folder.file_url(name)], []
-    if fmt in ("dcp", "torch"):
+    saves = _torch_saves(files)
+    if fmt in ("auto", "torch") and saves:
+        chosen = [n for n in TORCH_IN_FOLDER if n in saves] or saves
+        if len(chosen) == 1:
+            return "torch", [folder.file_url(chosen[0])], [], False
         return (
-            fmt,
+            "torch",
             [],
             [
-                f"no {'DCP (.metadata and *.distcp)' if fmt == 'dcp' else 'lit_model.pth'} weights "
-                f"(checkpoints.format={fmt})"
+                f"{len(saves)} torch.save files ({some(saves)}) and sinktrace will not guess which one holds the "
+                "model: keep one per step folder, or save them as <name>_<N>.pt in the run's folder"
             ],
+            True,
         )
+    if fmt in ("dcp", "torch"):
+        wanted = "DCP (.metadata and *.distcp)" if fmt == "dcp" else "torch.save (*.pt, *.pth, *.ckpt)"
+        return fmt, [], [f"no {wanted} weights (checkpoints.format={fmt})"], True
 
+    if saves:  # checkpoints.format=hf
+        return (
+            "hf",
+            [],
+            [f"no safetensors weights, only torch.save files ({some(saves)}): set checkpoints.format=torch"],
+            True,
+        )
     pickles = pickled_weights(e.name for e in entries if not e.is_dir)
     if pickles:
-        return "hf", [], [pickles_refused(pickles)]
+        return "hf", [], [pickles_refused(pickles)], True
     other = sorted(n for n in files if n.endswith(".safetensors"))
     if other:
-        return "hf", [], [f"no {SAFE_WEIGHTS_NAME} or {SAFE_INDEX_NAME} (found {some(other)})"]
-    return "hf", [], [f"no weights: neither {SAFE_WEIGHTS_NAME} nor {SAFE_INDEX_NAME}"]
+        return "hf", [], [f"no {SAFE_WEIGHTS_NAME} or {SAFE_INDEX_NAME} (found {some(other)})"], True
+    return "hf", [], [f"no weights: neither {SAFE_WEIGHTS_NAME} nor {SAFE_INDEX_NAME}"], True
+
+
+def _torch_saves(files) -> list[str]:
+    """The folder's files that may hold a model saved with torch.save (training state and staging names aside)."""
+    return sorted(
+        n
+        for n in files
+        if n.lower().endswith(TORCH_SUFFIXES) and not TRAINING_STATE.search(n) and not TEMP_NAME.search(n)
+    )
 
 
 def _tokens_seen(state: dict, step: int | None) -> int | None:
@@ -438,8 +476,9 @@ def _one_per_step(found: list[Checkpoint]) -> list[Checkpoint]:
                 dataclasses.replace(
                     complete[0],
                     complete=False,
-                    reason=f"{len(complete)} complete folders claim step {step} ({names}); sinktrace will not guess "
-                    "which one to replay: remove or rename all but one",
+                    unreadable=True,
+                    reason=f"{len(complete)} complete checkpoints claim step {step} ({names}); sinktrace will not "
+                    "guess which one to replay: remove or rename all but one",
                 )
             )
         else:

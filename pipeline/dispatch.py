@@ -40,11 +40,14 @@ LOOPBACK = "127.0.0.1"
 
 @dataclass
 class Outcome:
-    """What the replays came to: steps stored, failed (with the reason) and gone (deleted while queued)."""
+    """What the replays came to: steps stored, failed (with the reason) and gone (deleted while queued); and what
+    the last look at the run found: how many checkpoints, and those holding nothing sinktrace can read."""
 
     done: list[int] = field(default_factory=list)
     failures: list[tuple[int, str]] = field(default_factory=list)
     gone: list[int] = field(default_factory=list)
+    found: int = 0
+    unreadable: list[Checkpoint] = field(default_factory=list)
 
 
 def results(cluster_cfg, todo: list[Checkpoint], probe, settings, source=None) -> Iterator[tuple[Checkpoint, object]]:

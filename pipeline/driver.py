@@ -133,13 +133,18 @@ class Run:
             raise UsageError(f"checkpoints.root: {e}") from None
         if not checkpoints and strict:
             raise UsageError(f"checkpoints.root={self.root}: no checkpoint there; looked for {LAYOUTS}")
+        ready, skipped = select(checkpoints, self.settings.steps, strict=strict)
+        unreadable = [c for c in skipped if c.unreadable]
+        self.outcome.found, self.outcome.unreadable = len(ready) + len(skipped), unreadable
         if not self.announced:
-            ready, skipped = select(checkpoints, self.settings.steps, strict=strict)
+            # the unreadable ones are listed once, when the run ends (cli.summary)
             print(
-                f"sinktrace: {self.root}: {len(checkpoints)} checkpoint(s), {len(ready)} ready, {len(skipped)} not yet"
+                f"sinktrace: {self.root}: {len(checkpoints)} checkpoint(s), {len(ready)} ready, "
+                f"{len(skipped) - len(unreadable)} not yet" + (f", {len(unreadable)} unreadable" if unreadable else "")
             )
             for c in skipped:
-                print(f"  skipped step {c.step} ({c.path}): {c.reason}")
+                if not c.unreadable:
+                    print(f"  skipped step {c.step} ({c.path}): {c.reason}")
             self.announced = True
         return checkpoints
 
@@ -228,7 +233,7 @@ class Run:
             getattr(self.outcome, name).extend(getattr(got, name))
 
     def _waiting_for(self, waiting: list[Checkpoint], idle: float) -> str:
-        pending = [c for c in waiting if c.step not in self.tried]
+        pending = [c for c in waiting if c.step not in self.tried and not c.unreadable]
         if pending:
             c = min(pending, key=lambda c: c.step)
             return f"waiting for step {c.step}: {c.reason}"

@@ -17,6 +17,8 @@ class Checkpoint:
     weight_files: tuple[str, ...] = ()  # hf: safetensors files; dcp: the folder with .metadata; torch: the file
     complete: bool = False
     reason: str | None = None  # why it is not replayable (yet), when complete is False
+    # finished, yet holding nothing sinktrace can read (reason names its files): reported, never waited for
+    unreadable: bool = False
     tokens_seen: int | None = None
     quiet_in: float | None = None  # complete but for its quiet period, which ends in this many seconds
     modified: float | None = None  # its files' newest modification time, when discovery could tell

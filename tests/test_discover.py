@@ -214,7 +214,11 @@ def test_empty_and_weightless_folders(tmp_path):
     assert found[1].reason == (
         "config.json is missing; no weights: neither model.safetensors nor model.safetensors.index.json"
     )
-    assert found[2].reason == "no model.safetensors or model.safetensors.index.json (found weights.safetensors)"
+    assert not found[1].unreadable  # an empty folder is one about to be written
+    assert found[2].unreadable and found[2].reason == (
+        "no model.safetensors or model.safetensors.index.json (found weights.safetensors); it holds config.json, "
+        "generation_config.json, weights.safetensors"
+    )
 
 
 def test_pickled_weights_are_reported_never_loaded(tmp_path, no_unpickling):
@@ -334,9 +338,9 @@ def test_two_complete_folders_for_one_step_is_an_error(tmp_path):
     found = settled(tmp_path)
     assert [c.step for c in found] == [100, 200]
     c = found[0]
-    assert not c.complete and c.path == str(tmp_path / "checkpoint-100")
+    assert not c.complete and c.unreadable and c.path == str(tmp_path / "checkpoint-100")
     assert c.reason == (
-        "2 complete folders claim step 100 (checkpoint-100, step100); sinktrace will not guess which one to "
+        "2 complete checkpoints claim step 100 (checkpoint-100, step100); sinktrace will not guess which one to "
         "replay: remove or rename all but one"
     )
 
@@ -354,6 +358,95 @@ def test_incomplete_claimants_are_named(tmp_path):
     [c] = settled(tmp_path)
     assert not c.complete and c.path == str(tmp_path / "step5-tmp")
     assert c.reason.endswith("; step 5 is also claimed by tmp-checkpoint-5")
+
+
+# ------------------------------------------------------------------------------------------ torch.save files
+
+
+def save_torch(path, step=None, **extra):
+    """A torch.save file holding a model state dict, and a step field when given (nanoGPT's iter_num)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": {"w": torch.ones(2)}, **({"iter_num": step} if step is not None else {}), **extra}, path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["auto", "torch"])
+def test_step_folder_holding_one_torch_file_of_any_name(tmp_path, fmt):
+    a = save_torch(tmp_path / "step_5" / "ckpt.pt", 5)
+    b = save_torch(tmp_path / "step-10" / "weights.pth")
+    c = save_torch(tmp_path / "iter_0000015" / "last.ckpt")
+    save_torch(tmp_path / "iter_0000015" / "optimizer.pt")  # training state beside the model is no candidate
+    found = settled(tmp_path, format=fmt)
+    assert [(c.step, c.complete, c.format, c.step_source) for c in found] == [
+        (5, True, "torch", "folder name"),
+        (10, True, "torch", "folder name"),
+        (15, True, "torch", "folder name"),
+    ]
+    assert [c.weight_files for c in found] == [(str(a),), (str(b),), (str(c),)]
+
+
+def test_root_files_named_with_their_step(tmp_path):
+    names = {10: "ckpt_10.pt", 20: "run-20.pth", 30: "model_000030.pt", 40: "ema_40.ckpt", 50: "iter-000050-ckpt.pth"}
+    for name in names.values():
+        save_torch(tmp_path / name)  # the step is the name's: the files record none
+    save_torch(tmp_path / "optimizer_60.pt")
+    save_torch(tmp_path / "ckpt.pt", 70)  # nanoGPT's live file beside the series it was copied into
+    backdate(tmp_path, 3600)
+    found = discover(tmp_path)
+    assert [(c.step, c.complete, c.step_source, c.weight_files) for c in found] == [
+        (step, True, "file name", (str(tmp_path / name),)) for step, name in names.items()
+    ]
+
+
+def test_root_that_is_a_step_folder_holding_a_torch_file(tmp_path):
+    save_torch(tmp_path / "step_7" / "model.pt")
+    backdate(tmp_path, 3600)
+    [c] = discover(tmp_path / "step_7")
+    assert (c.step, c.complete, c.format) == (7, True, "torch")
+
+
+def test_several_torch_files_in_a_folder_are_ambiguous_unless_one_is_litgpts(tmp_path):
+    save_torch(tmp_path / "step_1" / "model.pt")
+    save_torch(tmp_path / "step_1" / "ema.pt")
+    save_torch(tmp_path / "step_2" / "lit_model.pth")
+    save_torch(tmp_path / "step_2" / "initial.pth")
+    one, two = settled(tmp_path)
+    assert (one.complete, one.unreadable, one.weight_files) == (False, True, ())
+    assert one.reason == (
+        "2 torch.save files (ema.pt, model.pt) and sinktrace will not guess which one holds the model: keep one per "
+        "step folder, or save them as <name>_<N>.pt in the run's folder; it holds ema.pt, model.pt"
+    )
+    assert two.complete and two.weight_files == (str(tmp_path / "step_2" / "lit_model.pth"),)
+
+
+@pytest.mark.parametrize(
+    "fmt, reason",
+    [
+        ("dcp", "no DCP (.metadata and *.distcp) weights (checkpoints.format=dcp); it holds ckpt.pt"),
+        (
+            "hf",
+            "config.json is missing; no safetensors weights, only torch.save files (ckpt.pt): set "
+            "checkpoints.format=torch; it holds ckpt.pt",
+        ),
+    ],
+)
+def test_a_finished_folder_in_another_format_is_unreadable_not_waited_for(tmp_path, fmt, reason):
+    save_torch(tmp_path / "step_3" / "ckpt.pt", 3)
+    [c] = settled(tmp_path, format=fmt)
+    assert (c.step, c.complete, c.unreadable, c.reason) == (3, False, True, reason)
+
+
+def test_unknown_file_is_unreadable_once_quiet_and_unfinished_before(tmp_path):
+    folder = tmp_path / "step_4"
+    folder.mkdir()
+    (folder / "weights.npz").write_bytes(b"PK")
+    [c] = discover(tmp_path, now=time.time())  # just written: it may still become a checkpoint
+    assert not c.unreadable and "quiet period" in c.reason
+    [c] = settled(tmp_path)
+    assert c.unreadable and c.reason == (
+        "config.json is missing; no weights: neither model.safetensors nor model.safetensors.index.json; it holds "
+        "weights.npz"
+    )
 
 
 # ------------------------------------------------------------------------------------------ fsspec

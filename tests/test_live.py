@@ -129,7 +129,8 @@ def test_watch_stops_when_idle_and_says_what_it_waits_for(tmp_path):
     root = tmp_path / "run"
     make_run(root, [0, 10])
     save_checkpoint(root / "checkpoint-20", step=20, age=0)
-    (root / "checkpoint-20" / "model.safetensors").unlink()  # still being written: no weights yet
+    weights = root / "checkpoint-20" / "model.safetensors"
+    weights.rename(weights.with_name("model.safetensors.tmp"))  # still being written, under a temporary name
     res = subprocess.run(
         watch_args(root, tmp_path / "s.zarr", "replay.idle_timeout=3"), capture_output=True, text=True, timeout=300
     )

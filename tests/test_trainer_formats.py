@@ -3,6 +3,8 @@ attention on the equivalent transformers model; bad input of each format is refu
 
 import os
 import pickle
+import subprocess
+import sys
 import warnings
 from dataclasses import replace
 
@@ -17,8 +19,10 @@ from pipeline.discover import discover
 from pipeline.errors import CheckpointError
 from pipeline.load import load_model
 from pipeline.measure import measure
+from pipeline.probe import build_probe
+from pipeline.statedict import hf_config
 from tests import trainer_ckpts as tc
-from tests.reference import reference_stats
+from tests.reference import STATS, reference_stats
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add overhead
 
@@ -251,6 +255,84 @@ def test_a_run_that_does_not_describe_its_model_is_a_usage_error(tmp_path, capsy
     assert run(cfg) == 2
     assert "checkpoints.model_config" in capsys.readouterr().err
     assert not (tmp_path / "s.zarr").exists()
+
+
+# ------------------------------------------------------------------------------------------ series kept by hand
+
+SERIES = [0, 100, 200]
+NANOGPT_SETTINGS = ["checkpoints.format=torch", "checkpoints.key_map=nanogpt"]
+REPLAY = ["checkpoints.quiet_seconds=0", "stages=[replay]", "probe.rows=3", "probe.seq_len=16", "replay.dtype=float32"]
+
+
+@pytest.mark.parametrize("layout", ["step_{}/ckpt.pt", "ckpt_{}.pt"])
+def test_nanogpt_series_kept_by_hand_replays_through_the_command(tmp_path, layout):
+    models = tc.nanogpt_series(tmp_path / "out", SERIES, layout)
+    store = tmp_path / "s.zarr"
+    settings = [f"checkpoints.root={tmp_path / 'out'}", *NANOGPT_SETTINGS, *REPLAY, "replay.device=cpu"]
+    res = subprocess.run(
+        [sys.executable, "-m", "pipeline", *settings, f"store.path={store}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "3 checkpoint(s), 3 ready, 0 not yet" in res.stdout
+
+    tree = xr.open_datatree(store, engine="zarr")
+    (name,) = tree.children
+    ds = tree[name].to_dataset()
+    assert ds.step.values.tolist() == SERIES and set(ds.status.values.tolist()) == {"done"}
+    source = "folder name" if "/" in layout else "file name"
+    assert ds.attrs["step_source"] == {source: SERIES} and ds.attrs["key_map"] == "nanogpt"
+    # the probe the run built, from the config it derived from nanoGPT's model_args
+    first = discover(str(tmp_path / "out"), quiet_seconds=0, format="torch", key_map="nanogpt")[0]
+    probe = build_probe(compose(settings).probe, hf_config(first))
+    for step, model in models.items():
+        want = reference_stats(model, probe.tokens)
+        assert set(STATS) <= set(want)
+        for stat in STATS:
+            np.testing.assert_allclose(
+                ds[stat].sel(step=step).values, want[stat], rtol=1e-5, atol=1e-5, err_msg=f"step {step}: {stat}"
+            )
+
+
+def test_a_run_sinktrace_cannot_read_is_listed_and_exits_2(tmp_path, capsys):
+    tc.nanogpt_series(tmp_path / "out", SERIES, "step_{}/ckpt.pt")
+    store = tmp_path / "s.zarr"
+    base = [f"checkpoints.root={tmp_path / 'out'}", "checkpoints.quiet_seconds=0", f"store.path={store}"]
+    assert run(compose([*base, "checkpoints.format=dcp"])) == 2  # the default stages: replay, then report
+    out, err = capsys.readouterr()
+    assert "3 checkpoint(s), 0 ready, 0 not yet, 3 unreadable" in out and "nothing to replay" in out
+    assert "3 of 3 checkpoint(s) hold nothing sinktrace can read (unreadable, not replayed):" in err
+    lines = [line.strip() for line in err.splitlines() if line.startswith("  step ")]
+    assert lines == [
+        f"step {s} ({tmp_path / 'out' / f'step_{s}'}): no DCP (.metadata and *.distcp) weights "
+        "(checkpoints.format=dcp); it holds ckpt.pt"
+        for s in SERIES
+    ]
+    assert not store.exists()
+
+
+def test_readable_steps_replay_and_the_unreadable_are_listed(tmp_path, capsys):
+    tc.nanogpt_series(tmp_path / "out", SERIES[:2], "step_{}/ckpt.pt")
+    odd = tmp_path / "out" / "step_300"
+    odd.mkdir()
+    (odd / "weights.npz").write_bytes(b"PK\x03\x04")  # a kind of file sinktrace does not read
+    tc.backdate(tmp_path / "out", 3600)
+    store = tmp_path / "s.zarr"
+    assert (
+        run(compose([f"checkpoints.root={tmp_path / 'out'}", *NANOGPT_SETTINGS, *REPLAY, f"store.path={store}"])) == 1
+    )
+    out, err = capsys.readouterr()
+    assert "3 checkpoint(s), 2 ready, 0 not yet, 1 unreadable" in out
+    assert "1 of 3 checkpoint(s) hold nothing sinktrace can read (unreadable, not replayed):" in err
+    assert (
+        f"  step 300 ({odd}): no torch.save (*.pt, *.pth, *.ckpt) weights (checkpoints.format=torch); it holds "
+        "weights.npz" in err
+    )
+    ds = xr.open_datatree(store, engine="zarr")
+    (name,) = ds.children
+    assert ds[name].to_dataset().status.values.tolist() == ["done", "done"]
 
 
 # ------------------------------------------------------------------------------------------ bad input

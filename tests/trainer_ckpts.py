@@ -11,13 +11,15 @@ beside optimizer, lr_scheduler, dataloader and train_state); Megatron-Core `iter
 (dist_checkpointing: DCP plus metadata.json and common.pt, `latest_checkpointed_iteration.txt` at the root, a
 block's tensors stacked over layers); the Hugging Face Trainer with FSDP SHARDED_STATE_DICT
 (`checkpoint-<N>/pytorch_model_fsdp_0/` holding `{"model": ...}`, optimizer_0/ beside it, config.json);
-nanoGPT's train.py `ckpt.pt`; nanochat's checkpoint_manager `model_<step:06d>.pt` + `meta_<step:06d>.json` +
-`optim_<step:06d>_rank0.pt`; litgpt's pretrain `step-<N:08d>/lit_model.pth` + `model_config.yaml`.
+nanoGPT's train.py `ckpt.pt` (kept as a series by copying it after each save: `nanogpt_series`); nanochat's
+checkpoint_manager `model_<step:06d>.pt` + `meta_<step:06d>.json` + `optim_<step:06d>_rank0.pt`; litgpt's
+pretrain `step-<N:08d>/lit_model.pth` + `model_config.yaml`.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -270,6 +272,20 @@ def nanogpt_checkpoint(
     )
     backdate(out_dir, age)
     return out_dir / "ckpt.pt"
+
+
+def nanogpt_series(out_dir, steps, layout: str, *, age: float = HOUR) -> dict:
+    """A nanoGPT run kept as a series: after each save, train.py's `out_dir/ckpt.pt` is copied to `layout` (a
+    format string for the step, relative to out_dir: `step_{}/ckpt.pt`, `ckpt_{}.pt`), as researchers do since
+    nanoGPT overwrites the one file; the last ckpt.pt stays where nanoGPT wrote it. {step: reference model}."""
+    out_dir, models = Path(out_dir), {}
+    for i, step in enumerate(steps):
+        models[step] = gpt2(seed=30 + i)
+        target = out_dir / layout.format(step)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(nanogpt_checkpoint(out_dir, models[step], step, age=age), target)
+    backdate(out_dir, age)
+    return models
 
 
 # ------------------------------------------------------------------------------------------ nanochat
