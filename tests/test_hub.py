@@ -543,3 +543,16 @@ def test_a_step_beyond_int64_is_skipped_with_a_warning(tiny_revisions, hub, tmp_
         assert run(hub_cfg("hf://org/tiny", store)) == 0
     assert "skipped revision step99999999999999999999999: its step does not fit in 64 bits" in caplog.text
     assert list(pipeline.open_sinks(str(store), GROUP).step.values) == [0]
+
+
+def test_a_journal_entry_outside_the_caches_is_never_deleted(tiny_revisions, hub, tmp_path, sinktrace_home):
+    """What a killed run fetched is deleted by the next one (fetched.json), but only inside the caches."""
+    publish(hub, "org/tiny", {0: tiny_revisions[0]})
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's file")
+    journal = sinktrace_home / "hub" / "models--org--tiny" / "fetched.json"
+    journal.parent.mkdir(parents=True)
+    journal.write_text(json.dumps([str(victim)]))
+    assert run(hub_cfg("hf://org/tiny", tmp_path / "hub.zarr")) == 0
+    assert victim.read_text() == "the user's file"
+    assert not journal.exists()
