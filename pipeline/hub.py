@@ -12,8 +12,15 @@ of a large model never takes more disk than `checkpoints.cache_limit`. Only conf
 fetched; a revision with only pickled weights is skipped unless `checkpoints.allow_torch_pickle=true`, which
 reads them with `torch.load(weights_only=True)` and writes a safetensors copy for replay.
 
-Downloads go through `hf_hub_download` into the standard cache (HF_HUB_CACHE), which writes each file to a
-temporary name and renames it only when complete, so an interrupted download never passes for a finished one.
+Files land in the standard cache (HF_HUB_CACHE) in the layout `hf_hub_download` writes (`blobs/<hash>`, linked
+from `snapshots/<commit>/<file>`, and `refs/<revision>`), but are fetched here: `hf_hub_download` names the blob and
+the snapshot after the ETag and X-Repo-Commit headers of the answer, unchecked, and some of its requests wait
+without limit. Here each file is fetched by the listed commit and named after the listed hash; the commit ids and
+hashes a listing gives must have the Hub's shapes (40 and 64 hex digits), so no answer can name a path outside the
+cache, and nothing is deleted outside the caches the run owns. The bytes are written to a temporary name and kept
+only when their size and hash are the listed ones, so an interrupted or substituted download never passes for a
+finished one. Every request has a timeout (`checkpoints.request_timeout`) and every file a deadline
+(`checkpoints.download_timeout`); requests run in daemon threads that a timeout or Ctrl-C leaves behind, never joins.
 Files that were in the cache before the run are never deleted. Offline (HF_HUB_OFFLINE=1, or when the Hub cannot
 be reached), the revisions already in the cache (`models--<org>--<name>/refs/<revision>` and `snapshots/`) are
 replayed and the others reported.
@@ -21,8 +28,9 @@ replayed and the others reported.
 
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -31,7 +39,9 @@ import re
 import shutil
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
+from functools import partial
 
 from .errors import CheckpointError, UsageError, describe, some
 from .locations import sinktrace_home, write_json_atomic
@@ -55,6 +65,19 @@ AHEAD = 2  # checkpoints fetched ahead of the one being replayed
 TRIES = 3  # attempts per file before its step fails
 STALE_PARTIAL = 600  # seconds without a write after which a partial download is another run's leftover
 RETRY_WAIT = 2.0  # seconds before the second attempt, doubled for each further one
+LISTERS = 8  # file listings requested at once
+# the shapes of the Hub's ids, the only ones used in paths: a commit (git sha1), a git blob id, an LFS sha256
+COMMIT = re.compile(r"[0-9a-f]{40}")
+HASHES = {40: re.compile(r"[0-9a-f]{40}"), 64: re.compile(r"[0-9a-f]{64}")}
+MAX_STEP = 2**63 - 1  # steps are stored as int64
+
+
+class NoAnswer(Exception):
+    """A request to the Hub did not finish in the time it was given."""
+
+
+class WrongBytes(Exception):
+    """A download's bytes are not those the listing describes: another try would get the same."""
 
 
 def is_hub(root) -> bool:
@@ -115,6 +138,11 @@ class HubRun:
             self.limit = parse_bytes(settings.cache_limit)
         except (ValueError, TypeError):
             raise UsageError(f"checkpoints.cache_limit={settings.cache_limit!r}: give a size like 30GB") from None
+        for key in ("request_timeout", "download_timeout"):
+            if not settings[key] > 0:
+                raise UsageError(f"checkpoints.{key}={settings[key]}: must be a positive number of seconds")
+        self.request_timeout = float(settings.request_timeout)
+        self.download_timeout = float(settings.download_timeout)
         self.keep = bool(settings.keep_downloads)
         self.allow_pickle = bool(settings.allow_torch_pickle)
         self.cache_dir = constants.HF_HUB_CACHE
@@ -146,7 +174,7 @@ class HubRun:
         Raises:
             UsageError: the repository does not exist (or is not visible), or no revision matches a pattern.
         """
-        refs = self._cached_refs() if self.offline else self._listed_refs()
+        refs = self._cached_refs() if self.offline else self._listed_refs_in_time()
         if refs is None:  # the Hub could not be reached: what the cache holds is all there is
             self.offline = True
             refs = self._cached_refs()
@@ -158,6 +186,15 @@ class HubRun:
             parsed = parse_revision(name, self.patterns)
             if parsed is None:
                 unmatched.append(name)
+            elif not COMMIT.fullmatch(str(commit)):  # it would name the revision's folders
+                log.warning(
+                    "%s: skipped revision %s: the Hub gives its commit as %r, not 40 hex digits",
+                    self.root,
+                    name,
+                    str(commit)[:80],
+                )
+            elif parsed[0] > MAX_STEP:
+                log.warning("%s: skipped revision %s: its step does not fit in 64 bits", self.root, name)
             else:
                 by_step.setdefault(parsed[0], []).append(Revision(name, commit, *parsed))
         if not by_step:
@@ -192,6 +229,18 @@ class HubRun:
                     log.info("%s: removed %s, left by an interrupted download", self.root, path)
             except OSError:
                 pass
+
+    def _listed_refs_in_time(self) -> dict[str, str] | None:
+        importlib.import_module("huggingface_hub.hf_api")  # before the clock starts: it is not the Hub's time
+        ((refs, error),) = _in_time({0: self._listed_refs}, self.request_timeout).values()
+        if isinstance(error, NoAnswer):
+            raise UsageError(
+                f"checkpoints.root={self.root}: the Hub sent no list of revisions within "
+                f"checkpoints.request_timeout={self.request_timeout:g} s"
+            )
+        if error is not None:
+            raise error
+        return refs
 
     def _listed_refs(self) -> dict[str, str] | None:
         import httpx
@@ -246,17 +295,26 @@ class HubRun:
         api = HfApi()
 
         def listing(rev):
-            entries = api.list_repo_tree(self.repo_id, revision=rev.commit)
-            return {e.path: (e.size, e.lfs.sha256 if e.lfs else e.blob_id) for e in entries if isinstance(e, RepoFile)}
+            files = {}
+            for e in api.list_repo_tree(self.repo_id, revision=rev.commit):
+                if isinstance(e, RepoFile):
+                    digest = e.lfs.sha256 if e.lfs else e.blob_id
+                    # the blob's file name, and what the bytes are checked against
+                    if not HASHES[64 if e.lfs else 40].fullmatch(str(digest)):
+                        raise ValueError(f"the Hub lists {e.path} with hash {str(digest)[:80]!r}, not hex digits")
+                    files[e.path] = (e.size, digest)
+            return files
 
         new = [] if self.offline else [rev for rev in revisions if rev.commit not in self._cached_files]
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            futures = {pool.submit(listing, rev): rev for rev in new}
-            for future, rev in futures.items():
-                try:
-                    self._cached_files[rev.commit] = future.result()
-                except Exception as e:  # this revision is retried by the next run
-                    rev.listing_error = describe(e)
+        answers = _in_time({i: partial(listing, rev) for i, rev in enumerate(new)}, self.request_timeout)
+        for i, (files, error) in sorted(answers.items()):
+            rev = new[i]
+            if error is None:
+                self._cached_files[rev.commit] = files
+            elif isinstance(error, Exception):  # this revision is retried by the next run
+                rev.listing_error = describe(error)
+            else:
+                raise error
         for rev in revisions:
             rev.files = self._cached_files.get(rev.commit, {})
 
@@ -428,9 +486,25 @@ class HubRun:
                 )
             try:
                 self._fetch(ckpt)
+                with self._cond:  # what the files take on disk, whatever the listing said
+                    if ckpt.step in self._held:
+                        self._held[ckpt.step] = self._on_disk(ckpt.step)
                 self._ready.put((ckpt, None))
             except Exception as e:  # the step fails; the others go on
                 self._ready.put((ckpt, e))
+
+    def _on_disk(self, step: int) -> int:
+        total = 0
+        with self._files_lock:
+            paths = list(self._downloaded.get(step, ()))
+        for path in paths:
+            for folder, _, names in os.walk(path) if os.path.isdir(path) else [("", (), [path])]:
+                for name in names:
+                    try:
+                        total += os.lstat(os.path.join(folder, name)).st_size
+                    except OSError:
+                        pass
+        return total
 
     def _size(self, rev: Revision) -> int:
         size = sum(rev.files.get(n, (0, ""))[0] for n in rev.fetch)
@@ -449,58 +523,81 @@ class HubRun:
 
     def _download(self, rev: Revision, name: str) -> str:
         """One file into the cache, retried a few times; CheckpointError naming the file when it cannot be had."""
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import HfHubHTTPError
-
         snapshot = os.path.join(self.storage, "snapshots", rev.commit)
         pointer = os.path.join(snapshot, name)
         url = f"{PREFIX}{self.repo_id}@{rev.name}/{name}"
-        # the blob's name is the file's etag: the sha256 the listing gave for an LFS file, else its git blob id
-        known_blob = os.path.join(self.storage, "blobs", rev.files[name][1]) if name in rev.files else None
+        # the blob's name is the listing's hash: the sha256 of an LFS file (the weights), else its git blob id
+        blob = os.path.join(self.storage, "blobs", rev.files[name][1]) if name in rev.files else None
         with self._files_lock:
             # another step (two revisions of one commit, or of the same weights) or a killed run may have fetched
             # it: then it is ours to delete too, once every step that uses it is released
             present = os.path.exists(pointer)
-            for path in (pointer, os.path.realpath(pointer)) if present else (known_blob,):
+            for path in (pointer, os.path.realpath(pointer)) if present else (blob,):
                 if path is not None and (path in self._leftover or self._held_elsewhere(path)):
                     self._leftover.discard(path)
                     self._own(rev.step, path)
             if present:
                 return pointer
-            blobs_before = set(_blobs(self.storage))
+            had_blob = blob is not None and os.path.exists(blob)
         if self.offline:
             raise CheckpointError(url, "not in the local Hugging Face cache, and the Hub is offline")
-        for attempt in range(TRIES):
-            try:
-                # by name, so that the cache records refs/<revision> for later offline runs
-                path = hf_hub_download(self.repo_id, name, revision=rev.name, cache_dir=self.cache_dir)
-                break
-            except HfHubHTTPError as e:
-                status = e.response.status_code if e.response is not None else None
-                if status is not None and 400 <= status < 500 and status != 429:
-                    raise CheckpointError(url, f"the Hub refused it: {describe(e)}") from None
-                error = e
-            except Exception as e:  # a dropped connection, a timeout, a full disk
-                error = e
-            if attempt + 1 < TRIES:
-                time.sleep(RETRY_WAIT * 2**attempt)
-        else:
-            raise CheckpointError(url, f"download failed {TRIES} times, last: {describe(error)}")
-        self._remember(rev.step, pointer, blobs_before)
-        if os.path.realpath(os.path.dirname(path)) != os.path.realpath(snapshot):
-            raise CheckpointError(
-                url,
-                f"the revision moved to another commit since it was listed "
-                f"(was {rev.commit[:12]}); rerun to replay its new weights",
-            )
-        return path
+        if blob is None:  # an index's shard the listing lacks: no size or hash to check it against
+            raise CheckpointError(url, "not in the revision's file listing")
+        if not had_blob:
+            self._fetch_blob(rev, name, url, blob)
+            self._own(rev.step, blob)
+        os.makedirs(snapshot, exist_ok=True)
+        link = f"{pointer}.{uuid.uuid4().hex}.tmp"
+        os.symlink(os.path.relpath(blob, snapshot), link)
+        os.replace(link, pointer)
+        self._own(rev.step, pointer)
+        # the commit of the revision's name, for later offline runs (a branch name may hold slashes)
+        refs = os.path.join(self.storage, "refs")
+        ref = os.path.join(refs, rev.name)
+        if _inside(ref, refs):
+            with contextlib.suppress(OSError):
+                os.makedirs(os.path.dirname(ref), exist_ok=True)
+                with open(ref, "w") as f:
+                    f.write(rev.commit)
+        return pointer
 
-    def _remember(self, step: int, pointer: str, blobs_before: set[str]) -> None:
-        blob = os.path.realpath(pointer)
-        with self._files_lock:
-            if os.path.basename(blob) not in blobs_before and blob not in self._downloaded.get(step, ()):
-                self._own(step, blob)
-            self._own(step, pointer)
+    def _fetch_blob(self, rev: Revision, name: str, url: str, blob: str) -> None:
+        """The file's bytes into `blob`, checked against the listing's size and hash, within the deadline."""
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.errors import HfHubHTTPError
+
+        size, digest = rev.files[name]
+        source = hf_hub_url(self.repo_id, name, revision=rev.commit)
+        os.makedirs(os.path.dirname(blob), exist_ok=True)
+        deadline = time.monotonic() + self.download_timeout
+        for attempt in range(TRIES):
+            tmp = f"{blob}.{uuid.uuid4().hex[:12]}.incomplete"
+            stop = threading.Event()
+            ((_, error),) = _in_time(
+                {0: partial(_get, source, tmp, size, digest, self.request_timeout, stop)},
+                deadline - time.monotonic(),
+            ).values()
+            stop.set()
+            if error is None:
+                os.replace(tmp, blob)
+                return
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if isinstance(error, NoAnswer):
+                raise CheckpointError(
+                    url, f"not downloaded within checkpoints.download_timeout={self.download_timeout:g} s"
+                ) from None
+            if isinstance(error, WrongBytes):
+                raise CheckpointError(url, str(error)) from None
+            if isinstance(error, HfHubHTTPError):
+                status = error.response.status_code if error.response is not None else None
+                if status is not None and 400 <= status < 500 and status != 429:
+                    raise CheckpointError(url, f"the Hub refused it: {describe(error)}") from None
+            if not isinstance(error, Exception):
+                raise error
+            if attempt + 1 < TRIES:
+                time.sleep(min(RETRY_WAIT * 2**attempt, max(0.0, deadline - time.monotonic())))
+        raise CheckpointError(url, f"download failed {TRIES} times, last: {describe(error)}")
 
     def _held_elsewhere(self, path: str) -> bool:
         with self._files_lock:
@@ -571,6 +668,9 @@ class HubRun:
         for path in files:
             if path in still_used or (not os.path.islink(path) and os.path.realpath(path) in still_used):
                 continue
+            if not any(_inside(path, cache) for cache in (self.storage, str(self.converted))):
+                log.warning("%s: left %s alone: it lies outside the caches this run writes", self.root, path)
+                continue
             if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path, ignore_errors=True)
             else:
@@ -580,6 +680,71 @@ class HubRun:
                 except OSError:
                     pass
         self._write_journal()
+
+
+def _get(url: str, tmp: str, size: int, digest: str, timeout: float, stop: threading.Event) -> None:
+    """The file at `url` into `tmp`; WrongBytes when its bytes are not the `size` bytes of hash `digest` (a
+    sha256, or a git blob id: the sha1 of `blob <size>\\0` and the bytes)."""
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    hasher = hashlib.sha256() if len(digest) == 64 else hashlib.sha1(b"blob %d\0" % size)
+    got = 0
+    with (
+        open(tmp, "wb") as f,
+        get_session().stream("GET", url, headers=build_hf_headers(), timeout=timeout, follow_redirects=True) as r,
+    ):
+        hf_raise_for_status(r)
+        for chunk in r.iter_bytes():
+            if stop.is_set():  # past the deadline: this thread was left behind
+                return
+            got += len(chunk)
+            if got > size:
+                raise WrongBytes(f"the Hub sent more than the {size} bytes its listing gave; nothing kept")
+            hasher.update(chunk)
+            f.write(chunk)
+    if got < size:  # cut short: worth another try
+        raise OSError(f"the transfer ended after {got} of {size} bytes")
+    if hasher.hexdigest() != digest:
+        kind = "sha256" if len(digest) == 64 else "git blob id"
+        raise WrongBytes(f"the bytes served have {kind} {hasher.hexdigest()}, not the {digest} the listing gave")
+
+
+def _in_time(calls: dict, seconds: float, at_once: int = LISTERS) -> dict:
+    """{key: function} -> {key: (its result, None) or (None, what it raised)}, each call given `seconds` from its
+    start, or NoAnswer. The calls run in daemon threads: one past its time is left behind, never joined, so
+    neither a timeout nor Ctrl-C (in the main thread, which only waits here) waits for the Hub."""
+    answers: queue.Queue = queue.Queue()
+    todo, running, out = list(calls.items()), {}, {}
+
+    def call(key, function):
+        try:
+            answers.put((key, (function(), None)))
+        except BaseException as e:  # handed to the caller
+            answers.put((key, (None, e)))
+
+    while todo or running:
+        while todo and len(running) < at_once:
+            key, function = todo.pop(0)
+            running[key] = time.monotonic() + seconds
+            threading.Thread(target=call, args=(key, function), daemon=True, name="hub-request").start()
+        try:
+            key, answer = answers.get(timeout=max(0.0, min(running.values()) - time.monotonic()))
+        except queue.Empty:
+            now = time.monotonic()
+            for key in [k for k, due in running.items() if due <= now]:
+                del running[key]
+                out[key] = (None, NoAnswer(f"no answer within {seconds:g} s"))
+            continue
+        if running.pop(key, None) is not None:
+            out[key] = answer
+    return out
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether `path` (itself, not what a link there points to) lies inside `folder`, both resolved."""
+    here = os.path.normpath(os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path)))
+    folder = os.path.realpath(folder)
+    return here != folder and os.path.commonpath([here, folder]) == folder
 
 
 def _read_journal(path) -> set[str]:

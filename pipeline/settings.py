@@ -27,6 +27,8 @@ class CheckpointsSettings:
     cache_limit: str = "30GB"
     keep_downloads: bool = False
     allow_torch_pickle: bool = False
+    request_timeout: float = 60.0
+    download_timeout: float = 3600.0
 
 
 @dataclass

@@ -14,6 +14,10 @@ sinktrace does, answering as the client expects (huggingface_hub 1.x, the versio
 - errors: a 404 with `X-Error-Code: RepoNotFound` or `RevisionNotFound` becomes RepositoryNotFoundError or
   RevisionNotFoundError (`hf_raise_for_status`, utils/_http.py).
 
+It can also misbehave as a hostile or broken endpoint would: send another ETag or commit id than the file's, list
+sizes smaller than the files, redirect a download to other bytes, and hang or trickle any answer. Every wait it
+makes is bounded, and `stop` ends them all.
+
 Point the client at it with HF_ENDPOINT (a subprocess) or `FakeHub.patch_client` (this process: the client reads
 HF_ENDPOINT once, on import).
 """
@@ -46,6 +50,15 @@ class FakeHub:
         self.fail_on: tuple[str, str] | None = None  # (revision, file) whose GET answers 500
         self.served: list[tuple[str, str]] = []  # (revision, file) for every GET of file data
         self.on_get = None  # called before each GET of file data, with (revision, file)
+        # hostile answers
+        self.etags: dict[tuple[str, str], str] = {}  # (revision, file) -> the ETag sent instead of its hash
+        self.listed_size: int | None = None  # the size the listing gives every LFS file, whatever its length
+        self.redirects: dict[tuple[str, str], bytes] = {}  # (revision, file) -> bytes served at a redirect's target
+        # "refs", "tree", "resolve" (file headers) or "resolve/<revision>": answered only after `release` or 20 s
+        self.hang: set[str] = set()
+        self.trickle_on: tuple[str, str] | None = None  # (revision, file) whose GET sends a byte every 0.2 s for 20 s
+        self.hanging = threading.Event()  # set when a request starts hanging
+        self.release = threading.Event()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -74,6 +87,7 @@ class FakeHub:
 
     def stop(self) -> None:
         self.release_stall.set()
+        self.release.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -122,9 +136,23 @@ class FakeHub:
             def do_GET(self):
                 self._serve(head=False)
 
+            def _hang(self, *what: str) -> None:
+                if hub.hang & {what[0], "/".join(what)}:
+                    hub.hanging.set()
+                    hub.release.wait(20)
+
             def _serve(self, head: bool):
                 parts = [unquote(p) for p in urlparse(self.path).path.strip("/").split("/")]
+                if parts[0] == "elsewhere":  # another location a download is redirected to
+                    data = hub.redirects[(parts[1], "/".join(parts[2:]))]
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    if not head:
+                        self.wfile.write(data)
+                    return
                 if parts[:2] == ["api", "models"] and len(parts) >= 5:
+                    self._hang(parts[4])
                     repo_id = "/".join(parts[2:4])
                     if repo_id not in hub.repos:
                         return self._error(404, "RepoNotFound")
@@ -142,9 +170,11 @@ class FakeHub:
                         for name, data in sorted(found[1].items()):
                             entry = {"type": "file", "path": name, "size": len(data), "oid": git_blob_id(data)}
                             if name.endswith(LFS_SUFFIXES):
+                                if hub.listed_size is not None:
+                                    entry["size"] = hub.listed_size
                                 entry["lfs"] = {
                                     "oid": hashlib.sha256(data).hexdigest(),
-                                    "size": len(data),
+                                    "size": entry["size"],
                                     "pointerSize": 134,
                                 }
                             entries.append(entry)
@@ -158,6 +188,7 @@ class FakeHub:
                     if found is None:
                         return self._error(404, "RevisionNotFound")
                     rev_name, files = found
+                    self._hang("resolve", rev_name)
                     if name not in files:
                         return self._error(404, "EntryNotFound")
                     return self._file(repo_id, rev_name, name, files[name], head)
@@ -165,6 +196,7 @@ class FakeHub:
 
             def _file(self, repo_id, rev_name, name, data, head):
                 etag = hashlib.sha256(data).hexdigest() if name.endswith(LFS_SUFFIXES) else git_blob_id(data)
+                etag = hub.etags.get((rev_name, name), etag)
                 start = 0
                 if not head:
                     if hub.on_get is not None:
@@ -172,6 +204,12 @@ class FakeHub:
                     hub.served.append((rev_name, name))
                     if hub.fail_on == (rev_name, name):
                         return self._error(500, "InternalError")
+                    if (rev_name, name) in hub.redirects:
+                        self.send_response(302)
+                        self.send_header("Location", f"{hub.endpoint}/elsewhere/{rev_name}/{name}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
                     rng = self.headers.get("Range")
                     if rng and rng.startswith("bytes="):
                         start = int(rng[len("bytes=") :].split("-")[0])
@@ -192,6 +230,14 @@ class FakeHub:
                     hub.stalled.set()
                     hub.release_stall.wait(120)
                     return  # the connection closes short: the client sees a truncated transfer
+                if hub.trickle_on == (rev_name, name) and not start:
+                    for i in range(100):
+                        if hub.release.wait(0.2):
+                            return
+                        self.wfile.write(body[i : i + 1])
+                        self.wfile.flush()
+                    self.close_connection = True
+                    return  # closed short
                 self.wfile.write(body)
 
         return Handler

@@ -1,6 +1,7 @@
 """Public training suites: a Hub repository's step revisions replayed through `hf://`, with the real
 `huggingface_hub` client against a Hub on the loopback address (tests/hub_server.py). No test leaves the machine."""
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -385,3 +386,173 @@ def test_a_repository_that_does_not_exist_or_has_no_step_revision_is_a_usage_err
         err = capsys.readouterr().err
         (line,) = [line for line in err.splitlines() if line.startswith("sinktrace: error:")]
         assert words in line and "Traceback" not in err, err
+
+
+# A hostile or broken endpoint: nothing outside the caches is touched, and no wait is unbounded.
+
+FAST = ["checkpoints.request_timeout=2", "checkpoints.download_timeout=8"]
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_an_etag_naming_a_path_outside_the_cache_is_never_used(tiny_revisions, hub, cache, tmp_path, keep):
+    publish(hub, "org/tiny", tiny_revisions)
+    victim = tmp_path / "x" / "victim.txt"
+    victim.parent.mkdir()
+    victim.write_text("the user's file")
+    # blobs/<etag> with this etag is tmp_path/x/victim.txt
+    hub.etags[("step10", "model.safetensors")] = '"../../../x/victim.txt"'
+    store = tmp_path / "hub.zarr"
+    status = run(hub_cfg("hf://org/tiny", store, f"checkpoints.keep_downloads={str(keep).lower()}"))
+    assert victim.read_text() == "the user's file"
+    assert status == 0
+    # the weights are stored under the sha256 the listing gave, and checked against it
+    sha = hashlib.sha256((tiny_revisions[10] / "model.safetensors").read_bytes()).hexdigest()
+    assert (sha in blobs(cache, "org/tiny")) == keep
+    xr.testing.assert_identical(
+        pipeline.open_sinks(str(store), GROUP).load().drop_attrs(), folder_store(tiny_revisions, tmp_path).drop_attrs()
+    )
+
+
+def test_a_commit_id_that_is_not_a_commit_is_refused(tiny_revisions, hub, cache, tmp_path, caplog):
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pytorch_model.bin"
+    torch.save(load_file(tiny_revisions[10] / "model.safetensors"), pickled)
+    publish(hub, "org/tiny", {0: tiny_revisions[0]})
+    config = (tiny_revisions[10] / "config.json").read_bytes()
+    hub.add("org/tiny", "step10", {"config.json": config, "pytorch_model.bin": pickled.read_bytes()})
+    # the converted copy's folder, converted/<commit>, would be tmp_path/victim
+    hub.commits[("org/tiny", "step10")] = "../../../../victim"
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("the user's notes")
+    store = tmp_path / "hub.zarr"
+    with caplog.at_level(logging.WARNING, logger="pipeline.hub"):
+        status = run(hub_cfg("hf://org/tiny", store, "checkpoints.allow_torch_pickle=true"))
+    assert (victim / "notes.txt").read_text() == "the user's notes" and os.listdir(victim) == ["notes.txt"]
+    assert status == 0
+    assert "revision step10: the Hub gives its commit as '../../../../victim', not 40 hex digits" in caplog.text
+    assert list(pipeline.open_sinks(str(store), GROUP).step.values) == [0]
+    assert blobs(cache, "org/tiny") == []
+
+
+def test_weights_that_differ_from_the_listed_sha256_fail_their_step(tiny_revisions, hub, cache, tmp_path, capsys):
+    publish(hub, "org/tiny", tiny_revisions)
+    # step 10's download is redirected to step 20's weights (the same size)
+    hub.redirects[("step10", "model.safetensors")] = (tiny_revisions[20] / "model.safetensors").read_bytes()
+    store = tmp_path / "hub.zarr"
+    assert run(hub_cfg("hf://org/tiny", store)) == 1
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("  step 10:")]
+    sha = hashlib.sha256((tiny_revisions[10] / "model.safetensors").read_bytes()).hexdigest()
+    assert "hf://org/tiny@step10/model.safetensors" in line and f"not the {sha} the listing gave" in line
+    assert list(pipeline.open_sinks(str(store), GROUP).status.values) == ["done", "failed", "done"]
+    assert hub.served.count(("step10", "model.safetensors")) == 1  # not retried: the same bytes would come again
+    assert blobs(cache, "org/tiny") == []
+
+
+def test_sizes_understated_by_the_listing_never_fill_the_disk_past_the_cache_limit(
+    tiny_revisions, hub, cache, tmp_path, capsys
+):
+    publish(hub, "org/tiny", tiny_revisions)
+    hub.listed_size = 1000  # each weights file is 100 KB
+    on_disk = []
+
+    def measure(rev, name):  # the bytes in the cache when each download starts, partial downloads included
+        total = 0
+        for path in (cache / "models--org--tiny" / "blobs").iterdir():
+            with contextlib.suppress(FileNotFoundError):  # a partial download removed meanwhile
+                total += path.stat().st_size
+        on_disk.append(total)
+
+    hub.on_get = measure
+    store = tmp_path / "hub.zarr"
+    assert run(hub_cfg("hf://org/tiny", store, "checkpoints.cache_limit=10KB")) == 1
+    # one config.json (the three revisions share it) and three weights files were requested
+    assert max(on_disk) <= 10_000 and len(on_disk) == 4, on_disk
+    err = capsys.readouterr().err
+    for step in (0, 10, 20):
+        (line,) = [line for line in err.splitlines() if line.startswith(f"  step {step}:")]
+        assert "model.safetensors: the Hub sent more than the 1000 bytes its listing gave" in line
+    assert blobs(cache, "org/tiny") == []
+
+
+def test_a_revision_listing_that_hangs_fails_the_run_in_one_line(hub, tmp_path, capsys):
+    hub.add("org/tiny", "step0", {"config.json": b"{}"})
+    hub.hang = {"refs"}
+    start = time.monotonic()
+    assert run(hub_cfg("hf://org/tiny", tmp_path / "hub.zarr", *FAST)) == 2
+    assert time.monotonic() - start < 10
+    err = capsys.readouterr().err
+    assert (
+        "sinktrace: error: checkpoints.root=hf://org/tiny: the Hub sent no list of revisions within "
+        "checkpoints.request_timeout=2 s" in err
+    )
+    assert "Traceback" not in err
+
+
+def test_sigterm_ends_the_run_at_once_while_a_file_listing_hangs(tiny_revisions, hub, cache, tmp_path):
+    publish(hub, "org/tiny", tiny_revisions)
+    hub.hang = {"tree"}
+    env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "0"}
+    args = [sys.executable, "-m", "pipeline", "checkpoints.root=hf://org/tiny", f"store.path={tmp_path / 'hub.zarr'}"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert hub.hanging.wait(120), "the listing never started"
+        proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        assert proc.wait(timeout=15) == 128 + signal.SIGTERM
+        assert time.monotonic() - start < 5
+        assert "interrupted by SIGTERM" in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+
+
+def test_download_headers_that_hang_fail_the_step_within_the_request_timeout(tiny_revisions, hub, tmp_path, capsys):
+    publish(hub, "org/tiny", tiny_revisions)
+    hub.hang = {"resolve/step10"}
+    start = time.monotonic()
+    assert run(hub_cfg("hf://org/tiny", tmp_path / "hub.zarr", *FAST)) == 1
+    assert time.monotonic() - start < 25
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("  step 10:")]
+    assert "hf://org/tiny@step10/model.safetensors" in line and "download failed 3 times, last: ReadTimeout" in line
+    assert list(pipeline.open_sinks(str(tmp_path / "hub.zarr"), GROUP).status.values) == ["done", "failed", "done"]
+
+
+def test_a_download_that_trickles_fails_at_the_download_deadline(tiny_revisions, hub, cache, tmp_path, capsys):
+    publish(hub, "org/tiny", tiny_revisions)
+    hub.trickle_on = ("step10", "model.safetensors")
+    start = time.monotonic()
+    assert run(hub_cfg("hf://org/tiny", tmp_path / "hub.zarr", *FAST)) == 1
+    assert time.monotonic() - start < 25
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("  step 10:")]
+    assert "hf://org/tiny@step10/model.safetensors: not downloaded within checkpoints.download_timeout=8 s" in line
+    assert list(pipeline.open_sinks(str(tmp_path / "hub.zarr"), GROUP).status.values) == ["done", "failed", "done"]
+    assert blobs(cache, "org/tiny") == []
+
+
+def test_a_step_beyond_int64_is_skipped_with_a_warning(tiny_revisions, hub, tmp_path, caplog):
+    publish(hub, "org/tiny", {0: tiny_revisions[0]})
+    publish(hub, "org/tiny", {10: tiny_revisions[10]}, name="step99999999999999999999999")
+    store = tmp_path / "hub.zarr"
+    with caplog.at_level(logging.WARNING, logger="pipeline.hub"):
+        assert run(hub_cfg("hf://org/tiny", store)) == 0
+    assert "skipped revision step99999999999999999999999: its step does not fit in 64 bits" in caplog.text
+    assert list(pipeline.open_sinks(str(store), GROUP).step.values) == [0]
+
+
+def test_a_journal_entry_outside_the_caches_is_never_deleted(tiny_revisions, hub, tmp_path, sinktrace_home):
+    """What a killed run fetched is deleted by the next one (fetched.json), but only inside the caches."""
+    publish(hub, "org/tiny", {0: tiny_revisions[0]})
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's file")
+    journal = sinktrace_home / "hub" / "models--org--tiny" / "fetched.json"
+    journal.parent.mkdir(parents=True)
+    journal.write_text(json.dumps([str(victim)]))
+    assert run(hub_cfg("hf://org/tiny", tmp_path / "hub.zarr")) == 0
+    assert victim.read_text() == "the user's file"
+    assert not journal.exists()
