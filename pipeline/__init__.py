@@ -1,8 +1,7 @@
 """sinktrace: replay training checkpoints and trace how attention sinks form."""
 
-__version__ = "0.1.0"
-
-from . import analysis  # noqa: E402,F401  (registers the `ds.sinks` accessor)
+from . import analysis  # noqa: F401  (registers the `ds.sinks` accessor)
+from .version import __version__  # noqa: F401  (pipeline.__version__)
 
 
 def open_sinks(path: str, group: str | None = None):

@@ -184,8 +184,8 @@ def _measure(ckpt, model, probe, settings, run_rows=None):
 
 def to_dataset(stats: dict[str, np.ndarray], config, seq_len: int, weights_digest: str | None = None) -> xr.Dataset:
     """One step's statistics as a Dataset; `weights_digest` (pipeline/digest.py) becomes a scalar coordinate."""
-    from .load import config_fingerprint
     from .measure import attention_route, qbin_edges
+    from .model_config import config_fingerprint
 
     missing = [name for name in DIMS if name not in stats and name not in OPTIONAL]
     if missing:

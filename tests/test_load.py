@@ -20,7 +20,8 @@ from ckpt_factory import (
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import CheckpointError
-from pipeline.load import ModelCache, config_fingerprint, load_model, read_config
+from pipeline.load import ModelCache, load_model
+from pipeline.model_config import config_fingerprint, read_config
 from pipeline.records import Checkpoint
 from pipeline.weightfiles import validate_weights
 
