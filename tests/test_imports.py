@@ -2,6 +2,8 @@
 a function hides a cycle from Python's loader but leaves the modules just as tangled."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
@@ -93,3 +95,24 @@ def test_a_cycle_is_found():
 def test_no_import_cycle_among_the_package_modules():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_public_api_resolves_without_loading_torch():
+    code = (
+        "import sys, importlib, pipeline\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'dask.distributed') if m in sys.modules)\n"
+        "missing = [n for n in pipeline.__all__ if not hasattr(pipeline, n) and n != 'replay']\n"
+        "print(heavy, missing)\n"
+        "replay = importlib.import_module('pipeline.replay')\n"
+        "print(callable(replay.replay), 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["[] []", "True True"]
+    import xarray as xr
+
+    import pipeline
+    from pipeline import analysis
+
+    assert set(analysis.__all__) <= set(pipeline.__all__)
+    ds = xr.Dataset({"sink_mass": ("step", [0.1])})
+    assert isinstance(ds.sinks, pipeline.SinkAccessor)  # the accessor is registered by importing the package
