@@ -1,8 +1,78 @@
-"""sinktrace: replay training checkpoints and trace how attention sinks form."""
+"""sinktrace: replay training checkpoints and trace how attention sinks form.
 
-__version__ = "0.1.0"
+The public API: `open_sinks` and `demo_store` to get a store, the analysis functions of `pipeline.analysis` (also
+bound to each probe group as the accessor `ds.sinks`, registered on import), and the module `pipeline.replay` for
+scripting a replay (`replay`, `ReplaySettings`, `PhaseTimes`, `ModelCache`). Importing the package loads xarray,
+not torch: `pipeline.replay` loads torch and transformers when it is imported.
+"""
 
-from . import analysis  # noqa: E402,F401  (registers the `ds.sinks` accessor)
+from .analysis import (
+    SinkAccessor,
+    circuit_convergence_step,
+    circuit_share,
+    circuit_writer,
+    convergence_step,
+    done,
+    early_share,
+    emergence_step,
+    first_crossing_step,
+    first_token_pair,
+    layer_sink_mass,
+    massive_activation_ratio,
+    mixing_effect,
+    onset_layer,
+    positional_index,
+    positional_index_pair,
+    probe_groups,
+    probe_length,
+    profile_change,
+    recognition_step,
+    same_weights,
+    sink_rate,
+    sink_score,
+    training_loss,
+    uniform_sink_mass,
+    writer_ratio,
+    writer_settle_step,
+)
+from .version import __version__
+
+__all__ = [
+    "__version__",
+    # a store
+    "open_sinks",
+    "demo_store",
+    # the analysis functions, and the `ds.sinks` accessor that binds them to a probe group
+    "SinkAccessor",
+    "probe_groups",
+    "done",
+    "probe_length",
+    "uniform_sink_mass",
+    "sink_score",
+    "layer_sink_mass",
+    "sink_rate",
+    "emergence_step",
+    "first_crossing_step",
+    "onset_layer",
+    "early_share",
+    "profile_change",
+    "convergence_step",
+    "massive_activation_ratio",
+    "writer_ratio",
+    "circuit_writer",
+    "writer_settle_step",
+    "recognition_step",
+    "mixing_effect",
+    "circuit_share",
+    "circuit_convergence_step",
+    "training_loss",
+    "same_weights",
+    "positional_index",
+    "positional_index_pair",
+    "first_token_pair",
+    # scripting a replay (a module: it loads torch when imported)
+    "replay",
+]
 
 
 def open_sinks(path: str, group: str | None = None):

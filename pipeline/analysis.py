@@ -7,7 +7,7 @@ DataArrays whose ``attrs`` say what was computed (``definition``, ``eps``,
 ``convention``), so a saved result still tells how it was made. They stay lazy
 when the cube is Dask-backed; only the tiny ``status`` array is read eagerly.
 
-Conventions (DESIGN.md, end of "The data model"):
+Conventions (docs/data.md, "Decisions"):
 
 * ``convention="stored"`` (the default) uses ``sink_mass`` as stored: attention on
   key 0 averaged over queries t = 1..T-1.
@@ -66,9 +66,10 @@ __all__ = [
 def probe_groups(sinks) -> dict[str, xr.Dataset]:
     """The probe groups of an opened store as ``{name: Dataset}``, sorted by name.
 
-    Takes what ``pipeline.open_sinks`` returns (a Dataset for a one-probe store, a
-    DataTree otherwise) or a mapping of name -> Dataset. A lone Dataset is named by
-    its ``probe_name`` attr.
+    Takes what ``pipeline.open_sinks`` returns: the store as a DataTree (one node per
+    probe), or one probe's Dataset when a group was named. Also a mapping of
+    name -> Dataset, or a DataTree node holding one group's data. A lone Dataset is
+    named by its ``probe_name`` attr.
     """
     if isinstance(sinks, xr.DataTree):
         if not sinks.children and sinks.has_data:

@@ -7,7 +7,7 @@ steps; its heads then park their attention on position 0 at the queries where th
 heads that do the copy look at the previous token from trigger queries.
 
 Two choices make the layer-0 sink appear reliably within the demo's few minutes (measured with
-`python -m pipeline.demo DIR --seed N --threads 1` for seeds 0-9):
+`python -m tests.demo_emergence DIR --seed N --threads 1` in a clone of the repository, for seeds 0-9):
 - the vocabulary (512) is large for the width: in an earlier variant with 64 tokens in 64 dimensions (and no weight
   decay) the model solved the task with no sink at all (layer-0 attention on position 0 stayed below 0.1 for
   4,000 steps, at lr 3e-3 and at 1e-2);
@@ -19,18 +19,14 @@ Two choices make the layer-0 sink appear reliably within the demo's few minutes 
 demo exercises the same discovery and loading code as a user's run. Each checkpoint is written under a
 `checkpoint-<step>.tmp` name and renamed when complete; the build resumes from its last checkpoint after a kill
 and writes `DEMO_COMPLETE` when done. `ensure_demo_run` builds once into a cache folder and reuses it after.
-
-`python -m pipeline.demo RUN_DIR` builds a run and prints its layer-0 emergence table (eager attention).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
-import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -468,129 +464,9 @@ def _recipe_diff(found: dict, wanted: dict) -> str:
     return ", ".join(f"{k}: {found.get(k)!r} there, {wanted.get(k)!r} asked" for k in keys)
 
 
-@contextlib.contextmanager
 def _build_lock(root: Path):
-    """One builder per folder at a time (a second caller waits), so two processes never interleave checkpoints."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    with open(root / ".build.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """One builder per folder at a time (a second caller waits), so two processes never interleave checkpoints: the
+    OS file lock pipeline/lock.py takes too, dropped by the kernel however its holder ends."""
+    from filelock import FileLock
 
-
-# --------------------------------------------------------------------------- a reference check of the emergence
-
-
-def layer0_sink(
-    folder: str | Path, task_tokens: torch.Tensor, task: BigramBackcopy, random_tokens: torch.Tensor | None = None
-) -> dict[str, np.ndarray]:
-    """Attention to position 0 per (layer, head) with eager attention, over queries 1..T-1.
-
-    Returns "all" (task rows, every query), "non_trigger" (task rows, queries whose token is not a trigger) and,
-    with `random_tokens`, "random" (those rows, every query).
-    """
-    from transformers import AutoModelForCausalLM
-
-    with quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
-
-    def first_column(tokens):
-        with torch.no_grad():
-            out = model(input_ids=tokens, output_attentions=True, use_cache=False)
-        return torch.stack([a[:, :, 1:, 0] for a in out.attentions], dim=1)  # [rows, layer, head, T-1]
-
-    col = first_column(task_tokens)
-    keep = torch.from_numpy(~task.is_trigger(task_tokens[:, 1:].numpy()))[:, None, None, :]
-    result = {
-        "all": col.mean(dim=(0, 3)).numpy(),
-        "non_trigger": ((col * keep).sum(dim=(0, 3)) / keep.sum(dim=(0, 3))).numpy(),
-    }
-    if random_tokens is not None:
-        result["random"] = first_column(random_tokens).mean(dim=(0, 3)).numpy()
-    return result
-
-
-def emergence_table(root: str | Path, *, rows: int = 32, probe_seed: int = 0) -> list[dict]:
-    """Layer-0 sink (mean over heads) at every checkpoint of a demo run, measured with eager attention."""
-    root = Path(root)
-    recipe_dict = json.loads((root / RECIPE_FILE).read_text())
-    recipe = DemoRecipe(**{k: v for k, v in recipe_dict.items() if k != "recipe_version"})
-    task = _recipe_task(recipe)
-    task_tokens = demo_batch(task, batch_size=rows, seq_len=recipe.seq_len, seed=recipe.seed + 10_000, step=0)
-    # like pipeline.probe's random probe: uniform ids over the whole vocabulary, then BOS at position 0
-    random_tokens = np.random.default_rng(probe_seed).integers(0, recipe.vocab_size, size=(rows, recipe.seq_len))
-    random_tokens[:, 0] = BOS
-    table = []
-    for step in recipe.schedule():
-        folder = root / f"checkpoint-{step}"
-        state = json.loads((folder / "trainer_state.json").read_text())
-        sink = layer0_sink(folder, task_tokens, task, torch.from_numpy(random_tokens))
-        last_log = state["log_history"][-1] if state["log_history"] else {}
-        table.append(
-            {
-                "step": step,
-                "all": float(sink["all"][0].mean()),
-                "non_trigger": float(sink["non_trigger"][0].mean()),
-                "random": float(sink["random"][0].mean()),
-                "heads_non_trigger": [round(float(x), 3) for x in sink["non_trigger"][0]],
-                "layer1_all": float(sink["all"][1].mean()) if sink["all"].shape[0] > 1 else math.nan,
-                "loss_bigram": last_log.get("loss_bigram", math.nan),
-                "loss_backcopy": last_log.get("loss_backcopy", math.nan),
-            }
-        )
-    return table
-
-
-def _main(argv=None) -> None:
-    import argparse
-    import time
-
-    parser = argparse.ArgumentParser(description="Build a demo run and print its layer-0 sink emergence table.")
-    parser.add_argument("root", help="the run folder")
-    parser.add_argument("--steps", type=int, default=DemoRecipe.steps)
-    parser.add_argument("--every", type=int, default=DemoRecipe.every)
-    parser.add_argument("--seed", type=int, default=DemoRecipe.seed)
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads for the measurement (training always runs on one)"
-    )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override another DemoRecipe field, e.g. --set lr=0.005",
-    )
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    overrides = {}
-    types = {f.name: f.type for f in dataclasses.fields(DemoRecipe)}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in types:
-            parser.error(f"--set {item}: no DemoRecipe field {key!r}")
-        overrides[key] = float(value) if types[key] in ("float", float) else int(value)
-    t0, c0 = time.perf_counter(), time.process_time()
-    build_demo_run(
-        args.root, steps=args.steps, every=args.every, seed=args.seed, progress=not args.no_progress, **overrides
-    )
-    build_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
-    print(f"# {args.root}: built in {build_s:.1f} s wall, {cpu_s:.1f} s CPU, {torch.get_num_threads()} thread(s)")
-    print("step   all  non_trig  random  heads(non_trig)  layer1_all  loss_bigram  loss_backcopy")
-    for row in emergence_table(args.root):
-        print(
-            f"{row['step']:5d}  {row['all']:.3f}  {row['non_trigger']:.3f}    {row['random']:.3f}   "
-            f"{row['heads_non_trigger']}  {row['layer1_all']:.3f}  {row['loss_bigram']:.3f}  "
-            f"{row['loss_backcopy']:.3f}"
-        )
-
-
-if __name__ == "__main__":
-    _main()
+    return FileLock(root / ".build.lock")

@@ -83,7 +83,12 @@ def device_budget(setting, device: str | torch.device) -> int | None:
 
 
 def available_host_bytes() -> int:
-    """Memory the OS can hand out now without swapping (MemAvailable), page cache it may take back included."""
+    """Memory the OS can hand out now without swapping (MemAvailable), page cache it may take back included; without
+    /proc/meminfo, the free pages alone (a lower bound).
+
+    Raises:
+        OSError: the OS tells neither.
+    """
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -91,9 +96,10 @@ def available_host_bytes() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import psutil
-
-    return int(psutil.virtual_memory().available)
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        raise OSError("this OS tells neither /proc/meminfo's MemAvailable nor the free pages") from None
 
 
 def release_pinned() -> None:

@@ -187,11 +187,11 @@ class Run:
         return todo
 
     def _open_store(self, first: Checkpoint) -> None:
-        from . import __version__
-        from .load import config_fingerprint
+        from .model_config import config_fingerprint
         from .probe import build_probe, probe_attrs
         from .statedict import ModelConfigNeeded, hf_config, needs_mapping, resolve_key_map
         from .store import SinkStore
+        from .version import __version__
 
         if self.source is not None:  # its config.json is fetched first
             first = dataclasses.replace(first, path=self.source.first_config([first]))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -27,7 +26,7 @@ from torch import nn
 from .devices import concrete_device, release_pinned
 from .digest import weights_digest_of
 from .errors import CheckpointError, describe
-from .load import check_loading, checked_folder, quiet_transformers, weights_source
+from .load import check_loading, checked_folder, parameters_on_meta, quiet_transformers, weights_source
 from .locations import local_folder
 from .measure import find_blocks
 from .records import Checkpoint
@@ -81,39 +80,6 @@ def _skeleton(folder, device, dtype, trust_remote_code, attn_implementation):
             if buf is not None:
                 module._buffers[name] = buf.to(device)
     return model.eval()
-
-
-_META = threading.local()  # set in the thread building a skeleton; other threads build models as usual
-_PATCH = {"depth": 0, "register": None}
-_PATCH_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def parameters_on_meta():
-    """Build modules with their parameters on the meta device but their buffers real, as accelerate's
-    init_empty_weights(include_buffers=False) does: non-persistent buffers (rotary frequencies) are in no file.
-    The patch of nn.Module.register_parameter acts only in this thread: a Dask worker may build models in others."""
-    with _PATCH_LOCK:
-        if _PATCH["depth"] == 0:
-            register = _PATCH["register"] = nn.Module.register_parameter
-
-            def on_meta(module, name, param):
-                register(module, name, param)
-                if param is not None and getattr(_META, "active", False):
-                    p = module._parameters[name]
-                    module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
-
-            nn.Module.register_parameter = on_meta
-        _PATCH["depth"] += 1
-    _META.active = True
-    try:
-        yield
-    finally:
-        _META.active = False
-        with _PATCH_LOCK:
-            _PATCH["depth"] -= 1
-            if _PATCH["depth"] == 0:
-                nn.Module.register_parameter = _PATCH["register"]
 
 
 class _Stop(Exception):

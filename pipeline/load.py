@@ -19,14 +19,11 @@ checkpoint's tensors, with the same checks (nothing missing, unexpected or of th
 from __future__ import annotations
 
 import contextlib
-import copy
-import functools
-import hashlib
-import json
 import os
 import threading
 
 import torch
+from torch import nn
 
 from .devices import (
     SAFETENSORS_FLOATS,
@@ -38,8 +35,10 @@ from .devices import (
 )
 from .digest import start_tensor_digest, weights_digest_of
 from .errors import CheckpointError, describe, some
-from .locations import is_url, join, local_folder, read_bytes
+from .locations import is_url, local_folder
+from .model_config import check_architecture, config_fingerprint, read_config
 from .records import Checkpoint
+from .statedict import hf_config, needs_mapping, state_dict
 from .weightfiles import (
     CONFIG_NAME,
     check_written,
@@ -48,23 +47,6 @@ from .weightfiles import (
     open_weights,
     validate_weights,
     weight_paths,
-)
-
-# Keys that do not change the network a config describes: bookkeeping, runtime switches, the storage dtype.
-VOLATILE_CONFIG_KEYS = frozenset(
-    {
-        "transformers_version",
-        "torch_dtype",
-        "dtype",
-        "name_or_path",
-        "use_cache",
-        "attn_implementation",
-        "output_attentions",
-        "output_hidden_states",
-        "return_dict",
-        "torchscript",
-        "auto_map",  # where remote code lives, not what network it builds
-    }
 )
 
 
@@ -137,7 +119,6 @@ def load_model(
     parse_dtype(dtype)  # a bad dtype fails before any file is read
     if attn_implementation == "sinkstats":
         from . import attention  # noqa: F401  (registers "sinkstats" with transformers on import)
-    from .statedict import needs_mapping
 
     if needs_mapping(ckpt):
         return _from_state_dict(ckpt, device, dtype, trust_remote_code, attn_implementation)
@@ -196,51 +177,6 @@ def read_ahead(ckpt: Checkpoint) -> None:
             os.close(fd)
 
 
-def read_config(ckpt: Checkpoint | str | os.PathLike) -> dict:
-    """The checkpoint's config.json (or the .json file given) as a dict, checked to be a JSON object with a
-    `model_type`.
-
-    Raises:
-        CheckpointError: config.json is missing, unreadable, not JSON, or names no model_type.
-    """
-    folder = ckpt.path if isinstance(ckpt, Checkpoint) else os.fspath(ckpt)
-    path = folder if folder.endswith(".json") else join(folder, CONFIG_NAME)
-    try:
-        raw = read_bytes(path)
-    except FileNotFoundError:
-        raise CheckpointError(path, "config.json is missing: transformers cannot tell what model to build") from None
-    except OSError as e:
-        raise CheckpointError(path, f"config.json cannot be read ({e.strerror or e})") from None
-    try:
-        config = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise CheckpointError(path, f"config.json is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        where = f"{e.msg}: line {e.lineno}, column {e.colno}"
-        raise CheckpointError(path, f"config.json is not valid JSON ({where})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(path, f"config.json holds a JSON {type(config).__name__}, not an object")
-    model_type = config.get("model_type")
-    if not isinstance(model_type, str) or not model_type:
-        raise CheckpointError(
-            path, "config.json has no model_type, so transformers cannot tell which architecture to build"
-        )
-    return config
-
-
-def config_fingerprint(config: dict) -> str:
-    """sha256 of the architecture a config describes, the same for the raw config.json and for `model.config.to_dict()`.
-
-    Dropped before hashing: bookkeeping and runtime keys (transformers_version, dtype/torch_dtype, _name_or_path,
-    use_cache, any `_`-prefixed key, ...) and keys equal to transformers' generic PreTrainedConfig defaults
-    (which `to_dict()` adds and config.json omits). Known architectures are first filled in with their own
-    defaults, so a config.json that omits a default and one that spells it out hash the same.
-    """
-    return hashlib.sha256(
-        json.dumps(_normalise(config), sort_keys=True, separators=(",", ":"), default=str).encode()
-    ).hexdigest()
-
-
 def weights_source(path: str, folder: str) -> str:
     """Where a checkpoint's weights are read from: the URL itself (by byte ranges), or the local folder."""
     return path if is_url(path) else folder
@@ -251,7 +187,7 @@ def checked_folder(folder: str, device, dtype, trust_remote_code: bool) -> tuple
     `folder`: local, or a URL whose files are read by byte ranges. Returns the config, {tensor name: safetensors
     dtype} and the dtype the weights are to be loaded in."""
     config = read_config(folder)
-    _check_architecture(folder, config, trust_remote_code)
+    check_architecture(folder, config, trust_remote_code)
     weights = validate_weights(folder)
     # an object store shows an object only once it is whole: nothing there is preallocated
     for path in [] if is_url(folder) else weight_paths(folder):
@@ -260,44 +196,6 @@ def checked_folder(folder: str, device, dtype, trust_remote_code: bool) -> tuple
 
 
 # --------------------------------------------------------------------------------------------- checks
-
-
-def _check_architecture(folder: str, config: dict, trust_remote_code: bool) -> None:
-    import transformers
-    from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING
-
-    path = folder if folder.endswith(".json") else join(folder, CONFIG_NAME)
-    model_type = config["model_type"]
-    auto_map = config.get("auto_map") if isinstance(config.get("auto_map"), dict) else {}
-    if model_type in CONFIG_MAPPING:
-        if CONFIG_MAPPING[model_type] not in MODEL_FOR_CAUSAL_LM_MAPPING and not (
-            trust_remote_code and "AutoModelForCausalLM" in auto_map
-        ):
-            raise CheckpointError(
-                path,
-                f"model_type {model_type!r} has no causal language model class in transformers "
-                f"{transformers.__version__}",
-            )
-        return
-    if not trust_remote_code:
-        hint = (
-            " config.json's auto_map points to modeling code shipped with the checkpoint: set "
-            "replay.trust_remote_code=true to run it, only if you trust its source"
-            if auto_map
-            else ""
-        )
-        raise CheckpointError(
-            path,
-            f"unknown model_type {model_type!r}: transformers {transformers.__version__} does not know this "
-            f"architecture, and remote code is off (replay.trust_remote_code=false).{hint}",
-        )
-    missing = [k for k in ("AutoConfig", "AutoModelForCausalLM") if k not in auto_map]
-    if missing:
-        raise CheckpointError(
-            path,
-            f"unknown model_type {model_type!r}: transformers {transformers.__version__} does not know this "
-            f"architecture and config.json's auto_map names no {' or '.join(missing)} to load remote code from",
-        )
 
 
 def check_loading(folder: str, info: dict) -> None:
@@ -359,12 +257,9 @@ def _from_state_dict(ckpt, device, dtype, trust_remote_code, attn_implementation
     parameters start on the meta device (no random init, no memory) and take the checkpoint's tensors."""
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
-    from .layered import parameters_on_meta
-    from .statedict import hf_config, state_dict
-
     config_dict = hf_config(ckpt)
     where = os.path.expanduser(ckpt.model_config) if ckpt.model_config else ckpt.path
-    _check_architecture(where, config_dict, trust_remote_code)
+    check_architecture(where, config_dict, trust_remote_code)
     try:
         config = CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict)
     except Exception as e:
@@ -446,6 +341,39 @@ def _from_pretrained(folder, device, dtype, trust_remote_code, attn_implementati
     return model.eval()
 
 
+_META = threading.local()  # set in the thread building a skeleton; other threads build models as usual
+_PATCH = {"depth": 0, "register": None}
+_PATCH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Build modules with their parameters on the meta device but their buffers real, as accelerate's
+    init_empty_weights(include_buffers=False) does: non-persistent buffers (rotary frequencies) are in no file.
+    The patch of nn.Module.register_parameter acts only in this thread: a Dask worker may build models in others."""
+    with _PATCH_LOCK:
+        if _PATCH["depth"] == 0:
+            register = _PATCH["register"] = nn.Module.register_parameter
+
+            def on_meta(module, name, param):
+                register(module, name, param)
+                if param is not None and getattr(_META, "active", False):
+                    p = module._parameters[name]
+                    module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+            nn.Module.register_parameter = on_meta
+        _PATCH["depth"] += 1
+    _META.active = True
+    try:
+        yield
+    finally:
+        _META.active = False
+        with _PATCH_LOCK:
+            _PATCH["depth"] -= 1
+            if _PATCH["depth"] == 0:
+                nn.Module.register_parameter = _PATCH["register"]
+
+
 @contextlib.contextmanager
 def quiet_transformers():
     """Hide transformers' per-call progress bars ("Loading weights", "Writing model shards") under our own."""
@@ -458,39 +386,3 @@ def quiet_transformers():
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
-
-
-# --------------------------------------------------------------------------------------------- config hashing
-
-
-@functools.cache
-def _generic_defaults() -> dict:
-    from transformers import PreTrainedConfig
-
-    return PreTrainedConfig().to_dict()
-
-
-def _normalise(config: dict) -> dict:
-    config = copy.deepcopy(config)
-    model_type = config.get("model_type")
-    try:
-        from transformers import CONFIG_MAPPING
-
-        if isinstance(model_type, str) and model_type in CONFIG_MAPPING:
-            config = CONFIG_MAPPING[model_type].from_dict(config).to_dict()
-    except Exception:  # an odd config still gets a fingerprint, from its raw keys
-        pass
-    return _strip(config)
-
-
-def _strip(obj):
-    if isinstance(obj, dict):
-        generic = _generic_defaults() if "model_type" in obj else {}
-        return {
-            k: _strip(v)
-            for k, v in obj.items()
-            if not k.startswith("_") and k not in VOLATILE_CONFIG_KEYS and not (k in generic and generic[k] == v)
-        }
-    if isinstance(obj, list):
-        return [_strip(v) for v in obj]
-    return obj

@@ -1,6 +1,6 @@
 """Run the probe through a model loaded with attn_implementation="sinkstats" and reduce to the per-step statistics.
 
-Names, shapes and averaging conventions are those of the store (see docs / DESIGN.md): every array is float64,
+Names, shapes and averaging conventions are those of the store (docs/data.md, "Layout"): every array is float64,
 queries are averaged over positions 1..T-1 (query 0 always puts all its weight on key 0).
 """
 
@@ -18,9 +18,6 @@ from pipeline import attention
 from pipeline.analysis import MEASURED
 from pipeline.attention import ATTENTION_NAME, LayerSums
 
-# Families checked statistic by statistic against eager attention in tests/test_families.py.
-TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "olmo2", "gpt_neox", "gpt2", "gemma2", "gpt_oss")
-
 
 def qbin_edges(seq_len: int) -> np.ndarray:
     """Query-bin edges over positions 1..T-1: [1, 2, 4, ..., T]; bin i holds queries [edges[i], edges[i+1])."""
@@ -34,7 +31,6 @@ def qbin_edges(seq_len: int) -> np.ndarray:
 
 
 EAGER = "eager"
-ROUTES = (ATTENTION_NAME, EAGER)  # the store's `attention_route` attribute
 
 
 def attention_route(model_or_config) -> str:

@@ -112,7 +112,7 @@ def check_in_vocab(tokens: np.ndarray, vocab: int, what: str) -> None:
 
 
 def probe_attrs(probe: Probe) -> dict:
-    """The probe as store attributes (DESIGN.md: kind, seed, length, rows, first-token policy, hash of ids)."""
+    """The probe as store attributes (docs/data.md: kind, seed, length, rows, first-token policy, hash of ids)."""
     return {
         "probe_name": probe.name,
         "probe_kind": probe.kind,

@@ -55,20 +55,23 @@ SINK_LABELS = ("kept", "removed")  # the `sink` coordinate of collapse and sensi
 @dataclass
 class PhaseTimes:
     """Seconds one replay spent building and loading the model (`load`) and running the probe (`measure`), the
-    device synchronised at each phase's end. Layer by layer, blocks are read during `measure`."""
+    device synchronised at each phase's end: wall-clock `seconds`, and `cpu_seconds` of this process over the same
+    phases (all its threads). Layer by layer, blocks are read during `measure`."""
 
     device: str = "cpu"
     seconds: dict[str, float] = field(default_factory=dict)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
 
     @contextlib.contextmanager
     def phase(self, name: str):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             if self.device.startswith("cuda"):
                 torch.cuda.synchronize()
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + time.process_time() - c0
 
 
 def replay(
@@ -181,8 +184,8 @@ def _measure(ckpt, model, probe, settings, run_rows=None):
 
 def to_dataset(stats: dict[str, np.ndarray], config, seq_len: int, weights_digest: str | None = None) -> xr.Dataset:
     """One step's statistics as a Dataset; `weights_digest` (pipeline/digest.py) becomes a scalar coordinate."""
-    from .load import config_fingerprint
     from .measure import attention_route, qbin_edges
+    from .model_config import config_fingerprint
 
     missing = [name for name in DIMS if name not in stats and name not in OPTIONAL]
     if missing:

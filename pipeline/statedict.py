@@ -23,7 +23,9 @@ import re
 import torch
 
 from .errors import CheckpointError
+from .model_config import read_config
 from .records import Checkpoint
+from .weightfiles import validate_weights, weight_paths
 
 
 class ModelConfigNeeded(CheckpointError):
@@ -42,8 +44,6 @@ def hf_config(ckpt: Checkpoint) -> dict:
         ModelConfigNeeded: nothing describes the architecture unambiguously.
         CheckpointError: a config file is unreadable.
     """
-    from .load import read_config
-
     if ckpt.model_config:
         return read_config(os.path.expanduser(ckpt.model_config))
     if ckpt.format == "hf" or _is_hf_config(ckpt.path):
@@ -105,8 +105,6 @@ def read_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
         return torchfile.model_tensors(torchfile.load(path), path)
     from safetensors.torch import load_file
 
-    from .load import validate_weights, weight_paths
-
     validate_weights(ckpt.path)
     out = {}
     for path in weight_paths(ckpt.path):
@@ -126,8 +124,6 @@ def tensor_names(ckpt: Checkpoint) -> list[str]:
 
         path = ckpt.weight_files[0]
         return list(torchfile.model_tensors(torchfile.load(path), path))
-    from .load import validate_weights
-
     return list(validate_weights(ckpt.path))
 
 

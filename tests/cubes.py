@@ -1,6 +1,6 @@
 """Hand-built sink cubes whose analysis answers are known by construction.
 
-They mirror the store's layout (see DESIGN.md, "The data model"): one Dataset per
+They mirror the store's layout (docs/data.md, "Layout"): one Dataset per
 probe group with dims step, layer, head, kv_head, key, qbin, a `status` per step,
 and the probe description in the attrs. Steps that are not "done" hold NaN, as
 the store's template does.

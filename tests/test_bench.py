@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.bench.command import compose, run_bench
-from pipeline.bench.contenders import eager_attention_bytes
-from pipeline.bench.fixtures import param_count
-from pipeline.bench.pagecache import drop_page_cache, read_floor, resident_fraction
-from pipeline.bench.peers import median_run
-from pipeline.bench.timing import is_oom
+from benchmarks.command import compose, run_bench
+from benchmarks.contenders import eager_attention_bytes
+from benchmarks.fixtures import param_count
+from benchmarks.pagecache import drop_page_cache, read_floor, resident_fraction
+from benchmarks.peers import median_run
+from benchmarks.timing import is_oom
 from pipeline.devices import resolve_device
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,7 +39,7 @@ def numbers(row):
 def test_smoke_preset_prints_the_table_and_writes_the_json(tmp_path, sinktrace_home):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.bench", "preset=smoke", f"out={out}"],
+        [sys.executable, "-m", "benchmarks", "preset=smoke", f"out={out}"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -213,7 +213,7 @@ def test_peers_in_their_own_processes_agree_with_eager(tmp_path, sinktrace_home)
     )
     tl = peers["transformer_lens"]
     if tl["status"] == "skipped":
-        assert "transformer_lens is not installed" in tl["note"] and "python -m pipeline.bench.peers" in tl["note"]
+        assert "transformer_lens is not installed" in tl["note"] and "python -m benchmarks.peers" in tl["note"]
     else:
         assert tl["status"] == "ok" and tl["max_abs_sink_mass_vs_eager"] < 1e-4
     small = {r["contender"]: r for r in doc["small_run"]}

@@ -36,7 +36,8 @@ def group_name(store):
 
 
 def test_replay_matches_eager_reference_on_a_trained_run(trained_run, tmp_path):
-    from pipeline.load import load_model, read_config
+    from pipeline.load import load_model
+    from pipeline.model_config import read_config
     from pipeline.probe import build_probe
     from tests.reference import reference_stats
 

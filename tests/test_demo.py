@@ -21,6 +21,7 @@ from pipeline.demo import (
     demo_task,
     ensure_demo_run,
 )
+from tests.demo_emergence import emergence_table
 
 TINY = dict(steps=60, every=20, seed=0, batch_size=8)  # the default model, a smaller batch: seconds to build
 TINY_STEPS = [0, 20, 40, 60]
@@ -215,8 +216,38 @@ def test_ensure_demo_run_builds_once_into_the_cache(tmp_path, monkeypatch):
     assert DemoRecipe(steps=4, every=2, seed=1, batch_size=8).name() != root.name
 
 
+def test_two_builders_of_one_folder_take_turns(tmp_path, monkeypatch):
+    """Two first runs at once (two processes, or here two threads, each with its own lock file handle): one trains,
+    the other waits and finds the run complete."""
+    import threading
+    import time
+
+    recipe = dict(steps=4, every=2, seed=0, batch_size=8)
+    calls, start = [], threading.Barrier(2)
+
+    def train(root, recipe, progress):  # stands in for the training: long enough for the other builder to arrive
+        calls.append("start")
+        time.sleep(0.5)
+        for step in recipe.schedule():
+            (root / f"checkpoint-{step}").mkdir()
+            (root / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"")
+        calls.append("end")
+
+    def build():
+        start.wait()
+        build_demo_run(tmp_path / "run", progress=False, **recipe)
+
+    monkeypatch.setattr(demo, "_train", train)
+    builders = [threading.Thread(target=build) for _ in range(2)]
+    for b in builders:
+        b.start()
+    for b in builders:
+        b.join()
+    assert calls == ["start", "end"]
+
+
 def test_emergence_table_reads_every_checkpoint(tiny_run):
-    table = demo.emergence_table(tiny_run, rows=4)
+    table = emergence_table(tiny_run, rows=4)
     assert [row["step"] for row in table] == TINY_STEPS
     for row in table:
         assert 0 < row["non_trigger"] < 1 and 0 < row["all"] < 1 and 0 < row["random"] < 1

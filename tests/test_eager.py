@@ -11,8 +11,8 @@ from pipeline import eager
 from pipeline.attention import UnsupportedAttention
 from pipeline.cli import compose, run
 from pipeline.layered import open_layered
-from pipeline.load import read_config
 from pipeline.measure import attention_route, measure, support_problem
+from pipeline.model_config import read_config
 from pipeline.probe import build_probe
 from pipeline.records import Checkpoint
 from tests.reference import reference_stats

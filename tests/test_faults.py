@@ -312,7 +312,7 @@ def test_a_failing_step_is_one_line_and_verbose_adds_the_traceback(small_run, tm
 
 
 def test_auto_map_alone_is_not_another_architecture(small_run):
-    from pipeline.load import config_fingerprint, read_config
+    from pipeline.model_config import config_fingerprint, read_config
 
     config = read_config(str(small_run / "checkpoint-0"))
     assert config_fingerprint({**config, "auto_map": {"AutoConfig": "x.Config"}}) == config_fingerprint(config)

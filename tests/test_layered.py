@@ -12,6 +12,7 @@ from pipeline import layered
 from pipeline.devices import device_budget
 from pipeline.errors import CheckpointError
 from pipeline.layered import open_layered
+from pipeline.load import parameters_on_meta
 from pipeline.measure import MEASURES, measure
 from pipeline.records import Checkpoint
 from pipeline.replay import ReplaySettings, replay
@@ -99,7 +100,7 @@ def test_one_block_resident_and_every_tensor_read_once(tmp_path, streamed, shard
 
 def test_replay_goes_layer_by_layer_over_budget_and_matches(trained_run, monkeypatch):
     from pipeline.cli import compose
-    from pipeline.load import read_config
+    from pipeline.model_config import read_config
     from pipeline.probe import build_probe
 
     c = Checkpoint(step=150, path=str(trained_run / "checkpoint-150"), complete=True)
@@ -116,7 +117,7 @@ def test_replay_goes_layer_by_layer_over_budget_and_matches(trained_run, monkeyp
 
 def test_within_budget_the_whole_model_is_loaded(trained_run, monkeypatch):
     from pipeline.cli import compose
-    from pipeline.load import read_config
+    from pipeline.model_config import read_config
     from pipeline.probe import build_probe
 
     c = Checkpoint(step=0, path=str(trained_run / "checkpoint-0"), complete=True)
@@ -190,7 +191,7 @@ def test_skeleton_patch_acts_only_in_its_own_thread():
     import threading
 
     built = {}
-    with layered.parameters_on_meta():
+    with parameters_on_meta():
         built["here"] = torch.nn.Linear(2, 2)
         other = threading.Thread(target=lambda: built.setdefault("there", torch.nn.Linear(2, 2)))
         other.start()
@@ -218,10 +219,11 @@ def test_cli_store_is_the_same_either_way(trained_run, tmp_path):
 def test_whole_model_out_of_memory_falls_back_to_layer_by_layer(trained_run, monkeypatch):
     import pipeline.load as load_mod
     from pipeline.cli import compose
+    from pipeline.model_config import read_config
     from pipeline.probe import build_probe
 
     c = Checkpoint(step=150, path=str(trained_run / "checkpoint-150"), complete=True)
-    probe_ = build_probe(compose(["probe.rows=3", "probe.seq_len=24"]).probe, load_mod.read_config(c))
+    probe_ = build_probe(compose(["probe.rows=3", "probe.seq_len=24"]).probe, read_config(c))
     want = replay(c, probe_, ReplaySettings(max_device_memory=None))
 
     def out_of_memory(*args, **kwargs):
@@ -259,7 +261,7 @@ def test_blocks_beyond_the_config_are_an_error_before_any_block_runs(tmp_path, m
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_gpu_both_ways_match_the_cpu(trained_run):
     from pipeline.cli import compose
-    from pipeline.load import read_config
+    from pipeline.model_config import read_config
     from pipeline.probe import build_probe
 
     c = Checkpoint(step=150, path=str(trained_run / "checkpoint-150"), complete=True)

@@ -20,7 +20,8 @@ from ckpt_factory import (
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import CheckpointError
-from pipeline.load import ModelCache, config_fingerprint, load_model, read_config
+from pipeline.load import ModelCache, load_model
+from pipeline.model_config import config_fingerprint, read_config
 from pipeline.records import Checkpoint
 from pipeline.weightfiles import validate_weights
 
@@ -481,6 +482,25 @@ def test_read_ahead_asks_for_the_files_unless_they_would_crowd_out_the_current_o
     monkeypatch.setattr(load_mod, "available_host_bytes", lambda: size)  # the checkpoint is over half of it
     load_mod.read_ahead(c)
     assert asked == []
+
+
+def test_available_memory_without_proc_meminfo_needs_no_psutil(monkeypatch):
+    import builtins
+
+    from pipeline.devices import available_host_bytes
+
+    real_open = builtins.open
+
+    def no_proc(path, *args, **kwargs):
+        if str(path) == "/proc/meminfo":
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_proc)
+    monkeypatch.setitem(sys.modules, "psutil", None)  # a test dependency only: the product must not need it
+    page = os.sysconf("SC_PAGE_SIZE")
+    assert 0 < available_host_bytes() <= os.sysconf("SC_PHYS_PAGES") * page
+    assert available_host_bytes() % page == 0  # whole free pages
 
 
 def test_weight_bytes_of_a_url_checkpoint_come_without_a_download(tmp_path, monkeypatch):

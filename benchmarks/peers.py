@@ -3,16 +3,16 @@
 Every contender here is timed as a user would time it, from the process's start to its exit (imports, loading,
 the probe, the statistics): `sinktrace` is the `sinktrace` command (`python -m pipeline`, replay stage only);
 `transformers` a plain script (`from_pretrained` + `output_attentions=True`); `transformer_lens` and `nnsight`
-the same through those libraries (pipeline/bench/peer_run.py). The parent takes each process's wall time, CPU
+the same through those libraries (benchmarks/peer_run.py). The parent takes each process's wall time, CPU
 time (user + system, all threads) and peak resident memory from the kernel (`wait4`).
 
 TransformerLens and nnsight are not dependencies of sinktrace. Each runs where it can be imported: this
 interpreter, or the peers' environment (`peers.venv`, by default $SINKTRACE_HOME/bench/peers-venv), which
-`python -m pipeline.bench.peers` makes: a virtual environment that sees this environment's packages (torch
+`python -m benchmarks.peers` makes: a virtual environment that sees this environment's packages (torch
 included, never replaced) through a .pth file and installs the two libraries into its own folder. A peer found
 in neither is skipped with a one-line reason.
 
-`python -m pipeline.bench.peers` creates (or completes) that environment and exits.
+`python -m benchmarks.peers` creates (or completes) that environment and exits.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 import pipeline
+from pipeline.locations import sinktrace_home
 
-from ..locations import sinktrace_home
 from . import LOG_PREFIX
 from .jobs import PACKAGE_ROOT, tail
 
@@ -38,7 +38,7 @@ LABELS = {
     "transformer_lens": "TransformerLens",
     "nnsight": "nnsight",
 }
-# what each peer imports, and what `python -m pipeline.bench.peers` installs for it
+# what each peer imports, and what `python -m benchmarks.peers` installs for it
 MODULES = {"transformer_lens": "transformer_lens", "nnsight": "nnsight"}
 REQUIREMENTS = ("transformer_lens>=4.3", "nnsight>=0.8.1")
 PEER_SCRIPT = str(Path(__file__).with_name("peer_run.py"))
@@ -65,7 +65,7 @@ def interpreter(peer: str, venv: Path) -> tuple[str | None, str]:
     python = venv_python(venv)
     if python.exists() and can_import(str(python), module):
         return str(python), ""
-    return None, f"{module} is not installed (here or in {venv}): `python -m pipeline.bench.peers` installs it"
+    return None, f"{module} is not installed (here or in {venv}): `python -m benchmarks.peers` installs it"
 
 
 def make_venv(venv: Path) -> int:

@@ -1,4 +1,4 @@
-"""`python -m pipeline.bench`: how fast and how lean sinktrace's replay is, against what else one could do.
+"""`python -m benchmarks`: how fast and how lean sinktrace's replay is, against what else one could do.
 
 One run builds its own checkpoints (random weights of a Llama-style model, saved as safetensors, reused by later
 runs) and measures, on the same checkpoints and the same probe, for each probe length:
@@ -12,7 +12,7 @@ runs) and measures, on the same checkpoints and the same probe, for each probe l
 4. **read** (the read floor): reading the checkpoints' weight files from a cold page cache, in bytes per second.
 
 It prints one table (time per checkpoint, ratios against 2, 3 and 4, peak host and device memory) and writes it as
-JSON. Presets: pipeline/bench/conf/bench_preset/ (gpu: the default, cpu, smoke). Timings are wall-clock seconds;
+JSON. Presets: benchmarks/conf/bench_preset/ (gpu: the default, cpu, smoke). Timings are wall-clock seconds;
 each contender runs in a fresh subprocess by default (`isolate`), so that its peak host memory is its own.
 
 Modules: `command` (the Hydra command and the run), `fixtures` (the checkpoints and probes it builds), `jobs`

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from .. import hydra_app
-from ..errors import UsageError
-from ..locations import sinktrace_home, write_json_atomic
+from pipeline import hydra_app
+from pipeline.errors import UsageError
+from pipeline.locations import sinktrace_home, write_json_atomic
+
 from . import GIB, LOG_PREFIX, gib
 from .contenders import CONTENDERS
 from .fixtures import default_checkpoint_root, ensure_checkpoints, find_checkpoints, make_probes, param_count
@@ -25,7 +26,7 @@ from .peers import PEERS, concurrent_runs, run_peers
 from .tables import Measured, assemble, render, short
 from .timing import device_name
 
-CONF_MODULE = "pipeline.bench.conf"
+CONF_MODULE = "benchmarks.conf"
 ISOLATE = ("length", "contender", "none")
 COLD_CACHE = ("auto", "fadvise", "drop_caches", "off")
 
@@ -63,7 +64,7 @@ def command_line(cfg, overrides: list[str] | None) -> str:
             overrides = list(HydraConfig.get().overrides.task)
         except (ValueError, ImportError):  # not under @hydra.main
             overrides = [f"bench_preset={cfg.preset_name}"]
-    return " ".join(["python -m pipeline.bench", *map(shlex.quote, overrides)])
+    return " ".join(["python -m benchmarks", *map(shlex.quote, overrides)])
 
 
 def bench(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
@@ -72,7 +73,7 @@ def bench(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     Returns the JSON document as a dict (its `out` key says where it was written)."""
     import torch
 
-    from ..devices import resolve_device
+    from pipeline.devices import resolve_device
 
     command, preset = command_line(cfg, overrides), str(cfg.preset_name)
     check_config(cfg)
@@ -82,7 +83,7 @@ def bench(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     if device == "cpu" and not cfg.allow_cpu:
         raise UsageError(
             f"preset {preset!r} builds a {model_words(cfg)} for a GPU and no CUDA device is available; on the CPU "
-            "run `python -m pipeline.bench bench_preset=cpu` (or add allow_cpu=true to run this one anyway)"
+            "run `python -m benchmarks bench_preset=cpu` (or add allow_cpu=true to run this one anyway)"
         )
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
@@ -240,7 +241,7 @@ def eager_budget_bytes(cfg, device: str) -> int | None:
     if cfg.eager_budget_gib is not None:
         return int(float(cfg.eager_budget_gib) * GIB)
     if device == "cpu":
-        from ..devices import available_host_bytes
+        from pipeline.devices import available_host_bytes
 
         return int(available_host_bytes() * 0.5)
     return None

@@ -11,14 +11,16 @@ import traceback
 from pathlib import Path
 
 import pipeline
+from pipeline.errors import describe
+from pipeline.locations import write_json_atomic
 
-from ..errors import describe
-from ..locations import write_json_atomic
 from .timing import Peaks, device_name, free, is_oom, weight_files
 
-# the folder `pipeline` is imported from, put first on a worker's path (a clone or site-packages alike)
+# the folders `pipeline` (a clone or site-packages alike) and this benchmark are imported from, put first on a
+# worker's path
 PACKAGE_ROOT = str(Path(pipeline.__file__).resolve().parent.parent)
-WORKER_CODE = "import sys; from pipeline.bench.jobs import worker_main; sys.exit(worker_main(sys.argv[1], sys.argv[2]))"
+BENCH_ROOT = str(Path(__file__).resolve().parent.parent)
+WORKER_CODE = "import sys; from benchmarks.jobs import worker_main; sys.exit(worker_main(sys.argv[1], sys.argv[2]))"
 
 
 class JobRunner:
@@ -36,7 +38,9 @@ class JobRunner:
         job_file, result_file, log_file = (stem.with_suffix(s) for s in (".json", ".result.json", ".log"))
         job_file.write_text(json.dumps(job))
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in dict.fromkeys((PACKAGE_ROOT, BENCH_ROOT, env.get("PYTHONPATH"))) if p
+        )
         with open(log_file, "wb") as logf:
             try:
                 proc = subprocess.run(
@@ -83,7 +87,8 @@ def run_job(job: dict) -> dict:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from ..records import Checkpoint
+    from pipeline.records import Checkpoint
+
     from .contenders import RUNS
     from .pagecache import read_floor
 
@@ -113,9 +118,9 @@ def run_job(job: dict) -> dict:
                 traceback.print_exc()
                 row = {"status": "error", "note": describe(e, 300)}
         row.setdefault("status", "ok")
-        row["peak_rss_bytes"] = peaks.host()
-        row["peak_rss_scope"] = peaks.host_scope
-        row["peak_device_bytes"] = peaks.device()
+        row.setdefault("peak_rss_bytes", peaks.host())  # (unless the contender took its own)
+        row.setdefault("peak_rss_scope", peaks.host_scope)
+        row.setdefault("peak_device_bytes", peaks.device())
         row["rows"] = int(tokens.shape[0])
         results[str(t)] = row
         if job["device"].startswith("cuda"):

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..devices import parse_dtype
+from pipeline.devices import parse_dtype
+
 from . import gib
 from .fixtures import param_count
 from .peers import LABELS as PEER_LABELS
@@ -430,7 +431,7 @@ def finite(obj):
 
 
 def version() -> str:
-    from .. import __version__
+    from pipeline import __version__
 
     return __version__
 

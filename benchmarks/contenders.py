@@ -13,7 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..devices import parse_dtype
+from pipeline.devices import parse_dtype
+
 from . import gib
 from .pagecache import drop_page_cache, io_per_ckpt, read_io
 from .timing import free, median_time, sync, weight_files
@@ -38,10 +39,8 @@ def copy_of(ckpt):
 def run_sinktrace(job, ckpts, tokens, meta, peaks) -> dict:
     import torch
 
-    from ..load import ModelCache, load_model
-    from ..measure import measure
-    from ..records import Probe
-    from ..replay import PhaseTimes, ReplaySettings, replay
+    from pipeline.records import Probe
+    from pipeline.replay import ModelCache, PhaseTimes, ReplaySettings, replay
 
     device = job["device"]
     layered = job["kind"] == "layered"  # a 1-byte budget: every checkpoint streams block by block
@@ -75,21 +74,30 @@ def run_sinktrace(job, ckpts, tokens, meta, peaks) -> dict:
     sync(device)
     e2e = (time.perf_counter() - t0) / len(ckpts)
     io1 = read_io()
-    models.clear()
-    free(device)
+    # the replay's peaks; the floor's model loaded below beside the kept one is not the replay's memory
+    peak_host, peak_device = peaks.host(), peaks.device()
 
-    # the statistics forward alone, weights already on the device (layer by layer, the forward is the replay)
+    # the statistics forward alone, weights already on the device: the `measure` phase of a replay whose model is
+    # kept (layer by layer, the forward is the replay)
     fwd = fwd_cpu = paired = None
     if not layered:
-        model = load_model(ckpts[0], device=device, dtype=job["dtype"])
+
+        def stats() -> tuple[float, float]:
+            phases = PhaseTimes(device)
+            replay(ckpts[0], probe, settings, models=models, times=phases)
+            return phases.seconds["measure"], phases.cpu_seconds["measure"]
+
+        floor_model = hf_load(ckpts[0].path, device, job["dtype"], "sdpa")
         ids = torch.from_numpy(tokens).to(device)
         fwd, fwd_cpu, paired = paired_forwards(
-            lambda: measure(model, ids, batch_size=job["batch_size"], key_positions=job["key_positions"]),
-            floor_forward(model, ids, job["batch_size"], job["logits_to_keep"]),
+            stats,
+            floor_forward(floor_model, ids, job["batch_size"], job["logits_to_keep"]),
             job["forward_repeats"],
             device,
         )
-        del model
+        del floor_model
+    models.clear()
+    free(device)
     n = len(ckpts)
     load_s, measure_s = times.seconds.get("load", 0.0) / n, times.seconds.get("measure", 0.0) / n
     return {
@@ -102,37 +110,32 @@ def run_sinktrace(job, ckpts, tokens, meta, peaks) -> dict:
         "io": io_per_ckpt(io0, io1, n),
         "sink_mass": sink,
         "entropy": entropy,
+        "peak_rss_bytes": peak_host,
+        "peak_rss_scope": peaks.host_scope,
+        "peak_device_bytes": peak_device,
     }
 
 
-def floor_forward(model, ids, batch_size: int, logits_to_keep: int, attention: str = "sdpa"):
-    """The compute floor's forward: the probe in micro-batches, logits for the last `logits_to_keep` positions,
-    with `attention` (a model loaded for another attention, e.g. for sinktrace, is switched for the call)."""
+def floor_forward(model, ids, batch_size: int, logits_to_keep: int):
+    """The compute floor's forward: the probe in micro-batches through a model loaded with plain sdpa attention,
+    logits for the last `logits_to_keep` positions."""
     import torch
 
     def forward():
-        route = model.config._attn_implementation
-        if route != attention:
-            model.set_attn_implementation(attention)
-        try:
-            with torch.inference_mode():
-                for start in range(0, ids.shape[0], batch_size):
-                    model(input_ids=ids[start : start + batch_size], use_cache=False, logits_to_keep=logits_to_keep)
-        finally:
-            if route != attention:
-                model.set_attn_implementation(route)
+        with torch.inference_mode():
+            for start in range(0, ids.shape[0], batch_size):
+                model(input_ids=ids[start : start + batch_size], use_cache=False, logits_to_keep=logits_to_keep)
 
     return forward
 
 
 def paired_forwards(stats, floor, repeats: int, device: str):
-    """Median wall and CPU seconds of the statistics forward, and its ratios to the compute floor's forward run
-    right after it, pair by pair: a machine's speed drifts between processes and over minutes (by a fifth on a
-    shared 2-core machine), so a ratio of two medians taken apart moves more than the statistics' own cost."""
+    """Median wall and CPU seconds of the statistics forward (`stats()` returns its wall and CPU seconds), and its
+    ratios to the compute floor's forward run right after it, pair by pair: a machine's speed drifts between
+    processes and over minutes (by a fifth on a shared 2-core machine), so a ratio of two medians taken apart moves
+    more than the statistics' own cost."""
     floor()  # warm-up: sdpa's first call (the statistics forward's code just ran in the end-to-end pass)
-    pairs = [
-        (median_time(stats, 1, device, warm=False), median_time(floor, 1, device, warm=False)) for _ in range(repeats)
-    ]
+    pairs = [(stats(), median_time(floor, 1, device, warm=False)) for _ in range(repeats)]
     paired = {
         "forward_s": statistics.median(f[0] for _, f in pairs),
         "forward_cpu_s": statistics.median(f[1] for _, f in pairs),
@@ -282,38 +285,48 @@ def run_sdpa(job, ckpts, tokens, meta, peaks) -> dict:
         "e2e_s": None,
         "forward_s": fwd,
         "forward_cpu_s": fwd_cpu,
-        "attention": attention_share(model, ids, bs, keep, job["forward_repeats"], device),
+        "attention": attention_share(
+            forward, fwd_cpu, model.config.get_text_config().num_hidden_layers, job["forward_repeats"], device
+        ),
     }
 
 
-def attention_share(model, ids, batch_size: int, logits_to_keep: int, repeats: int, device: str) -> dict:
-    """What bounds the statistics forward against this floor: the share of the floor's forward spent in its
-    attention calls, and sinktrace's attention function with its statistics against the same function without
-    them, on the same queries, keys and values (every layer's, of the first micro-batch)."""
+def attention_share(forward, forward_cpu_s: float, layers: int, repeats: int, device: str) -> dict | None:
+    """What bounds the statistics forward against this floor: the share of the floor's forward (`forward_cpu_s`
+    CPU seconds) spent in PyTorch's sdpa, and sinktrace's fused attention kernel with its statistics against the
+    same kernel without them, on the same queries, keys and values (every layer's, of the first micro-batch).
+
+    The sdpa calls are timed and their inputs kept by a `TorchFunctionMode` around one forward: PyTorch's own
+    interception of its functions, so that nothing of transformers is patched. None: the forward made no sdpa call
+    (nothing to compare)."""
     import torch
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from torch.overrides import TorchFunctionMode
 
-    from ..attention import fused_attention
+    from pipeline.attention import fused_attention
 
-    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    inside, calls, layers = [0.0], [], model.config.get_text_config().num_hidden_layers
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    inside, calls = [0.0], []
 
-    def timed(module, query, key, value, *args, **kwargs):
-        sync(device)
-        t0 = time.process_time()
-        out = sdpa(module, query, key, value, *args, **kwargs)
-        sync(device)
-        inside[0] += time.process_time() - t0
-        if len(calls) < layers:
-            calls.append((query, key, value, kwargs.get("scaling") or query.shape[-1] ** -0.5))
-        return out
+    class TimedSdpa(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is not sdpa:
+                return func(*args, **kwargs)
+            sync(device)
+            t0 = time.process_time()
+            out = func(*args, **kwargs)
+            sync(device)
+            inside[0] += time.process_time() - t0
+            if len(calls) < layers:
+                query, key, value = args[:3]
+                calls.append((query, key, value, kwargs.get("scale") or query.shape[-1] ** -0.5))
+            return out
 
-    ALL_ATTENTION_FUNCTIONS["bench_timed_sdpa"] = timed
-    try:
-        timed_forward = floor_forward(model, ids, batch_size, logits_to_keep, attention="bench_timed_sdpa")
-        total = median_time(timed_forward, 1, device, warm=False)[1]
-    finally:
-        del ALL_ATTENTION_FUNCTIONS["bench_timed_sdpa"]
+    with TimedSdpa():
+        forward()
+    if not calls:
+        return None
+    share = inside[0] / forward_cpu_s
 
     def run(with_stats):
         with torch.inference_mode():
@@ -325,8 +338,8 @@ def attention_share(model, ids, batch_size: int, logits_to_keep: int, repeats: i
         plain = median_time(lambda: run(False), repeats, device, warm=True)[1]
         stats = median_time(lambda: run(True), repeats, device, warm=True)[1]
     except RuntimeError as e:
-        return {"share": inside[0] / total, "note": str(e)}
-    return {"share": inside[0] / total, "with_stats": stats / plain}
+        return {"share": share, "note": str(e)}
+    return {"share": share, "with_stats": stats / plain}
 
 
 # the contenders in table order, and the function each job kind runs ("layered" is the replay with a 1-byte budget)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ..errors import UsageError
-from ..locations import sinktrace_home, write_json_atomic
+from pipeline.errors import UsageError
+from pipeline.locations import sinktrace_home, write_json_atomic
+
 from . import LOG_PREFIX
 
 
@@ -52,7 +53,7 @@ def ensure_checkpoints(cfg, root: Path) -> None:
     cache can be dropped, and written under a `.tmp` name first."""
     import torch
 
-    from ..devices import parse_dtype
+    from pipeline.devices import parse_dtype
 
     spec = checkpoint_spec(cfg)
     spec_file = root / "bench-spec.json"
@@ -118,7 +119,7 @@ def fsync_file(path: Path) -> None:
 
 def find_checkpoints(root: Path, count: int):
     """The first `count` complete checkpoints under `root`, found the way sinktrace finds them."""
-    from ..discover import discover
+    from pipeline.discover import discover
 
     found = [c for c in discover(str(root), quiet_seconds=0) if c.complete]
     if len(found) < count:
@@ -130,7 +131,7 @@ def make_probes(cfg, model_config: dict, work: Path) -> dict:
     """One probe per length (pipeline.probe.build_probe: seeded random ids, BOS first), saved as .npy for workers."""
     import numpy as np
 
-    from ..probe import build_probe
+    from pipeline.probe import build_probe
 
     probes = {}
     for t in (int(x) for x in cfg.probe.seq_lens):

@@ -1,0 +1,1 @@
+"""The benchmark's Hydra config (`bench.yaml` and the `bench_preset` group), the package `benchmarks.conf`."""

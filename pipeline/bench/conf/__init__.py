@@ -1,1 +1,0 @@
-"""The benchmark's Hydra config (`bench.yaml` and the `bench_preset` group), shipped as `pipeline.bench.conf`."""
