@@ -252,7 +252,7 @@ def resolve(cfg) -> tuple[str, object]:
 def run(overrides: list[str], families: tuple[str, ...] = FAMILIES) -> int:
     """The command: 0 when every family is within tolerance, 1 when one is not (or fails), 2 for bad settings."""
     from . import hydra_app, settings
-    from .cli import compose
+    from .settings import compose
 
     if any(a in ("-h", "--help") for a in overrides):
         print(USAGE)
@@ -310,7 +310,7 @@ def run(overrides: list[str], families: tuple[str, ...] = FAMILIES) -> int:
 
 
 def main() -> None:
-    from .cli import new_spelling
+    from .settings import new_spelling
 
     sys.exit(run([new_spelling(a) for a in sys.argv[1:]]))
 

@@ -9,18 +9,11 @@ from omegaconf import DictConfig
 from . import hydra_app, settings
 from .errors import ClusterLost, UsageError
 from .locations import default_store_path, exists, sinktrace_home
+from .settings import CONF_MODULE, compose, new_spelling
 
-CONF_MODULE = "pipeline.conf"
-# keys that moved into the group they configure: the old spelling still works
-MOVED_KEYS = {"device": "replay.device", "dtype": "replay.dtype"}
+__all__ = ["compose", "main", "run"]  # compose: the config as the command line builds it, for notebooks and tests
 
 settings.register()
-
-
-def new_spelling(arg: str) -> str:
-    """`device=cuda` -> `replay.device=cuda` (and `dtype=`)."""
-    key, eq, value = arg.partition("=")
-    return f"{MOVED_KEYS[key]}={value}" if eq and key in MOVED_KEYS else arg
 
 
 def checkpoint_root(cfg: DictConfig) -> tuple[str, float]:
@@ -144,8 +137,3 @@ def main() -> None:
 
         sys.exit(check([new_spelling(a) for a in sys.argv[2:]]))
     replay_main()
-
-
-def compose(overrides: list[str] | None = None) -> DictConfig:
-    """The config the command line would build, for use from Python (notebooks, tests)."""
-    return hydra_app.compose(CONF_MODULE, "config", overrides, rewrite=new_spelling)

@@ -110,6 +110,26 @@ SCHEMAS = {
 }
 
 
+CONF_MODULE = "pipeline.conf"
+# keys that moved into the group they configure: the old spelling still works
+MOVED_KEYS = {"device": "replay.device", "dtype": "replay.dtype"}
+
+
+def new_spelling(arg: str) -> str:
+    """`device=cuda` -> `replay.device=cuda` (and `dtype=`)."""
+    key, eq, value = arg.partition("=")
+    return f"{MOVED_KEYS[key]}={value}" if eq and key in MOVED_KEYS else arg
+
+
+def compose(overrides: list[str] | None = None):
+    """The config the command line would build (an omegaconf DictConfig), for use from Python: notebooks, tests,
+    and `sinktrace check`."""
+    from . import hydra_app
+
+    register()
+    return hydra_app.compose(CONF_MODULE, "config", overrides, rewrite=new_spelling)
+
+
 def register() -> None:
     from hydra.core.config_store import ConfigStore
 
