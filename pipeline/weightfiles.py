@@ -135,13 +135,20 @@ NEVER_ZERO = re.compile(r"(norm|ln_\w*|ln\d*|embed\w*|wte|wpe)\.weight$", re.IGN
 ZERO_CENTRED_NORMS = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text", "qwen3_next", "recurrent_gemma"})
 _TAIL = 64 * 1024
 _SCAN_LIMIT = 256 * 2**20
+# A write that stopped inside a tensor leaves that tensor non-zero up to a point and zero from there to the end of
+# the file. 1 KiB is 256 float32 (512 bf16) values at a tensor's end that are exactly zero while the values before
+# them are not: initialised or trained weights never do that by chance, while a tensor that is entirely zero
+# (a zero-initialised projection or bias at step 0) starts its zeros at its own first byte and passes.
+LONG_ZERO_RUN = 1024
 
 
 def check_written(path: str, model_type: str | None = None) -> None:
     """Refuse a safetensors file whose data looks preallocated and not yet written: its data region ends in a run
-    of zeros that covers a weight that is never zero, or such a weight anywhere is entirely zero. A complete header
-    over zeros is what a writer that preallocates the file leaves until the bytes arrive."""
+    of zeros that starts inside a tensor (LONG_ZERO_RUN bytes of it or more) or covers a weight that is never
+    zero, or such a weight anywhere is entirely zero. A complete header over zeros is what a writer that
+    preallocates the file leaves until the bytes arrive."""
     never_zero = NEVER_ZERO_EMBEDDINGS if model_type in ZERO_CENTRED_NORMS else NEVER_ZERO
+    name = os.path.basename(path)
     with open(path, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(header_len))
@@ -153,6 +160,18 @@ def check_written(path: str, model_type: str | None = None) -> None:
             if k != "__metadata__"
         }
         zeros_from = _zero_tail(f, start, end)
+        f.seek(max(zeros_from - 1, 0))
+        bounded = zeros_from == start or f.read(1) != b"\0"  # else the scan stopped before the run's start
+        cut = [k for k, (a, b) in spans.items() if a < zeros_from and b - zeros_from >= LONG_ZERO_RUN and bounded]
+        if cut:
+            covered = sorted(k for k, (a, b) in spans.items() if a >= zeros_from and b > a)
+            raise CheckpointError(
+                path,
+                f"{name} looks preallocated and not yet written: its last {end - zeros_from} bytes are zeros, from "
+                f"inside {cut[0]} (whose first bytes are not){f' over {some(covered)}' if covered else ''} to the "
+                "end, as a write that stopped there leaves it. Rerun once the file is complete; the step is "
+                "replayed again then",
+            )
         suspects = [k for k, (a, b) in spans.items() if a >= zeros_from and b > a and never_zero.search(k)]
         if not suspects:
             for k, (a, b) in spans.items():
@@ -164,7 +183,7 @@ def check_written(path: str, model_type: str | None = None) -> None:
         tail = f" its last {end - zeros_from} bytes are zeros, and" if zeros_from < end else ""
         raise CheckpointError(
             path,
-            f"{os.path.basename(path)} looks preallocated and not yet written:{tail} {some(sorted(suspects))} "
+            f"{name} looks preallocated and not yet written:{tail} {some(sorted(suspects))} "
             f"{'is' if len(suspects) == 1 else 'are'} entirely zero, which a norm or embedding weight never is. "
             "Rerun once the file is complete; the step is replayed again then",
         )
