@@ -135,6 +135,7 @@ NEVER_ZERO = re.compile(r"(norm|ln_\w*|ln\d*|embed\w*|wte|wpe)\.weight$", re.IGN
 ZERO_CENTRED_NORMS = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text", "qwen3_next", "recurrent_gemma"})
 _TAIL = 64 * 1024
 _SCAN_LIMIT = 256 * 2**20
+_CHUNK = 2**20
 # A write that stopped inside a tensor leaves that tensor non-zero up to a point and zero from there to the end of
 # the file. 1 KiB is 256 float32 (512 bf16) values at a tensor's end that are exactly zero while the values before
 # them are not: initialised or trained weights never do that by chance, while a tensor that is entirely zero
@@ -161,16 +162,19 @@ def check_written(path: str, model_type: str | None = None) -> None:
         }
         zeros_from = _zero_tail(f, start, end)
         f.seek(max(zeros_from - 1, 0))
-        bounded = zeros_from == start or f.read(1) != b"\0"  # else the scan stopped before the run's start
-        cut = [k for k, (a, b) in spans.items() if a < zeros_from and b - zeros_from >= LONG_ZERO_RUN and bounded]
+        cut = []
+        if zeros_from > start and f.read(1) == b"\0":  # the byte scan stopped inside the run
+            zeros_from, cut = _zero_run_start(f, zeros_from, spans)
+        cut = cut or [k for k, (a, b) in spans.items() if a < zeros_from and b - zeros_from >= LONG_ZERO_RUN]
         if cut:
-            covered = sorted(k for k, (a, b) in spans.items() if a >= zeros_from and b > a)
+            covered = [k for k, (a, b) in spans.items() if a >= zeros_from and b > a]
+            covered.sort(key=lambda k: (not never_zero.search(k), k))  # the weights that are never zero first
             raise CheckpointError(
                 path,
-                f"{name} looks preallocated and not yet written: its last {end - zeros_from} bytes are zeros, from "
-                f"inside {cut[0]} (whose first bytes are not){f' over {some(covered)}' if covered else ''} to the "
-                "end, as a write that stopped there leaves it. Rerun once the file is complete; the step is "
-                "replayed again then",
+                f"{name} looks preallocated and not yet written: its last {end - zeros_from} bytes are zeros, "
+                f"starting inside {cut[0]}, which is not zero before them{f', over {some(covered)}' if covered else ''}"
+                ": what a write that stopped there leaves. Rerun once the file is complete; the step is replayed "
+                "again then",
             )
         suspects = [k for k, (a, b) in spans.items() if a >= zeros_from and b > a and never_zero.search(k)]
         if not suspects:
@@ -193,7 +197,7 @@ def _zero_tail(f, start: int, end: int) -> int:
     """Where the run of zero bytes that ends the file begins (`end`: the file does not end in zeros)."""
     pos = end
     while pos > start and end - pos < _SCAN_LIMIT:
-        n = min(_TAIL if pos == end else 2**20, pos - start)
+        n = min(_TAIL if pos == end else _CHUNK, pos - start)
         f.seek(pos - n)
         chunk = f.read(n)
         stripped = chunk.rstrip(b"\0")
@@ -201,6 +205,28 @@ def _zero_tail(f, start: int, end: int) -> int:
             return pos - n + len(stripped)
         pos -= n
     return pos
+
+
+def _zero_run_start(f, pos: int, spans: dict[str, tuple[int, int]]) -> tuple[int, list[str]]:
+    """Where a run of zeros known from `pos` to the file's end starts, found without reading more than the first
+    and last _TAIL bytes of each tensor it walks back over: (its start, []), or (`pos`, [the tensor]) when the
+    tensor holding `pos` is not zero at its first bytes (the run starts inside it, at a byte not read)."""
+    for k, (a, b) in sorted(spans.items(), key=lambda item: item[1], reverse=True):
+        if a >= pos:
+            continue
+        hi = min(b, pos)  # the tensor's bytes from hi on are zero
+        n = min(_TAIL, hi - a)
+        f.seek(hi - n)
+        stripped = f.read(n).rstrip(b"\0")
+        if stripped:
+            return hi - n + len(stripped), []
+        pos = hi - n
+        if pos > a:
+            f.seek(a)
+            if any(f.read(min(_TAIL, pos - a))):
+                return pos, [k]
+            pos = a  # zero at both ends: taken as zero throughout
+    return pos, []
 
 
 def main_dtype(weights: dict[str, str]) -> torch.dtype:

@@ -152,6 +152,9 @@ def test_an_empty_root_is_a_usage_error_not_the_demo(tmp_path, sinktrace_home, c
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("sinktrace: error: checkpoints.root= is empty"), err
     assert not store.exists() and not (sinktrace_home / "demo").exists()
+    from pipeline import settings
+
+    settings.check(compose([]))  # while no root at all is still the demo run
 
 
 def cli_bounded(args, timeout=180, prefix=()):
@@ -304,6 +307,26 @@ def test_zero_initialised_projections_are_not_suspect(tmp_path):
     check_written(str(path), "gemma2")  # norms that scale by (1 + weight) start at zero
     with pytest.raises(Exception, match="model.norm.weight"):
         check_written(str(path), "llama")
+
+
+def test_a_zero_run_longer_than_the_byte_scan_is_followed_back_tensor_by_tensor(tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline import weightfiles
+    from pipeline.errors import CheckpointError
+
+    monkeypatch.setattr(weightfiles, "_SCAN_LIMIT", 2048)  # stands for 256 MiB against GB-sized shards
+    monkeypatch.setattr(weightfiles, "_TAIL", 1024)
+    monkeypatch.setattr(weightfiles, "_CHUNK", 1024)
+    path = tmp_path / "model-00002-of-00002.safetensors"
+    torch.manual_seed(0)
+    tensors = {f"model.layers.0.{p}_proj.weight": torch.randn(64, 64) for p in ("a", "b", "c")}
+    save_file({**tensors, "model.layers.0.d_proj.weight": torch.zeros(64, 64)}, str(path))
+    weightfiles.check_written(str(path))  # a zero-initialised projection last: 16 KiB of zeros, from a tensor's start
+    zero_tail(path, 16 * 1024 + 5000)  # and the write stopped 5000 bytes before the end of c_proj
+    with pytest.raises(CheckpointError, match=r"starting inside model\.layers\.0\.c_proj\.weight.*d_proj"):
+        weightfiles.check_written(str(path))
 
 
 def test_a_preallocated_shard_of_projections_only_fails_its_step(tmp_path, capsys):
