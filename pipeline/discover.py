@@ -190,7 +190,23 @@ def discover(
 
 
 def _read_with(found: list[Checkpoint], model_config: str | None, key_map: str) -> list[Checkpoint]:
-    return [dataclasses.replace(c, model_config=model_config, key_map=key_map) for c in found]
+    return [dataclasses.replace(c, model_config=model_config, key_map=key_map) for c in _storable(found)]
+
+
+MAX_STEP = 2**63 - 1  # the store's step coordinate is int64
+
+
+def _storable(found: list[Checkpoint]) -> list[Checkpoint]:
+    """The checkpoints whose step the store can hold; the others are skipped with a warning naming them."""
+    for c in found:
+        if not 0 <= c.step <= MAX_STEP:
+            log.warning(
+                "skipping %s: its step %d (from its %s) does not fit the store's step numbers (0 to 2**63-1)",
+                c.path,
+                c.step,
+                c.step_source,
+            )
+    return [c for c in found if 0 <= c.step <= MAX_STEP]
 
 
 def _inspect(

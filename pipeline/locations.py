@@ -61,11 +61,19 @@ def default_store_path(root: str) -> str:
 
 
 def write_json_atomic(path: str | os.PathLike, obj, **dumps) -> None:
-    """Write JSON so that a reader (or a crash) never sees half a file."""
+    """Write JSON so that a reader (or a crash) never sees half a file. The bytes go to a new file of a fresh name
+    beside it, which replaces `path`: a symlink at `path` is replaced, never followed, so its target is untouched."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, **dumps))
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(obj, **dumps))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 @contextlib.contextmanager

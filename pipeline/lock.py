@@ -11,18 +11,20 @@ Readers (xarray, the report) never take the lock.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import os
 import socket
 
 from .errors import UsageError
-from .locations import is_url, local_path
+from .locations import is_url, local_path, write_json_atomic
 
 
 class StoreLock:
     def __init__(self, store: str):
         self.store = store
-        self.lock_path = store.rstrip("/") + ".lock"
+        # one lock per store however it is reached: through a symlink, `..` or a relative path
+        self.lock_path = (store.rstrip("/") if is_url(store) else os.path.realpath(local_path(store))) + ".lock"
         self.holder_path = self.lock_path + ".json"
         self._lock = None
 
@@ -37,14 +39,19 @@ class StoreLock:
             return self
         from filelock import FileLock, Timeout
 
-        os.makedirs(os.path.dirname(local_path(self.lock_path)) or ".", exist_ok=True)
-        self._lock = FileLock(local_path(self.lock_path), timeout=0)
         try:
+            os.makedirs(os.path.dirname(self.lock_path), exist_ok=True)
+            self._lock = FileLock(self.lock_path, timeout=0)
             self._lock.acquire()
-        except Timeout:
-            raise UsageError(self._refusal(self._holder_local(), local_path(self.lock_path))) from None
-        with open(local_path(self.holder_path), "w") as f:
-            json.dump(me, f)
+        except Timeout:  # (an OSError too)
+            raise UsageError(self._refusal(self._holder_local(), self.lock_path)) from None
+        except OSError as e:
+            raise UsageError(self._cannot_write(e)) from None
+        try:
+            write_json_atomic(self.holder_path, me)
+        except OSError as e:
+            self._lock.release()
+            raise UsageError(self._cannot_write(e)) from None
         return self
 
     def __exit__(self, *exc) -> None:
@@ -55,14 +62,14 @@ class StoreLock:
             fs.rm_file(path)
             return
         try:
-            os.remove(local_path(self.holder_path))
+            os.remove(self.holder_path)
         except OSError:
             pass
         self._lock.release()
 
     def _holder_local(self) -> dict:
         try:
-            with open(local_path(self.holder_path)) as f:
+            with open(os.open(self.holder_path, os.O_RDONLY | os.O_NOFOLLOW)) as f:
                 return json.load(f)
         except (OSError, ValueError):
             return {}
@@ -78,6 +85,18 @@ class StoreLock:
                 holder = {}
             raise UsageError(self._refusal(holder, self.holder_path))
         fs.pipe_file(path, json.dumps(me).encode())
+
+    def _cannot_write(self, e: OSError) -> str:
+        """Why the lock could not be taken when no other run holds it: never "being written by" then."""
+        folder = os.path.dirname(e.filename or self.lock_path)  # the folder it tried to create a file or folder in
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return (
+                f"store.path={self.store}: cannot write in {folder} ({e.strerror}); the store and its lock file "
+                "go there: make the folder writable, or choose another store.path"
+            )
+        if e.errno == errno.ELOOP:  # filelock opens with O_NOFOLLOW
+            return f"store.path={self.store}: its lock file {self.lock_path} is a symlink, never followed: remove it"
+        return f"store.path={self.store}: cannot take its lock {e.filename or self.lock_path} ({e.strerror or e})"
 
     def _refusal(self, holder: dict, lock: str) -> str:
         who = (

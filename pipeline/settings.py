@@ -187,6 +187,11 @@ def check(cfg) -> None:
         except ValueError as e:
             raise UsageError(str(e)) from None
     c = cfg.checkpoints
+    if c.root is not None and not str(c.root).strip():  # `checkpoints.root=$UNSET` composes to "", not to None
+        raise UsageError(
+            "checkpoints.root= is empty (an unset shell variable?): give the run's checkpoint folder, or leave the "
+            "key out to replay the demo run"
+        )
     if c.quiet_seconds < 0:
         raise UsageError(f"checkpoints.quiet_seconds={c.quiet_seconds}: must be 0 or more")
     if c.format not in CHECKPOINT_FORMATS:
@@ -205,6 +210,7 @@ def check(cfg) -> None:
         raise UsageError(f"probe.seq_len={p.seq_len}, probe.rows={p.rows}: give at least 2 tokens and 1 row")
     if not 0 < cfg.report.eps < 1:
         raise UsageError(f"report.eps={cfg.report.eps}: must lie between 0 and 1")
+    _check_cluster(cfg.cluster)
 
 
 def _check_device(device: str) -> None:
@@ -220,6 +226,19 @@ def _check_device(device: str) -> None:
             raise UsageError(f"replay.device={device}: this torch ({torch.__version__}) sees no CUDA device")
         if index and int(index) >= torch.cuda.device_count():
             raise UsageError(f"replay.device={device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+
+
+# the counts of conf/cluster/'s groups that start workers: with none, the run would wait for one forever
+CLUSTER_COUNTS = ("n_workers", "threads_per_worker", "jobs")
+
+
+def _check_cluster(cluster) -> None:
+    from .errors import UsageError
+
+    for key in CLUSTER_COUNTS:
+        value = cluster.get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise UsageError(f"cluster.{key}={value}: give at least 1 (with no worker the run would wait forever)")
 
 
 def _check_threads(threads) -> None:

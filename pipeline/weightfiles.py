@@ -135,13 +135,21 @@ NEVER_ZERO = re.compile(r"(norm|ln_\w*|ln\d*|embed\w*|wte|wpe)\.weight$", re.IGN
 ZERO_CENTRED_NORMS = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text", "qwen3_next", "recurrent_gemma"})
 _TAIL = 64 * 1024
 _SCAN_LIMIT = 256 * 2**20
+_CHUNK = 2**20
+# A write that stopped inside a tensor leaves that tensor non-zero up to a point and zero from there to the end of
+# the file. 1 KiB is 256 float32 (512 bf16) values at a tensor's end that are exactly zero while the values before
+# them are not: initialised or trained weights never do that by chance, while a tensor that is entirely zero
+# (a zero-initialised projection or bias at step 0) starts its zeros at its own first byte and passes.
+LONG_ZERO_RUN = 1024
 
 
 def check_written(path: str, model_type: str | None = None) -> None:
     """Refuse a safetensors file whose data looks preallocated and not yet written: its data region ends in a run
-    of zeros that covers a weight that is never zero, or such a weight anywhere is entirely zero. A complete header
-    over zeros is what a writer that preallocates the file leaves until the bytes arrive."""
+    of zeros that starts inside a tensor (LONG_ZERO_RUN bytes of it or more) or covers a weight that is never
+    zero, or such a weight anywhere is entirely zero. A complete header over zeros is what a writer that
+    preallocates the file leaves until the bytes arrive."""
     never_zero = NEVER_ZERO_EMBEDDINGS if model_type in ZERO_CENTRED_NORMS else NEVER_ZERO
+    name = os.path.basename(path)
     with open(path, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(header_len))
@@ -153,6 +161,21 @@ def check_written(path: str, model_type: str | None = None) -> None:
             if k != "__metadata__"
         }
         zeros_from = _zero_tail(f, start, end)
+        f.seek(max(zeros_from - 1, 0))
+        cut = []
+        if zeros_from > start and f.read(1) == b"\0":  # the byte scan stopped inside the run
+            zeros_from, cut = _zero_run_start(f, zeros_from, spans)
+        cut = cut or [k for k, (a, b) in spans.items() if a < zeros_from and b - zeros_from >= LONG_ZERO_RUN]
+        if cut:
+            covered = [k for k, (a, b) in spans.items() if a >= zeros_from and b > a]
+            covered.sort(key=lambda k: (not never_zero.search(k), k))  # the weights that are never zero first
+            raise CheckpointError(
+                path,
+                f"{name} looks preallocated and not yet written: its last {end - zeros_from} bytes are zeros, "
+                f"starting inside {cut[0]}, which is not zero before them{f', over {some(covered)}' if covered else ''}"
+                ": what a write that stopped there leaves. Rerun once the file is complete; the step is replayed "
+                "again then",
+            )
         suspects = [k for k, (a, b) in spans.items() if a >= zeros_from and b > a and never_zero.search(k)]
         if not suspects:
             for k, (a, b) in spans.items():
@@ -164,7 +187,7 @@ def check_written(path: str, model_type: str | None = None) -> None:
         tail = f" its last {end - zeros_from} bytes are zeros, and" if zeros_from < end else ""
         raise CheckpointError(
             path,
-            f"{os.path.basename(path)} looks preallocated and not yet written:{tail} {some(sorted(suspects))} "
+            f"{name} looks preallocated and not yet written:{tail} {some(sorted(suspects))} "
             f"{'is' if len(suspects) == 1 else 'are'} entirely zero, which a norm or embedding weight never is. "
             "Rerun once the file is complete; the step is replayed again then",
         )
@@ -174,7 +197,7 @@ def _zero_tail(f, start: int, end: int) -> int:
     """Where the run of zero bytes that ends the file begins (`end`: the file does not end in zeros)."""
     pos = end
     while pos > start and end - pos < _SCAN_LIMIT:
-        n = min(_TAIL if pos == end else 2**20, pos - start)
+        n = min(_TAIL if pos == end else _CHUNK, pos - start)
         f.seek(pos - n)
         chunk = f.read(n)
         stripped = chunk.rstrip(b"\0")
@@ -182,6 +205,28 @@ def _zero_tail(f, start: int, end: int) -> int:
             return pos - n + len(stripped)
         pos -= n
     return pos
+
+
+def _zero_run_start(f, pos: int, spans: dict[str, tuple[int, int]]) -> tuple[int, list[str]]:
+    """Where a run of zeros known from `pos` to the file's end starts, found without reading more than the first
+    and last _TAIL bytes of each tensor it walks back over: (its start, []), or (`pos`, [the tensor]) when the
+    tensor holding `pos` is not zero at its first bytes (the run starts inside it, at a byte not read)."""
+    for k, (a, b) in sorted(spans.items(), key=lambda item: item[1], reverse=True):
+        if a >= pos:
+            continue
+        hi = min(b, pos)  # the tensor's bytes from hi on are zero
+        n = min(_TAIL, hi - a)
+        f.seek(hi - n)
+        stripped = f.read(n).rstrip(b"\0")
+        if stripped:
+            return hi - n + len(stripped), []
+        pos = hi - n
+        if pos > a:
+            f.seek(a)
+            if any(f.read(min(_TAIL, pos - a))):
+                return pos, [k]
+            pos = a  # zero at both ends: taken as zero throughout
+    return pos, []
 
 
 def main_dtype(weights: dict[str, str]) -> torch.dtype:

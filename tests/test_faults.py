@@ -145,6 +145,53 @@ def test_the_command_line_says_it_in_one_line_with_exit_2(tmp_path):
         assert "Traceback" not in res.stderr and not (tmp_path / "s.zarr").exists()
 
 
+def test_an_empty_root_is_a_usage_error_not_the_demo(tmp_path, sinktrace_home, capsys):
+    store = tmp_path / "s.zarr"
+    assert compose(["checkpoints.root="]).checkpoints.root == ""  # what `checkpoints.root=$UNSET` composes to
+    assert run(cfg_for("", store)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("sinktrace: error: checkpoints.root= is empty"), err
+    assert not store.exists() and not (sinktrace_home / "demo").exists()
+    from pipeline import settings
+
+    settings.check(compose([]))  # while no root at all is still the demo run
+
+
+def cli_bounded(args, timeout=180, prefix=()):
+    """The command line in its own process group, killed with everything it started if it runs past `timeout`."""
+    proc = subprocess.Popen(
+        [*prefix, sys.executable, "-m", "pipeline", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"sinktrace {' '.join(map(str, args))} still ran after {timeout} s")
+    return proc.returncode, out, err
+
+
+@pytest.mark.parametrize(
+    "cluster,message",
+    [
+        (["cluster=processes", "cluster.n_workers=0"], "cluster.n_workers=0: give at least 1"),
+        (["cluster=processes", "cluster.threads_per_worker=0"], "cluster.threads_per_worker=0: give at least 1"),
+        (["cluster=gpus", "cluster.n_workers=0"], "cluster.n_workers=0: give at least 1"),
+        (["cluster=slurm", "cluster.jobs=0"], "cluster.jobs=0: give at least 1"),
+    ],
+)
+def test_a_cluster_without_workers_is_a_usage_error_not_a_hang(small_run, tmp_path, cluster, message):
+    store = tmp_path / "s.zarr"
+    args = [f"checkpoints.root={small_run}", "checkpoints.quiet_seconds=0", f"store.path={store}", "stages=[replay]"]
+    rc, _, err = cli_bounded([*args, *cluster])
+    assert rc == 2 and err.count("\n") == 1 and f"sinktrace: error: {message}" in err, err
+    assert not store.exists()
+
+
 # ------------------------------------------------------------------ discovery of live runs
 
 
@@ -203,6 +250,17 @@ def test_a_checkpoint_rotated_away_while_queued_is_gone_not_failed(small_run, tm
     assert dict(zip(ds.step.values.tolist(), ds.status.values.tolist())) == {0: "done", 10: "pending", 20: "done"}
 
 
+def test_a_step_beyond_int64_is_skipped_with_a_warning(small_run, tmp_path, caplog):
+    huge = "checkpoint-99999999999999999999999"
+    shutil.copytree(small_run / "checkpoint-20", small_run / huge)
+    (small_run / huge / "trainer_state.json").unlink()  # its step is then the folder name's
+    store = tmp_path / "s.zarr"
+    with caplog.at_level("WARNING", logger="pipeline.discover"):
+        assert run(cfg_for(small_run, store)) == 0
+    assert huge in caplog.text and "skipping" in caplog.text
+    assert pipeline.open_sinks(store, GROUP).status.values.tolist() == ["done"] * 3
+
+
 # ------------------------------------------------------------------ suspect data
 
 
@@ -251,6 +309,43 @@ def test_zero_initialised_projections_are_not_suspect(tmp_path):
         check_written(str(path), "llama")
 
 
+def test_a_zero_run_longer_than_the_byte_scan_is_followed_back_tensor_by_tensor(tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline import weightfiles
+    from pipeline.errors import CheckpointError
+
+    monkeypatch.setattr(weightfiles, "_SCAN_LIMIT", 2048)  # stands for 256 MiB against GB-sized shards
+    monkeypatch.setattr(weightfiles, "_TAIL", 1024)
+    monkeypatch.setattr(weightfiles, "_CHUNK", 1024)
+    path = tmp_path / "model-00002-of-00002.safetensors"
+    torch.manual_seed(0)
+    tensors = {f"model.layers.0.{p}_proj.weight": torch.randn(64, 64) for p in ("a", "b", "c")}
+    save_file({**tensors, "model.layers.0.d_proj.weight": torch.zeros(64, 64)}, str(path))
+    weightfiles.check_written(str(path))  # a zero-initialised projection last: 16 KiB of zeros, from a tensor's start
+    zero_tail(path, 16 * 1024 + 5000)  # and the write stopped 5000 bytes before the end of c_proj
+    with pytest.raises(CheckpointError, match=r"starting inside model\.layers\.0\.c_proj\.weight.*d_proj"):
+        weightfiles.check_written(str(path))
+
+
+def test_a_preallocated_shard_of_projections_only_fails_its_step(tmp_path, capsys):
+    root = tmp_path / "run"
+    make_run(root, [0, 10], sharded=True)
+    # the third shard holds only layer 1's projections; its writer stopped inside o_proj (layout printed below)
+    shard = root / "checkpoint-10" / "model-00003-of-00004.safetensors"
+    original = zero_tail(shard, 5000)
+    backdate(root, 3600)
+    store = tmp_path / "s.zarr"
+    assert run(cfg_for(root, store)) == 1
+    err = capsys.readouterr().err
+    assert "model-00003-of-00004.safetensors looks preallocated and not yet written" in err, err
+    assert "its last 5000 bytes are zeros" in err and "self_attn.o_proj.weight" in err
+    assert pipeline.open_sinks(store, GROUP).status.values.tolist() == ["done", "failed"]
+    shard.write_bytes(original)
+    assert run(cfg_for(root, store)) == 0
+
+
 # ------------------------------------------------------------------ one writer
 
 
@@ -264,6 +359,57 @@ def test_a_second_run_on_a_store_is_refused_naming_the_holder(stored, small_run,
     assert f"process {os.getpid()} on" in err and "is being written by" in err and ".lock" in err
     assert files_of(stored) == before
     assert run(cfg_for(small_run, stored, "replay.overwrite=true")) == 0  # released
+
+
+def test_a_store_reached_through_a_symlink_is_the_same_store_to_the_lock(stored, small_run, tmp_path, capsys):
+    from pipeline.lock import StoreLock
+
+    link = tmp_path / "link.zarr"
+    link.symlink_to(stored, target_is_directory=True)
+    before = files_of(stored)
+    with StoreLock(str(stored)):
+        assert run(cfg_for(small_run, link, "replay.overwrite=true")) == 2
+    err = capsys.readouterr().err
+    assert f"process {os.getpid()} on" in err and "is being written by" in err, err
+    assert files_of(stored) == before
+
+
+@pytest.mark.parametrize("name", ["s.zarr.lock.json", "s.zarr.lock"])
+def test_a_lock_file_that_is_a_symlink_never_writes_its_target(stored, small_run, tmp_path, name, capsys):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    (tmp_path / name).unlink(missing_ok=True)  # the lock file the first run left (filelock keeps it)
+    (tmp_path / name).symlink_to(victim)
+    if name.endswith(".json"):  # the holder file is replaced, link and all
+        assert run(cfg_for(small_run, stored)) == 0
+    else:  # the lock itself is refused: following it would lock (and could truncate) another file
+        assert run(cfg_for(small_run, stored)) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"sinktrace: error: store.path={stored}: its lock file {stored}.lock is a symlink, " + (
+            "never followed: remove it"
+        )
+    assert victim.read_text() == "mine"
+
+
+def test_a_store_in_a_read_only_folder_is_one_line_naming_the_folder(small_run, tmp_path):
+    # Root writes through permission bits: as root, the command runs without the capabilities that allow that
+    # (setpriv drops them from its bounding set), so the kernel refuses the writes as it would for any user.
+    prefix = ()
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root, and setpriv (util-linux) is not there to drop root's override")
+        prefix = ("setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--")
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        args = [f"checkpoints.root={small_run}", "checkpoints.quiet_seconds=0", f"store.path={folder / 's.zarr'}"]
+        rc, _, err = cli_bounded([*args, "stages=[replay]"], prefix=prefix)
+    finally:
+        folder.chmod(0o755)
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"store.path={folder / 's.zarr'}: cannot write in {folder}" in err and "being written by" not in err, err
+    assert list(folder.iterdir()) == []
 
 
 def test_a_step_marked_done_without_data_is_replayed(stored, small_run):
