@@ -16,7 +16,7 @@ import zipfile
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, describe
 
 STEP_FIELDS = ("iter_num", "step")  # nanoGPT and lit-gpt write iter_num; others a plain step
 
@@ -40,7 +40,7 @@ def load(path: str) -> dict:
         ) from None
     except Exception as e:  # truncated zip, bad magic number, ...
         raise CheckpointError(
-            path, f"{os.path.basename(path)} is not a readable torch.save file ({type(e).__name__}: {e})"
+            path, f"{os.path.basename(path)} is not a readable torch.save file ({describe(e)})"
         ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(path, f"{os.path.basename(path)} holds a {type(obj).__name__}, not a state dict")
