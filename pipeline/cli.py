@@ -7,7 +7,7 @@ import sys
 from omegaconf import DictConfig
 
 from . import hydra_app, settings
-from .errors import ClusterLost, UsageError
+from .errors import CheckpointError, ClusterLost, UsageError
 from .locations import default_store_path, exists, sinktrace_home
 from .settings import CONF_MODULE, compose, new_spelling
 
@@ -52,12 +52,12 @@ def run(cfg: DictConfig) -> int:
             outcome = replay_stage(cfg, root, quiet, store)
             if outcome.unreadable and len(outcome.unreadable) == outcome.found:
                 return summary(outcome)  # nothing could be read, so there is nothing to report on
-        if "report" in cfg.stages:
+        if "report" in cfg.stages and not (outcome and outcome.failures and not exists(store)):  # all failed
             report_stage(cfg, store)
     except UsageError as e:
         print(f"sinktrace: error: {e}", file=sys.stderr)
         return 2
-    except ClusterLost as e:
+    except (ClusterLost, CheckpointError) as e:  # CheckpointError: discovery could not read the step of a file
         print(f"sinktrace: error: {e}", file=sys.stderr)
         return 1
     except Interrupted as e:

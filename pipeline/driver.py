@@ -152,8 +152,14 @@ class Run:
         fresh = [c for c in ready if c.step not in self.tried or self.tried[c.step] != c.modified]
         if not fresh:
             return []
+        first_round = not self.outcome.done and not self.outcome.failures
+        early = {}  # checkpoints that failed while the store was set up: {step: error}
         if self.store is None:
-            self._open_store(fresh[0])
+            early = self._open_store(fresh)
+            if self.store is None:  # every one of them failed
+                for c in fresh:
+                    self.tried[c.step] = c.modified
+                return []
         for c in fresh:
             steps = self.step_sources.setdefault(c.step_source, [])
             if c.step not in steps:
@@ -175,10 +181,14 @@ class Run:
         self.formats = {*self.formats, *(c.format for c in fresh)}
         self._attrs = {}  # the run's attributes go in once
         status = self.store.status()
-        todo = [c for c in fresh if self.settings.overwrite or status.get(c.step) != "done"]
+        for step, error in early.items():  # as run_replays records a failure
+            if status.get(step) != "done":
+                self.store.mark_failed(step, error)
+                status[step] = "failed"
+        todo = [c for c in fresh if c.step not in early and (self.settings.overwrite or status.get(c.step) != "done")]
         for c in fresh:
             self.tried[c.step] = c.modified
-        if not self.outcome.done and not self.outcome.failures:
+        if first_round:
             done = sum(status.get(c.step) == "done" for c in fresh)
             print(
                 f"sinktrace: store {self.store_location} group {self.probe.name!r}: {done} done, {len(todo)} to replay"
@@ -186,8 +196,25 @@ class Run:
         self._previous = status
         return todo
 
-    def _open_store(self, first: Checkpoint) -> None:
-        from .model_config import config_fingerprint
+    def _open_store(self, fresh: list[Checkpoint]) -> dict[int, str]:
+        """Set up the probe and the store from the first of `fresh` whose config and format can be read. Those
+        before it fail their own step: returns {step: error} for them (each also reported as it happens)."""
+        from .errors import CheckpointError
+
+        failed = {}
+        for ckpt in fresh:
+            try:
+                self._open_store_from(ckpt)
+                return failed
+            except CheckpointError as e:
+                error = f"{type(e).__name__}: {e}"
+                failed[ckpt.step] = error
+                self.outcome.failures.append((ckpt.step, error))
+                print(f"step {ckpt.step} failed: {error}")
+        return failed
+
+    def _open_store_from(self, first: Checkpoint) -> None:
+        from .model_config import check_architecture, config_fingerprint
         from .probe import build_probe, probe_attrs
         from .statedict import ModelConfigNeeded, hf_config, needs_mapping, resolve_key_map
         from .store import SinkStore
@@ -199,6 +226,8 @@ class Run:
             model_config = hf_config(first)
         except ModelConfigNeeded as e:
             raise UsageError(str(e)) from None
+        check_architecture(first.model_config or first.path, model_config, self.settings.trust_remote_code)
+        key_map = resolve_key_map(first) if needs_mapping(first) else "none"
         try:
             self.probe = build_probe(self.cfg.probe, model_config)
         except ValueError as e:
@@ -210,7 +239,7 @@ class Run:
             "architecture": model_config.get("model_type", "unknown"),
             "config_fingerprint": self.fingerprint,
             "checkpoint_root": self.root,
-            "key_map": resolve_key_map(first) if needs_mapping(first) else "none",
+            "key_map": key_map,
             "config": OmegaConf.to_yaml(self.cfg, resolve=True),
             "sinktrace_version": __version__,
             "updated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

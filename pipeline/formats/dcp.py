@@ -15,13 +15,15 @@ error naming the class, before anything is built. The data files hold tensors, w
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import pathlib
 import pickle
 import warnings
 from typing import TYPE_CHECKING
 
-from ..errors import CheckpointError, some
+from ..errors import CheckpointError, describe, some
 
 if TYPE_CHECKING:
     import torch
@@ -148,29 +150,42 @@ def _model_entries(metadata) -> dict[str, tuple[str, tuple]]:
 def read_tensors(folder: str, names=None) -> dict[str, torch.Tensor]:
     """The model's tensors (all of them, or those in `names`), named as by `tensor_specs`, read on the CPU.
 
+    Before a byte of data is read, the metadata is checked against the folder: every data file it lists lies
+    inside the folder and exists, every model tensor's chunks cover each of its elements exactly once, and each
+    chunk's bytes lie within its file.
+
     Raises:
-        CheckpointError: the metadata is unreadable or refused, a data file is missing, or reading one fails.
+        CheckpointError: the metadata is unreadable, refused or inconsistent, a data file is missing, outside the
+            folder or cut short, or reading one fails; the message names the file.
     """
     import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
 
     metadata = read_metadata(folder)
     entries = _model_entries(metadata)
     wanted = entries if names is None else {n: entries[n] for n in names}
-    files = {info.relative_path for info in (metadata.storage_data or {}).values()}
-    missing = sorted(f for f in files if not os.path.isfile(os.path.join(folder, f)))
-    if missing:
-        raise CheckpointError(
-            os.path.join(folder, missing[0]),
-            f"{some(missing)} listed in {METADATA_NAME} {'is' if len(missing) == 1 else 'are'} missing",
-        )
+    files = _data_files(folder, metadata)
+    _check_chunks(folder, metadata, [entry for entry, _ in wanted.values()])
 
     class AllowListReader(FileSystemReader):
-        """torch's own file-system reader, given the metadata the allow-list unpickler read."""
+        """torch's own file-system reader, given the metadata the allow-list unpickler read, reading one data file
+        at a time so that a failure names its file."""
 
         def read_metadata(self, *args, **kwargs):
             return metadata
+
+        def read_data(self, plan, planner):
+            by_file: dict[str, list] = {}
+            for item in plan.items:
+                by_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+            for name, items in by_file.items():
+                try:
+                    super().read_data(dataclasses.replace(plan, items=items), planner).wait()
+                except Exception as e:
+                    raise CheckpointError(os.path.join(folder, name), f"{name} cannot be read: {describe(e)}") from None
+            return super().read_data(dataclasses.replace(plan, items=[]), planner)
 
     if files and all(_is_safetensors(os.path.join(folder, f)) for f in files):
         return _read_safetensors(folder, sorted(files), wanted)
@@ -179,9 +194,100 @@ def read_tensors(folder: str, names=None) -> dict[str, torch.Tensor]:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, storage_reader=AllowListReader(folder), no_dist=True)
+    except CheckpointError:
+        raise
     except Exception as e:
-        raise CheckpointError(folder, f"reading the DCP data files failed: {type(e).__name__}: {e}") from e
+        raise CheckpointError(folder, f"reading the DCP data files failed: {describe(e)}") from e
+    except CheckpointException as e:  # not an Exception: what the reader raised, wrapped with its traceback
+        raise _unwrapped(folder, e) from None
     return {n: state[entry] for n, (entry, _) in wanted.items()}
+
+
+def _unwrapped(folder: str, e: BaseException) -> BaseException:
+    """The error inside torch's CheckpointException: a CheckpointError as it is, an interrupt (Ctrl-C, SIGTERM)
+    as it is, anything else as a CheckpointError."""
+    inner = [exc for exc, _ in e.failures.values()]
+    for exc in inner:
+        if isinstance(exc, CheckpointError) or not isinstance(exc, Exception):
+            return exc
+    cause = describe(inner[0]) if inner else describe(e)
+    return CheckpointError(folder, f"reading the DCP data files failed: {cause}")
+
+
+def _data_files(folder: str, metadata) -> set[str]:
+    """The data files `.metadata` lists, each checked to lie inside the checkpoint's folder and to exist."""
+    files = {info.relative_path for info in (metadata.storage_data or {}).values()}
+    for name in sorted(files, key=str):
+        parts = pathlib.PurePath(name).parts if isinstance(name, str) and "\0" not in name else ()
+        if not parts or os.path.isabs(name) or ".." in parts:
+            raise CheckpointError(
+                os.path.join(folder, METADATA_NAME),
+                f"{METADATA_NAME} lists the data file {name!r}, which lies outside the checkpoint's folder: refused",
+            )
+    missing = sorted(f for f in files if not os.path.isfile(os.path.join(folder, f)))
+    if missing:
+        raise CheckpointError(
+            os.path.join(folder, missing[0]),
+            f"{some(missing)} listed in {METADATA_NAME} {'is' if len(missing) == 1 else 'are'} missing",
+        )
+    return files
+
+
+def _check_chunks(folder: str, metadata, entries: list[str]) -> None:
+    """Every element of each entry is in exactly one chunk (else the rest of the tensor would be whatever memory
+    torch.empty gave), and every chunk's bytes lie within its data file (else the file was cut short)."""
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    path = os.path.join(folder, METADATA_NAME)
+    sizes: dict[str, int] = {}
+    for entry in entries:
+        md = metadata.state_dict_metadata[entry]
+        shape, chunks = tuple(md.size), list(md.chunks)
+        total = math.prod(shape)
+        for c in chunks:
+            if (
+                len(c.offsets) != len(shape)
+                or len(c.sizes) != len(shape)
+                or any(o < 0 or n < 0 or o + n > dim for o, n, dim in zip(c.offsets, c.sizes, shape))
+            ):
+                raise CheckpointError(
+                    path,
+                    f"{entry}: a chunk at {list(c.offsets)} of size {list(c.sizes)} lies outside the tensor's "
+                    f"{list(shape)}",
+                )
+        covered = sum(math.prod(c.sizes) for c in chunks)
+        if covered != total or _overlap(chunks):
+            raise CheckpointError(
+                path,
+                f"{entry}: the chunks {METADATA_NAME} lists cover {covered} of its {total} elements"
+                f"{' (some twice)' if covered == total else ''}: the checkpoint does not hold the whole tensor",
+            )
+        for c in chunks:
+            info = (metadata.storage_data or {}).get(MetadataIndex(entry, c.offsets))
+            if info is None:
+                raise CheckpointError(path, f"{entry}: no data file holds its chunk at {list(c.offsets)}")
+            file = os.path.join(folder, info.relative_path)
+            if file not in sizes:
+                sizes[file] = os.path.getsize(file)
+            if info.offset < 0 or info.length < 0 or info.offset + info.length > sizes[file]:
+                raise CheckpointError(
+                    file,
+                    f"{info.relative_path} is truncated: {METADATA_NAME} puts {entry} at bytes {info.offset} to "
+                    f"{info.offset + info.length}, and the file has {sizes[file]}",
+                )
+
+
+def _overlap(chunks) -> bool:
+    """Whether two chunks share an element: swept along the first dimension, so that chunks sharded along it (the
+    usual layout) are compared with their neighbours only."""
+    boxes = sorted((tuple(c.offsets), tuple(c.sizes)) for c in chunks if math.prod(c.sizes))
+    for i, (off, size) in enumerate(boxes):
+        for other_off, other_size in boxes[i + 1 :]:
+            if off and other_off[0] >= off[0] + size[0]:
+                break
+            if all(a < b + m and b < a + n for a, n, b, m in zip(off, size, other_off, other_size)):
+                return True
+    return False
 
 
 def _is_safetensors(path: str) -> bool:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, describe
 
 STEP_FIELDS = ("iter_num", "step")  # nanoGPT and lit-gpt write iter_num; others a plain step
 
@@ -32,23 +33,38 @@ def load(path: str) -> dict:
     except FileNotFoundError:
         raise CheckpointError(path, f"{os.path.basename(path)} is missing") from None
     except pickle.UnpicklingError as e:
-        first = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if str(e) else ""
         raise CheckpointError(
             path,
-            f"{os.path.basename(path)} needs more than torch.load(weights_only=True) to be read ({first}); it is "
-            "refused, because full unpickling can run code: save the model's state_dict alone",
+            f"{os.path.basename(path)} needs more than torch.load(weights_only=True) to be read: {_refusal(e)}; it "
+            "is refused, because full unpickling can run code: save the model's state_dict alone",
         ) from None
     except Exception as e:  # truncated zip, bad magic number, ...
         raise CheckpointError(
-            path, f"{os.path.basename(path)} is not a readable torch.save file ({type(e).__name__}: {e})"
+            path, f"{os.path.basename(path)} is not a readable torch.save file ({describe(e)})"
         ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(path, f"{os.path.basename(path)} holds a {type(obj).__name__}, not a state dict")
     return obj
 
 
+def _refusal(e: pickle.UnpicklingError) -> str:
+    """What torch's restricted unpickler refused, without the advice around it (which suggests full unpickling)."""
+    text = str(e)
+    named = re.search(r"GLOBAL (\S+)", text)
+    if named:
+        return f"its pickle names the global {named.group(1)}"
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    said = [p for p in paragraphs if "weights_only" not in p and not p.startswith(("Weights only", "Check the"))]
+    return " ".join(said[0].split()) if said else "its pickle holds more than tensors and plain containers"
+
+
 def model_tensors(obj: dict, path: str) -> dict[str, torch.Tensor]:
-    """The model's state dict inside a loaded file: its `model` (or `state_dict`) entry, or the file itself."""
+    """The model's state dict inside a loaded file: its `model` (or `state_dict`) entry, or the file itself.
+
+    Raises:
+        CheckpointError: no tensors, or a tensor that declares more elements than its storage holds bytes for (a
+            zero stride spreads a few bytes over any shape, and materialising it would take that shape's memory).
+    """
     for key in ("model", "state_dict"):
         if isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -56,6 +72,15 @@ def model_tensors(obj: dict, path: str) -> dict[str, torch.Tensor]:
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(path, f"{os.path.basename(path)} holds no model tensors (no 'model' state dict)")
+    for name, t in tensors.items():
+        held = t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()
+        if t.numel() * t.element_size() > held:
+            raise CheckpointError(
+                path,
+                f"{os.path.basename(path)}: tensor {name} declares {t.numel()} elements of {t.dtype} (shape "
+                f"{list(t.shape)}, strides {list(t.stride())}) but its storage holds {held} bytes: not a tensor a "
+                "model was saved with",
+            )
     return tensors
 
 
