@@ -43,7 +43,10 @@ def run(cfg: DictConfig) -> int:
             check_store_path(str(cfg.store.path))
         if cfg.checkpoints.root:
             check_root(str(cfg.checkpoints.root))
-        root, quiet = checkpoint_root(cfg)
+        if "replay" in cfg.stages or not cfg.store.path:
+            root, quiet = checkpoint_root(cfg)
+        else:  # the report reads the store alone: no checkpoints to find, no demo to build
+            root, quiet = None, 0.0
         store = store_path(cfg, root)
         outcome = None
         if "replay" in cfg.stages:

@@ -363,7 +363,9 @@ def connect(cluster_cfg):
         try:
             import bokeh  # noqa: F401
         except ImportError:
-            raise UsageError("cluster.dashboard=true: Dask's dashboard needs bokeh (pip install bokeh)") from None
+            raise UsageError(
+                "cluster.dashboard=true: Dask's dashboard needs bokeh (pip install 'sinktrace[dashboard]')"
+            ) from None
 
     if "address" in options:
         security = instantiate(options["security"]) if options.get("security") else None

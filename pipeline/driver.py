@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .dispatch import Outcome, run_replays
 from .errors import UsageError
-from .locations import is_url, local_path
+from .locations import check_protocol, is_url, local_path
 from .records import Checkpoint
 
 
@@ -32,6 +32,7 @@ def select(checkpoints: list[Checkpoint], steps, *, strict: bool = True) -> tupl
 
 
 def check_root(root: str) -> None:
+    check_protocol(root, "checkpoints.root")
     if not is_url(root) and not os.path.isdir(local_path(root)):
         what = "is not a folder" if os.path.exists(local_path(root)) else "does not exist"
         raise UsageError(f"checkpoints.root={root}: {what}")
@@ -40,6 +41,7 @@ def check_root(root: str) -> None:
 def check_store_path(location: str) -> None:
     """A store path must be free, or hold a Zarr store (a sinktrace store's root is a Zarr group)."""
     if is_url(location):
+        check_protocol(location, "store.path")
         return
     path = local_path(location)
     if os.path.isfile(path):

@@ -243,7 +243,6 @@ class HubRun:
         return refs
 
     def _listed_refs(self) -> dict[str, str] | None:
-        import httpx
         from huggingface_hub import HfApi
         from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
@@ -256,7 +255,7 @@ class HubRun:
             ) from None
         except HfHubHTTPError as e:
             raise UsageError(f"checkpoints.root={self.root}: the Hub refused the listing: {describe(e)}") from None
-        except (httpx.TransportError, OSError) as e:  # no network: the cache, as the Hub's own client falls back to
+        except (*_transport_errors(), OSError) as e:  # no network: the cache, as the Hub's own client falls back to
             log.warning("%s: cannot reach the Hub (%s); replaying what the local cache holds", self.root, describe(e))
             return None
         return {r.name: r.target_commit for r in [*refs.branches, *refs.tags]}
@@ -745,6 +744,19 @@ def _inside(path: str, folder: str) -> bool:
     here = os.path.normpath(os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path)))
     folder = os.path.realpath(folder)
     return here != folder and os.path.commonpath([here, folder]) == folder
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """The connection errors (refused, timed out, dropped) of the HTTP library huggingface_hub talks through: httpx
+    in 1.x, httpx2 in 2.x. `HfApi` calls raise them as they are; found through the client's public session, so the
+    library is huggingface_hub's choice, not a dependency of ours."""
+    import sys
+
+    from huggingface_hub import get_session
+
+    library = sys.modules.get(type(get_session()).__module__.partition(".")[0])
+    error = getattr(library, "TransportError", None)
+    return (error,) if isinstance(error, type) and issubclass(error, Exception) else ()
 
 
 def _read_journal(path) -> set[str]:

@@ -11,12 +11,34 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import CheckpointError
+from .errors import CheckpointError, UsageError
+
+# the extra that installs a protocol's fsspec filesystem (fsspec names the package for the others)
+PROTOCOL_EXTRAS = {"s3": "s3", "s3a": "s3"}
 
 
 def is_url(path: str) -> bool:
     """True for a remote fsspec URL (s3://, gs://, memory://, ...); `file://` counts as a local path."""
     return "://" in str(path) and not str(path).startswith("file://")
+
+
+def check_protocol(location: str, key: str) -> None:
+    """UsageError, naming what to install, when the fsspec filesystem for a URL's protocol is not installed."""
+    protocol = str(location).split("://", 1)[0]
+    if not is_url(location) or protocol == "hf":  # hf:// revisions are listed by huggingface_hub, not fsspec
+        return
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as e:
+        extra = PROTOCOL_EXTRAS.get(protocol)
+        need = f"pip install 'sinktrace[{extra}]'" if extra else str(e)
+        raise UsageError(
+            f"{key}={location}: {protocol}:// URLs need a package that is not installed ({need})"
+        ) from None
+    except ValueError as e:  # a protocol fsspec does not know
+        raise UsageError(f"{key}={location}: {e}") from None
 
 
 def local_path(path: str | os.PathLike) -> str:

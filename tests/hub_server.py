@@ -1,7 +1,8 @@
 """A Hugging Face Hub on the loopback address, for the real `huggingface_hub` client in tests.
 
 The Hub's server is not a package one can install, so this serves the few endpoints the client calls for what
-sinktrace does, answering as the client expects (huggingface_hub 1.x, the version tested):
+sinktrace does, answering as the client expects (huggingface_hub 1.x in the test environment, and 2.x,
+which tests/test_package.py installs from the registry):
 
 - `GET /api/models/<repo>/refs`: `{"branches": [{"name", "ref", "targetCommit"}], "tags": [...], "converts": []}`,
   parsed by `HfApi.list_repo_refs` (hf_api.py);

@@ -222,13 +222,12 @@ def test_killed_run_resumes_to_the_same_store(run_copy, tmp_path):
     xr.testing.assert_equal(a.drop_attrs(), b.drop_attrs())
 
 
-def test_report_stage_alone_redraws_from_the_store(trained_run, tmp_path, capsys):
+def test_report_stage_alone_redraws_from_the_store(trained_run, tmp_path, capsys, sinktrace_home):
     store = tmp_path / "s.zarr"
     assert run(replay_cfg(trained_run, store)) == 0
     cfg = compose(
         [
-            f"checkpoints.root={trained_run}",
-            f"store.path={store}",
+            f"store.path={store}",  # no checkpoints.root: the store is all the report reads
             "stages=[report]",
             f"report.out_dir={tmp_path / 'report'}",
         ]
@@ -237,6 +236,7 @@ def test_report_stage_alone_redraws_from_the_store(trained_run, tmp_path, capsys
     out = capsys.readouterr().out
     assert "layer" in out and str(store) in out
     assert any(p.suffix == ".png" for p in (tmp_path / "report").iterdir())
+    assert not (sinktrace_home / "demo").exists()  # the demo run is neither built nor replayed
 
 
 HEAVY_IMPORTS = (
