@@ -175,6 +175,29 @@ def test_nanogpt_run(tmp_path, bias, compiled):
     assert_matches(c, model)
 
 
+def test_a_nanogpt_file_is_loaded_once_per_replay(tmp_path, monkeypatch):
+    """key_map=auto and the config from model_args: the map, the config and the tensors come from one torch.load."""
+    from pipeline.replay import replay
+    from pipeline.settings import ReplaySettings
+
+    model = tc.gpt2(seed=15)
+    path = tc.nanogpt_checkpoint(tmp_path / "out", model, 400)
+    [c] = one(tmp_path / "out")
+    probe = build_probe(compose(["probe.rows=3", "probe.seq_len=16"]).probe, hf_config(c))
+    loads = []
+    original = torch.load
+
+    def counting(f, *args, **kwargs):
+        loads.append(str(f))
+        return original(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting)
+    ds = replay(c, probe, ReplaySettings(device="cpu", dtype="float32", measure=[]))
+    assert loads == [str(path)]
+    want = reference_stats(model, probe.tokens)
+    np.testing.assert_allclose(ds["sink_mass"].values, want["sink_mass"], rtol=1e-5, atol=1e-5)
+
+
 def test_nanochat_run(tmp_path):
     a, b = tc.nanochat_model(seed=9), tc.nanochat_model(seed=10)
     tc.nanochat_checkpoint(tmp_path / "d2", 500, a)
