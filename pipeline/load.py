@@ -38,7 +38,7 @@ from .errors import CheckpointError, describe, some
 from .locations import is_url, local_folder
 from .model_config import check_architecture, config_fingerprint, read_config
 from .records import Checkpoint
-from .statedict import hf_config, needs_mapping, state_dict
+from .statedict import Saved, hf_config, needs_mapping, state_dict
 from .weightfiles import (
     CONFIG_NAME,
     check_written,
@@ -92,6 +92,7 @@ def load_model(
     trust_remote_code: bool = False,
     attn_implementation: str = "sinkstats",
     models: ModelCache | None = None,
+    saved: Saved | None = None,
 ):
     """Build the checkpoint's causal LM from its config.json and safetensors weights, in eval mode. Its
     `weights_digest` is the weights' digest being hashed in the background (pipeline/digest.PendingDigest).
@@ -110,6 +111,8 @@ def load_model(
         attn_implementation: the transformers attention function; "sinkstats" (pipeline/attention.py) measures
             the sink statistics, "eager" or "sdpa" are plain attention.
         models: where a model of the same architecture may be waiting; give the model back to it when done.
+        saved: the checkpoint's files as read so far (a statedict.Saved of `ckpt`), for checkpoints read through
+            pipeline/statedict.py: a torch.save file it has loaded is not loaded again.
 
     Raises:
         CheckpointError: the checkpoint cannot be loaded; the message names the file and the problem.
@@ -121,7 +124,7 @@ def load_model(
         from . import attention  # noqa: F401  (registers "sinkstats" with transformers on import)
 
     if needs_mapping(ckpt):
-        return _from_state_dict(ckpt, device, dtype, trust_remote_code, attn_implementation)
+        return _from_state_dict(ckpt, device, dtype, trust_remote_code, attn_implementation, saved)
     with local_folder(ckpt.path, weights=False) as folder:
         source = weights_source(ckpt.path, folder)
         config, weights, want = checked_folder(source, device, dtype, trust_remote_code)
@@ -252,19 +255,19 @@ def _shares_storage(params: dict, name: str, present) -> bool:
     return any(params[other].data_ptr() == ptr for other in present if other in params)
 
 
-def _from_state_dict(ckpt, device, dtype, trust_remote_code, attn_implementation):
+def _from_state_dict(ckpt, device, dtype, trust_remote_code, attn_implementation, saved):
     """Build the model from a config and "the state dict in transformers' names" (pipeline/statedict.py): the
     parameters start on the meta device (no random init, no memory) and take the checkpoint's tensors."""
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
-    config_dict = hf_config(ckpt)
+    config_dict = hf_config(ckpt, saved)
     where = os.path.expanduser(ckpt.model_config) if ckpt.model_config else ckpt.path
     check_architecture(where, config_dict, trust_remote_code)
     try:
         config = CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict)
     except Exception as e:
         raise CheckpointError(where, f"transformers rejects the model config: {describe(e)}") from e
-    tensors = state_dict(ckpt, config)
+    tensors = state_dict(ckpt, config, saved)
     digest = start_tensor_digest(tensors)
     want = load_dtype(dtype, device, main_dtype({k: _ST_NAMES.get(t.dtype, "") for k, t in tensors.items()}))
     try:

@@ -94,13 +94,14 @@ def replay(
     """
     from .load import weights_in_memory
     from .measure import attention_route
-    from .statedict import hf_config, needs_mapping
+    from .statedict import Saved, hf_config, needs_mapping
 
     device = resolve_device(settings.device)
     times = times if times is not None else PhaseTimes(device)
-    route = attention_route(hf_config(ckpt))
+    saved = Saved(ckpt)  # a torch.save file is loaded once, for the config and the tensors
+    route = attention_route(hf_config(ckpt, saved))
     if needs_mapping(ckpt):  # read whole: layer by layer streams from safetensors files only
-        return _replay_whole(ckpt, probe, settings, device, settings.dtype, route, read_next, models, times)
+        return _replay_whole(ckpt, probe, settings, device, settings.dtype, route, read_next, models, times, saved)
     budget = device_budget(settings.max_device_memory, device)
     dtype, nbytes = weights_in_memory(ckpt, device, settings.dtype) if budget is not None else (settings.dtype, 0)
     if budget is None or nbytes <= budget:
@@ -117,7 +118,7 @@ def replay(
     return _replay_layered(ckpt, probe, settings, device, dtype, route, read_next, times)
 
 
-def _replay_whole(ckpt, probe, settings, device, dtype, route, read_next, models, times):
+def _replay_whole(ckpt, probe, settings, device, dtype, route, read_next, models, times, saved=None):
     from .load import load_model, read_ahead
 
     with times.phase("load"):
@@ -128,6 +129,7 @@ def _replay_whole(ckpt, probe, settings, device, dtype, route, read_next, models
             trust_remote_code=settings.trust_remote_code,
             attn_implementation=route,
             models=models,
+            saved=saved,
         )
     if read_next is not None:
         read_ahead(read_next)

@@ -14,6 +14,8 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from . import keymaps  # the key-map registry (it loads no torch)
+
 
 @dataclass
 class CheckpointsSettings:
@@ -144,7 +146,7 @@ DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 FIRST_TOKENS = ("auto", "keep", "bos", "random")
 CHECKPOINT_FORMATS = ("auto", "hf", "dcp", "torch")  # pipeline/discover.py, pipeline/formats/
-KEY_MAPS = ("auto", "none", "torchtitan_llama", "olmo_core", "megatron_gpt", "nanogpt", "nanochat", "litgpt")
+KEY_MAPS = ("auto", *keymaps.NAMES)
 
 
 def check(cfg) -> None:

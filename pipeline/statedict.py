@@ -3,22 +3,22 @@
 Replay asks two things of a checkpoint that transformers cannot load by itself (a DCP folder, a `torch.save`
 file, or safetensors under a trainer's names): `hf_config` (the Hugging Face config describing its network) and
 `state_dict` (its tensors, renamed and reshaped for that network). The reading is the format modules' job
-(pipeline/formats/), the renaming the key maps' (pipeline/keymaps/).
+(pipeline/formats/), the renaming the key maps' (pipeline/keymaps/). A replay hands both the same `Saved`, so a
+torch.save file is loaded once for the key map, the config and the tensors.
 
 Where the config comes from, first that applies: `checkpoints.model_config` (a config.json, or a folder holding
 one); a Hugging Face config.json in the checkpoint's folder (the Trainer writes one beside its FSDP shards); the
-checkpoint's own description of its architecture (nanoGPT's `model_args`, nanochat's `meta_<step>.json`,
-litgpt's `model_config.yaml`, the `model` section of the config.json OLMo-core saves in each step folder), when
-it maps onto a transformers architecture unambiguously. Otherwise the checkpoint cannot be replayed and a
-ModelConfigNeeded error says which key to set. Both settings travel on the Checkpoint record (`model_config`,
-`key_map`), so the worker that loads a checkpoint knows how to read it.
+checkpoint's own description of its architecture, as its key map's `saved_config` hook reads it (nanoGPT's
+`model_args`, nanochat's `meta_<step>.json`, litgpt's `model_config.yaml`, the `model` section of the config.json
+OLMo-core saves in each step folder), when it maps onto a transformers architecture unambiguously. Otherwise the
+checkpoint cannot be replayed and a ModelConfigNeeded error says which key to set. Both settings travel on the
+Checkpoint record (`model_config`, `key_map`), so the worker that loads a checkpoint knows how to read it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 
 import torch
 
@@ -37,8 +37,83 @@ def needs_mapping(ckpt: Checkpoint) -> bool:
     return ckpt.format != "hf" or bool(ckpt.model_config) or ckpt.key_map not in ("auto", "none")
 
 
-def hf_config(ckpt: Checkpoint) -> dict:
-    """The Hugging Face config (as a dict with a model_type) of the checkpoint's network.
+class Saved:
+    """One checkpoint's files as its trainer saved them, each torch.save file loaded at most once while this object
+    lives. Key maps' `saved_config` hooks read what the trainer saved through it."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        self._loaded: dict | None = None
+
+    @property
+    def weight_file(self) -> str:
+        """The torch.save file, or the folder holding the DCP."""
+        return self.ckpt.weight_files[0]
+
+    def torch_file(self) -> dict:
+        """The torch.save file's top-level dict (tensors memory-mapped)."""
+        if self._loaded is None:
+            from .formats import torchfile
+
+            _local_only(self.ckpt)
+            self._loaded = torchfile.load(self.weight_file)
+        return self._loaded
+
+    def tensor_names(self) -> list[str]:
+        """The names of the model's tensors, without reading their data."""
+        ckpt = self.ckpt
+        _local_only(ckpt)
+        if ckpt.format == "dcp":
+            from .formats import dcp
+
+            return list(dcp.tensor_specs(self.weight_file))
+        if ckpt.format == "torch":
+            from .formats import torchfile
+
+            return list(torchfile.model_tensors(self.torch_file(), self.weight_file))
+        return list(validate_weights(ckpt.path))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The model's tensors under the names the checkpoint gives them. The last read of a replay: the rest of a
+        torch.save file (optimizer state, in memory where the file could not be memory-mapped) is let go."""
+        ckpt = self.ckpt
+        _local_only(ckpt)
+        if ckpt.format == "dcp":
+            from .formats import dcp
+
+            return dcp.read_tensors(self.weight_file)
+        if ckpt.format == "torch":
+            from .formats import torchfile
+
+            loaded, self._loaded = self.torch_file(), None
+            return torchfile.model_tensors(loaded, self.weight_file)
+        from safetensors.torch import load_file
+
+        validate_weights(ckpt.path)
+        out = {}
+        for path in weight_paths(ckpt.path):
+            out.update(load_file(path))
+        return out
+
+    def description(self, path: str) -> dict:
+        """A JSON or YAML file a trainer saved beside its weights, as a dict ({} when there is none)."""
+        import yaml
+
+        if not path or not os.path.isfile(path):
+            return {}
+        try:
+            with open(path, encoding="utf-8") as f:
+                described = yaml.safe_load(f)  # JSON is YAML
+        except (OSError, yaml.YAMLError) as e:
+            raise CheckpointError(path, f"{os.path.basename(path)} is not readable JSON or YAML ({e})") from None
+        if not isinstance(described, dict):
+            raise CheckpointError(path, f"{os.path.basename(path)} holds a {type(described).__name__}, not a mapping")
+        return described
+
+
+def hf_config(ckpt: Checkpoint, saved: Saved | None = None) -> dict:
+    """The Hugging Face config (as a dict with a model_type) of the checkpoint's network. `saved`: the checkpoint's
+    files as read so far (a Saved of `ckpt`), which the config may come from.
 
     Raises:
         ModelConfigNeeded: nothing describes the architecture unambiguously.
@@ -48,9 +123,13 @@ def hf_config(ckpt: Checkpoint) -> dict:
         return read_config(os.path.expanduser(ckpt.model_config))
     if ckpt.format == "hf" or _is_hf_config(ckpt.path):
         return read_config(ckpt.path)
-    name = resolve_key_map(ckpt)
+    from . import keymaps
+
+    saved = saved if saved is not None else Saved(ckpt)
+    name = resolve_key_map(ckpt, saved)
+    derive = getattr(keymaps.module(name), "saved_config", None)
     try:
-        derived = _derived_config(ckpt, name)
+        derived = derive(saved) if derive else None
     except (KeyError, TypeError, ValueError) as e:
         raise ModelConfigNeeded(
             ckpt.path,
@@ -67,64 +146,28 @@ def hf_config(ckpt: Checkpoint) -> dict:
     return derived
 
 
-def state_dict(ckpt: Checkpoint, config) -> dict[str, torch.Tensor]:
+def state_dict(ckpt: Checkpoint, config, saved: Saved | None = None) -> dict[str, torch.Tensor]:
     """The checkpoint's model tensors, in transformers' names and layouts for a model of `config` (a
-    PretrainedConfig), on the CPU. Optimizer state is never read.
+    PretrainedConfig), on the CPU. Optimizer state is never read. `saved`: as for `hf_config`.
 
     Raises:
         CheckpointError: a file is missing or damaged, or the key map leaves tensors unused.
     """
     from . import keymaps
 
-    tensors = read_tensors(ckpt)
+    tensors = (saved if saved is not None else Saved(ckpt)).tensors()
     name = keymaps.detect(tensors) if ckpt.key_map == "auto" else ckpt.key_map
     return keymaps.apply(name, tensors, config, ckpt.path)
 
 
-def resolve_key_map(ckpt: Checkpoint) -> str:
+def resolve_key_map(ckpt: Checkpoint, saved: Saved | None = None) -> str:
     """The checkpoint's key map; for `auto` the map its tensor names show (read from the metadata or headers)."""
     from . import keymaps
 
     if ckpt.key_map != "auto":
         keymaps.module(ckpt.key_map)  # a typo fails here, naming the choices
         return ckpt.key_map
-    return keymaps.detect(tensor_names(ckpt))
-
-
-def read_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
-    """The model's tensors under the names the checkpoint gives them."""
-    _local_only(ckpt)
-    if ckpt.format == "dcp":
-        from .formats import dcp
-
-        return dcp.read_tensors(ckpt.weight_files[0])
-    if ckpt.format == "torch":
-        from .formats import torchfile
-
-        path = ckpt.weight_files[0]
-        return torchfile.model_tensors(torchfile.load(path), path)
-    from safetensors.torch import load_file
-
-    validate_weights(ckpt.path)
-    out = {}
-    for path in weight_paths(ckpt.path):
-        out.update(load_file(path))
-    return out
-
-
-def tensor_names(ckpt: Checkpoint) -> list[str]:
-    """The names of the model's tensors, without reading their data."""
-    _local_only(ckpt)
-    if ckpt.format == "dcp":
-        from .formats import dcp
-
-        return list(dcp.tensor_specs(ckpt.weight_files[0]))
-    if ckpt.format == "torch":
-        from .formats import torchfile
-
-        path = ckpt.weight_files[0]
-        return list(torchfile.model_tensors(torchfile.load(path), path))
-    return list(validate_weights(ckpt.path))
+    return keymaps.detect((saved if saved is not None else Saved(ckpt)).tensor_names())
 
 
 def _local_only(ckpt: Checkpoint) -> None:
@@ -145,48 +188,3 @@ def _is_hf_config(folder: str) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and isinstance(config.get("model_type"), str)
-
-
-def _derived_config(ckpt: Checkpoint, name: str) -> dict | None:
-    """The HF config from the checkpoint's own description of its architecture, where its map knows how."""
-    if name == "nanogpt" and ckpt.format == "torch":
-        from .formats import torchfile
-        from .keymaps import nanogpt
-
-        args = torchfile.load(ckpt.weight_files[0]).get("model_args")
-        return nanogpt.hf_config(args) if isinstance(args, dict) else None
-    if name == "nanochat" and ckpt.format == "torch":
-        from .keymaps import nanochat
-
-        m = re.search(r"model_(\d+)\.pt$", ckpt.weight_files[0])
-        meta = os.path.join(os.path.dirname(ckpt.weight_files[0]), f"meta_{m.group(1)}.json") if m else ""
-        described = _description(meta).get("model_config")
-        return nanochat.hf_config(described) if isinstance(described, dict) else None
-    if name == "olmo_core" and ckpt.format == "dcp":
-        from .keymaps import olmo_core
-
-        # OLMo-core's ConfigSaverCallback writes the experiment's config.json into the step folder
-        described = _description(os.path.join(ckpt.path, "config.json")).get("model")
-        return olmo_core.hf_config(described) if isinstance(described, dict) else None
-    if name == "litgpt":
-        from .keymaps import litgpt
-
-        described = _description(os.path.join(os.path.dirname(ckpt.weight_files[0]), "model_config.yaml"))
-        return litgpt.hf_config(described) if described else None
-    return None
-
-
-def _description(path: str) -> dict:
-    """A JSON or YAML file a trainer saved beside its weights, as a dict ({} when there is none)."""
-    import yaml
-
-    if not path or not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            described = yaml.safe_load(f)  # JSON is YAML
-    except (OSError, yaml.YAMLError) as e:
-        raise CheckpointError(path, f"{os.path.basename(path)} is not readable JSON or YAML ({e})") from None
-    if not isinstance(described, dict):
-        raise CheckpointError(path, f"{os.path.basename(path)} holds a {type(described).__name__}, not a mapping")
-    return described

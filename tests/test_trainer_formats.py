@@ -7,6 +7,7 @@ import subprocess
 import sys
 import warnings
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,6 +176,29 @@ def test_nanogpt_run(tmp_path, bias, compiled):
     assert_matches(c, model)
 
 
+def test_a_nanogpt_file_is_loaded_once_per_replay(tmp_path, monkeypatch):
+    """key_map=auto and the config from model_args: the map, the config and the tensors come from one torch.load."""
+    from pipeline.replay import replay
+    from pipeline.settings import ReplaySettings
+
+    model = tc.gpt2(seed=15)
+    path = tc.nanogpt_checkpoint(tmp_path / "out", model, 400)
+    [c] = one(tmp_path / "out")
+    probe = build_probe(compose(["probe.rows=3", "probe.seq_len=16"]).probe, hf_config(c))
+    loads = []
+    original = torch.load
+
+    def counting(f, *args, **kwargs):
+        loads.append(str(f))
+        return original(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting)
+    ds = replay(c, probe, ReplaySettings(device="cpu", dtype="float32", measure=[]))
+    assert loads == [str(path)]
+    want = reference_stats(model, probe.tokens)
+    np.testing.assert_allclose(ds["sink_mass"].values, want["sink_mass"], rtol=1e-5, atol=1e-5)
+
+
 def test_nanochat_run(tmp_path):
     a, b = tc.nanochat_model(seed=9), tc.nanochat_model(seed=10)
     tc.nanochat_checkpoint(tmp_path / "d2", 500, a)
@@ -255,6 +279,40 @@ def test_a_run_that_does_not_describe_its_model_is_a_usage_error(tmp_path, capsy
     assert run(cfg) == 2
     assert "checkpoints.model_config" in capsys.readouterr().err
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_a_new_trainer_format_is_one_key_map_module_and_one_registry_line(tmp_path, monkeypatch):
+    """A map module named in the registry is all a new trainer needs: `auto` finds it, its `saved_config` hook gives
+    the model's config from what the trainer saved, its rules rename the tensors, and the settings list it."""
+    import types
+
+    from pipeline import keymaps, settings
+    from pipeline.keymaps import Rule
+    from pipeline.statedict import resolve_key_map
+
+    assert settings.KEY_MAPS == ("auto", *keymaps.NAMES)
+    shipped = {p.stem for p in Path(keymaps.__file__).parent.glob("*.py")} - {"__init__"}
+    assert shipped == set(keymaps.NAMES)
+
+    def saved_config(saved):  # this trainer keeps its transformers config in the file, as "hparams"
+        return saved.torch_file()["hparams"]
+
+    toy = types.ModuleType("pipeline.keymaps.toy")
+    toy.SIGNATURE = r"^toy\.layers\.\d+\."
+    toy.RULES = [Rule(r"toy\.(.+)", "model.{0}"), Rule(r"head\.weight", "lm_head.weight")]
+    toy.saved_config = saved_config
+    monkeypatch.setitem(sys.modules, toy.__name__, toy)  # the new module ...
+    monkeypatch.setattr(keymaps, "MAPS", ("toy", *keymaps.MAPS))  # ... and its registry line
+    monkeypatch.setattr(keymaps, "NAMES", ("none", *keymaps.MAPS))
+
+    model = tc.llama(seed=16)
+    names = {k.replace("model.", "toy.", 1).replace("lm_head.", "head.", 1): v for k, v in tc.hf_state(model).items()}
+    (tmp_path / "run").mkdir()
+    torch.save({"model": names, "hparams": model.config.to_dict()}, tmp_path / "run" / "toy_100.pt")
+    [c] = one(tmp_path / "run")
+    assert (c.step, c.format, c.key_map) == (100, "torch", "auto")
+    assert resolve_key_map(c) == "toy" and hf_config(c)["model_type"] == "llama"
+    assert_matches(c, model)
 
 
 # ------------------------------------------------------------------------------------------ series kept by hand

@@ -1,10 +1,14 @@
 """How a trainer's tensor names become a transformers model's: one table-like module per framework.
 
-Each map module holds `RULES`, a table of (source name pattern, target name(s), layout change), `SIGNATURE`, a
-pattern that only that framework's names match (for `checkpoints.key_map=auto`), and its docstring cites the
-conversion code it follows. `apply` runs a table over a checkpoint's tensors: every tensor must be claimed by a
-rule, and the result must fill every tensor of the model, or a CheckpointError lists the names: a model never
-runs with a weight left at its random initialisation.
+Each map module holds `RULES` (or `rules(config)`), a table of (source name pattern, target name(s), layout
+change), `SIGNATURE`, a pattern that only that framework's names match (for `checkpoints.key_map=auto`), and its
+docstring cites the conversion code it follows. It may also hold `complete(tensors, config)`, which adds what the
+trainer leaves out, and `saved_config(saved)`, which derives the Hugging Face config from what the trainer saved
+beside its weights (`saved` is a pipeline.statedict.Saved) or returns None. `apply` runs a table over a
+checkpoint's tensors: every tensor must be claimed by a rule, and the result must fill every tensor of the model,
+or a CheckpointError lists the names: a model never runs with a weight left at its random initialisation.
+
+This module loads no torch, so that the settings check can name the maps without it.
 """
 
 from __future__ import annotations
@@ -13,15 +17,17 @@ import importlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError, some
-from ..settings import KEY_MAPS
 
-NAMES = tuple(name for name in KEY_MAPS if name != "auto")
-# Tried in this order by `auto`: the first whose SIGNATURE some tensor name matches wins ("none" matches all).
-AUTO_ORDER = ("torchtitan_llama", "olmo_core", "megatron_gpt", "nanochat", "litgpt", "nanogpt", "none")
+if TYPE_CHECKING:
+    import torch
+
+# The registry: one module of this package per trainer, tried in this order by `auto` (the first whose SIGNATURE
+# some tensor name matches wins; "none", for names that are transformers' already, is the fallback).
+MAPS = ("torchtitan_llama", "olmo_core", "megatron_gpt", "nanochat", "litgpt", "nanogpt")
+NAMES = ("none", *MAPS)
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,7 @@ def module(name: str):
 def detect(names) -> str:
     """The map whose SIGNATURE the tensor names show."""
     names = list(names)
-    for candidate in AUTO_ORDER:
+    for candidate in MAPS:
         signature = re.compile(module(candidate).SIGNATURE)
         if any(signature.search(n) for n in names):
             return candidate
@@ -97,7 +103,7 @@ def split_rows(*parts: str):
         return [_product(config, p) for p in parts]
 
     def transform(tensor, config):
-        return tuple(t.contiguous() for t in torch.split(tensor, sizes(config), dim=0))
+        return tuple(t.contiguous() for t in tensor.split(sizes(config), dim=0))
 
     return transform
 
@@ -107,7 +113,7 @@ def split_grouped_qkv(w, config):
     head, then its value head (Megatron-Core's linear_qkv, lit-gpt's attn.attn), split into q, k and v rows."""
     d, nq, nkv = head_dim(config), config.num_attention_heads, config.num_key_value_heads
     per = nq // nkv
-    q, k, v = torch.split(w.reshape(nkv, (per + 2) * d, w.shape[-1]), [per * d, d, d], dim=1)
+    q, k, v = w.reshape(nkv, (per + 2) * d, w.shape[-1]).split([per * d, d, d], dim=1)
     return tuple(t.reshape(-1, w.shape[-1]).contiguous() for t in (q, k, v))
 
 

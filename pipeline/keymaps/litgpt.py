@@ -7,6 +7,8 @@ older `attn.attn` holds, per key/value group, that group's query heads, its key 
 Only Llama-style litgpt models (RMSNorm, LLaMAMLP, no bias, full rotary, sequential residual) are mapped.
 """
 
+import os
+
 from . import Rule, split_grouped_qkv, split_rows
 
 SIGNATURE = r"^(?:_orig_mod\.)?transformer\.h\.\d+\.attn\.(?:qkv|attn)\.weight$"
@@ -36,6 +38,12 @@ RULES = [
     Rule(H + r"mlp\.fc_2\.weight", "model.layers.{0}.mlp.up_proj.weight"),
     Rule(H + r"mlp\.proj\.weight", "model.layers.{0}.mlp.down_proj.weight"),
 ]
+
+
+def saved_config(saved) -> dict | None:
+    """From the model_config.yaml litgpt saves beside the weights."""
+    described = saved.description(os.path.join(os.path.dirname(saved.weight_file), "model_config.yaml"))
+    return hf_config(described) if described else None
 
 
 def hf_config(cfg: dict) -> dict | None:

@@ -5,6 +5,9 @@ and its rotary sign convention are built into transformers' NanoChat model). The
 `model_config` of nanochat's `meta_<step>.json` beside the weights.
 """
 
+import os
+import re
+
 from . import Rule
 
 SIGNATURE = r"^(?:_orig_mod\.)?transformer\.h\.\d+\.attn\.c_q\.weight$"
@@ -20,6 +23,16 @@ RULES = [
     Rule(H + r"mlp\.c_fc\.weight", "model.layers.{0}.mlp.fc1.weight"),
     Rule(H + r"mlp\.c_proj\.weight", "model.layers.{0}.mlp.fc2.weight"),
 ]
+
+
+def saved_config(saved) -> dict | None:
+    """From the `model_config` in the meta_<step>.json nanochat saves beside model_<step>.pt."""
+    if saved.ckpt.format != "torch":
+        return None
+    m = re.search(r"model_(\d+)\.pt$", saved.weight_file)
+    meta = os.path.join(os.path.dirname(saved.weight_file), f"meta_{m.group(1)}.json") if m else ""
+    described = saved.description(meta).get("model_config")
+    return hf_config(described) if isinstance(described, dict) else None
 
 
 def hf_config(model_config: dict) -> dict:

@@ -47,6 +47,14 @@ def complete(out: dict, config) -> None:
     out["transformer.ln_f.bias"] = torch.zeros(d, dtype=ref.dtype)
 
 
+def saved_config(saved) -> dict | None:
+    """From the `model_args` nanoGPT's train.py saves in ckpt.pt."""
+    if saved.ckpt.format != "torch":
+        return None
+    args = saved.torch_file().get("model_args")
+    return hf_config(args) if isinstance(args, dict) else None
+
+
 def hf_config(model_args: dict) -> dict:
     """GPT2Config from nanoGPT's `model_args` (n_layer, n_head, n_embd, block_size, bias, vocab_size, dropout).
     nanoGPT's MLP uses nn.GELU() (exact erf), hence activation_function="gelu"; its LayerNorm eps is 1e-5."""

@@ -7,6 +7,8 @@ after their sublayers (post_attention_layernorm, post_feedforward_layernorm); in
 come before (input_layernorm, post_attention_layernorm).
 """
 
+import os
+
 from . import Rule
 
 SIGNATURE = r"(?:^|\.)blocks\.\d+\.attention\.w_q\.weight$"
@@ -33,6 +35,14 @@ def rules(config):
         Rule(B + r"attention_norm\.weight", "model.layers.{0}." + attention_norm + ".weight"),
         Rule(B + r"feed_forward_norm\.weight", "model.layers.{0}." + feed_forward_norm + ".weight"),
     ]
+
+
+def saved_config(saved) -> dict | None:
+    """From the `model` section of the config.json OLMo-core's ConfigSaverCallback writes into the step folder."""
+    if saved.ckpt.format != "dcp":
+        return None
+    described = saved.description(os.path.join(saved.ckpt.path, "config.json")).get("model")
+    return hf_config(described) if isinstance(described, dict) else None
 
 
 def hf_config(model: dict) -> dict | None:
