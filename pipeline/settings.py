@@ -14,6 +14,8 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from .schema import MEASURE_GROUPS
+
 
 @dataclass
 class CheckpointsSettings:
@@ -48,10 +50,6 @@ class TokensProbeSettings:
     path: str = MISSING
     seed: int = 0
     first_token: str = "keep"
-
-
-# replay.measure groups: the three statistics groups measure() adds, and the training loss read by discovery
-MEASURE_GROUPS = ("outputs", "similarity", "mixing", "loss")
 
 
 @dataclass
