@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from .choices import CHECKPOINT_FORMATS, FIRST_TOKENS, KEY_MAPS, dtype_name
 from .schema import MEASURE_GROUPS
 
 
@@ -139,10 +140,6 @@ def register() -> None:
 
 STAGES = ("replay", "report")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
-DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
-FIRST_TOKENS = ("auto", "keep", "bos", "random")
-CHECKPOINT_FORMATS = ("auto", "hf", "dcp", "torch")  # pipeline/discover.py, pipeline/formats/
-KEY_MAPS = ("auto", "none", "torchtitan_llama", "olmo_core", "megatron_gpt", "nanogpt", "nanochat", "litgpt")
 
 
 def check(cfg) -> None:
@@ -168,8 +165,10 @@ def check(cfg) -> None:
     for key in ("batch_size", "key_positions"):
         if r[key] < 1:
             raise UsageError(f"replay.{key}={r[key]}: must be a whole number of at least 1")
-    if str(r.dtype).lower().removeprefix("torch.") not in (*DTYPES, "bf16", "fp16", "fp32", "half", "float"):
-        raise UsageError(f"replay.dtype={r.dtype}: choose from {', '.join(DTYPES)}")
+    try:
+        dtype_name(r.dtype)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     _check_device(str(r.device))
     _check_threads(r.threads)
     if r.steps is not None and not all(isinstance(s, int) and s >= 0 for s in r.steps):

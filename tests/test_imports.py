@@ -129,7 +129,7 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 
 def test_the_cube_schema_is_one_leaf_that_writers_and_readers_share_and_writers_never_reach_analysis():
     graph = import_graph()
-    assert graph["pipeline.schema"] == set()
+    assert graph["pipeline.schema"] == set() and graph["pipeline.choices"] == set()
     for module in ("pipeline.measure", "pipeline.replay", "pipeline.store", "pipeline.analysis", "pipeline.report"):
         assert "pipeline.schema" in graph[module], module
     for writer in ("pipeline.measure", "pipeline.replay", "pipeline.store", "pipeline.driver", "pipeline.dispatch"):
@@ -139,7 +139,7 @@ def test_the_cube_schema_is_one_leaf_that_writers_and_readers_share_and_writers_
 def test_reading_a_cube_and_checking_the_settings_load_no_torch():
     code = (
         "import sys\n"
-        "import pipeline.analysis, pipeline.report, pipeline.schema, pipeline.settings\n"
+        "import pipeline.analysis, pipeline.report, pipeline.schema, pipeline.choices, pipeline.settings\n"
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
