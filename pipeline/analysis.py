@@ -26,6 +26,8 @@ from typing import Literal
 import numpy as np
 import xarray as xr
 
+from .schema import DONE, MEASURED
+
 Convention = Literal["stored", "gu"]
 
 __all__ = [
@@ -89,7 +91,7 @@ def done(ds: xr.Dataset) -> xr.Dataset:
         return ds
     # Writers differ in string dtype (object, numpy StringDType, fixed-width bytes).
     status = [s.decode() if isinstance(s, bytes) else str(s) for s in ds["status"].values.tolist()]
-    keep = np.flatnonzero(np.array(status, dtype=object) == "done")
+    keep = np.flatnonzero(np.array(status, dtype=object) == DONE)
     return ds.isel(step=keep)
 
 
@@ -396,14 +398,6 @@ def massive_activation_ratio(ds: xr.Dataset, kind: Literal["norm", "max_median"]
 
 # ---------------------------------------------------------------------------
 # The P0 circuit and over-mixing
-
-
-# The statistics each group of replay.measure adds to a cube (docs/data.md).
-MEASURED = {
-    "outputs": ("attn_out_norm_p0", "attn_out_norm", "mlp_out_norm_p0", "mlp_out_norm"),
-    "similarity": ("p0_similarity", "rest_similarity"),
-    "mixing": ("collapse", "sensitivity"),
-}
 
 
 def _needs(ds: xr.Dataset, names, switch: str) -> None:

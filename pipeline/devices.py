@@ -6,19 +6,8 @@ import os
 
 import torch
 
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "float64": torch.float64,
-    "fp64": torch.float64,
-    "double": torch.float64,
-}
+from .choices import dtype_name
+
 # safetensors' dtype names -> torch, for the floating types a model's weights come in
 SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
@@ -39,17 +28,13 @@ def concrete_device(device) -> torch.device:
 
 
 def parse_dtype(dtype) -> torch.dtype | None:
-    """A dtype name ("bf16", "float32", "torch.float16") or torch dtype; None for "auto"."""
+    """A dtype name ("bf16", "float32", "torch.float16": `choices.dtype_name`) or torch dtype; None for "auto"."""
     if isinstance(dtype, torch.dtype):
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating type, got {dtype}")
         return dtype
-    name = str(dtype).lower().removeprefix("torch.")
-    if name == "auto":
-        return None
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be 'auto', float32, bfloat16, float16 or float64; got {dtype!r}")
-    return DTYPES[name]
+    name = dtype_name(dtype)
+    return None if name == "auto" else getattr(torch, name)
 
 
 def load_dtype(dtype, device, stored: torch.dtype) -> torch.dtype:

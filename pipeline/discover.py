@@ -46,7 +46,7 @@ from .errors import CheckpointError, some
 from .formats.dcp import METADATA_NAME
 from .locations import is_url, local_path
 from .records import Checkpoint
-from .settings import CHECKPOINT_FORMATS as FORMATS
+from .choices import CHECKPOINT_FORMATS as FORMATS
 from .weightfiles import (
     CONFIG_NAME,
     SAFE_INDEX_NAME,

@@ -15,20 +15,8 @@ import torch
 from torch import nn
 
 from pipeline import attention
-from pipeline.analysis import MEASURED
 from pipeline.attention import ATTENTION_NAME, LayerSums
-
-
-def qbin_edges(seq_len: int) -> np.ndarray:
-    """Query-bin edges over positions 1..T-1: [1, 2, 4, ..., T]; bin i holds queries [edges[i], edges[i+1])."""
-    if seq_len < 2:
-        raise ValueError(f"need at least 2 positions, got {seq_len}")
-    edges = [1]
-    while edges[-1] * 2 < seq_len:
-        edges.append(edges[-1] * 2)
-    edges.append(seq_len)
-    return np.asarray(edges, dtype=np.int64)
-
+from pipeline.schema import MEASURED, qbin_edges
 
 EAGER = "eager"
 
@@ -97,9 +85,6 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
         return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
     raise ValueError(f"model_type={model.config.model_type!r}: found no ModuleList of {n} decoder blocks")
 
-
-# Groups of statistics `measure` can add to the attention and residual statistics (replay.measure switches them).
-MEASURES = ("outputs", "similarity", "mixing")
 
 # Where blocks keep their attention and MLP sublayers, by the names the families in transformers use.
 _ATTENTION_NAMES = ("self_attn", "attn", "attention")
@@ -295,7 +280,7 @@ def measure(
     Returns float64 arrays: sink_mass, entropy (layer, head); sink_mass_by_q (layer, head, qbin) over the bins of
     `qbin_edges(T)`; key_mass (layer, head, key_positions); key_norm_p0, value_norm_p0, key_norm, value_norm
     (layer, kv_head); resid_norm_p0, resid_norm, resid_max_p0, resid_median (layer,); and learned_sink_mass
-    (layer, head) only for models with learned sink logits. `measures` (see MEASURES) adds:
+    (layer, head) only for models with learned sink logits. `measures` (groups of `schema.MEASURED`) adds:
     "outputs": attn_out_norm_p0, attn_out_norm, mlp_out_norm_p0, mlp_out_norm (layer,); "similarity":
     p0_similarity, rest_similarity (layer,); "mixing": collapse, sensitivity (layer, sink) with sink = kept, removed,
     from three more passes (the probe with its middle token replaced, see `perturbed`; then both with the sink
@@ -314,9 +299,9 @@ def measure(
             f"model_type={arch!r} was loaded with attn_implementation={model.config._attn_implementation!r}; "
             f"measure needs attn_implementation={route!r}"
         )
-    unknown = sorted(set(measures) - set(MEASURES))
+    unknown = sorted(set(measures) - set(MEASURED))
     if unknown:
-        raise ValueError(f"unknown measures {unknown}: choose from {list(MEASURES)}")
+        raise ValueError(f"unknown measures {unknown}: choose from {list(MEASURED)}")
     problem = support_problem(model)
     if problem:
         raise attention.UnsupportedAttention(problem)

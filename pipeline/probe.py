@@ -7,9 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .choices import FIRST_TOKENS
 from .records import Probe
-
-FIRST_TOKEN_POLICIES = ("keep", "bos", "random")
 
 
 def special_token_ids(model_config: dict) -> set[int]:
@@ -34,8 +33,8 @@ def vocab_size(model_config: dict) -> int:
 def resolve_first_token(policy: str, model_config: dict) -> str:
     if policy == "auto":
         return "bos" if isinstance(model_config.get("bos_token_id"), int) else "keep"
-    if policy not in FIRST_TOKEN_POLICIES:
-        raise ValueError(f"probe.first_token={policy!r}: expected one of auto, {', '.join(FIRST_TOKEN_POLICIES)}")
+    if policy not in FIRST_TOKENS:
+        raise ValueError(f"probe.first_token={policy!r}: expected one of {', '.join(FIRST_TOKENS)}")
     if policy == "bos" and not isinstance(model_config.get("bos_token_id"), int):
         raise ValueError("probe.first_token=bos, but the model's config.json names no bos_token_id")
     return policy

@@ -11,45 +11,14 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .analysis import MEASURED
 from .devices import device_budget, resolve_device
 from .errors import CheckpointError
 from .load import ModelCache
 from .records import Checkpoint, Probe
+from .schema import DIMS, OPTIONAL, SINK_LABELS, STRING, qbin_edges
 from .settings import ReplaySettings
 
 log = logging.getLogger("sinktrace")
-
-# dims of each statistic, after the leading `layer`
-DIMS = {
-    "sink_mass": ("layer", "head"),
-    "entropy": ("layer", "head"),
-    "learned_sink_mass": ("layer", "head"),
-    "sink_mass_by_q": ("layer", "head", "qbin"),
-    "key_mass": ("layer", "head", "key"),
-    "key_norm_p0": ("layer", "kv_head"),
-    "value_norm_p0": ("layer", "kv_head"),
-    "key_norm": ("layer", "kv_head"),
-    "value_norm": ("layer", "kv_head"),
-    "resid_norm_p0": ("layer",),
-    "resid_norm": ("layer",),
-    "resid_max_p0": ("layer",),
-    "resid_median": ("layer",),
-    # replay.measure: outputs
-    "attn_out_norm_p0": ("layer",),
-    "attn_out_norm": ("layer",),
-    "mlp_out_norm_p0": ("layer",),
-    "mlp_out_norm": ("layer",),
-    # replay.measure: similarity
-    "p0_similarity": ("layer",),
-    "rest_similarity": ("layer",),
-    # replay.measure: mixing
-    "collapse": ("layer", "sink"),
-    "sensitivity": ("layer", "sink"),
-}
-# statistics stored only where the model has them or replay.measure asks for them
-OPTIONAL = frozenset({"learned_sink_mass", *(name for names in MEASURED.values() for name in names)})
-SINK_LABELS = ("kept", "removed")  # the `sink` coordinate of collapse and sensitivity
 
 
 @dataclass
@@ -186,7 +155,7 @@ def _measure(ckpt, model, probe, settings, run_rows=None):
 
 def to_dataset(stats: dict[str, np.ndarray], config, seq_len: int, weights_digest: str | None = None) -> xr.Dataset:
     """One step's statistics as a Dataset; `weights_digest` (pipeline/digest.py) becomes a scalar coordinate."""
-    from .measure import attention_route, qbin_edges
+    from .measure import attention_route
     from .model_config import config_fingerprint
 
     missing = [name for name in DIMS if name not in stats and name not in OPTIONAL]
@@ -210,7 +179,7 @@ def to_dataset(stats: dict[str, np.ndarray], config, seq_len: int, weights_diges
         "qbin_stop": ("qbin", edges[1:].astype(np.int64)),
     }
     if any("sink" in dims for dims, _ in data_vars.values()):
-        coords["sink"] = np.array(SINK_LABELS, dtype=np.dtypes.StringDType())
+        coords["sink"] = np.array(SINK_LABELS, dtype=STRING)
     if weights_digest is not None:
         coords["weights_digest"] = weights_digest
     config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)

@@ -19,6 +19,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from . import analysis as an
 from .locations import is_url
+from .schema import DONE, FAILED, MEASURED, PENDING
 from .store import open_sinks
 
 SINK_LABEL = "sink mass (attention on token 0)"
@@ -35,7 +36,7 @@ _NEEDED = (
     "resid_norm",
     "resid_max_p0",
     "resid_median",
-    *(name for names in an.MEASURED.values() for name in names),
+    *(name for names in MEASURED.values() for name in names),
 )
 
 
@@ -65,9 +66,9 @@ def _fmt_share(value) -> str:
 
 def _status_counts(ds: xr.Dataset) -> dict[str, int]:
     if "status" not in ds.variables:
-        return {"done": int(ds.sizes["step"])}
+        return {DONE: int(ds.sizes["step"])}
     values = [s.decode() if isinstance(s, bytes) else str(s) for s in ds["status"].values.tolist()]
-    return {s: values.count(s) for s in ("done", "failed", "pending") if values.count(s)}
+    return {s: values.count(s) for s in (DONE, FAILED, PENDING) if values.count(s)}
 
 
 @dataclass
@@ -565,7 +566,7 @@ def fig_mixing(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Path:
     colors, cmap, norm = _layer_colors(n_layers)
     effect = an.mixing_effect(ds)
     fig, axes = _new_figure(1, 2, figsize=(11, 4.2), sharex=True)
-    for ax, name in zip(axes, an.MEASURED["mixing"]):
+    for ax, name in zip(axes, MEASURED["mixing"]):
         for i, layer in enumerate(ds["layer"].values):
             ax.plot(
                 effect.step,
@@ -684,12 +685,10 @@ def _group_section(name: str, ds: xr.Dataset, out: Path, eps: float, tol: float,
         + html.escape(", ".join(f"{v} {k}" for k, v in n.counts.items()))
         + ". Only done steps enter the numbers and curves.</p>",
     ]
-    if "error" in ds.variables and n.counts.get("failed"):
+    if "error" in ds.variables and n.counts.get(FAILED):
         status = [str(s) for s in ds["status"].values.tolist()]
         errors = [
-            [int(s), str(e)]
-            for s, st, e in zip(ds["step"].values, status, ds["error"].values.tolist())
-            if st == "failed"
+            [int(s), str(e)] for s, st, e in zip(ds["step"].values, status, ds["error"].values.tolist()) if st == FAILED
         ]
         parts.append("<details><summary>failed steps</summary>" + _table(["step", "error"], errors) + "</details>")
     parts.extend(f"<p class=warn>Warning: {html.escape(line)}.</p>" for line in an.same_weights_lines(ds))
@@ -770,20 +769,20 @@ def _group_section(name: str, ds: xr.Dataset, out: Path, eps: float, tol: float,
             "p0_circuit.png",
             "The P0 circuit: the first sublayer whose output at position 0 is more than 3x its mean elsewhere, and "
             "the share of that excess writing done in layers 0-1, beside the training loss.",
-            an.MEASURED["outputs"],
+            MEASURED["outputs"],
         ),
         (
             fig_recognition,
             "p0_recognition.png",
             "Cosine similarity of the residual stream across probe rows at position 0 and at later positions; "
             "with a random first token, 1 at position 0 means it is recognised without its content.",
-            an.MEASURED["similarity"],
+            MEASURED["similarity"],
         ),
         (
             fig_mixing,
             "mixing.png",
             "Collapse and sensitivity with the sink removed, over the model as it is.",
-            an.MEASURED["mixing"],
+            MEASURED["mixing"],
         ),
     ]
     for fn, file, caption, needs in figures:

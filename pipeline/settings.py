@@ -15,6 +15,8 @@ from typing import Any
 from omegaconf import MISSING
 
 from . import keymaps  # the key-map registry (it loads no torch)
+from .choices import CHECKPOINT_FORMATS, FIRST_TOKENS, dtype_name
+from .schema import MEASURE_GROUPS
 
 
 @dataclass
@@ -50,10 +52,6 @@ class TokensProbeSettings:
     path: str = MISSING
     seed: int = 0
     first_token: str = "keep"
-
-
-# replay.measure groups: the three statistics groups measure() adds, and the training loss read by discovery
-MEASURE_GROUPS = ("outputs", "similarity", "mixing", "loss")
 
 
 @dataclass
@@ -143,10 +141,7 @@ def register() -> None:
 
 STAGES = ("replay", "report")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
-DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
-FIRST_TOKENS = ("auto", "keep", "bos", "random")
-CHECKPOINT_FORMATS = ("auto", "hf", "dcp", "torch")  # pipeline/discover.py, pipeline/formats/
-KEY_MAPS = ("auto", *keymaps.NAMES)
+KEY_MAPS = ("auto", *keymaps.NAMES)  # the registry in pipeline/keymaps/ is the one list
 
 
 def check(cfg) -> None:
@@ -172,8 +167,10 @@ def check(cfg) -> None:
     for key in ("batch_size", "key_positions"):
         if r[key] < 1:
             raise UsageError(f"replay.{key}={r[key]}: must be a whole number of at least 1")
-    if str(r.dtype).lower().removeprefix("torch.") not in (*DTYPES, "bf16", "fp16", "fp32", "half", "float"):
-        raise UsageError(f"replay.dtype={r.dtype}: choose from {', '.join(DTYPES)}")
+    try:
+        dtype_name(r.dtype)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     _check_device(str(r.device))
     _check_threads(r.threads)
     if r.steps is not None and not all(isinstance(s, int) and s >= 0 for s in r.steps):

@@ -1,6 +1,6 @@
 """The Zarr store of the sink cube: one writer (the driver), one group per probe, 1 step per chunk.
 
-One group opens as an ``xarray.Dataset``:
+One group opens as an ``xarray.Dataset`` (the names, dtypes and fill values are spelled in pipeline/schema.py):
 
 * data variables ``(step, ...)``: NaN until the step is written;
 * ``step``: index coordinate, sorted;
@@ -47,16 +47,8 @@ import xarray as xr
 import zarr
 from zarr.errors import ZarrUserWarning
 
-PENDING, DONE, FAILED = "pending", "done", "failed"
-STEP_COORDS = ("tokens_seen", "loss", "status", "error", "weights_digest")
-NUMERIC_STEP_COORDS = ("tokens_seen", "loss")  # what the checkpoints say about their step; NaN where they do not
-# attributes every step's Dataset must share with the group: one cube, one model
-STEP_ATTRS = ("architecture", "config_fingerprint", "attention_route")
+from .schema import DONE, FAILED, NUMERIC_STEP_COORDS, PENDING, STEP_ATTRS, STEP_COORDS, STRING
 
-# Variable-length UTF-8 strings (zarr v3 "string"): no fixed width to outgrow, no warning on write
-# or read, unlike numpy "U" arrays, which zarr 3.1 stores as an unspecified fixed-width type, with
-# an UnstableSpecificationWarning.
-_STR = np.dtypes.StringDType()
 _STAGING_SUFFIX = ".staging"
 _COMPLETE = "sinktrace_staging_complete"
 _RESIZE_FROM = "sinktrace_resize_from"
@@ -248,23 +240,12 @@ class SinkStore:
             ds = xr.Dataset(
                 coords={
                     "step": ("step", np.asarray(new, dtype=np.int64)),
-                    **{name: ("step", np.full(n, np.nan)) for name in NUMERIC_STEP_COORDS},
-                    "status": ("step", np.full(n, PENDING, dtype=_STR)),
-                    "error": ("step", np.full(n, "", dtype=_STR)),
-                    "weights_digest": ("step", np.full(n, "", dtype=_STR)),
+                    **{name: ("step", np.full(n, fill, dtype=dtype)) for name, (dtype, fill) in STEP_COORDS.items()},
                 }
             )
         else:
-            fill = (
-                {k: np.nan for k in cur.data_vars}
-                | {k: np.nan for k in NUMERIC_STEP_COORDS}
-                | {
-                    "status": PENDING,
-                    "error": "",
-                    "weights_digest": "",
-                }
-            )
-            ds = cur.reindex(step=np.union1d(cur["step"].values, new), fill_value=fill)
+            fills = {k: np.nan for k in cur.data_vars} | {name: fill for name, (_, fill) in STEP_COORDS.items()}
+            ds = cur.reindex(step=np.union1d(cur["step"].values, new), fill_value=fills)
         fresh = set(new)
         for name in NUMERIC_STEP_COORDS:
             values = ds[name].values.copy() if name in ds.variables else np.full(ds.sizes["step"], np.nan)
@@ -344,9 +325,9 @@ class SinkStore:
         # silently (xarray #8371, zarr-python #3682)
         encoding = {k: {"chunks": (1, *v.shape[1:])} for k, v in ds.variables.items() if "step" in v.dims}
         # unwritten chunks read as these, so pending steps and empty errors cost no files
-        encoding["status"]["fill_value"] = PENDING
-        encoding["error"]["fill_value"] = ""
-        encoding["weights_digest"]["fill_value"] = ""
+        for coord, (dtype, fill) in STEP_COORDS.items():
+            if dtype == STRING:
+                encoding[coord]["fill_value"] = fill
         ds.transpose("step", ...).to_zarr(
             self.path, group=name, mode="w", consolidated=False, zarr_format=3, encoding=encoding
         )
@@ -375,9 +356,11 @@ class SinkStore:
         xr.Dataset(
             {
                 **{name: ("step", np.array([known[name].get(s, np.nan) for s in new])) for name in NUMERIC_STEP_COORDS},
-                "status": ("step", np.full(k, PENDING, dtype=_STR)),
-                "error": ("step", np.full(k, "", dtype=_STR)),
-                "weights_digest": ("step", np.full(k, "", dtype=_STR)),
+                **{
+                    name: ("step", np.full(k, fill, dtype=dtype))
+                    for name, (dtype, fill) in STEP_COORDS.items()
+                    if dtype == STRING
+                },
             }
         ).to_zarr(
             self.path,
@@ -415,9 +398,8 @@ class SinkStore:
         self._drop_consolidated()
         n = group["step"].shape[0]
         for name in missing:
-            group.create_array(
-                name, shape=(n,), chunks=(1,), dtype="float64", fill_value=np.nan, dimension_names=["step"]
-            )
+            dtype, fill = STEP_COORDS[name]
+            group.create_array(name, shape=(n,), chunks=(1,), dtype=dtype, fill_value=fill, dimension_names=["step"])
         _name_coordinates(group, missing)
 
     def _repair(self) -> None:
@@ -455,12 +437,13 @@ class SinkStore:
         """A store written before steps carried a weights digest gets the (empty) coordinate."""
         self._drop_consolidated()
         n = group["step"].shape[0]
-        xr.Dataset({"weights_digest": ("step", np.full(n, "", dtype=_STR))}).to_zarr(
+        dtype, fill = STEP_COORDS["weights_digest"]
+        xr.Dataset({"weights_digest": ("step", np.full(n, fill, dtype=dtype))}).to_zarr(
             self.path,
             group=self.group,
             mode="a",
             consolidated=False,
-            encoding={"weights_digest": {"chunks": (1,), "fill_value": ""}},
+            encoding={"weights_digest": {"chunks": (1,), "fill_value": fill}},
         )
         _name_coordinates(group, ["weights_digest"])
 
@@ -516,7 +499,7 @@ class SinkStore:
         return ds
 
     def _write_strings(self, i: int, **values: str) -> None:
-        xr.Dataset({k: ("step", np.array([v], dtype=_STR)) for k, v in values.items()}).to_zarr(
+        xr.Dataset({k: ("step", np.array([v], dtype=STRING)) for k, v in values.items()}).to_zarr(
             self.path,
             group=self.group,
             mode="r+",
@@ -595,7 +578,7 @@ def _open_node(path: str, node: str, consolidated: bool) -> xr.Dataset:
         status, error = ds["status"].values.astype(object), ds["error"].values.astype(object)
         status[lost] = PENDING
         error[lost] = "marked done, but its data is missing: the next run replays it"
-        ds = ds.assign_coords(status=("step", status.astype(_STR)), error=("step", error.astype(_STR)))
+        ds = ds.assign_coords(status=("step", status.astype(STRING)), error=("step", error.astype(STRING)))
     if not ds.indexes["step"].is_monotonic_increasing:
         ds = ds.sortby("step")
     return ds

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from pipeline.schema import qbin_edges
+
 # 20 checkpoints from 0 to 10000, denser early on, as real runs often save them.
 REALISTIC_STEPS = (
     0,
@@ -36,14 +38,6 @@ REALISTIC_STEPS = (
     9500,
     10000,
 )
-
-
-def qbin_edges(seq_len: int) -> list[int]:
-    """Query-position bin edges [1, 2, 4, ..., T], as pipeline.measure uses."""
-    edges = [1]
-    while edges[-1] * 2 < seq_len:
-        edges.append(edges[-1] * 2)
-    return edges + [seq_len]
 
 
 def make_cube(

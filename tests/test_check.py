@@ -109,7 +109,7 @@ def test_sinktrace_check_without_cuda_is_a_usage_error():
 
 
 def test_tolerances_cover_every_dtype_setting():
-    from pipeline.settings import DTYPES
+    from pipeline.choices import DTYPES
 
     assert set(DTYPES) - {"auto"} == set(check.TOLERANCES)
     assert check.tolerance_for(torch.float32) == 1e-5 and check.tolerance_for(torch.bfloat16) > 1e-5

@@ -7,7 +7,8 @@ import transformers as tf
 
 from pipeline import attention
 from pipeline import measure as measure_module
-from pipeline.measure import MEASURES, find_blocks, is_supported, measure, qbin_edges, support_problem
+from pipeline.measure import find_blocks, is_supported, measure, support_problem
+from pipeline.schema import MEASURED, qbin_edges
 from tests.reference import STATS, eager_blocks, reference_extra, reference_stats
 
 SEQ_LEN, ROWS, VOCAB = 32, 3, 96
@@ -171,7 +172,7 @@ def test_family_writers_similarity_and_mixing_match_reference(family):
     and removed (eager attention with its matrix edited) against the eager reference, every family."""
     model = build(family)
     ids = probe()
-    got = measure(model, ids, batch_size=2, measures=MEASURES)
+    got = measure(model, ids, batch_size=2, measures=tuple(MEASURED))
     want = reference_extra(model, ids)
     n_layers = model.config.num_hidden_layers
     for name, value in want.items():

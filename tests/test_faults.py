@@ -92,6 +92,67 @@ def test_the_old_spelling_of_device_and_dtype_still_works():
     assert (cfg.replay.device, cfg.replay.dtype) == ("cpu", "bfloat16")
 
 
+DTYPE_SPELLINGS = {
+    "auto": None,
+    "float64": "float64",
+    "fp64": "float64",
+    "double": "float64",
+    "FP32": "float32",
+    "float": "float32",
+    "torch.bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "half": "float16",
+}
+
+
+@pytest.mark.parametrize("spelling,torch_name", DTYPE_SPELLINGS.items())
+def test_a_dtype_setting_the_replay_takes_passes_the_check(spelling, torch_name):
+    import torch
+
+    from pipeline.devices import parse_dtype
+    from pipeline.settings import check
+
+    check(compose([f"replay.dtype={spelling}", "stages=[report]"]))
+    assert parse_dtype(spelling) == (None if torch_name is None else getattr(torch, torch_name))
+
+
+@pytest.mark.parametrize("spelling", ["int8", "float8", "fp8", "complex64"])
+def test_a_dtype_setting_the_check_refuses_the_replay_refuses_alike(spelling):
+    from pipeline.devices import parse_dtype
+    from pipeline.errors import UsageError
+    from pipeline.settings import check
+
+    message = f"replay.dtype={spelling}: choose from auto, float32, bfloat16, float16, float64"
+    with pytest.raises(UsageError) as refused:
+        check(compose([f"replay.dtype={spelling}", "stages=[report]"]))
+    assert str(refused.value) == message
+    with pytest.raises(ValueError) as refused:
+        parse_dtype(spelling)
+    assert str(refused.value) == message
+
+
+def test_every_key_map_setting_the_check_takes_is_a_key_map_module():
+    from pipeline import keymaps
+    from pipeline.settings import KEY_MAPS, check
+
+    for name in KEY_MAPS:
+        check(compose([f"checkpoints.key_map={name}", "stages=[report]"]))
+        if name != "auto":
+            assert isinstance(keymaps.module(name).SIGNATURE, str), name
+
+
+@pytest.mark.parametrize("policy", ["auto", "keep", "bos", "random"])
+def test_every_first_token_setting_the_check_takes_builds_a_probe(policy):
+    from pipeline.probe import build_probe
+    from pipeline.settings import check
+
+    cfg = compose([f"probe.first_token={policy}", "probe.rows=2", "probe.seq_len=4", "stages=[report]"])
+    check(cfg)
+    probe = build_probe(cfg.probe, {"vocab_size": 50, "bos_token_id": 1})
+    assert probe.first_token == ("bos" if policy == "auto" else policy)
+    assert probe.tokens.shape == (2, 4)
+
+
 @pytest.mark.parametrize(
     "override,message",
     [

@@ -116,3 +116,31 @@ def test_the_public_api_resolves_without_loading_torch():
     assert set(analysis.__all__) <= set(pipeline.__all__)
     ds = xr.Dataset({"sink_mass": ("step", [0.1])})
     assert isinstance(ds.sinks, pipeline.SinkAccessor)  # the accessor is registered by importing the package
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+def test_the_cube_schema_is_one_leaf_that_writers_and_readers_share_and_writers_never_reach_analysis():
+    graph = import_graph()
+    assert graph["pipeline.schema"] == set() and graph["pipeline.choices"] == set()
+    for module in ("pipeline.measure", "pipeline.replay", "pipeline.store", "pipeline.analysis", "pipeline.report"):
+        assert "pipeline.schema" in graph[module], module
+    for writer in ("pipeline.measure", "pipeline.replay", "pipeline.store", "pipeline.driver", "pipeline.dispatch"):
+        assert "pipeline.analysis" not in reachable(graph, writer), writer
+
+
+def test_reading_a_cube_and_checking_the_settings_load_no_torch():
+    code = (
+        "import sys\n"
+        "import pipeline.analysis, pipeline.report, pipeline.schema, pipeline.choices, pipeline.settings\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

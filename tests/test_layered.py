@@ -13,9 +13,10 @@ from pipeline.devices import device_budget
 from pipeline.errors import CheckpointError
 from pipeline.layered import open_layered
 from pipeline.load import parameters_on_meta
-from pipeline.measure import MEASURES, measure
+from pipeline.measure import measure
 from pipeline.records import Checkpoint
 from pipeline.replay import ReplaySettings, replay
+from pipeline.schema import MEASURED
 from tests.ckpt_factory import save_checkpoint, shards
 from tests.reference import reference_extra, reference_stats
 from tests.test_families import FAMILIES, assert_stats_close, build, probe
@@ -37,8 +38,10 @@ def test_family_matches_whole_model_and_reference(family, tmp_path):
     model = build(family)
     model.save_pretrained(tmp_path)
     ids = probe()
-    got = measure_layered(tmp_path, ids, measures=MEASURES)
-    assert_stats_close(got, measure(model, ids, batch_size=2, key_positions=4, measures=MEASURES), rtol=1e-6, atol=1e-6)
+    got = measure_layered(tmp_path, ids, measures=tuple(MEASURED))
+    assert_stats_close(
+        got, measure(model, ids, batch_size=2, key_positions=4, measures=tuple(MEASURED)), rtol=1e-6, atol=1e-6
+    )
     assert_stats_close(got, reference_stats(model, ids, key_positions=4) | reference_extra(model, ids))
 
 
