@@ -42,11 +42,11 @@ import posixpath
 import re
 import time
 
+from .choices import CHECKPOINT_FORMATS as FORMATS
 from .errors import CheckpointError, some
 from .formats.dcp import METADATA_NAME
 from .locations import is_url, local_path
 from .records import Checkpoint
-from .choices import CHECKPOINT_FORMATS as FORMATS
 from .weightfiles import (
     CONFIG_NAME,
     SAFE_INDEX_NAME,
