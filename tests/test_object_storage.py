@@ -38,7 +38,7 @@ def s3():
                 mp.setenv(key, value)
             s3fs.S3FileSystem.clear_instance_cache()
             fs = s3fs.S3FileSystem()
-            fs.mkdir(BUCKET)
+            fs.makedirs(BUCKET, exist_ok=True)  # moto's state outlives a server: another module's may be there
             yield fs
             s3fs.S3FileSystem.clear_instance_cache()
     finally:
