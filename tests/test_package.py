@@ -231,11 +231,14 @@ def test_installed_hub_replay_and_its_cache_when_the_hub_is_unreachable(venv, fo
     hub.start()
     try:
         store = tmp_path / "hub.zarr"
-        venv.replay("hf://org/tiny", store, "checkpoints.keep_downloads=true", cwd=elsewhere, HF_ENDPOINT=hub.endpoint)
+        done = venv.replay(
+            "hf://org/tiny", store, "checkpoints.keep_downloads=true", cwd=elsewhere, HF_ENDPOINT=hub.endpoint
+        )
     finally:
         hub.stop()
     assert_same(venv.sinks(store, elsewhere), want)
     assert sorted(rev for rev, name in hub.served if name == "model.safetensors") == ["step0", "step100"]
+    assert "HTTP Request" not in done.stdout + done.stderr  # the HTTP library's line per request stays quiet
 
     # the Hub gone (nothing listens on port 9): the client's connection error is caught, the cache replays
     offline = tmp_path / "offline.zarr"
