@@ -207,6 +207,9 @@ def _on_dask(cluster_cfg, todo, probe, settings, source):
             self.models = ModelCache()
             # the worker processes on one machine share its cores
             self.workers_here = self.per_host.get(_host(worker.address), 1)
+            # A heartbeat that meets a scheduler already closing logs a traceback from the worker's process; a lost
+            # scheduler is reported by the client in one line (ClusterLost), so the traceback only repeats it
+            logging.getLogger("distributed.worker").addFilter(_no_heartbeat_traceback)
 
         def teardown(self, worker) -> None:
             self.models.clear()
@@ -346,6 +349,10 @@ def _as_fetched(client, todo, probe, settings, source):
             except Exception as e:
                 result = e
             yield futures.pop(future), result
+
+
+def _no_heartbeat_traceback(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Failed to communicate with scheduler during heartbeat")
 
 
 def connect(cluster_cfg):
