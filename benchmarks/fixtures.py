@@ -119,7 +119,7 @@ def fsync_file(path: Path) -> None:
 
 def find_checkpoints(root: Path, count: int):
     """The first `count` complete checkpoints under `root`, found the way sinktrace finds them."""
-    from pipeline.discover import discover
+    from pipeline.checkpoints.discover import discover
 
     found = [c for c in discover(str(root), quiet_seconds=0) if c.complete]
     if len(found) < count:

@@ -78,7 +78,7 @@ __all__ = [
 def open_sinks(path: str, group: str | None = None):
     """Open a sinktrace store: the probe group named as an xarray.Dataset; with no group, the whole store as an
     xarray.DataTree (one node per probe, however many there are)."""
-    from .store import open_sinks as _open
+    from .store.cube import open_sinks as _open
 
     return _open(path, group)
 

@@ -26,7 +26,7 @@ from typing import Literal
 import numpy as np
 import xarray as xr
 
-from .schema import DONE, MEASURED
+from .store.schema import DONE, MEASURED
 
 Convention = Literal["stored", "gu"]
 

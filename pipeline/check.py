@@ -2,8 +2,8 @@
 
 For every supported family a tiny random model is built in memory (a transformers config and `from_config`,
 seeded; nothing is downloaded or written), put on the replay's device in the replay's dtype, and the probe is run
-through it twice: by `measure` on the family's own route (pipeline/measure.py: `sinkstats` or `eager`), and by
-eager attention with `output_attentions=True` (pipeline/reference.py, which shares no code with either route),
+through it twice: by `measure` on the family's own route (pipeline/replay/measure.py: `sinkstats` or `eager`), and by
+eager attention with `output_attentions=True` (pipeline/replay/reference.py, which shares no code with either route),
 in the same dtype on the same device. Every statistic of the two must agree within the dtype's tolerance.
 
 Run it first on a new GPU machine and after upgrading torch or transformers: the fused GPU kernels, and the model
@@ -150,8 +150,8 @@ def build_model(family: str, device: str, dtype):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .load import quiet_transformers
-    from .measure import attention_route
+    from .replay.load import quiet_transformers
+    from .replay.measure import attention_route
 
     torch.manual_seed(0)
     with quiet_transformers():
@@ -170,9 +170,9 @@ def build_model(family: str, device: str, dtype):
 
 def check_family(family: str, device: str, dtype, *, batch_size: int = 16, key_positions: int = 4) -> FamilyResult:
     """One family: its route's statistics against eager's, and both forwards' wall times."""
-    from .measure import attention_route, measure
-    from .reference import reference_stats
-    from .replay import PhaseTimes
+    from .replay.measure import attention_route, measure
+    from .replay.reference import reference_stats
+    from .replay.step import PhaseTimes
 
     result = FamilyResult(family)
     try:

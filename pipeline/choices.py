@@ -17,7 +17,12 @@ DTYPE_ALIASES = {
     "double": "float64",
 }
 FIRST_TOKENS = ("auto", "keep", "bos", "random")  # probe.first_token: pipeline/probe.py
-CHECKPOINT_FORMATS = ("auto", "hf", "dcp", "torch")  # checkpoints.format: pipeline/discover.py, pipeline/formats/
+CHECKPOINT_FORMATS = (
+    "auto",
+    "hf",
+    "dcp",
+    "torch",
+)  # checkpoints.format: pipeline/checkpoints/ (discover, formats/)
 
 
 def dtype_name(dtype) -> str:

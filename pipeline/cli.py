@@ -103,7 +103,7 @@ def summary(outcome) -> int:
 
 def report_stage(cfg: DictConfig, store_location: str) -> None:
     from .report import summary_table, write_report
-    from .store import open_sinks
+    from .store.cube import open_sinks
 
     if not exists(store_location):
         raise UsageError(f"store.path={store_location}: no store there yet; run the replay stage first")
@@ -118,7 +118,7 @@ def report_stage(cfg: DictConfig, store_location: str) -> None:
 def print_same_weights(store_location: str) -> None:
     """Flag, per probe group, the steps whose weights equal another step's (docs/data.md, weights_digest)."""
     from .analysis import probe_groups, same_weights_lines
-    from .store import open_sinks
+    from .store.cube import open_sinks
 
     try:
         groups = probe_groups(open_sinks(store_location)) if exists(store_location) else {}

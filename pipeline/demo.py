@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .load import quiet_transformers
 from .locations import write_json_atomic
+from .replay.load import quiet_transformers
 
 RECIPE_VERSION = 1
 COMPLETE_MARKER = "DEMO_COMPLETE"
@@ -466,7 +466,7 @@ def _recipe_diff(found: dict, wanted: dict) -> str:
 
 def _build_lock(root: Path):
     """One builder per folder at a time (a second caller waits), so two processes never interleave checkpoints: the
-    OS file lock pipeline/lock.py takes too, dropped by the kernel however its holder ends."""
+    OS file lock pipeline/store/lock.py takes too, dropped by the kernel however its holder ends."""
     from filelock import FileLock
 
     return FileLock(root / ".build.lock")

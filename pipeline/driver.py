@@ -14,7 +14,7 @@ import time
 
 from omegaconf import DictConfig, OmegaConf
 
-from .dispatch import Outcome, run_replays
+from .cluster.dispatch import Outcome, run_replays
 from .errors import UsageError
 from .locations import check_protocol, is_url, local_path
 from .records import Checkpoint
@@ -67,7 +67,7 @@ class Run:
         self.announced = False
         self.step_sources: dict[str, list[int]] = {}  # where the step numbers came from (discovery's step_source)
         self.formats: set[str] = set()
-        from .hub import HubRun, is_hub
+        from .checkpoints.hub import HubRun, is_hub
 
         # where the checkpoints come from when their files are not on disk yet
         self.source = HubRun(root, cfg.checkpoints) if is_hub(root) else None
@@ -116,7 +116,7 @@ class Run:
         return self.outcome
 
     def _discover(self, strict: bool) -> list[Checkpoint]:
-        from .discover import LAYOUTS, discover
+        from .checkpoints.discover import LAYOUTS, discover
 
         c = self.cfg.checkpoints
         try:
@@ -216,10 +216,10 @@ class Run:
         return failed
 
     def _open_store_from(self, first: Checkpoint) -> None:
-        from .model_config import check_architecture, config_fingerprint
+        from .checkpoints.model_config import check_architecture, config_fingerprint
+        from .checkpoints.statedict import ModelConfigNeeded, hf_config, needs_mapping, resolve_key_map
         from .probe import build_probe, probe_attrs
-        from .statedict import ModelConfigNeeded, hf_config, needs_mapping, resolve_key_map
-        from .store import SinkStore
+        from .store.cube import SinkStore
         from .version import __version__
 
         if self.source is not None:  # its config.json is fetched first
@@ -274,8 +274,8 @@ class Run:
 
 
 def replay_stage(cfg: DictConfig, root: str, quiet: float, store_location: str) -> Outcome:
-    from .lock import StoreLock
     from .signals import interruptible
+    from .store.lock import StoreLock
 
     check_store_path(store_location)
     with StoreLock(store_location), interruptible():

@@ -22,9 +22,9 @@ class Checkpoint:
     tokens_seen: int | None = None
     quiet_in: float | None = None  # complete but for its quiet period, which ends in this many seconds
     modified: float | None = None  # its files' newest modification time, when discovery could tell
-    format: str = "hf"  # hf | dcp | torch (pipeline/formats/)
+    format: str = "hf"  # hf | dcp | torch (pipeline/checkpoints/formats/)
     step_source: str = "folder name"  # where `step` came from: folder name, file name, trainer_state.json, a field
-    # How to read it, from the `checkpoints` config (pipeline/statedict.py): the tensor names' map, and a
+    # How to read it, from the `checkpoints` config (pipeline/checkpoints/statedict.py): the tensor names' map, and a
     # Hugging Face config.json (or its folder) for checkpoints that do not describe their architecture.
     key_map: str = "auto"
     model_config: str | None = None

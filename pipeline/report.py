@@ -19,8 +19,8 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from . import analysis as an
 from .locations import is_url
-from .schema import DONE, FAILED, MEASURED, PENDING
-from .store import open_sinks
+from .store.cube import open_sinks
+from .store.schema import DONE, FAILED, MEASURED, PENDING
 
 SINK_LABEL = "sink mass (attention on token 0)"
 STEP_LABEL = "training step"

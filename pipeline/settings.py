@@ -14,9 +14,9 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from . import keymaps  # the key-map registry (it loads no torch)
+from .checkpoints import keymaps  # the key-map registry (it loads no torch)
 from .choices import CHECKPOINT_FORMATS, FIRST_TOKENS, dtype_name
-from .schema import MEASURE_GROUPS
+from .store.schema import MEASURE_GROUPS
 
 
 @dataclass
@@ -26,7 +26,7 @@ class CheckpointsSettings:
     format: str = "auto"
     model_config: str | None = None
     key_map: str = "auto"
-    # hf://<org>/<name> roots (pipeline/hub.py)
+    # hf://<org>/<name> roots (pipeline/checkpoints/hub.py)
     revision_pattern: str | None = None
     cache_limit: str = "30GB"
     keep_downloads: bool = False
@@ -141,7 +141,7 @@ def register() -> None:
 
 STAGES = ("replay", "report")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
-KEY_MAPS = ("auto", *keymaps.NAMES)  # the registry in pipeline/keymaps/ is the one list
+KEY_MAPS = ("auto", *keymaps.NAMES)  # the registry in pipeline/checkpoints/keymaps/ is the one list
 
 
 def check(cfg) -> None:

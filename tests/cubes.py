@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from pipeline.schema import qbin_edges
+from pipeline.store.schema import qbin_edges
 
 # 20 checkpoints from 0 to 10000, denser early on, as real runs often save them.
 REALISTIC_STEPS = (
@@ -110,7 +110,7 @@ def make_cube(
         data,
         coords={
             "step": steps,
-            # Coordinates, not data variables, as pipeline/store.py keeps them.
+            # Coordinates, not data variables, as pipeline/store/cube.py keeps them.
             "status": ("step", np.array(list(status), dtype=np.dtypes.StringDType())),
             "error": ("step", np.array(errors, dtype=np.dtypes.StringDType())),
             "tokens_seen": ("step", steps * 4096.0),
@@ -182,7 +182,7 @@ def realistic_cube(
 
 def write_store(path, groups: dict[str, xr.Dataset]) -> Path:
     """Write the cubes in the store's layout: Zarr v3, one group per probe (read it with
-    pipeline.store.open_sinks, or xr.open_datatree)."""
+    pipeline.store.cube.open_sinks, or xr.open_datatree)."""
     tree = xr.DataTree.from_dict({f"/{name}": ds for name, ds in groups.items()})
     tree.to_zarr(str(path), mode="w", zarr_format=3, consolidated=False)
     return Path(path)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pipeline.demo import BOS, RECIPE_FILE, BigramBackcopy, DemoRecipe, build_demo_run, demo_batch, demo_task
-from pipeline.load import quiet_transformers
+from pipeline.replay.load import quiet_transformers
 
 
 def layer0_sink(

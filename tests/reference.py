@@ -1,7 +1,7 @@
 """Ground truth for every statistic, computed the obvious way: eager attention, full T x T matrices.
 
 `reference_stats` (the statistics every replay stores) is the product's own independent reference,
-pipeline/reference.py, which `sinktrace check` uses too; it shares no code with the measuring routes.
+pipeline/replay/reference.py, which `sinktrace check` uses too; it shares no code with the measuring routes.
 
 `reference_extra` covers the statistics of measure's `measures`: the sublayer outputs by residual algebra (what a
 block adds between its input, the residual after attention and its output), the similarities and collapse from
@@ -17,7 +17,7 @@ from unittest import mock
 import numpy as np
 import torch
 
-from pipeline.reference import FINAL_NORM_NAMES, STATS, reference_stats
+from pipeline.replay.reference import FINAL_NORM_NAMES, STATS, reference_stats
 
 __all__ = ["FINAL_NORM_NAMES", "STATS", "eager_blocks", "reference_extra", "reference_stats", "removed_sink_eager"]
 
@@ -81,7 +81,7 @@ def eager_blocks(model, input_ids, *, remove_sink=False, compare=None):
     ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
     patch = removed_sink_eager(modeling.eager_attention_forward) if remove_sink else modeling.eager_attention_forward
     if compare is not None:
-        from pipeline import attention
+        from pipeline.replay import attention
 
         edited = patch
 
@@ -117,7 +117,7 @@ def _mean_offdiagonal_cosine(x):
 
 
 def reference_extra(model, input_ids, measures=("outputs", "similarity", "mixing")) -> dict[str, np.ndarray]:
-    from pipeline.measure import perturbed
+    from pipeline.replay.measure import perturbed
 
     ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
     h_in, h_mid, h_out = eager_blocks(model, ids)

@@ -7,7 +7,7 @@ import pytest
 import xarray as xr
 
 from pipeline import analysis as an
-from pipeline.store import open_sinks
+from pipeline.store.cube import open_sinks
 from tests.cubes import constant_cube, make_cube, uniform_sink_mass, write_store
 
 NAN = np.nan

@@ -5,7 +5,7 @@ import types
 import pytest
 import torch
 
-from pipeline import attention as A
+from pipeline.replay import attention as A
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add overhead
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import attention, check, eager
+from pipeline import check
+from pipeline.replay import attention, eager
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -36,9 +36,9 @@ def group_name(store):
 
 
 def test_replay_matches_eager_reference_on_a_trained_run(trained_run, tmp_path):
-    from pipeline.load import load_model
-    from pipeline.model_config import read_config
+    from pipeline.checkpoints.model_config import read_config
     from pipeline.probe import build_probe
+    from pipeline.replay.load import load_model
     from tests.reference import reference_stats
 
     store = str(tmp_path / "s.zarr")
@@ -284,7 +284,7 @@ def test_default_run_never_imports_dask_and_report_never_imports_torch(trained_r
 def test_measure_switches_loss_and_mixing_reach_the_store(trained_run, tmp_path, capsys):
     import json
 
-    from pipeline.store import open_sinks
+    from pipeline.store.cube import open_sinks
 
     store = str(tmp_path / "s.zarr")
     assert (

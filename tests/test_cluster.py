@@ -14,10 +14,10 @@ import numpy as np
 import psutil
 import pytest
 
-from pipeline import dispatch
 from pipeline.cli import compose, run
+from pipeline.cluster import dispatch
 from pipeline.records import Checkpoint
-from pipeline.store import open_sinks
+from pipeline.store.cube import open_sinks
 from tests.ckpt_factory import make_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,18 +65,18 @@ def run_root(tmp_path_factory):
 def clean(run_root, tmp_path_factory):
     """The store of a clean run with the default (in-process) cluster, and what this process listened on while it
     replayed."""
-    import pipeline.replay
+    import pipeline.replay.step
 
     store = tmp_path_factory.mktemp("clean") / "s.zarr"
     listening = set()
-    replay = pipeline.replay.replay
+    replay = pipeline.replay.step.replay
 
     def spy(*a, **kw):
         listening.update(listeners([psutil.Process()]))
         return replay(*a, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pipeline.replay, "replay", spy)
+        mp.setattr(pipeline.replay.step, "replay", spy)
         assert run(compose(replay_args(run_root, store))) == 0
     return store, listening
 
@@ -392,7 +392,7 @@ def test_slurm_jobs_ask_for_the_configured_resources(tmp_path, monkeypatch):
         ):
             assert line in text, (line, text)
         command = text.strip().splitlines()[-1]
-        for arg in ("--nworkers 4", "--nthreads 4", "--resources GPU=1", "--preload pipeline.dispatch"):
+        for arg in ("--nworkers 4", "--nthreads 4", "--resources GPU=1", "--preload pipeline.cluster.dispatch"):
             assert arg in command, (arg, command)
 
 

@@ -17,8 +17,8 @@ import torch
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
 
 import pipeline
+from pipeline.checkpoints.formats.dcp import read_metadata
 from pipeline.cli import compose, run
-from pipeline.formats.dcp import read_metadata
 from tests import trainer_ckpts as tc
 from tests.ckpt_factory import make_run, truncate
 

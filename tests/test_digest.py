@@ -1,5 +1,5 @@
-"""The weights digest (pipeline/digest.py): what it depends on, that both replay routes record the same one, and
-that the end-of-run summary, the report and the analysis flag steps holding identical weights."""
+"""The weights digest (`pipeline.checkpoints.digest`): what it depends on, that both replay routes record the same
+one, and that the end-of-run summary, the report and the analysis flag steps holding identical weights."""
 
 import hashlib
 import shutil
@@ -13,13 +13,13 @@ from safetensors.torch import save_file
 
 import pipeline
 from pipeline.analysis import same_weights, same_weights_lines
+from pipeline.checkpoints.digest import weights_digest
 from pipeline.cli import compose, run
-from pipeline.digest import weights_digest
 from pipeline.errors import CheckpointError
-from pipeline.load import load_model
 from pipeline.records import Checkpoint, Probe
 from pipeline.replay import ReplaySettings, replay
-from pipeline.store import SinkStore
+from pipeline.replay.load import load_model
+from pipeline.store.cube import SinkStore
 from tests.ckpt_factory import backdate, save_checkpoint, shards
 from tests.test_cli import group_name
 
@@ -152,7 +152,7 @@ def test_checkpoints_of_other_formats_get_a_digest_too(tmp_path):
     """Read into a state dict (here torchtitan DCP folders), the digest is over that state dict's tensors."""
     from dataclasses import replace
 
-    from pipeline.discover import discover
+    from pipeline.checkpoints.discover import discover
     from tests import trainer_ckpts as tc
 
     a, b = tc.llama(seed=1), tc.llama(seed=2)

@@ -17,7 +17,7 @@ from ckpt_factory import (
     touch,
 )
 
-from pipeline.discover import discover
+from pipeline.checkpoints.discover import discover
 from pipeline.errors import CheckpointError
 
 
@@ -103,7 +103,7 @@ def test_checkpoints_under_other_names_are_pointed_out(tmp_path, caplog):
     save_checkpoint(tmp_path / "ckpt100", step=100)
     save_checkpoint(tmp_path / "epoch-3", step=300)
     (tmp_path / "logs").mkdir()
-    with caplog.at_level("WARNING", logger="pipeline.discover"):
+    with caplog.at_level("WARNING", logger="pipeline.checkpoints.discover"):
         assert discover(tmp_path) == []
     assert "ignoring ckpt100, epoch-3: they hold a config.json, but their names match no checkpoint layout" in (
         caplog.text
@@ -315,7 +315,7 @@ def test_several_problems_are_all_told(tmp_path):
 
 def test_a_folder_removed_while_discovering_is_skipped(tmp_path, monkeypatch):
     make_run(tmp_path, [1, 2])
-    from pipeline import discover as mod
+    from pipeline.checkpoints import discover as mod
 
     walk = mod._Folder.walk
 

@@ -1,4 +1,4 @@
-"""The eager route (pipeline/eager.py): families outside transformers' AttentionInterface, measured from their own
+"""The eager route (`pipeline.replay.eager`): families outside transformers' AttentionInterface, measured from their own
 eager attention probabilities, against the independent eager reference; whole-model, layer by layer, through the CLI."""
 
 import numpy as np
@@ -7,14 +7,14 @@ import torch
 import transformers as tf
 import xarray as xr
 
-from pipeline import eager
-from pipeline.attention import UnsupportedAttention
+from pipeline.checkpoints.model_config import read_config
 from pipeline.cli import compose, run
-from pipeline.layered import open_layered
-from pipeline.measure import attention_route, measure, support_problem
-from pipeline.model_config import read_config
 from pipeline.probe import build_probe
 from pipeline.records import Checkpoint
+from pipeline.replay import eager
+from pipeline.replay.attention import UnsupportedAttention
+from pipeline.replay.layered import open_layered
+from pipeline.replay.measure import attention_route, measure, support_problem
 from tests.reference import reference_stats
 from tests.test_families import COMMON, EXPECTED, FAMILIES, SEQ_LEN, VOCAB, assert_stats_close, probe, seed_sink
 

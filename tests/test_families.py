@@ -5,10 +5,10 @@ import pytest
 import torch
 import transformers as tf
 
-from pipeline import attention
-from pipeline import measure as measure_module
-from pipeline.measure import find_blocks, is_supported, measure, support_problem
-from pipeline.schema import MEASURED, qbin_edges
+from pipeline.replay import attention
+from pipeline.replay import measure as measure_module
+from pipeline.replay.measure import find_blocks, is_supported, measure, support_problem
+from pipeline.store.schema import MEASURED, qbin_edges
 from tests.reference import STATS, eager_blocks, reference_extra, reference_stats
 
 SEQ_LEN, ROWS, VOCAB = 32, 3, 96

@@ -132,7 +132,7 @@ def test_a_dtype_setting_the_check_refuses_the_replay_refuses_alike(spelling):
 
 
 def test_every_key_map_setting_the_check_takes_is_a_key_map_module():
-    from pipeline import keymaps
+    from pipeline.checkpoints import keymaps
     from pipeline.settings import KEY_MAPS, check
 
     for name in KEY_MAPS:
@@ -285,7 +285,7 @@ def test_a_checkpoint_in_its_quiet_period_is_waited_for(tmp_path, capsys):
 
 
 def test_the_trainer_writes_its_state_last(tmp_path):
-    from pipeline.discover import discover
+    from pipeline.checkpoints.discover import discover
 
     save_checkpoint(tmp_path / "checkpoint-5", step=5, trainer_state=False, training_files=True)
     (c,) = discover(str(tmp_path), quiet_seconds=0)
@@ -293,7 +293,7 @@ def test_the_trainer_writes_its_state_last(tmp_path):
 
 
 def test_a_checkpoint_rotated_away_while_queued_is_gone_not_failed(small_run, tmp_path, monkeypatch, capsys):
-    import pipeline.replay as replay_mod
+    import pipeline.replay.step as replay_mod
 
     real = replay_mod.replay
 
@@ -316,7 +316,7 @@ def test_a_step_beyond_int64_is_skipped_with_a_warning(small_run, tmp_path, capl
     shutil.copytree(small_run / "checkpoint-20", small_run / huge)
     (small_run / huge / "trainer_state.json").unlink()  # its step is then the folder name's
     store = tmp_path / "s.zarr"
-    with caplog.at_level("WARNING", logger="pipeline.discover"):
+    with caplog.at_level("WARNING", logger="pipeline.checkpoints.discover"):
         assert run(cfg_for(small_run, store)) == 0
     assert huge in caplog.text and "skipping" in caplog.text
     assert pipeline.open_sinks(store, GROUP).status.values.tolist() == ["done"] * 3
@@ -352,7 +352,7 @@ def test_zero_initialised_projections_are_not_suspect(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from pipeline.weightfiles import check_written
+    from pipeline.checkpoints.weightfiles import check_written
 
     path = tmp_path / "model.safetensors"
     save_file(
@@ -374,7 +374,7 @@ def test_a_zero_run_longer_than_the_byte_scan_is_followed_back_tensor_by_tensor(
     import torch
     from safetensors.torch import save_file
 
-    from pipeline import weightfiles
+    from pipeline.checkpoints import weightfiles
     from pipeline.errors import CheckpointError
 
     monkeypatch.setattr(weightfiles, "_SCAN_LIMIT", 2048)  # stands for 256 MiB against GB-sized shards
@@ -411,7 +411,7 @@ def test_a_preallocated_shard_of_projections_only_fails_its_step(tmp_path, capsy
 
 
 def test_a_second_run_on_a_store_is_refused_naming_the_holder(stored, small_run, capsys):
-    from pipeline.lock import StoreLock
+    from pipeline.store.lock import StoreLock
 
     before = files_of(stored)
     with StoreLock(str(stored)):
@@ -423,7 +423,7 @@ def test_a_second_run_on_a_store_is_refused_naming_the_holder(stored, small_run,
 
 
 def test_a_store_reached_through_a_symlink_is_the_same_store_to_the_lock(stored, small_run, tmp_path, capsys):
-    from pipeline.lock import StoreLock
+    from pipeline.store.lock import StoreLock
 
     link = tmp_path / "link.zarr"
     link.symlink_to(stored, target_is_directory=True)
@@ -481,7 +481,7 @@ def test_a_step_marked_done_without_data_is_replayed(stored, small_run):
             array[i] = np.nan  # a write that was lost, its status left saying done
     ds = pipeline.open_sinks(stored, GROUP)
     assert ds.status.sel(step=10).item() == "pending" and "data is missing" in ds.error.sel(step=10).item()
-    from pipeline.store import SinkStore
+    from pipeline.store.cube import SinkStore
 
     assert SinkStore(str(stored), GROUP).status()[10] == "pending"
     assert run(cfg_for(small_run, stored)) == 0
@@ -494,7 +494,7 @@ def test_a_step_marked_done_without_data_is_replayed(stored, small_run):
 def test_the_default_run_opens_no_socket_and_starts_no_scheduler(small_run, tmp_path, monkeypatch):
     import psutil
 
-    import pipeline.replay as replay_mod
+    import pipeline.replay.step as replay_mod
 
     real, seen = replay_mod.replay, []
 
@@ -519,7 +519,7 @@ def test_a_failing_step_is_one_line_and_verbose_adds_the_traceback(small_run, tm
 
 
 def test_auto_map_alone_is_not_another_architecture(small_run):
-    from pipeline.model_config import config_fingerprint, read_config
+    from pipeline.checkpoints.model_config import config_fingerprint, read_config
 
     config = read_config(str(small_run / "checkpoint-0"))
     assert config_fingerprint({**config, "auto_map": {"AutoConfig": "x.Config"}}) == config_fingerprint(config)

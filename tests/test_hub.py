@@ -18,9 +18,9 @@ import torch
 import xarray as xr
 
 import pipeline
-from pipeline import hub as hubmod
+from pipeline.checkpoints import hub as hubmod
+from pipeline.checkpoints.hub import BUILTIN_PATTERNS, parse_revision
 from pipeline.cli import compose, run
-from pipeline.hub import BUILTIN_PATTERNS, parse_revision
 from tests.ckpt_factory import save_checkpoint
 from tests.hub_server import FakeHub
 
@@ -106,7 +106,7 @@ def test_revision_names_give_steps_and_tokens():
 
 
 def test_discovery_lists_step_revisions_and_says_why_others_are_skipped(tiny_revisions, hub, caplog):
-    from pipeline.hub import HubRun
+    from pipeline.checkpoints.hub import HubRun
 
     files = {n: (tiny_revisions[0] / n).read_bytes() for n in ("config.json", "model.safetensors")}
     hub.add("org/suite", "stage1-step0-tokens0B", files)
@@ -114,7 +114,7 @@ def test_discovery_lists_step_revisions_and_says_why_others_are_skipped(tiny_rev
     hub.add("org/suite", "step1000", files)  # a second name for step 1000
     hub.add("org/suite", "stage1-step2000-tokens8B", {"config.json": files["config.json"]})
     hub.add("org/suite", "main", files)
-    with caplog.at_level(logging.WARNING, logger="pipeline.hub"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoints.hub"):
         found = HubRun("hf://org/suite", compose().checkpoints).discover()
     assert "skipped 1 revision(s) whose names match no revision pattern: main" in caplog.text
     assert [(c.step, c.tokens_seen, c.complete) for c in found] == [
@@ -212,7 +212,7 @@ def test_two_revisions_with_the_same_weights_are_flagged(tiny_revisions, hub, ca
     store = tmp_path / "hub.zarr"
     # on a Dask cluster of two workers: each checkpoint is submitted once fetched
     dask = ["cluster=processes", "cluster.n_workers=2"]
-    with caplog.at_level(logging.WARNING, logger="pipeline.hub"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoints.hub"):
         assert run(hub_cfg("hf://org/tiny", store, *dask)) == 0
     assert "steps 0, 10 (revisions step0, step10) serve the same weights" in caplog.text
     ds = pipeline.open_sinks(str(store), GROUP).load()
@@ -427,7 +427,7 @@ def test_a_commit_id_that_is_not_a_commit_is_refused(tiny_revisions, hub, cache,
     victim.mkdir()
     (victim / "notes.txt").write_text("the user's notes")
     store = tmp_path / "hub.zarr"
-    with caplog.at_level(logging.WARNING, logger="pipeline.hub"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoints.hub"):
         status = run(hub_cfg("hf://org/tiny", store, "checkpoints.allow_torch_pickle=true"))
     assert (victim / "notes.txt").read_text() == "the user's notes" and os.listdir(victim) == ["notes.txt"]
     assert status == 0
@@ -539,7 +539,7 @@ def test_a_step_beyond_int64_is_skipped_with_a_warning(tiny_revisions, hub, tmp_
     publish(hub, "org/tiny", {0: tiny_revisions[0]})
     publish(hub, "org/tiny", {10: tiny_revisions[10]}, name="step99999999999999999999999")
     store = tmp_path / "hub.zarr"
-    with caplog.at_level(logging.WARNING, logger="pipeline.hub"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoints.hub"):
         assert run(hub_cfg("hf://org/tiny", store)) == 0
     assert "skipped revision step99999999999999999999999: its step does not fit in 64 bits" in caplog.text
     assert list(pipeline.open_sinks(str(store), GROUP).step.values) == [0]

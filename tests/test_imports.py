@@ -84,7 +84,9 @@ def test_the_graph_sees_imports_inside_functions_and_relative_imports():
     graph = import_graph()
     assert "pipeline.analysis" in graph["pipeline"]  # `from . import analysis` at the top
     assert "pipeline.cli" in graph["pipeline"]  # `from .cli import ...` inside a function
-    assert "pipeline.keymaps" in graph["pipeline.keymaps.nanogpt"]  # `from . import ...` in a subpackage
+    assert (
+        "pipeline.checkpoints.keymaps" in graph["pipeline.checkpoints.keymaps.nanogpt"]
+    )  # `from . import ...` in a subpackage
 
 
 def test_a_cycle_is_found():
@@ -129,17 +131,45 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 
 def test_the_cube_schema_is_one_leaf_that_writers_and_readers_share_and_writers_never_reach_analysis():
     graph = import_graph()
-    assert graph["pipeline.schema"] == set() and graph["pipeline.choices"] == set()
-    for module in ("pipeline.measure", "pipeline.replay", "pipeline.store", "pipeline.analysis", "pipeline.report"):
-        assert "pipeline.schema" in graph[module], module
-    for writer in ("pipeline.measure", "pipeline.replay", "pipeline.store", "pipeline.driver", "pipeline.dispatch"):
+    assert graph["pipeline.store.schema"] == set() and graph["pipeline.choices"] == set()
+    readers_and_writers = ("pipeline.replay.measure", "pipeline.replay.step", "pipeline.store.cube")
+    for module in (*readers_and_writers, "pipeline.analysis", "pipeline.report"):
+        assert "pipeline.store.schema" in graph[module], module
+    for writer in (*readers_and_writers, "pipeline.driver", "pipeline.cluster.dispatch"):
         assert "pipeline.analysis" not in reachable(graph, writer), writer
+
+
+# The subpackages mirror conf/'s groups, and each may import only the ones below it (and the leaves)
+BELOW = {
+    "pipeline.checkpoints": set(),  # reading checkpoints: no replay, no store, no cluster, no run
+    "pipeline.store": set(),
+    "pipeline.replay": {"pipeline.checkpoints", "pipeline.store", "pipeline.settings"},
+    "pipeline.cluster": {"pipeline.replay", "pipeline.checkpoints", "pipeline.store", "pipeline.settings"},
+}
+UPPER = {"pipeline.checkpoints", "pipeline.store", "pipeline.replay", "pipeline.cluster", "pipeline.settings"}
+UPPER |= {"pipeline.driver", "pipeline.cli", "pipeline.check", "pipeline.demo", "pipeline.analysis", "pipeline.report"}
+
+
+def package_of(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def test_subpackages_import_only_downwards():
+    graph = import_graph()
+    for module, targets in graph.items():
+        here = package_of(module)
+        if here not in BELOW:
+            continue
+        for target in targets:
+            there = package_of(target)
+            if there != here and there in UPPER:
+                assert there in BELOW[here], f"{module} imports {target}: {here} may import only {BELOW[here]}"
 
 
 def test_reading_a_cube_and_checking_the_settings_load_no_torch():
     code = (
         "import sys\n"
-        "import pipeline.analysis, pipeline.report, pipeline.schema, pipeline.choices, pipeline.settings\n"
+        "import pipeline.analysis, pipeline.report, pipeline.store.schema, pipeline.choices, pipeline.settings\n"
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

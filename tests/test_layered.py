@@ -1,4 +1,4 @@
-"""Layer-by-layer replay (pipeline/layered.py): the same statistics as whole-model replay, one block resident at a
+"""Layer-by-layer replay (`pipeline.replay.layered`): the same statistics as whole-model replay, one block resident at a
 time, every weight read once, and bad files named."""
 
 import gc
@@ -8,15 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline import layered
 from pipeline.devices import device_budget
 from pipeline.errors import CheckpointError
-from pipeline.layered import open_layered
-from pipeline.load import parameters_on_meta
-from pipeline.measure import measure
 from pipeline.records import Checkpoint
-from pipeline.replay import ReplaySettings, replay
-from pipeline.schema import MEASURED
+from pipeline.replay import ReplaySettings, layered, replay
+from pipeline.replay.layered import open_layered
+from pipeline.replay.load import parameters_on_meta
+from pipeline.replay.measure import measure
+from pipeline.store.schema import MEASURED
 from tests.ckpt_factory import save_checkpoint, shards
 from tests.reference import reference_extra, reference_stats
 from tests.test_families import FAMILIES, assert_stats_close, build, probe
@@ -102,8 +101,8 @@ def test_one_block_resident_and_every_tensor_read_once(tmp_path, streamed, shard
 
 
 def test_replay_goes_layer_by_layer_over_budget_and_matches(trained_run, monkeypatch):
+    from pipeline.checkpoints.model_config import read_config
     from pipeline.cli import compose
-    from pipeline.model_config import read_config
     from pipeline.probe import build_probe
 
     c = Checkpoint(step=150, path=str(trained_run / "checkpoint-150"), complete=True)
@@ -119,8 +118,8 @@ def test_replay_goes_layer_by_layer_over_budget_and_matches(trained_run, monkeyp
 
 
 def test_within_budget_the_whole_model_is_loaded(trained_run, monkeypatch):
+    from pipeline.checkpoints.model_config import read_config
     from pipeline.cli import compose
-    from pipeline.model_config import read_config
     from pipeline.probe import build_probe
 
     c = Checkpoint(step=0, path=str(trained_run / "checkpoint-0"), complete=True)
@@ -220,9 +219,9 @@ def test_cli_store_is_the_same_either_way(trained_run, tmp_path):
 
 
 def test_whole_model_out_of_memory_falls_back_to_layer_by_layer(trained_run, monkeypatch):
-    import pipeline.load as load_mod
+    import pipeline.replay.load as load_mod
+    from pipeline.checkpoints.model_config import read_config
     from pipeline.cli import compose
-    from pipeline.model_config import read_config
     from pipeline.probe import build_probe
 
     c = Checkpoint(step=150, path=str(trained_run / "checkpoint-150"), complete=True)
@@ -263,8 +262,8 @@ def test_blocks_beyond_the_config_are_an_error_before_any_block_runs(tmp_path, m
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_gpu_both_ways_match_the_cpu(trained_run):
+    from pipeline.checkpoints.model_config import read_config
     from pipeline.cli import compose
-    from pipeline.model_config import read_config
     from pipeline.probe import build_probe
 
     c = Checkpoint(step=150, path=str(trained_run / "checkpoint-150"), complete=True)

@@ -19,11 +19,11 @@ from ckpt_factory import (
 )
 from safetensors.torch import load_file, save_file
 
+from pipeline.checkpoints.model_config import config_fingerprint, read_config
+from pipeline.checkpoints.weightfiles import validate_weights
 from pipeline.errors import CheckpointError
-from pipeline.load import ModelCache, load_model
-from pipeline.model_config import config_fingerprint, read_config
 from pipeline.records import Checkpoint
-from pipeline.weightfiles import validate_weights
+from pipeline.replay.load import ModelCache, load_model
 
 
 def ckpt(folder, step=0) -> Checkpoint:
@@ -99,7 +99,7 @@ def test_bad_dtype(tmp_path):
 
 @pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_auto_dtype_on_an_accelerator_is_the_checkpoints_own(tmp_path, monkeypatch, stored):
-    from pipeline import load as mod
+    from pipeline.replay import load as mod
 
     folder, _ = save_checkpoint(tmp_path / "step1", dtype=stored, sharded=True)
     seen = {}
@@ -469,7 +469,7 @@ def test_a_model_is_not_reused_across_architectures(tmp_path):
 
 
 def test_read_ahead_asks_for_the_files_unless_they_would_crowd_out_the_current_one(tmp_path, monkeypatch):
-    import pipeline.load as load_mod
+    import pipeline.replay.load as load_mod
 
     folder, _ = save_checkpoint(tmp_path / "step1", sharded=True)
     c = Checkpoint(step=1, path=str(folder), weight_files=tuple(str(p) for p in shards(folder)), complete=True)
@@ -504,7 +504,7 @@ def test_available_memory_without_proc_meminfo_needs_no_psutil(monkeypatch):
 
 
 def test_weight_bytes_of_a_url_checkpoint_come_without_a_download(tmp_path, monkeypatch):
-    import pipeline.load as load_mod
+    import pipeline.replay.load as load_mod
 
     folder, saved = save_checkpoint(tmp_path / "step1", sharded=True, dtype=torch.bfloat16)
     local = load_mod.weights_in_memory(ckpt(folder), "cpu")

@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.cli import compose, run
 from pipeline.records import Checkpoint
-from pipeline.store import open_sinks
+from pipeline.store.cube import open_sinks
 from tests.ckpt_factory import make_run, save_checkpoint
 
 moto_server = pytest.importorskip("moto.server")
@@ -66,23 +66,23 @@ def replay_args(root, store, *extra):
 
 
 def test_run_from_and_into_s3_equals_a_local_run(runs, s3, tmp_path, monkeypatch):
-    from pipeline import ranged
+    from pipeline.checkpoints import ranged
 
     local_root, url_root = runs
     reference = tmp_path / "local.zarr"
     assert run(compose(replay_args(local_root, reference))) == 0
 
-    import pipeline.load
+    import pipeline.replay.load
 
     whole_copies, ranged_reads = [], []
-    local_folder, read = pipeline.load.local_folder, ranged.RangedSafetensors.read
+    local_folder, read = pipeline.replay.load.local_folder, ranged.RangedSafetensors.read
 
     def copying(path, weights=True):
         if weights:
             whole_copies.append(path)
         return local_folder(path, weights)
 
-    monkeypatch.setattr(pipeline.load, "local_folder", copying)
+    monkeypatch.setattr(pipeline.replay.load, "local_folder", copying)
     monkeypatch.setattr(ranged.RangedSafetensors, "read", lambda f, name: (ranged_reads.append(name), read(f, name))[1])
 
     store = f"s3://{BUCKET}/sinks.zarr"
@@ -108,19 +108,19 @@ def test_run_from_and_into_s3_equals_a_local_run(runs, s3, tmp_path, monkeypatch
 
 
 def test_layered_replay_from_s3_reads_the_tensors_it_needs_by_byte_ranges(s3, tmp_path, monkeypatch):
-    from pipeline import ranged
-    from pipeline.layered import open_layered
-    from pipeline.measure import measure
+    from pipeline.checkpoints import ranged
+    from pipeline.replay.layered import open_layered
+    from pipeline.replay.measure import measure
 
     folder, saved = save_checkpoint(tmp_path / "step1", step=1)
     s3.put(str(folder), f"{BUCKET}/layered/step1", recursive=True)
     read, names = ranged.RangedSafetensors.read, []
     monkeypatch.setattr(ranged.RangedSafetensors, "read", lambda f, name: (names.append(name), read(f, name))[1])
-    import pipeline.layered
+    import pipeline.replay.layered
 
-    local_folder = pipeline.layered.local_folder
+    local_folder = pipeline.replay.layered.local_folder
     monkeypatch.setattr(
-        pipeline.layered,
+        pipeline.replay.layered,
         "local_folder",
         lambda path, weights=True: pytest.fail(f"{path} copied whole") if weights else local_folder(path, weights),
     )
@@ -140,7 +140,7 @@ def test_layered_replay_from_s3_reads_the_tensors_it_needs_by_byte_ranges(s3, tm
 
 def test_truncated_safetensors_on_s3_is_a_clear_error(s3, tmp_path):
     from pipeline.errors import CheckpointError
-    from pipeline.load import load_model
+    from pipeline.replay.load import load_model
     from tests.ckpt_factory import truncate
 
     folder, _ = save_checkpoint(tmp_path / "step2", step=2)

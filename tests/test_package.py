@@ -272,7 +272,7 @@ def test_installed_s3_extra_replays_from_a_bucket(extras, s3, folder_run, elsewh
 @pytest.mark.registry
 def test_installed_slurm_extra_writes_the_job_script(extras, elsewhere):
     code = (
-        "from pipeline import dispatch\n"
+        "from pipeline.cluster import dispatch\n"
         "from pipeline.cli import compose\n"
         "cfg = compose(['cluster=slurm', 'cluster.queue=gpu', 'cluster.gpus_per_job=2', 'cluster.jobs=0',\n"
         "               'cluster.interface=lo']).cluster\n"
@@ -288,6 +288,6 @@ def test_installed_slurm_extra_writes_the_job_script(extras, elsewhere):
         "#SBATCH --gpus=2",
         "--nworkers 2",
         "--resources GPU=1",
-        "--preload pipeline.dispatch",
+        "--preload pipeline.cluster.dispatch",
     ):
         assert line in script, (line, script)

@@ -1,11 +1,11 @@
-"""The cube's schema (pipeline/schema.py) and docs/data.md, the users' contract, name the same statistics."""
+"""The cube's schema (pipeline/store/schema.py) and docs/data.md, the users' contract, name the same statistics."""
 
 import re
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import schema
+from pipeline.store import schema
 
 DATA_MD = Path(__file__).resolve().parent.parent / "docs" / "data.md"
 

@@ -15,7 +15,7 @@ import pytest
 import xarray as xr
 import zarr
 
-from pipeline.store import SinkStore, StoreMismatchError, open_sinks
+from pipeline.store.cube import SinkStore, StoreMismatchError, open_sinks
 
 REPO = Path(__file__).resolve().parents[1]
 ATTRS = {"probe": "random", "seed": 0, "config": "probe:\n  name: random\n", "version": "0.0.test"}
@@ -175,7 +175,7 @@ KILLED_WRITER = """
 import os, signal, sys
 sys.path[:0] = [{repo!r}, {tests!r}]
 import zarr
-from pipeline.store import SinkStore
+from pipeline.store.cube import SinkStore
 from test_store import ATTRS, step_ds
 
 def die(*args, **kwargs):

@@ -15,13 +15,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 import xarray as xr
 
+from pipeline.checkpoints.discover import discover
+from pipeline.checkpoints.statedict import hf_config
 from pipeline.cli import compose, run
-from pipeline.discover import discover
 from pipeline.errors import CheckpointError
-from pipeline.load import load_model
-from pipeline.measure import measure
 from pipeline.probe import build_probe
-from pipeline.statedict import hf_config
+from pipeline.replay.load import load_model
+from pipeline.replay.measure import measure
 from tests import trainer_ckpts as tc
 from tests.reference import STATS, reference_stats
 
@@ -286,9 +286,10 @@ def test_a_new_trainer_format_is_one_key_map_module_and_one_registry_line(tmp_pa
     the model's config from what the trainer saved, its rules rename the tensors, and the settings list it."""
     import types
 
-    from pipeline import keymaps, settings
-    from pipeline.keymaps import Rule
-    from pipeline.statedict import resolve_key_map
+    from pipeline import settings
+    from pipeline.checkpoints import keymaps
+    from pipeline.checkpoints.keymaps import Rule
+    from pipeline.checkpoints.statedict import resolve_key_map
 
     assert settings.KEY_MAPS == ("auto", *keymaps.NAMES)
     shipped = {p.stem for p in Path(keymaps.__file__).parent.glob("*.py")} - {"__init__"}
@@ -297,7 +298,7 @@ def test_a_new_trainer_format_is_one_key_map_module_and_one_registry_line(tmp_pa
     def saved_config(saved):  # this trainer keeps its transformers config in the file, as "hparams"
         return saved.torch_file()["hparams"]
 
-    toy = types.ModuleType("pipeline.keymaps.toy")
+    toy = types.ModuleType("pipeline.checkpoints.keymaps.toy")
     toy.SIGNATURE = r"^toy\.layers\.\d+\."
     toy.RULES = [Rule(r"toy\.(.+)", "model.{0}"), Rule(r"head\.weight", "lm_head.weight")]
     toy.saved_config = saved_config
@@ -409,7 +410,7 @@ class _Trap:
 def test_metadata_naming_a_disallowed_class_is_refused_and_nothing_runs(tmp_path):
     model = tc.llama()
     folder = tc.torchtitan_step(tmp_path / "run", 1, model)
-    from pipeline.formats.dcp import read_metadata
+    from pipeline.checkpoints.formats.dcp import read_metadata
 
     metadata = read_metadata(str(folder))
     marker = tmp_path / "pwned"

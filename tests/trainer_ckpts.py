@@ -1,7 +1,7 @@
 """Tiny checkpoints in the formats from-scratch trainers write, for tests, written by the real writers.
 
 Each writer takes a transformers model (the reference the replay must reproduce) and saves its weights as the
-trainer would: under the trainer's names and layouts (the inverse of the converters pipeline/keymaps/ follows,
+trainer would: under the trainer's names and layouts (the inverse of the converters the key maps follow,
 written out here independently), with `torch.distributed.checkpoint.save` in one process for the DCP layouts and
 `torch.save` with the trainer's own dictionary for the single-file ones. OLMo-core writes its own checkpoint with
 its own model and checkpointing (`olmo_run`). Files are back-dated an hour, so discovery's quiet period is over.

@@ -1,2 +1,2 @@
 """How weights are read: one module per checkpoint format (Hugging Face safetensors folders are read by
-pipeline/load.py through transformers itself)."""
+pipeline/replay/load.py through transformers itself)."""

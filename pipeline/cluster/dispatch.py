@@ -28,8 +28,8 @@ import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .errors import CheckpointError, ClusterLost, UsageError
-from .records import Checkpoint
+from ..errors import CheckpointError, ClusterLost, UsageError
+from ..records import Checkpoint
 
 PLUGIN_NAME = "sinktrace-models"
 IN_PROCESS = "in-process"
@@ -53,7 +53,7 @@ class Outcome:
 def results(cluster_cfg, todo: list[Checkpoint], probe, settings, source=None) -> Iterator[tuple[Checkpoint, object]]:
     """(checkpoint, its statistics or the exception it raised), in the order they finish.
 
-    `source`: where the checkpoints' files come from when they are not on disk yet (pipeline/hub.py). It fetches
+    `source`: where the checkpoints' files come from when they are not on disk yet (`checkpoints.hub`). It fetches
     them in the background, a few ahead of the replay (`start`); each is replayed once fetched (`take`, `poll`),
     and one whose fetch failed comes back with that exception.
     """
@@ -93,7 +93,7 @@ def run_replays(
 
 
 def _write_results(cluster_cfg, todo, probe, settings, store, fingerprint, previous, verbose, bar, source):
-    from .signals import deferred
+    from ..signals import deferred
 
     previous = previous or {}
     outcome = Outcome()
@@ -135,7 +135,7 @@ def _say(bar, line: str) -> None:
 
 
 def _is_gone(ckpt: Checkpoint) -> bool:
-    from .locations import exists
+    from ..locations import exists
 
     try:
         return not exists(ckpt.path)
@@ -144,9 +144,9 @@ def _is_gone(ckpt: Checkpoint) -> bool:
 
 
 def _in_process(todo, probe, settings, source):
-    from .devices import use_threads
-    from .load import ModelCache
-    from .replay import replay
+    from ..devices import use_threads
+    from ..replay.load import ModelCache
+    from ..replay.step import replay
 
     use_threads(settings.threads)
     models = ModelCache()
@@ -177,8 +177,8 @@ def replay_on_worker(ckpt, probe, settings, read_next):
     raised, and a corrupt file stays corrupt."""
     from distributed import get_worker
 
-    from .devices import use_threads
-    from .replay import replay
+    from ..devices import use_threads
+    from ..replay.step import replay
 
     worker = get_worker()
     plugin = worker.plugins[PLUGIN_NAME]
@@ -202,7 +202,7 @@ def _on_dask(cluster_cfg, todo, probe, settings, source):
             self.per_host = per_host
 
         def setup(self, worker) -> None:
-            from .load import ModelCache
+            from ..replay.load import ModelCache
 
             self.models = ModelCache()
             # the worker processes on one machine share its cores
@@ -487,7 +487,7 @@ def slurm_cluster(
 
 
 def dask_setup(worker) -> None:
-    """Run by every worker started with `--preload pipeline.dispatch`: several worker processes of one job share
+    """Run by every worker started with `--preload pipeline.cluster.dispatch`: several worker processes of one job share
     the job's GPUs; the i-th (named `<job>-<i>` by `dask worker --nworkers`) keeps only the i-th GPU, before
     anything in it touches CUDA. SLURM sets CUDA_VISIBLE_DEVICES to the job's GPUs."""
     devices = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]

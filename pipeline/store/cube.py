@@ -1,6 +1,6 @@
 """The Zarr store of the sink cube: one writer (the driver), one group per probe, 1 step per chunk.
 
-One group opens as an ``xarray.Dataset`` (the names, dtypes and fill values are spelled in pipeline/schema.py):
+One group opens as an ``xarray.Dataset`` (the names, dtypes and fill values are spelled in pipeline/store/schema.py):
 
 * data variables ``(step, ...)``: NaN until the step is written;
 * ``step``: index coordinate, sorted;
@@ -9,7 +9,7 @@ One group opens as an ``xarray.Dataset`` (the names, dtypes and fill values are 
   say (groups written before it existed gain it on their next write);
 * ``status`` ``(step)`` string coordinate, ``pending`` | ``done`` | ``failed``;
 * ``error`` ``(step)`` string coordinate: why a step failed, ``""`` otherwise;
-* ``weights_digest`` ``(step)`` string coordinate: the digest of the step's weights (pipeline/digest.py), ``""``
+* ``weights_digest`` ``(step)`` string coordinate: the digest of the step's weights (``checkpoints.digest``), ``""``
   until the step is done.
 
 ``status``, ``error``, ``weights_digest`` and ``tokens_seen`` are coordinates rather than data variables so that they

@@ -23,14 +23,14 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from .devices import concrete_device, release_pinned
-from .digest import weights_digest_of
-from .errors import CheckpointError, describe
+from ..checkpoints.digest import weights_digest_of
+from ..checkpoints.weightfiles import CONFIG_NAME, open_weights, weight_paths
+from ..devices import concrete_device, release_pinned
+from ..errors import CheckpointError, describe
+from ..locations import local_folder
+from ..records import Checkpoint
 from .load import check_loading, checked_folder, parameters_on_meta, quiet_transformers, weights_source
-from .locations import local_folder
 from .measure import find_blocks
-from .records import Checkpoint
-from .weightfiles import CONFIG_NAME, open_weights, weight_paths
 
 
 @contextlib.contextmanager

@@ -14,16 +14,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import attention
-from pipeline.attention import ATTENTION_NAME, LayerSums
-from pipeline.schema import MEASURED, qbin_edges
+from ..store.schema import MEASURED, qbin_edges
+from . import attention
+from .attention import ATTENTION_NAME, LayerSums
 
 EAGER = "eager"
 
 
 def attention_route(model_or_config) -> str:
-    """How a family is measured: "sinkstats" (transformers' AttentionInterface, pipeline/attention.py) where the
-    family routes its attention through the interface, else "eager" (output_attentions=True, pipeline/eager.py).
+    """How a family is measured: "sinkstats" (transformers' AttentionInterface, pipeline/replay/attention.py) where the
+    family routes its attention through the interface, else "eager" (output_attentions=True, pipeline/replay/eager.py).
     Takes a model, a transformers config or a config.json dict; the model class is the one AutoModelForCausalLM
     builds (a config it cannot build gets "sinkstats", and loading reports the problem)."""
     cls = _model_class(model_or_config)
@@ -288,7 +288,7 @@ def measure(
 
     Rows run in micro-batches of `batch_size` (fewer on the eager route, where its T x T matrices need
     it), through `run_rows(forward, micro_batches, on_batch)`: by default
-    each micro-batch through the whole model in turn (pipeline/layered.py runs them block by block instead);
+    each micro-batch through the whole model in turn (pipeline/replay/layered.py runs them block by block instead);
     `on_batch(i)` is called before micro-batch i runs.
     """
     config = model.config.get_text_config()

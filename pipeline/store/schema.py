@@ -59,7 +59,7 @@ STEP_COORDS = {
     "loss": (FLOAT, np.nan),
     "status": (STRING, PENDING),
     "error": (STRING, ""),  # why a step failed
-    "weights_digest": (STRING, ""),  # pipeline/digest.py
+    "weights_digest": (STRING, ""),  # pipeline/checkpoints/digest.py
 }
 NUMERIC_STEP_COORDS = tuple(name for name, (dtype, _) in STEP_COORDS.items() if dtype == FLOAT)
 # Attributes every step's Dataset must share with its group: one cube, one model.

@@ -4,7 +4,7 @@ Each map module holds `RULES` (or `rules(config)`), a table of (source name patt
 change), `SIGNATURE`, a pattern that only that framework's names match (for `checkpoints.key_map=auto`), and its
 docstring cites the conversion code it follows. It may also hold `complete(tensors, config)`, which adds what the
 trainer leaves out, and `saved_config(saved)`, which derives the Hugging Face config from what the trainer saved
-beside its weights (`saved` is a pipeline.statedict.Saved) or returns None. `apply` runs a table over a
+beside its weights (`saved` is a pipeline.checkpoints.statedict.Saved) or returns None. `apply` runs a table over a
 checkpoint's tensors: every tensor must be claimed by a rule, and the result must fill every tensor of the model,
 or a CheckpointError lists the names: a model never runs with a weight left at its random initialisation.
 
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..errors import CheckpointError, some
+from ...errors import CheckpointError, some
 
 if TYPE_CHECKING:
     import torch

@@ -11,12 +11,12 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .devices import device_budget, resolve_device
-from .errors import CheckpointError
+from ..devices import device_budget, resolve_device
+from ..errors import CheckpointError
+from ..records import Checkpoint, Probe
+from ..settings import ReplaySettings
+from ..store.schema import DIMS, OPTIONAL, SINK_LABELS, STRING, qbin_edges
 from .load import ModelCache
-from .records import Checkpoint, Probe
-from .schema import DIMS, OPTIONAL, SINK_LABELS, STRING, qbin_edges
-from .settings import ReplaySettings
 
 log = logging.getLogger("sinktrace")
 
@@ -58,12 +58,12 @@ def replay(
     `models`: the model kept from the previous checkpoint, reused when the architecture is the same.
     `times`: filled with the seconds each phase took.
     Weights larger than `settings.max_device_memory`, or a whole model that runs out of device memory under such a
-    budget, are streamed block by block instead (pipeline/layered.py); only Hugging Face safetensors folders are,
+    budget, are streamed block by block instead (pipeline/replay/layered.py); only Hugging Face safetensors folders are,
     checkpoints of other formats are read whole.
     """
+    from ..checkpoints.statedict import Saved, hf_config, needs_mapping
     from .load import weights_in_memory
     from .measure import attention_route
-    from .statedict import Saved, hf_config, needs_mapping
 
     device = resolve_device(settings.device)
     times = times if times is not None else PhaseTimes(device)
@@ -154,9 +154,9 @@ def _measure(ckpt, model, probe, settings, run_rows=None):
 
 
 def to_dataset(stats: dict[str, np.ndarray], config, seq_len: int, weights_digest: str | None = None) -> xr.Dataset:
-    """One step's statistics as a Dataset; `weights_digest` (pipeline/digest.py) becomes a scalar coordinate."""
+    """One step's statistics as a Dataset; `weights_digest` (`checkpoints.digest`) becomes a scalar coordinate."""
+    from ..checkpoints.model_config import config_fingerprint
     from .measure import attention_route
-    from .model_config import config_fingerprint
 
     missing = [name for name in DIMS if name not in stats and name not in OPTIONAL]
     if missing:

@@ -1,6 +1,6 @@
 """The eager route: sink statistics from the probabilities a model's own eager attention returns
 (`output_attentions=True`), for families whose attention transformers does not route through its
-AttentionInterface, so the sinkstats function (pipeline/attention.py) never sees it.
+AttentionInterface, so the sinkstats function (pipeline/replay/attention.py) never sees it.
 
 Every statistic of the contract comes out, exactly as eager attention computes it:
 

@@ -16,7 +16,7 @@ import zipfile
 
 import torch
 
-from ..errors import CheckpointError, describe
+from ...errors import CheckpointError, describe
 
 STEP_FIELDS = ("iter_num", "step")  # nanoGPT and lit-gpt write iter_num; others a plain step
 

@@ -9,9 +9,9 @@ import hashlib
 import json
 import os
 
-from .errors import CheckpointError
-from .locations import join, read_bytes
-from .records import Checkpoint
+from ..errors import CheckpointError
+from ..locations import join, read_bytes
+from ..records import Checkpoint
 from .weightfiles import CONFIG_NAME
 
 # Keys that do not change the network a config describes: bookkeeping, runtime switches, the storage dtype.

@@ -43,9 +43,9 @@ import uuid
 from dataclasses import dataclass, field
 from functools import partial
 
-from .errors import CheckpointError, UsageError, describe, some
-from .locations import sinktrace_home, write_json_atomic
-from .records import Checkpoint
+from ..errors import CheckpointError, UsageError, describe, some
+from ..locations import sinktrace_home, write_json_atomic
+from ..records import Checkpoint
 from .weightfiles import CONFIG_NAME, SAFE_INDEX_NAME, SAFE_WEIGHTS_NAME, pickled_weights, pickles_refused
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """The independent reference for the statistics: eager attention's own probabilities (`output_attentions=True`),
 full T x T matrices, reduced the obvious way in float64 numpy. It shares nothing with either measuring route
-(pipeline/attention.py, pipeline/eager.py): `sinktrace check` (pipeline/check.py) and the tests compare them
+(`attention`, `eager`): `sinktrace check` (pipeline/check.py) and the tests compare them
 against it.
 
 The model is copied and switched to attn_implementation="eager" (cast to float32 unless `keep_dtype`); one forward
@@ -42,7 +42,7 @@ STATS = (
 def reference_stats(
     model, input_ids, key_positions: int = 4, *, keep_dtype: bool = False, times=None
 ) -> dict[str, np.ndarray]:
-    """The statistics of `measure` (pipeline/measure.py; `measures=()`) from eager attention on a copy of `model`.
+    """The statistics of `measure` (`measure`; `measures=()`) from eager attention on a copy of `model`.
 
     keep_dtype: run eager in the model's own dtype and device instead of a float32 copy (how a half-precision route
     is checked: both sides see the same rounding of the weights). times: a `replay.PhaseTimes`, given the eager

@@ -23,7 +23,7 @@ which overrides a folder name as before; a torch.save file's iter_num or step); 
 Discovery answers "is this folder finished?", not "is it valid?": it lists files and reads only the two small
 JSON files it needs (trainer_state.json, model.safetensors.index.json). A folder that is still being written
 is reported with `complete=False` and a reason, and a later run picks it up. A finished folder whose weights
-are damaged is reported complete; loading fails on it with a CheckpointError naming the file (pipeline/load.py),
+are damaged is reported complete; loading fails on it with a CheckpointError naming the file (pipeline/replay/load.py),
 so the store records it as failed instead of waiting on it forever. A finished folder that holds files but no
 weights sinktrace can read (another format than `checkpoints.format`, files of an unknown kind, several candidate
 files) is `unreadable`: its reason names the files it holds.
@@ -42,11 +42,11 @@ import posixpath
 import re
 import time
 
-from .choices import CHECKPOINT_FORMATS as FORMATS
-from .errors import CheckpointError, some
+from ..choices import CHECKPOINT_FORMATS as FORMATS
+from ..errors import CheckpointError, some
+from ..locations import is_url, local_path
+from ..records import Checkpoint
 from .formats.dcp import METADATA_NAME
-from .locations import is_url, local_path
-from .records import Checkpoint
 from .weightfiles import (
     CONFIG_NAME,
     SAFE_INDEX_NAME,
@@ -104,7 +104,7 @@ def discover(
         now: the current time (seconds since the epoch) to measure quiet periods against; default time.time().
         format: `checkpoints.format`: auto (decided per checkpoint from its files), hf, dcp or torch.
         model_config, key_map: `checkpoints.model_config` and `checkpoints.key_map`, recorded on every checkpoint
-            for the worker that loads it (pipeline/statedict.py); with a model_config, a Hugging Face folder
+            for the worker that loads it (pipeline/checkpoints/statedict.py); with a model_config, a Hugging Face folder
             needs no config.json of its own.
 
     Returns:

@@ -16,8 +16,8 @@ import json
 import os
 import socket
 
-from .errors import UsageError
-from .locations import is_url, local_path, write_json_atomic
+from ..errors import UsageError
+from ..locations import is_url, local_path, write_json_atomic
 
 
 class StoreLock:

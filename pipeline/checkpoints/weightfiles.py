@@ -14,9 +14,9 @@ import re
 
 import torch
 
-from .devices import SAFETENSORS_FLOATS
-from .errors import CheckpointError, some
-from .locations import is_url, join, read_bytes
+from ..devices import SAFETENSORS_FLOATS
+from ..errors import CheckpointError, some
+from ..locations import is_url, join, read_bytes
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"

@@ -3,7 +3,7 @@
 Replay asks two things of a checkpoint that transformers cannot load by itself (a DCP folder, a `torch.save`
 file, or safetensors under a trainer's names): `hf_config` (the Hugging Face config describing its network) and
 `state_dict` (its tensors, renamed and reshaped for that network). The reading is the format modules' job
-(pipeline/formats/), the renaming the key maps' (pipeline/keymaps/). A replay hands both the same `Saved`, so a
+(`formats/`), the renaming the key maps' (`keymaps/`). A replay hands both the same `Saved`, so a
 torch.save file is loaded once for the key map, the config and the tensors.
 
 Where the config comes from, first that applies: `checkpoints.model_config` (a config.json, or a folder holding
@@ -22,9 +22,9 @@ import os
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
+from ..records import Checkpoint
 from .model_config import read_config
-from .records import Checkpoint
 from .weightfiles import validate_weights, weight_paths
 
 
@@ -171,7 +171,7 @@ def resolve_key_map(ckpt: Checkpoint, saved: Saved | None = None) -> str:
 
 
 def _local_only(ckpt: Checkpoint) -> None:
-    from .locations import is_url
+    from ..locations import is_url
 
     if is_url(ckpt.path):
         raise CheckpointError(

@@ -23,7 +23,7 @@ import pickle
 import warnings
 from typing import TYPE_CHECKING
 
-from ..errors import CheckpointError, describe, some
+from ...errors import CheckpointError, describe, some
 
 if TYPE_CHECKING:
     import torch

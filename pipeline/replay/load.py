@@ -12,7 +12,7 @@ stack trace from deep inside transformers, or worse, a model that silently runs 
 - after loading: no parameter missing (it would be left at its random init), unexpected or of the wrong shape.
 
 Checkpoints in other formats (DCP folders, torch.save files) or under a trainer's names come through
-pipeline/statedict.py instead: the model is built from their config with empty parameters, which then take the
+`checkpoints.statedict` instead: the model is built from their config with empty parameters, which then take the
 checkpoint's tensors, with the same checks (nothing missing, unexpected or of the wrong shape).
 """
 
@@ -25,21 +25,10 @@ import threading
 import torch
 from torch import nn
 
-from .devices import (
-    SAFETENSORS_FLOATS,
-    available_host_bytes,
-    concrete_device,
-    load_dtype,
-    parse_dtype,
-    release_pinned,
-)
-from .digest import start_tensor_digest, weights_digest_of
-from .errors import CheckpointError, describe, some
-from .locations import is_url, local_folder
-from .model_config import check_architecture, config_fingerprint, read_config
-from .records import Checkpoint
-from .statedict import Saved, hf_config, needs_mapping, state_dict
-from .weightfiles import (
+from ..checkpoints.digest import start_tensor_digest, weights_digest_of
+from ..checkpoints.model_config import check_architecture, config_fingerprint, read_config
+from ..checkpoints.statedict import Saved, hf_config, needs_mapping, state_dict
+from ..checkpoints.weightfiles import (
     CONFIG_NAME,
     check_written,
     file_size,
@@ -48,6 +37,17 @@ from .weightfiles import (
     validate_weights,
     weight_paths,
 )
+from ..devices import (
+    SAFETENSORS_FLOATS,
+    available_host_bytes,
+    concrete_device,
+    load_dtype,
+    parse_dtype,
+    release_pinned,
+)
+from ..errors import CheckpointError, describe, some
+from ..locations import is_url, local_folder
+from ..records import Checkpoint
 
 
 class ModelCache:
@@ -98,7 +98,7 @@ def load_model(
     `weights_digest` is the weights' digest being hashed in the background (pipeline/digest.PendingDigest).
 
     Checkpoints of other formats, or with a `model_config` or a `key_map` set, get their config and tensors from
-    pipeline/statedict.py and are built whole (see `_from_state_dict`).
+    pipeline/checkpoints/statedict.py and are built whole (see `_from_state_dict`).
 
     Args:
         ckpt: the checkpoint (its `path` may be a local folder or an fsspec URL: headers, and the tensors of a
@@ -108,11 +108,11 @@ def load_model(
             float32 / bfloat16 / float16 / float64 (names like "bf16" or torch dtypes).
         trust_remote_code: allow running modeling code shipped with the checkpoint (config.json `auto_map`),
             needed only for architectures transformers does not know. Off by default: it runs arbitrary code.
-        attn_implementation: the transformers attention function; "sinkstats" (pipeline/attention.py) measures
+        attn_implementation: the transformers attention function; "sinkstats" (pipeline/replay/attention.py) measures
             the sink statistics, "eager" or "sdpa" are plain attention.
         models: where a model of the same architecture may be waiting; give the model back to it when done.
         saved: the checkpoint's files as read so far (a statedict.Saved of `ckpt`), for checkpoints read through
-            pipeline/statedict.py: a torch.save file it has loaded is not loaded again.
+            pipeline/checkpoints/statedict.py: a torch.save file it has loaded is not loaded again.
 
     Raises:
         CheckpointError: the checkpoint cannot be loaded; the message names the file and the problem.
@@ -256,7 +256,7 @@ def _shares_storage(params: dict, name: str, present) -> bool:
 
 
 def _from_state_dict(ckpt, device, dtype, trust_remote_code, attn_implementation, saved):
-    """Build the model from a config and "the state dict in transformers' names" (pipeline/statedict.py): the
+    """Build the model from a config and "the state dict in transformers' names" (`checkpoints.statedict`): the
     parameters start on the meta device (no random init, no memory) and take the checkpoint's tensors."""
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 

@@ -21,8 +21,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from .devices import SAFETENSORS_FLOATS
-from .errors import CheckpointError
+from ..devices import SAFETENSORS_FLOATS
+from ..errors import CheckpointError
 
 _HASHERS = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="sinktrace-digest")
 _DRIVER = ThreadPoolExecutor(1, thread_name_prefix="sinktrace-digest-driver")
@@ -59,7 +59,7 @@ def start_digest(paths: list[str]) -> PendingDigest:
 def weights_digest_of(source: str) -> PendingDigest:
     """The digest of a checkpoint's weight files where they can be mapped; for weights read by byte ranges from
     object storage none is computed (it would read every byte once more), and the step's digest stays empty."""
-    from .locations import is_url
+    from ..locations import is_url
     from .weightfiles import weight_paths
 
     if is_url(source):
@@ -70,7 +70,7 @@ def weights_digest_of(source: str) -> PendingDigest:
 
 
 def start_tensor_digest(tensors: dict) -> PendingDigest:
-    """The same digest over tensors already in memory: checkpoints of other formats (pipeline/statedict.py), whose
+    """The same digest over tensors already in memory: checkpoints of other formats (`statedict`), whose
     state dict in transformers' names is what the lines name (dtype as safetensors names it)."""
     names = {dtype: name for name, dtype in SAFETENSORS_FLOATS.items()}
     items = []

@@ -1,0 +1,14 @@
+"""The `replay` stage (configured by `conf/replay/`): one checkpoint in, its sink statistics out.
+
+`step.replay` runs one checkpoint; `load` builds its model, `layered` runs it block by block when its weights exceed
+`replay.max_device_memory`, `attention` and `measure` collect the statistics (`eager` for families outside
+transformers' attention interface), and `reference` is the independent eager reference `sinktrace check` and the
+tests compare with. For scripting a replay: `replay`, `ReplaySettings`, `PhaseTimes`, `ModelCache` (importing this
+package loads torch and transformers).
+"""
+
+from ..settings import ReplaySettings
+from .load import ModelCache
+from .step import PhaseTimes, replay
+
+__all__ = ["replay", "ReplaySettings", "PhaseTimes", "ModelCache"]
