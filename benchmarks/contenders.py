@@ -302,7 +302,7 @@ def attention_share(forward, forward_cpu_s: float, layers: int, repeats: int, de
     import torch
     from torch.overrides import TorchFunctionMode
 
-    from pipeline.replay.attention import fused_attention
+    from pipeline.replay import fused_attention
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
     inside, calls = [0.0], []
