@@ -88,7 +88,7 @@ class ReportSettings:
 
 @dataclass
 class Settings:
-    """The whole command's config; `cluster` is whatever Hydra's `instantiate` builds (see conf/cluster/)."""
+    """The whole command's config; `cluster.build` is whatever Hydra's `instantiate` builds (see conf/cluster/)."""
 
     checkpoints: Any = MISSING
     probe: Any = MISSING

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from pipeline import analysis as an
-from pipeline.replay.step import to_dataset
 from pipeline.replay.measure import measure
+from pipeline.replay.step import to_dataset
 from tests.test_families import VOCAB, build, probe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
