@@ -1,5 +1,9 @@
 """The replay stage, driver side: discovery rounds, waiting for checkpoints, the store, the one writer.
 
+Every root is a source (pipeline/checkpoints/sources.py): the driver lists its checkpoints, hands the ready ones to
+the dispatcher (pipeline/cluster/dispatch.py), which replays them where the `cluster` group says and hands back each
+result as it finishes, and writes each into the store, alone.
+
 Without `replay.watch`, one round replays what is complete, after waiting for checkpoints that only lack their
 quiet period. With it, rounds repeat every `replay.poll_seconds` until `replay.until_step` is stored,
 `replay.idle_timeout` passes with nothing new, or Ctrl-C / SIGTERM.
@@ -7,17 +11,29 @@ quiet period. With it, rounds repeat every `replay.poll_seconds` until `replay.u
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import os
 import time
+import traceback
+from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
 
-from .cluster.dispatch import Outcome, run_replays
 from .errors import UsageError
 from .locations import check_protocol, is_url, local_path
 from .records import Checkpoint
+
+
+@dataclass
+class Outcome:
+    """What the replays came to: steps stored, failed (with the reason) and gone (deleted while queued); and what
+    the last look at the run found: how many checkpoints, and those holding nothing sinktrace can read."""
+
+    done: list[int] = field(default_factory=list)
+    failures: list[tuple[int, str]] = field(default_factory=list)
+    gone: list[int] = field(default_factory=list)
+    found: int = 0
+    unreadable: list[Checkpoint] = field(default_factory=list)
 
 
 def select(checkpoints: list[Checkpoint], steps, *, strict: bool = True) -> tuple[list[Checkpoint], list[Checkpoint]]:
@@ -67,12 +83,17 @@ class Run:
         self.announced = False
         self.step_sources: dict[str, list[int]] = {}  # where the step numbers came from (discovery's step_source)
         self.formats: set[str] = set()
-        from .checkpoints.hub import HubRun, is_hub
+        from .checkpoints.sources import open_source
 
-        # where the checkpoints come from when their files are not on disk yet
-        self.source = HubRun(root, cfg.checkpoints) if is_hub(root) else None
+        self.source = open_source(root, cfg.checkpoints, quiet)
 
     def __call__(self) -> Outcome:
+        try:
+            return self._rounds()
+        finally:
+            self.source.close()
+
+    def _rounds(self) -> Outcome:
         from tqdm.auto import tqdm
 
         s = self.settings
@@ -116,21 +137,10 @@ class Run:
         return self.outcome
 
     def _discover(self, strict: bool) -> list[Checkpoint]:
-        from .checkpoints.discover import LAYOUTS, discover
+        from .checkpoints.discover import LAYOUTS
 
-        c = self.cfg.checkpoints
         try:
-            if self.source is not None:
-                checkpoints = self.source.discover(self.settings.steps)
-            else:
-                # how to read each checkpoint (model_config, key_map) travels on its record to the worker
-                checkpoints = discover(
-                    self.root,
-                    quiet_seconds=self.quiet,
-                    format=str(c.format),
-                    key_map=str(c.key_map),
-                    model_config=os.path.expanduser(str(c.model_config)) if c.model_config else None,
-                )
+            checkpoints = self.source.discover(self.settings.steps)
         except (FileNotFoundError, NotADirectoryError) as e:
             raise UsageError(f"checkpoints.root: {e}") from None
         if not checkpoints and strict:
@@ -183,7 +193,7 @@ class Run:
         self.formats = {*self.formats, *(c.format for c in fresh)}
         self._attrs = {}  # the run's attributes go in once
         status = self.store.status()
-        for step, error in early.items():  # as run_replays records a failure
+        for step, error in early.items():  # as _write records a failure
             if status.get(step) != "done":
                 self.store.mark_failed(step, error)
                 status[step] = "failed"
@@ -222,8 +232,7 @@ class Run:
         from .store.cube import SinkStore
         from .version import __version__
 
-        if self.source is not None:  # its config.json is fetched first
-            first = dataclasses.replace(first, path=self.source.first_config([first]))
+        first = self.source.with_config(first)  # a Hub revision's config.json is fetched first
         try:
             model_config = hf_config(first)
         except ModelConfigNeeded as e:
@@ -248,20 +257,42 @@ class Run:
         }
 
     def _replay(self, todo: list[Checkpoint], bar) -> None:
-        got = run_replays(
-            self.cfg.cluster,
-            todo,
-            self.probe,
-            self.settings,
-            self.store,
-            self.fingerprint,
-            previous=self._previous,
-            verbose=bool(self.cfg.verbose),
-            bar=bar,
-            source=self.source,
-        )
-        for name in ("done", "failures", "gone"):
-            getattr(self.outcome, name).extend(getattr(got, name))
+        """Replay `todo` where the cluster config says, and write each result into the store as it comes back."""
+        from .cluster.dispatch import results
+
+        for ckpt, result in results(self.cfg.cluster, self.source, todo, self.probe, self.settings):
+            self._write(ckpt, result, bar)
+            self.source.release(ckpt)
+            bar.update()
+
+    def _write(self, ckpt: Checkpoint, result, bar) -> None:
+        """A failure is recorded as failed, except on a step that was done before (an overwrite): that step keeps
+        its stored result and the failure is only reported. A checkpoint deleted while it waited is reported as
+        gone."""
+        from .signals import deferred
+
+        if isinstance(result, BaseException) and self.source.gone(ckpt):
+            self.outcome.gone.append(ckpt.step)
+            bar.write(f"step {ckpt.step} gone: {ckpt.path} was deleted before it was replayed")
+            return
+        with deferred():  # Ctrl-C or SIGTERM while the step is written waits until it is written
+            try:
+                if isinstance(result, BaseException):
+                    raise result
+                if result.attrs.get("config_fingerprint") != self.fingerprint:
+                    raise ValueError(
+                        f"{ckpt.path}/config.json describes another architecture than the run's first checkpoint"
+                    )
+                self.store.write_step(ckpt.step, result)
+                self.outcome.done.append(ckpt.step)
+            except Exception as e:  # one bad checkpoint must not stop the others
+                error = f"{type(e).__name__}: {e}"
+                if self._previous.get(ckpt.step) != "done":
+                    self.store.mark_failed(ckpt.step, error)
+                self.outcome.failures.append((ckpt.step, error))
+                bar.write(f"step {ckpt.step} failed: {error}")
+                if self.cfg.verbose:
+                    bar.write("".join(traceback.format_exception(e)))
 
     def _waiting_for(self, waiting: list[Checkpoint], idle: float) -> str:
         pending = [c for c in waiting if c.step not in self.tried and not c.unreadable]

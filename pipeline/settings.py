@@ -88,7 +88,7 @@ class ReportSettings:
 
 @dataclass
 class Settings:
-    """The whole command's config; `cluster` is whatever Hydra's `instantiate` builds (see conf/cluster/)."""
+    """The whole command's config; `cluster.build` is whatever Hydra's `instantiate` builds (see conf/cluster/)."""
 
     checkpoints: Any = MISSING
     probe: Any = MISSING
@@ -111,12 +111,33 @@ SCHEMAS = {
 
 
 CONF_MODULE = "pipeline.conf"
-# keys that moved into the group they configure: the old spelling still works
-MOVED_KEYS = {"device": "replay.device", "dtype": "replay.dtype"}
+# what conf/cluster/'s groups hand the cluster they build, which moved under `cluster.build`
+CLUSTER_BUILD_KEYS = (
+    "n_workers",
+    "threads_per_worker",
+    "devices",
+    "processes",
+    "host",
+    "dashboard_address",
+    "worker_dashboard_address",
+    "queue",
+    "account",
+    "cores",
+    "memory",
+    "gpus_per_job",
+    "walltime",
+    "interface",
+)
+# keys that moved into the group or node they configure: the old spelling still works
+MOVED_KEYS = {
+    "device": "replay.device",
+    "dtype": "replay.dtype",
+    **{f"cluster.{key}": f"cluster.build.{key}" for key in CLUSTER_BUILD_KEYS},
+}
 
 
 def new_spelling(arg: str) -> str:
-    """`device=cuda` -> `replay.device=cuda` (and `dtype=`)."""
+    """`device=cuda` -> `replay.device=cuda` (and `dtype=`), `cluster.n_workers=4` -> `cluster.build.n_workers=4`."""
     key, eq, value = arg.partition("=")
     return f"{MOVED_KEYS[key]}={value}" if eq and key in MOVED_KEYS else arg
 
@@ -228,14 +249,16 @@ def _check_device(device: str) -> None:
 
 
 # the counts of conf/cluster/'s groups that start workers: with none, the run would wait for one forever
-CLUSTER_COUNTS = ("n_workers", "threads_per_worker", "jobs")
+CLUSTER_COUNTS = ("build.n_workers", "build.threads_per_worker", "jobs")
 
 
 def _check_cluster(cluster) -> None:
+    from omegaconf import OmegaConf
+
     from .errors import UsageError
 
     for key in CLUSTER_COUNTS:
-        value = cluster.get(key)
+        value = OmegaConf.select(cluster, key)
         if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             raise UsageError(f"cluster.{key}={value}: give at least 1 (with no worker the run would wait forever)")
 

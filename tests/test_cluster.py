@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from pipeline.cli import compose, run
-from pipeline.cluster import dispatch
+from pipeline.cluster import dispatch, factories
 from pipeline.records import Checkpoint
 from pipeline.store.cube import open_sinks
 from tests.ckpt_factory import make_run
@@ -326,8 +326,8 @@ def test_tls_settings_build_dask_security(tmp_path):
 def test_gpus_cluster_gives_each_worker_its_own_device(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # a faked device list: no GPU is touched
     cfg = compose(["cluster=gpus"]).cluster
-    assert cfg.n_workers is None and cfg.resources == {"GPU": 1}
-    client, cluster = dispatch.connect(cfg)
+    assert cfg.build.n_workers is None and cfg.resources == {"GPU": 1}
+    client, cluster = factories.connect(cfg)
     try:
         seen = client.run(lambda: os.environ["CUDA_VISIBLE_DEVICES"])
         assert sorted(seen.values()) == ["3", "5"]
@@ -335,7 +335,7 @@ def test_gpus_cluster_gives_each_worker_its_own_device(monkeypatch):
         assert [w["resources"] for w in info] == [{"GPU": 1}] * 2
         assert all(loopback(addr.split("://")[1].rsplit(":", 1)[0]) for addr in seen)
     finally:
-        dispatch.close(client, cluster)
+        factories.close(client, cluster)
 
 
 def test_gpus_cluster_without_a_gpu_is_a_usage_error(monkeypatch):
@@ -343,7 +343,7 @@ def test_gpus_cluster_without_a_gpu_is_a_usage_error(monkeypatch):
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     with pytest.raises(UsageError, match="cluster=gpus: no GPU is visible"):
-        dispatch.gpu_cluster()
+        factories.gpu_cluster()
 
 
 def test_slurm_jobs_ask_for_the_configured_resources(tmp_path, monkeypatch):
@@ -374,11 +374,11 @@ def test_slurm_jobs_ask_for_the_configured_resources(tmp_path, monkeypatch):
             "cluster.interface=lo",
         ]
     ).cluster
-    client, cluster = dispatch.connect(cfg)
+    client, cluster = factories.connect(cfg)
     try:
         wait_until(lambda: len(list(jobs.iterdir())) == 3, "three submitted jobs", timeout=60)
     finally:
-        dispatch.close(client, cluster)
+        factories.close(client, cluster)
     for script in jobs.iterdir():
         text = script.read_text()
         for line in (
@@ -392,7 +392,7 @@ def test_slurm_jobs_ask_for_the_configured_resources(tmp_path, monkeypatch):
         ):
             assert line in text, (line, text)
         command = text.strip().splitlines()[-1]
-        for arg in ("--nworkers 4", "--nthreads 4", "--resources GPU=1", "--preload pipeline.cluster.dispatch"):
+        for arg in ("--nworkers 4", "--nthreads 4", "--resources GPU=1", "--preload pipeline.cluster.factories"):
             assert arg in command, (arg, command)
 
 
@@ -401,7 +401,7 @@ def test_each_worker_of_a_slurm_job_keeps_its_own_gpu(monkeypatch):
         name = "SLURMCluster-7-2"
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
-    dispatch.dask_setup(Worker())
+    factories.dask_setup(Worker())
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "6"
 
 

@@ -239,9 +239,9 @@ def cli_bounded(args, timeout=180, prefix=()):
 @pytest.mark.parametrize(
     "cluster,message",
     [
-        (["cluster=processes", "cluster.n_workers=0"], "cluster.n_workers=0: give at least 1"),
-        (["cluster=processes", "cluster.threads_per_worker=0"], "cluster.threads_per_worker=0: give at least 1"),
-        (["cluster=gpus", "cluster.n_workers=0"], "cluster.n_workers=0: give at least 1"),
+        (["cluster=processes", "cluster.n_workers=0"], "cluster.build.n_workers=0: give at least 1"),
+        (["cluster=processes", "cluster.threads_per_worker=0"], "cluster.build.threads_per_worker=0: give at least 1"),
+        (["cluster=gpus", "cluster.build.n_workers=0"], "cluster.build.n_workers=0: give at least 1"),
         (["cluster=slurm", "cluster.jobs=0"], "cluster.jobs=0: give at least 1"),
     ],
 )

@@ -272,15 +272,15 @@ def test_installed_s3_extra_replays_from_a_bucket(extras, s3, folder_run, elsewh
 @pytest.mark.registry
 def test_installed_slurm_extra_writes_the_job_script(extras, elsewhere):
     code = (
-        "from pipeline.cluster import dispatch\n"
+        "from pipeline.cluster import factories\n"
         "from pipeline.cli import compose\n"
-        "cfg = compose(['cluster=slurm', 'cluster.queue=gpu', 'cluster.gpus_per_job=2', 'cluster.jobs=0',\n"
-        "               'cluster.interface=lo']).cluster\n"
-        "client, cluster = dispatch.connect(cfg)  # no job submitted: cluster.jobs=0\n"
+        "cfg = compose(['cluster=slurm', 'cluster.build.queue=gpu', 'cluster.build.gpus_per_job=2',\n"
+        "               'cluster.jobs=0', 'cluster.build.interface=lo']).cluster\n"
+        "client, cluster = factories.connect(cfg)  # no job submitted: cluster.jobs=0\n"
         "try:\n"
         "    print(cluster.job_script())\n"
         "finally:\n"
-        "    dispatch.close(client, cluster)\n"
+        "    factories.close(client, cluster)\n"
     )
     script = extras.run([extras.python, "-c", code], cwd=elsewhere).stdout
     for line in (
@@ -288,6 +288,6 @@ def test_installed_slurm_extra_writes_the_job_script(extras, elsewhere):
         "#SBATCH --gpus=2",
         "--nworkers 2",
         "--resources GPU=1",
-        "--preload pipeline.cluster.dispatch",
+        "--preload pipeline.cluster.factories",
     ):
         assert line in script, (line, script)

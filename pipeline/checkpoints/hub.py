@@ -2,12 +2,12 @@
 
 Public training suites publish each intermediate checkpoint as a revision (a branch or tag) of one repository:
 Pythia as `step<N>`, OLMo and OLMo 2 as `stage1-step<N>-tokens<M>B` (OLMo 1: `step<N>-tokens<M>B`). This module
-is discovery for such a repository: it lists the revisions with `huggingface_hub`, reads each one's training step
-(and tokens seen) from its name, and yields one Checkpoint record per step whose `path` is the revision's
-snapshot folder in the Hugging Face cache. Replay reads that folder like any other checkpoint folder.
+is the source (`sources.Source`) of such a repository: it lists the revisions with `huggingface_hub`, reads each
+one's training step (and tokens seen) from its name, and yields one Checkpoint record per step whose `path` is the
+revision's snapshot folder in the Hugging Face cache. Replay reads that folder like any other checkpoint folder.
 
 The files are not there yet: the driver asks this source to fetch them a few checkpoints ahead of the replay
-(`start`, `ready`) and to free them once the step is stored (`release`), so that a suite of a hundred checkpoints
+(`start`, `arrived`) and to free them once the step is stored (`release`), so that a suite of a hundred checkpoints
 of a large model never takes more disk than `checkpoints.cache_limit`. Only config.json and safetensors are
 fetched; a revision with only pickled weights is skipped unless `checkpoints.allow_torch_pickle=true`, which
 reads them with `torch.load(weights_only=True)` and writes a safetensors copy for replay.
@@ -29,6 +29,7 @@ replayed and the others reported.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -405,21 +406,16 @@ class HubRun:
 
     # ------------------------------------------------------------------------------------------ fetching
 
-    def first_config(self, ready: list[Checkpoint]) -> str:
-        """The folder of the first of `ready` whose config.json could be fetched (the run's probe is built from
-        it); UsageError when none could."""
-        errors = []
-        for ckpt in ready:
-            rev = self.revisions[ckpt.step]
-            try:
-                path = self._download(rev, CONFIG_NAME)
-            except CheckpointError as e:
-                errors.append(str(e))
-                continue
-            return os.path.dirname(path)
-        raise UsageError(
-            f"checkpoints.root={self.root}: no revision's {CONFIG_NAME} could be fetched: {some(errors, 1)}"
-        )
+    def with_config(self, ckpt: Checkpoint) -> Checkpoint:
+        """`ckpt` with its revision's config.json fetched (the run's probe is built from it); UsageError when it
+        cannot be."""
+        try:
+            path = self._download(self.revisions[ckpt.step], CONFIG_NAME)
+        except CheckpointError as e:
+            raise UsageError(
+                f"checkpoints.root={self.root}: no revision's {CONFIG_NAME} could be fetched: {e}"
+            ) from None
+        return dataclasses.replace(ckpt, path=os.path.dirname(path))
 
     def start(self, todo: list[Checkpoint]) -> None:
         """Fetch the checkpoints of `todo` in order, in the background, within the cache limit."""
@@ -429,13 +425,10 @@ class HubRun:
         self._thread = threading.Thread(target=self._fetch_all, args=(list(todo),), daemon=True, name="hub-fetch")
         self._thread.start()
 
-    def take(self) -> tuple[Checkpoint, Exception | None]:
-        """The next checkpoint fetched (in the order of `start`), with None or why its fetch failed; waits for it."""
-        return self._ready.get()
-
-    def poll(self) -> list[tuple[Checkpoint, Exception | None]]:
-        """The checkpoints fetched since the last call, without waiting."""
-        out = []
+    def arrived(self, wait: bool) -> list[tuple[Checkpoint, Exception | None]]:
+        """The checkpoints fetched since the last call (in the order of `start`), each with None or why its fetch
+        failed; `wait`: wait for the next one when none is."""
+        out = [self._ready.get()] if wait else []
         while True:
             try:
                 out.append(self._ready.get_nowait())
@@ -449,6 +442,10 @@ class HubRun:
         with self._cond:
             self._held.pop(ckpt.step, None)
             self._cond.notify_all()
+
+    def gone(self, ckpt: Checkpoint) -> bool:
+        """Never: a revision's files are this run's copies, and a fetch that failed says so itself."""
+        return False
 
     def close(self) -> None:
         """Stop fetching, and delete what was fetched and not released (unless told to keep it)."""
