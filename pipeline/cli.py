@@ -43,6 +43,11 @@ def run(cfg: DictConfig) -> int:
             check_store_path(str(cfg.store.path))
         if cfg.checkpoints.root:
             check_root(str(cfg.checkpoints.root))
+        if cfg.stages == ["compare"]:  # it reads the stores in compare.stores alone
+            from .compare import compare_stage
+
+            compare_stage(cfg)
+            return 0
         if "replay" in cfg.stages or not cfg.store.path:
             root, quiet = checkpoint_root(cfg)
         else:  # the report reads the store alone: no checkpoints to find, no demo to build
@@ -57,6 +62,10 @@ def run(cfg: DictConfig) -> int:
                 return summary(outcome)  # nothing could be read, so there is nothing to report on
         if "report" in cfg.stages and not (outcome and outcome.failures and not exists(store)):  # all failed
             report_stage(cfg, store)
+        if "compare" in cfg.stages:
+            from .compare import compare_stage
+
+            compare_stage(cfg)
     except UsageError as e:
         print(f"sinktrace: error: {e}", file=sys.stderr)
         return 2
