@@ -117,11 +117,17 @@ def report_stage(cfg: DictConfig, store_location: str) -> None:
     if not exists(store_location):
         raise UsageError(f"store.path={store_location}: no store there yet; run the replay stage first")
     page = write_report(store_location, cfg.report.out_dir or None, eps=float(cfg.report.eps))
+    if cfg.report.tensorboard:
+        from .tensorboard_scalars import write_scalars
+
+        write_scalars(store_location, str(cfg.report.tensorboard), eps=float(cfg.report.eps))
     for name, node in sorted(open_sinks(store_location).children.items()):
         ds = node.to_dataset()
         print(f"\nprobe {name}:")
         print(summary_table(ds, eps=float(cfg.report.eps)))
     print(f"\nstore:  {store_location}\nreport: {page}")
+    if cfg.report.tensorboard:
+        print(f"tensorboard scalars: {cfg.report.tensorboard}")
 
 
 def print_same_weights(store_location: str) -> None:

@@ -262,6 +262,12 @@ class Run:
         )
         for name in ("done", "failures", "gone"):
             getattr(self.outcome, name).extend(getattr(got, name))
+        if self.cfg.report.tensorboard and got.done:  # the steps just stored, as TensorBoard scalars
+            from .tensorboard_scalars import write_scalars
+
+            write_scalars(
+                self.store_location, str(self.cfg.report.tensorboard), steps=got.done, eps=self.cfg.report.eps
+            )
 
     def _waiting_for(self, waiting: list[Checkpoint], idle: float) -> str:
         pending = [c for c in waiting if c.step not in self.tried and not c.unreadable]

@@ -84,6 +84,7 @@ class StoreSettings:
 class ReportSettings:
     eps: float = 0.3
     out_dir: str | None = None
+    tensorboard: str | None = None
 
 
 @dataclass
@@ -221,6 +222,10 @@ def check(cfg) -> None:
         raise UsageError(f"probe.seq_len={p.seq_len}, probe.rows={p.rows}: give at least 2 tokens and 1 row")
     if not 0 < cfg.report.eps < 1:
         raise UsageError(f"report.eps={cfg.report.eps}: must lie between 0 and 1")
+    if cfg.report.tensorboard is not None and {"replay", "report"} & set(cfg.stages):
+        from .tensorboard_scalars import needs_tensorboard
+
+        needs_tensorboard()
     _check_cluster(cfg.cluster)
     if "compare" in cfg.stages:
         _check_compare(cfg.compare)
