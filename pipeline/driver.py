@@ -38,6 +38,10 @@ def check_root(root: str) -> None:
         raise UsageError(f"checkpoints.root={root}: {what}")
 
 
+def _resolved(root: str) -> str:
+    return root.rstrip("/") if is_url(root) else os.path.realpath(local_path(root))
+
+
 def check_store_path(location: str) -> None:
     """A store path must be free, or hold a Zarr store (a sinktrace store's root is a Zarr group)."""
     if is_url(location):
@@ -236,6 +240,13 @@ class Run:
             raise UsageError(str(e)) from None
         self.fingerprint = config_fingerprint(model_config)
         self.store = SinkStore(self.store_location, self.probe.name)
+        stored = self.store.attrs().get("checkpoint_root")
+        if stored and _resolved(stored) != _resolved(self.root):  # its steps would pass for this run's, done
+            raise UsageError(
+                f"store.path={self.store_location} holds the run of checkpoints.root={stored}, not {self.root}: give "
+                "each run its own store (in a multirun over checkpoints.root, leave store.path out or put "
+                "${hydra:job.num} in it)"
+            )
         self._attrs = {
             **probe_attrs(self.probe),
             "architecture": model_config.get("model_type", "unknown"),

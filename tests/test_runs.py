@@ -214,3 +214,23 @@ def test_compare_stage_bad_input_is_one_line(two_runs, tmp_path, capsys, overrid
     assert run(cfg) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message.format(**names) in err
+
+
+def test_one_store_for_two_checkpoint_roots_is_refused(trained_run, run_copy, tmp_path, capsys):
+    """A multirun over roots with one fixed store.path: the second root's steps would pass for done."""
+    store = tmp_path / "one.zarr"
+
+    def replay(root):
+        args = [f"checkpoints.root={root}", "checkpoints.quiet_seconds=0", f"store.path={store}", "stages=[replay]"]
+        return run(compose([*args, "probe.rows=4", "probe.seq_len=16", "replay.steps=[0]"]))
+
+    assert replay(trained_run) == 0
+    before = pipeline.open_sinks(str(store), "random-T16-r4-s0-bos").load()
+    capsys.readouterr()
+    assert replay(run_copy) == 2
+    err = capsys.readouterr().err
+    assert f"store.path={store} holds the run of checkpoints.root={trained_run}, not {run_copy}" in err
+    assert "${hydra:job.num}" in err
+    xr.testing.assert_identical(pipeline.open_sinks(str(store), "random-T16-r4-s0-bos").load(), before)
+    (tmp_path / "link").symlink_to(trained_run)
+    assert replay(tmp_path / "link") == 0  # the same run by another path
