@@ -7,6 +7,10 @@ DataArrays whose ``attrs`` say what was computed (``definition``, ``eps``,
 ``convention``), so a saved result still tells how it was made. They stay lazy
 when the cube is Dask-backed; only the tiny ``status`` array is read eagerly.
 
+Several runs compared (``pipeline.open_runs``: a ``run`` dimension, steps a run lacks
+NaN with status ``missing``): every function runs on each run's own cube and stacks
+the answers along ``run`` (docs/data.md, "Runs compared").
+
 Conventions (docs/data.md, "Decisions"):
 
 * ``convention="stored"`` (the default) uses ``sink_mass`` as stored: attention on
@@ -850,7 +854,8 @@ def positional_index(
 
 @xr.register_dataset_accessor("sinks")
 class SinkAccessor:
-    """``ds.sinks.<function>(...)``: the functions of this module bound to one probe group."""
+    """``ds.sinks.<function>(...)``: the functions of this module bound to one probe group (or to several runs of
+    one, from ``pipeline.open_runs``: answers per run)."""
 
     def __init__(self, ds: xr.Dataset):
         self._ds = ds
