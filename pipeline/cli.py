@@ -57,7 +57,7 @@ def run(cfg: DictConfig) -> int:
         if "replay" in cfg.stages:
             from .driver import replay_stage
 
-            outcome = replay_stage(cfg, root, quiet, store)
+            outcome = replay_stage(cfg, root, quiet, store, on_stored=tensorboard_scalars(cfg, store))
             if outcome.unreadable and len(outcome.unreadable) == outcome.found:
                 return summary(outcome)  # nothing could be read, so there is nothing to report on
         if "report" in cfg.stages and not (outcome and outcome.failures and not exists(store)):  # all failed
@@ -108,6 +108,15 @@ def summary(outcome) -> int:
         for step, error in outcome.failures:
             print(f"  step {step}: {error}", file=sys.stderr)
     return 1 if outcome.failures or outcome.unreadable else 0
+
+
+def tensorboard_scalars(cfg: DictConfig, store_location: str):
+    """With report.tensorboard: what writes the steps a replay round stored as TensorBoard scalars."""
+    if not cfg.report.tensorboard:
+        return None
+    from .tensorboard_scalars import write_scalars
+
+    return lambda steps: write_scalars(store_location, str(cfg.report.tensorboard), steps=steps, eps=cfg.report.eps)
 
 
 def report_stage(cfg: DictConfig, store_location: str) -> None:

@@ -60,8 +60,9 @@ def check_store_path(location: str) -> None:
 class Run:
     """One replay stage: the probe and the store are set up from the first checkpoint that is ready."""
 
-    def __init__(self, cfg: DictConfig, root: str, quiet: float, store_location: str):
+    def __init__(self, cfg: DictConfig, root: str, quiet: float, store_location: str, on_stored=None):
         self.cfg, self.root, self.quiet, self.store_location = cfg, root, quiet, store_location
+        self.on_stored = on_stored  # called with the steps each round stored (the TensorBoard scalars)
         self.settings = OmegaConf.to_object(cfg.replay)
         self.outcome = Outcome()
         self.store = self.probe = self.fingerprint = None
@@ -273,12 +274,8 @@ class Run:
         )
         for name in ("done", "failures", "gone"):
             getattr(self.outcome, name).extend(getattr(got, name))
-        if self.cfg.report.tensorboard and got.done:  # the steps just stored, as TensorBoard scalars
-            from .tensorboard_scalars import write_scalars
-
-            write_scalars(
-                self.store_location, str(self.cfg.report.tensorboard), steps=got.done, eps=self.cfg.report.eps
-            )
+        if self.on_stored is not None and got.done:
+            self.on_stored(got.done)
 
     def _waiting_for(self, waiting: list[Checkpoint], idle: float) -> str:
         pending = [c for c in waiting if c.step not in self.tried and not c.unreadable]
@@ -290,10 +287,10 @@ class Run:
         return f"waiting for new checkpoints{until} (stopping after {left:.0f} s more with none)"
 
 
-def replay_stage(cfg: DictConfig, root: str, quiet: float, store_location: str) -> Outcome:
+def replay_stage(cfg: DictConfig, root: str, quiet: float, store_location: str, on_stored=None) -> Outcome:
     from .signals import interruptible
     from .store.lock import StoreLock
 
     check_store_path(store_location)
     with StoreLock(store_location), interruptible():
-        return Run(cfg, root, quiet, store_location)()
+        return Run(cfg, root, quiet, store_location, on_stored)()

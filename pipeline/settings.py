@@ -223,8 +223,6 @@ def check(cfg) -> None:
     if not 0 < cfg.report.eps < 1:
         raise UsageError(f"report.eps={cfg.report.eps}: must lie between 0 and 1")
     if cfg.report.tensorboard is not None and {"replay", "report"} & set(cfg.stages):
-        from .tensorboard_scalars import needs_tensorboard
-
         needs_tensorboard()
     _check_cluster(cfg.cluster)
     if "compare" in cfg.stages:
@@ -283,3 +281,13 @@ def _check_compare(c) -> None:
             raise UsageError(f"{key}: {store}: no sinktrace store there")
     if c.align not in ALIGNS:
         raise UsageError(f"compare.align={c.align}: choose from {', '.join(ALIGNS)}")
+
+
+def needs_tensorboard() -> None:
+    """UsageError, in one line, where the `tensorboard` extra is not installed."""
+    import importlib.util
+
+    from .errors import UsageError
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise UsageError("report.tensorboard needs the tensorboard package: pip install 'sinktrace[tensorboard]'")

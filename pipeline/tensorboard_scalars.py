@@ -25,19 +25,11 @@ import numpy as np
 import xarray as xr
 
 from . import analysis as an
-from .errors import UsageError
+from .settings import needs_tensorboard
 from .store.schema import MEASURED
 
 SUFFIX = ".sinktrace"
 _STEP_FILE = re.compile(r"^events\.out\.tfevents\.(\d+)\.sinktrace$")
-
-
-def needs_tensorboard() -> None:
-    """UsageError, in one line, where the extra is not installed."""
-    import importlib.util
-
-    if importlib.util.find_spec("tensorboard") is None:
-        raise UsageError("report.tensorboard needs the tensorboard package: pip install 'sinktrace[tensorboard]'")
 
 
 def step_file(group_dir: Path, step: int) -> Path:
