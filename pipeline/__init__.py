@@ -1,6 +1,7 @@
 """sinktrace: replay training checkpoints and trace how attention sinks form.
 
-The public API: `open_sinks` and `demo_store` to get a store, the analysis functions of `pipeline.analysis` (also
+The public API: `open_sinks` and `demo_store` to get a store, `open_runs` to line several runs' stores up along a
+`run` dimension, the analysis functions of `pipeline.analysis` (also
 bound to each probe group as the accessor `ds.sinks`, registered on import), and the module `pipeline.replay` for
 scripting a replay (`replay`, `ReplaySettings`, `PhaseTimes`, `ModelCache`). Importing the package loads xarray,
 not torch: `pipeline.replay` loads torch and transformers when it is imported.
@@ -20,6 +21,7 @@ from .analysis import (
     layer_sink_mass,
     massive_activation_ratio,
     mixing_effect,
+    one_run,
     onset_layer,
     positional_index,
     positional_index_pair,
@@ -27,6 +29,7 @@ from .analysis import (
     probe_length,
     profile_change,
     recognition_step,
+    run_names,
     same_weights,
     sink_rate,
     sink_score,
@@ -35,12 +38,14 @@ from .analysis import (
     writer_ratio,
     writer_settle_step,
 )
+from .runs import open_runs
 from .version import __version__
 
 __all__ = [
     "__version__",
     # a store
     "open_sinks",
+    "open_runs",
     "demo_store",
     # the analysis functions, and the `ds.sinks` accessor that binds them to a probe group
     "SinkAccessor",
@@ -70,6 +75,8 @@ __all__ = [
     "positional_index",
     "positional_index_pair",
     "first_token_pair",
+    "run_names",
+    "one_run",
     # scripting a replay (a module: it loads torch when imported)
     "replay",
 ]

@@ -7,6 +7,10 @@ DataArrays whose ``attrs`` say what was computed (``definition``, ``eps``,
 ``convention``), so a saved result still tells how it was made. They stay lazy
 when the cube is Dask-backed; only the tiny ``status`` array is read eagerly.
 
+Several runs compared (``pipeline.open_runs``: a ``run`` dimension, steps a run lacks
+NaN with status ``missing``): every function runs on each run's own cube and stacks
+the answers along ``run`` (docs/data.md, "Runs compared").
+
 Conventions (docs/data.md, "Decisions"):
 
 * ``convention="stored"`` (the default) uses ``sink_mass`` as stored: attention on
@@ -20,6 +24,7 @@ Conventions (docs/data.md, "Decisions"):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Literal
 
@@ -46,11 +51,13 @@ __all__ = [
     "mixing_effect",
     "recognition_step",
     "onset_layer",
+    "one_run",
     "positional_index",
     "positional_index_pair",
     "probe_groups",
     "probe_length",
     "profile_change",
+    "run_names",
     "training_loss",
     "writer_ratio",
     "writer_settle_step",
@@ -59,6 +66,93 @@ __all__ = [
     "sink_score",
     "uniform_sink_mass",
 ]
+
+
+# ---------------------------------------------------------------------------
+# Runs compared: a Dataset with a ``run`` dimension (pipeline.open_runs)
+
+RUN = "run"
+# The status of a step one run of a comparison does not have (another run does).
+MISSING = "missing"
+
+
+def _strings(values) -> np.ndarray:
+    """A string array as Python strs, whatever the writer's string dtype (object, StringDType, bytes)."""
+    return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in np.ravel(values).tolist()], dtype=object)
+
+
+def run_names(ds: xr.Dataset) -> list[str]:
+    """The runs of a comparison (:func:`pipeline.open_runs`), in order; ``[]`` for one run's cube."""
+    return [str(r) for r in ds[RUN].values.tolist()] if RUN in ds.dims else []
+
+
+def one_run(ds: xr.Dataset, run: str) -> xr.Dataset:
+    """One run of a comparison as that run's own cube: indexed by ``step``, without the steps it does not have
+    (status ``missing``) and without the ``run`` coordinates."""
+    one = ds.sel({RUN: run})
+    index = one["status"].dims[0]
+    one = one.isel({index: np.flatnonzero(_strings(one["status"].values) != MISSING)})
+    if index != "step":  # aligned on tokens_seen: back to the run's own steps
+        one = one.swap_dims({index: "step"})
+    one = one.assign_coords(step=one["step"].values.astype(np.int64))
+    return one.drop_vars([name for name, c in ds.coords.items() if c.dims == (RUN,)])
+
+
+def _stack_runs(results: dict[str, object], ds: xr.Dataset, cubes: dict[str, xr.Dataset]):
+    """Per-run results back into one object with a ``run`` dim, on the comparison's own axis (step or
+    tokens_seen)."""
+    first = next(iter(results.values()), None)
+    if not isinstance(first, (xr.DataArray, xr.Dataset)):
+        return results  # plain Python results (same_weights): one per run
+    index = ds["status"].dims[-1]
+    if index != "step":
+        moved = {}
+        for name, r in results.items():
+            if "step" in r.dims:
+                tokens = cubes[name]["tokens_seen"].sel(step=r["step"]).values
+                r = r.assign_coords({index: ("step", tokens)}).swap_dims(step=index)
+            moved[name] = r
+        results = moved
+    runs = list(results)
+    out = xr.concat(
+        [r.drop_vars(RUN, errors="ignore") for r in results.values()],
+        dim=RUN,
+        join="outer",
+        coords="different",
+        compat="equals",
+        combine_attrs="override",
+    )
+    return out.assign_coords({RUN: runs, **{name: c for name, c in ds.coords.items() if c.dims == (RUN,)}})
+
+
+def _per_run(fn):
+    """Make an analysis function take a comparison too: it runs on each run's own cube (:func:`one_run`) and the
+    results are stacked along ``run`` (NaN where a run lacks a step)."""
+
+    @functools.wraps(fn)
+    def wrapper(ds, *args, **kwargs):
+        if not isinstance(ds, xr.Dataset) or RUN not in ds.dims:
+            return fn(ds, *args, **kwargs)
+        cubes = {name: one_run(ds, name) for name in run_names(ds)}
+        return _stack_runs({name: fn(cube, *args, **kwargs) for name, cube in cubes.items()}, ds, cubes)
+
+    return wrapper
+
+
+def _per_run_pair(fn):
+    """:func:`_per_run` for functions of two groups: both comparisons of the same runs, paired run by run."""
+
+    @functools.wraps(fn)
+    def wrapper(a, b, *args, **kwargs):
+        if RUN not in a.dims and RUN not in b.dims:
+            return fn(a, b, *args, **kwargs)
+        if run_names(a) != run_names(b):
+            raise ValueError(f"the two comparisons hold different runs: {run_names(a)} vs {run_names(b)}")
+        cubes = {name: one_run(a, name) for name in run_names(a)}
+        results = {name: fn(cube, one_run(b, name), *args, **kwargs) for name, cube in cubes.items()}
+        return _stack_runs(results, a, cubes)
+
+    return wrapper
 
 
 # ---------------------------------------------------------------------------
@@ -86,13 +180,19 @@ def probe_groups(sinks) -> dict[str, xr.Dataset]:
 
 
 def done(ds: xr.Dataset) -> xr.Dataset:
-    """The cube restricted to steps whose ``status`` is "done" (all steps without a status)."""
+    """The cube restricted to steps whose ``status`` is "done" (all steps without a status).
+
+    On a comparison (a ``run`` dim): the steps done in at least one run, the data variables NaN in the runs where
+    the step is not done."""
     if "status" not in ds.variables:
         return ds
-    # Writers differ in string dtype (object, numpy StringDType, fixed-width bytes).
-    status = [s.decode() if isinstance(s, bytes) else str(s) for s in ds["status"].values.tolist()]
-    keep = np.flatnonzero(np.array(status, dtype=object) == DONE)
-    return ds.isel(step=keep)
+    index = ds["status"].dims[-1]
+    is_done = _strings(ds["status"].values).reshape(ds["status"].shape) == DONE
+    if RUN in ds["status"].dims:
+        mask = xr.DataArray(is_done, dims=ds["status"].dims, coords={d: ds[d] for d in ds["status"].dims})
+        ds = ds.where(mask)
+        is_done = is_done.any(axis=ds["status"].dims.index(RUN))
+    return ds.isel({index: np.flatnonzero(is_done)})
 
 
 def _done_data(ds: xr.Dataset) -> xr.Dataset:
@@ -122,6 +222,7 @@ def uniform_sink_mass(seq_len: int) -> float:
     return float(np.mean(1.0 / (t + 1.0)))
 
 
+@_per_run
 def sink_score(ds: xr.Dataset, convention: Convention = "stored") -> xr.DataArray:
     """The per-head first-token score (step, layer, head) on done steps.
 
@@ -141,6 +242,7 @@ def sink_score(ds: xr.Dataset, convention: Convention = "stored") -> xr.DataArra
     )
 
 
+@_per_run
 def layer_sink_mass(ds: xr.Dataset, convention: Convention = "stored") -> xr.DataArray:
     """Sink score averaged over heads: (step, layer) on done steps."""
     score = sink_score(ds, convention)
@@ -164,6 +266,7 @@ def _true_from_here_on(mask: xr.DataArray, dim: str) -> xr.DataArray:
 # The questions
 
 
+@_per_run
 def sink_rate(
     ds: xr.Dataset,
     eps: float = 0.3,
@@ -190,6 +293,7 @@ def sink_rate(
     )
 
 
+@_per_run
 def emergence_step(
     ds: xr.Dataset,
     eps: float = 0.3,
@@ -231,6 +335,7 @@ def emergence_step(
     )
 
 
+@_per_run
 def first_crossing_step(
     ds: xr.Dataset,
     eps: float = 0.3,
@@ -257,6 +362,7 @@ def first_crossing_step(
     )
 
 
+@_per_run
 def onset_layer(ds: xr.Dataset, eps: float = 0.3, *, convention: Convention = "stored") -> xr.DataArray:
     """Per step, the first (lowest) layer whose sink score, mean over heads, exceeds ``eps``.
 
@@ -276,6 +382,7 @@ def onset_layer(ds: xr.Dataset, eps: float = 0.3, *, convention: Convention = "s
     )
 
 
+@_per_run
 def early_share(ds: xr.Dataset, k: int = 2) -> xr.DataArray:
     """Per step, the share of the total sink mass found in the first ``k`` layers.
 
@@ -300,6 +407,7 @@ def early_share(ds: xr.Dataset, k: int = 2) -> xr.DataArray:
     )
 
 
+@_per_run
 def profile_change(ds: xr.Dataset, window: int = 3) -> xr.DataArray:
     """Largest change of the per-layer sink profile within each run of ``window`` checkpoints.
 
@@ -329,6 +437,7 @@ def profile_change(ds: xr.Dataset, window: int = 3) -> xr.DataArray:
     )
 
 
+@_per_run
 def convergence_step(ds: xr.Dataset, tol: float = 0.05, window: int = 3) -> xr.DataArray:
     """The step after which the per-layer sink profile stops changing.
 
@@ -361,6 +470,7 @@ def convergence_step(ds: xr.Dataset, tol: float = 0.05, window: int = 3) -> xr.D
     )
 
 
+@_per_run
 def massive_activation_ratio(ds: xr.Dataset, kind: Literal["norm", "max_median"] = "norm") -> xr.DataArray:
     """Massive-activation ratio per step and layer, from the residual-stream statistics.
 
@@ -406,6 +516,7 @@ def _needs(ds: xr.Dataset, names, switch: str) -> None:
         raise KeyError(f"the cube has no {', '.join(missing)}: replay with {switch!r} in replay.measure")
 
 
+@_per_run
 def writer_ratio(ds: xr.Dataset) -> xr.DataArray:
     """How much each sublayer's output at position 0 stands out: (step, layer, component) on done steps.
 
@@ -432,6 +543,7 @@ def writer_ratio(ds: xr.Dataset) -> xr.DataArray:
     )
 
 
+@_per_run
 def circuit_writer(ds: xr.Dataset, ratio: float = 3.0) -> xr.DataArray:
     """Per step, the first sublayer whose output at position 0 stands out: the P0 circuit's writer.
 
@@ -457,6 +569,7 @@ def circuit_writer(ds: xr.Dataset, ratio: float = 3.0) -> xr.DataArray:
     )
 
 
+@_per_run
 def writer_settle_step(ds: xr.Dataset, ratio: float = 3.0) -> xr.DataArray:
     """The step from which the circuit's writer (:func:`circuit_writer`) is the same sublayer at every later done
     step. NaN if there is no writer at the last done step. 0-d."""
@@ -474,6 +587,7 @@ def writer_settle_step(ds: xr.Dataset, ratio: float = 3.0) -> xr.DataArray:
     )
 
 
+@_per_run
 def recognition_step(ds: xr.Dataset, threshold: float = 0.9, layers: int = 2) -> xr.DataArray:
     """The step from which position zero is recognised without its content. 0-d.
 
@@ -504,6 +618,7 @@ def recognition_step(ds: xr.Dataset, threshold: float = 0.9, layers: int = 2) ->
     )
 
 
+@_per_run
 def mixing_effect(ds: xr.Dataset) -> xr.Dataset:
     """What the sink does for mixing: (step, layer) ratios, sink removed over sink kept, on done steps.
 
@@ -528,6 +643,7 @@ def mixing_effect(ds: xr.Dataset) -> xr.Dataset:
     return out
 
 
+@_per_run
 def circuit_share(ds: xr.Dataset, k: int = 2) -> xr.DataArray:
     """Per step, the share of the position-0 writing done in the first ``k`` layers.
 
@@ -553,6 +669,7 @@ def circuit_share(ds: xr.Dataset, k: int = 2) -> xr.DataArray:
     )
 
 
+@_per_run
 def circuit_convergence_step(ds: xr.Dataset, k: int = 2, tol: float = 0.05, window: int = 3) -> xr.DataArray:
     """The P0 paper's convergence signal: the step after which :func:`circuit_share` stops changing. 0-d.
 
@@ -585,6 +702,7 @@ def circuit_convergence_step(ds: xr.Dataset, k: int = 2, tol: float = 0.05, wind
     )
 
 
+@_per_run
 def training_loss(ds: xr.Dataset) -> xr.DataArray:
     """The training loss logged at each done step (the ``loss`` step coordinate; NaN where the checkpoint did not
     say)."""
@@ -605,6 +723,7 @@ def training_loss(ds: xr.Dataset) -> xr.DataArray:
 _SAME_PROBE = ("probe_kind", "probe_seq_len", "probe_rows", "probe_source", "architecture", "config_fingerprint")
 
 
+@_per_run
 def same_weights(ds: xr.Dataset) -> list[list[int]]:
     """Steps that hold identical weights: each group (two steps or more, sorted) shares one ``weights_digest``
     (the digest of the checkpoint's tensors, docs/data.md). Public suites serve one checkpoint under several
@@ -652,6 +771,7 @@ def first_token_pair(tree) -> tuple[str, str] | None:
     return None
 
 
+@_per_run_pair
 def positional_index_pair(
     fixed: xr.Dataset,
     random: xr.Dataset,
@@ -734,7 +854,8 @@ def positional_index(
 
 @xr.register_dataset_accessor("sinks")
 class SinkAccessor:
-    """``ds.sinks.<function>(...)``: the functions of this module bound to one probe group."""
+    """``ds.sinks.<function>(...)``: the functions of this module bound to one probe group (or to several runs of
+    one, from ``pipeline.open_runs``: answers per run)."""
 
     def __init__(self, ds: xr.Dataset):
         self._ds = ds

@@ -43,6 +43,11 @@ def run(cfg: DictConfig) -> int:
             check_store_path(str(cfg.store.path))
         if cfg.checkpoints.root:
             check_root(str(cfg.checkpoints.root))
+        if cfg.stages == ["compare"]:  # it reads the stores in compare.stores alone
+            from .compare import compare_stage
+
+            compare_stage(cfg)
+            return 0
         if "replay" in cfg.stages or not cfg.store.path:
             root, quiet = checkpoint_root(cfg)
         else:  # the report reads the store alone: no checkpoints to find, no demo to build
@@ -52,11 +57,15 @@ def run(cfg: DictConfig) -> int:
         if "replay" in cfg.stages:
             from .driver import replay_stage
 
-            outcome = replay_stage(cfg, root, quiet, store)
+            outcome = replay_stage(cfg, root, quiet, store, on_stored=tensorboard_scalars(cfg, store))
             if outcome.unreadable and len(outcome.unreadable) == outcome.found:
                 return summary(outcome)  # nothing could be read, so there is nothing to report on
         if "report" in cfg.stages and not (outcome and outcome.failures and not exists(store)):  # all failed
             report_stage(cfg, store)
+        if "compare" in cfg.stages:
+            from .compare import compare_stage
+
+            compare_stage(cfg)
     except UsageError as e:
         print(f"sinktrace: error: {e}", file=sys.stderr)
         return 2
@@ -101,6 +110,15 @@ def summary(outcome) -> int:
     return 1 if outcome.failures or outcome.unreadable else 0
 
 
+def tensorboard_scalars(cfg: DictConfig, store_location: str):
+    """With report.tensorboard: what writes the steps a replay round stored as TensorBoard scalars."""
+    if not cfg.report.tensorboard:
+        return None
+    from .tensorboard_scalars import write_scalars
+
+    return lambda steps: write_scalars(store_location, str(cfg.report.tensorboard), steps=steps, eps=cfg.report.eps)
+
+
 def report_stage(cfg: DictConfig, store_location: str) -> None:
     from .report import summary_table, write_report
     from .store.cube import open_sinks
@@ -108,11 +126,17 @@ def report_stage(cfg: DictConfig, store_location: str) -> None:
     if not exists(store_location):
         raise UsageError(f"store.path={store_location}: no store there yet; run the replay stage first")
     page = write_report(store_location, cfg.report.out_dir or None, eps=float(cfg.report.eps))
+    if cfg.report.tensorboard:
+        from .tensorboard_scalars import write_scalars
+
+        write_scalars(store_location, str(cfg.report.tensorboard), eps=float(cfg.report.eps))
     for name, node in sorted(open_sinks(store_location).children.items()):
         ds = node.to_dataset()
         print(f"\nprobe {name}:")
         print(summary_table(ds, eps=float(cfg.report.eps)))
     print(f"\nstore:  {store_location}\nreport: {page}")
+    if cfg.report.tensorboard:
+        print(f"tensorboard scalars: {cfg.report.tensorboard}")
 
 
 def print_same_weights(store_location: str) -> None:

@@ -54,6 +54,10 @@ def check_root(root: str) -> None:
         raise UsageError(f"checkpoints.root={root}: {what}")
 
 
+def _resolved(root: str) -> str:
+    return root.rstrip("/") if is_url(root) else os.path.realpath(local_path(root))
+
+
 def check_store_path(location: str) -> None:
     """A store path must be free, or hold a Zarr store (a sinktrace store's root is a Zarr group)."""
     if is_url(location):
@@ -72,8 +76,9 @@ def check_store_path(location: str) -> None:
 class Run:
     """One replay stage: the probe and the store are set up from the first checkpoint that is ready."""
 
-    def __init__(self, cfg: DictConfig, root: str, quiet: float, store_location: str):
+    def __init__(self, cfg: DictConfig, root: str, quiet: float, store_location: str, on_stored=None):
         self.cfg, self.root, self.quiet, self.store_location = cfg, root, quiet, store_location
+        self.on_stored = on_stored  # called with each step as it is stored (the TensorBoard scalars)
         self.settings = OmegaConf.to_object(cfg.replay)
         self.outcome = Outcome()
         self.store = self.probe = self.fingerprint = None
@@ -245,6 +250,13 @@ class Run:
             raise UsageError(str(e)) from None
         self.fingerprint = config_fingerprint(model_config)
         self.store = SinkStore(self.store_location, self.probe.name)
+        stored = self.store.attrs().get("checkpoint_root")
+        if stored and _resolved(stored) != _resolved(self.root):  # its steps would pass for this run's, done
+            raise UsageError(
+                f"store.path={self.store_location} holds the run of checkpoints.root={stored}, not {self.root}: give "
+                "each run its own store (in a multirun over checkpoints.root, leave store.path out or put "
+                "${hydra:job.num} in it)"
+            )
         self._attrs = {
             **probe_attrs(self.probe),
             "architecture": model_config.get("model_type", "unknown"),
@@ -285,6 +297,8 @@ class Run:
                     )
                 self.store.write_step(ckpt.step, result)
                 self.outcome.done.append(ckpt.step)
+                if self.on_stored is not None:
+                    self.on_stored([ckpt.step])
             except Exception as e:  # one bad checkpoint must not stop the others
                 error = f"{type(e).__name__}: {e}"
                 if self._previous.get(ckpt.step) != "done":
@@ -304,10 +318,10 @@ class Run:
         return f"waiting for new checkpoints{until} (stopping after {left:.0f} s more with none)"
 
 
-def replay_stage(cfg: DictConfig, root: str, quiet: float, store_location: str) -> Outcome:
+def replay_stage(cfg: DictConfig, root: str, quiet: float, store_location: str, on_stored=None) -> Outcome:
     from .signals import interruptible
     from .store.lock import StoreLock
 
     check_store_path(store_location)
     with StoreLock(store_location), interruptible():
-        return Run(cfg, root, quiet, store_location)()
+        return Run(cfg, root, quiet, store_location, on_stored)()

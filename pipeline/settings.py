@@ -84,6 +84,16 @@ class StoreSettings:
 class ReportSettings:
     eps: float = 0.3
     out_dir: str | None = None
+    tensorboard: str | None = None
+
+
+@dataclass
+class CompareSettings:
+    stores: list[str] = field(default_factory=list)
+    runs: Any = None  # run name -> store; untyped, so that a command-line dict replaces it whole
+    group: str | None = None
+    align: str = "step"
+    out_dir: str | None = None
 
 
 @dataclass
@@ -95,6 +105,7 @@ class Settings:
     replay: Any = MISSING
     store: Any = MISSING
     report: Any = MISSING
+    compare: Any = MISSING
     cluster: Any = MISSING
     stages: list[str] = field(default_factory=lambda: ["replay", "report"])
     verbose: bool = False
@@ -107,6 +118,7 @@ SCHEMAS = {
     ("replay", "schema"): ReplaySettings,
     ("store", "schema"): StoreSettings,
     ("report", "schema"): ReportSettings,
+    ("compare", "schema"): CompareSettings,
 }
 
 
@@ -160,7 +172,8 @@ def register() -> None:
         cs.store(group=group, name=name, node=node)
 
 
-STAGES = ("replay", "report")
+STAGES = ("replay", "report", "compare")
+ALIGNS = ("step", "tokens")  # compare.align: pipeline/runs.py
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 KEY_MAPS = ("auto", *keymaps.NAMES)  # the registry in pipeline/checkpoints/keymaps/ is the one list
 
@@ -173,7 +186,7 @@ def check(cfg) -> None:
 
     from .errors import UsageError
 
-    for group in ("checkpoints", "probe", "replay", "store", "report"):
+    for group in ("checkpoints", "probe", "replay", "store", "report", "compare"):
         node = cfg[group]
         schema = OmegaConf.get_type(node)
         if dataclasses.is_dataclass(schema):
@@ -230,7 +243,11 @@ def check(cfg) -> None:
         raise UsageError(f"probe.seq_len={p.seq_len}, probe.rows={p.rows}: give at least 2 tokens and 1 row")
     if not 0 < cfg.report.eps < 1:
         raise UsageError(f"report.eps={cfg.report.eps}: must lie between 0 and 1")
+    if cfg.report.tensorboard is not None and {"replay", "report"} & set(cfg.stages):
+        needs_tensorboard()
     _check_cluster(cfg.cluster)
+    if "compare" in cfg.stages:
+        _check_compare(cfg.compare)
 
 
 def _check_device(device: str) -> None:
@@ -268,3 +285,32 @@ def _check_threads(threads) -> None:
 
     if threads != "auto" and not (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1):
         raise UsageError(f"replay.threads={threads}: give a whole number of at least 1, or auto")
+
+
+def _check_compare(c) -> None:
+    from .errors import UsageError
+    from .locations import exists
+
+    if c.stores and c.runs:
+        raise UsageError("compare.stores and compare.runs: give one of them (runs names each store)")
+    stores = list(c.runs.values()) if c.runs else list(c.stores)
+    if not stores:
+        raise UsageError(
+            "stages=[compare] needs the stores to compare: compare.stores=[A,B] or compare.runs={name: store}"
+        )
+    key = "compare.runs" if c.runs else "compare.stores"
+    for store in stores:
+        if not str(store).strip() or not exists(str(store)):
+            raise UsageError(f"{key}: {store}: no sinktrace store there")
+    if c.align not in ALIGNS:
+        raise UsageError(f"compare.align={c.align}: choose from {', '.join(ALIGNS)}")
+
+
+def needs_tensorboard() -> None:
+    """UsageError, in one line, where the `tensorboard` extra is not installed."""
+    import importlib.util
+
+    from .errors import UsageError
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise UsageError("report.tensorboard needs the tensorboard package: pip install 'sinktrace[tensorboard]'")

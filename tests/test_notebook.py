@@ -81,3 +81,17 @@ def test_notebook_reads_the_circuit_and_mixing_statistics(tmp_path, monkeypatch)
     assert "writer settles at step 200" in text
     assert "position zero recognised (p0_similarity > 0.9 in layers 0-1) from step 300" in text
     assert _images(nb) == 5 + 2  # the five of sections 1-4 and the two new ones (no first-token pair)
+
+
+def test_notebook_compares_two_runs(tmp_path, monkeypatch):
+    fast = write_store(tmp_path / "fast.zarr", {"r64-keep": realistic_cube("keep", failed=())})
+    slow_cube = realistic_cube("keep", failed=(), steps=tuple(s * 2 for s in (0, 500, 1000, 3000, 5000, 7000, 9000)))
+    slow = write_store(tmp_path / "slow.zarr", {"r64-keep": slow_cube})
+    monkeypatch.setenv("SINKTRACE_RUNS", f"fast={fast}{os.pathsep}slow={slow}")
+    nb = _run(fast, monkeypatch)
+    assert _images(nb) == 5 + 1  # sections 1-4 and the comparison
+    text = _text(nb)
+    assert "emergence step per run and layer:" in text
+    # layer 0 of the hand-built run stays above 0.3 from step 3000; the slow run's first checkpoint past it is 6000
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.startswith(("fast ", "slow "))}
+    assert rows["fast"][0] == "3000.0" and rows["slow"][0] == "6000.0"
