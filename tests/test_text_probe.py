@@ -257,3 +257,47 @@ def test_a_probe_name_reused_for_other_ids_is_refused(text_run, tmp_path, capsys
     assert run(text_cfg(root, store, text, "probe.name=mine", "probe.packing=stream", "replay.steps=[0]")) == 2
     assert "group 'mine' holds the results of other probe token ids" in capsys.readouterr().err
     xr.testing.assert_identical(only_group(store), before)
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A Hub on the loopback address (tests/hub_server.py) and an empty Hugging Face cache of the test's own."""
+    from huggingface_hub import constants
+
+    from pipeline.checkpoints import hub as hubmod
+    from tests.hub_server import FakeHub
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hubmod, "RETRY_WAIT", 0.01)
+    server = FakeHub().start()
+    server.patch_client(monkeypatch)
+    yield server
+    server.stop()
+
+
+def test_a_hub_repository_serves_its_tokenizer_and_offline_runs_read_it_from_the_cache(
+    text_run, hub, tmp_path, monkeypatch
+):
+    from huggingface_hub import constants
+
+    root, text, _, _ = text_run
+    for step in (0, 10):
+        names = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+        hub.add_folder("org/text", f"step{step}", root / f"checkpoint-{step}", names)
+    local = tmp_path / "local.zarr"
+    assert run(text_cfg(root, local, text)) == 0
+    online = tmp_path / "hub.zarr"
+    assert run(text_cfg("hf://org/text", online, text, "checkpoints.keep_downloads=true")) == 0
+    got, want = only_group(online), only_group(local)
+    assert got.attrs["probe_tokenizer"] == "hf://org/text@step0"
+    assert got.attrs["probe_vocab_sha256"] == want.attrs["probe_vocab_sha256"]
+    np.testing.assert_array_equal(got.probe_tokens.values, want.probe_tokens.values)
+    np.testing.assert_allclose(got.sink_mass.values, want.sink_mass.values, atol=1e-6)
+    # the second revision lists the same tokenizer files (by hash): they are not fetched again
+    assert [rev for rev, name in hub.served if name == "tokenizer.json"] == ["step0"]
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    offline = tmp_path / "offline.zarr"
+    assert run(text_cfg("hf://org/text", offline, text)) == 0
+    np.testing.assert_array_equal(only_group(offline).probe_tokens.values, want.probe_tokens.values)
