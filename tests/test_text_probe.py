@@ -301,3 +301,21 @@ def test_a_hub_repository_serves_its_tokenizer_and_offline_runs_read_it_from_the
     offline = tmp_path / "offline.zarr"
     assert run(text_cfg("hf://org/text", offline, text)) == 0
     np.testing.assert_array_equal(only_group(offline).probe_tokens.values, want.probe_tokens.values)
+
+
+def test_probe_tokenizer_may_name_a_hub_repository(text_run, hub, tmp_path, capsys):
+    root, text, _, _ = text_run
+    names = ["config.json", "tokenizer.json", "tokenizer_config.json"]
+    hub.add_folder("org/tokenizer", "main", root / "checkpoint-0", names)
+    local, pinned = tmp_path / "local.zarr", tmp_path / "pinned.zarr"
+    assert run(text_cfg(root, local, text, "replay.steps=[0]")) == 0
+    assert run(text_cfg(root, pinned, text, "replay.steps=[0]", "probe.tokenizer=org/tokenizer")) == 0
+    got, want = only_group(pinned), only_group(local)
+    assert got.attrs["probe_tokenizer"] == "org/tokenizer"
+    np.testing.assert_array_equal(got.probe_tokens.values, want.probe_tokens.values)
+    capsys.readouterr()
+    missing = tmp_path / "missing.zarr"
+    assert run(text_cfg(root, missing, text, "replay.steps=[0]", "probe.tokenizer=org/missing")) == 2
+    (err,) = error_lines(capsys)
+    assert "probe.tokenizer=org/missing: no such folder, and the Hub repository org/missing gave no tokenizer" in err
+    assert not missing.exists()
