@@ -63,14 +63,13 @@ def probe_tokenizer(setting: str | None, first: Checkpoint, source=None) -> Load
     docstring); UsageError when there is none or it cannot be loaded."""
     if setting:
         return _pinned(str(setting))
-    for folder, name in _candidates(first, source):
+    for folder, name, key in _candidates(first, source):
         if _has_tokenizer(folder):
             loaded = _load(folder, name)
-            key = _files_key(folder)
-            if key is not None:
-                _VOCABS[key] = loaded.vocab_sha256
+            # the checkpoints whose tokenizer files are these (by bytes, or by the Hub's hashes) need no loading
+            _VOCABS[key or _files_key(folder)] = loaded.vocab_sha256
             return loaded
-    looked = [name for _, name in _candidates(first, source, fetch=False)]
+    looked = [name for _, name, _ in _candidates(first, source, fetch=False)]
     raise UsageError(
         f"probe=text needs a tokenizer and found none (looked in {', '.join(looked)}): give probe.tokenizer= a "
         "folder with tokenizer.json (or the tokenizer's other files) or a Hub repository id"
@@ -101,11 +100,9 @@ def changed_tokenizers(cfg, probe: Probe, checkpoints: list[Checkpoint], source=
 def _vocab_of(ckpt: Checkpoint, source) -> str | None:
     """The vocabulary hash of the tokenizer files in a checkpoint's own folder (None: it has none)."""
     if source is not None:
-        rev = source.revisions.get(ckpt.step)
-        names = [n for n in TOKENIZER_FILES if rev is not None and n in rev.files]
-        if not any(n in MAIN_FILES for n in names):
+        names, key = _listed(source, ckpt.step)
+        if key is None:
             return None
-        key = hashlib.sha256("".join(f"{n}:{rev.files[n][1]}\n" for n in names).encode()).hexdigest()
         if key not in _VOCABS:
             folder = source.fetch_files(ckpt.step, names)
             _VOCABS[key] = _load(folder, folder).vocab_sha256
@@ -117,6 +114,15 @@ def _vocab_of(ckpt: Checkpoint, source) -> str | None:
         if key not in _VOCABS:
             _VOCABS[key] = _load(folder, folder).vocab_sha256
         return _VOCABS[key]
+
+
+def _listed(source, step: int) -> tuple[list[str], str | None]:
+    """A Hub revision's tokenizer files, and a digest of the hashes its listing gives them (None: it has none)."""
+    rev = source.revisions.get(step)
+    names = [n for n in TOKENIZER_FILES if rev is not None and n in rev.files]
+    if not any(n in MAIN_FILES for n in names):
+        return names, None
+    return names, hashlib.sha256("".join(f"{n}:{rev.files[n][1]}\n" for n in names).encode()).hexdigest()
 
 
 def _pinned(setting: str) -> Loaded:
@@ -141,28 +147,28 @@ def _pinned(setting: str) -> Loaded:
 
 
 def _candidates(first: Checkpoint, source, fetch: bool = True):
-    """(local folder, name) of each place the first checkpoint's tokenizer may be, in order; lazily, since a Hub
-    revision's files are fetched only when reached."""
+    """(local folder, name, digest of the Hub's hashes of its files or None) of each place the first checkpoint's
+    tokenizer may be, in order; lazily, since a Hub revision's files are fetched only when reached."""
     if source is not None:
         rev = source.revisions.get(first.step)
         name = f"{source.root}@{rev.name}" if rev is not None else source.root
-        names = [n for n in TOKENIZER_FILES if rev is not None and n in rev.files]
-        if fetch and any(n in MAIN_FILES for n in names):
-            yield source.fetch_files(first.step, names), name
+        names, key = _listed(source, first.step)
+        if fetch and key is not None:
+            yield source.fetch_files(first.step, names), name, key
         elif not fetch:
-            yield None, f"the files of {name}"
+            yield None, f"the files of {name}", None
     elif is_url(first.path):
         if fetch:
             with _local_copy(first.path) as folder:
                 if folder is not None and _has_tokenizer(folder):
-                    yield folder, first.path
+                    yield folder, first.path, None
         else:
-            yield None, first.path
+            yield None, first.path, None
     else:
-        yield _folder(first.path), _folder(first.path)
+        yield _folder(first.path), _folder(first.path), None
     if first.model_config:
         beside = _folder(first.model_config)
-        yield beside, beside
+        yield beside, beside, None
 
 
 class _local_copy:
@@ -197,7 +203,7 @@ def _has_tokenizer(folder: str | None) -> bool:
     return folder is not None and any(os.path.isfile(os.path.join(folder, n)) for n in MAIN_FILES)
 
 
-def _files_key(folder: str) -> str | None:
+def _files_key(folder: str) -> str:
     """A digest of the tokenizer files' names and bytes: equal files, equal tokenizer."""
     h = hashlib.sha256()
     for name in TOKENIZER_FILES:

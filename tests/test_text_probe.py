@@ -319,3 +319,18 @@ def test_probe_tokenizer_may_name_a_hub_repository(text_run, hub, tmp_path, caps
     (err,) = error_lines(capsys)
     assert "probe.tokenizer=org/missing: no such folder, and the Hub repository org/missing gave no tokenizer" in err
     assert not missing.exists()
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_a_usage_error(text_run, tmp_path, capsys):
+    root, _, _, _ = text_run
+    words = [f"w{i}" for i in range(150)]  # 153 ids with the special tokens; the tiny model has 101
+    text = tmp_path / "many.txt"
+    text.write_text("\n\n".join(" ".join(words[i : i + 20]) for i in range(0, 150, 10)))
+    big = tmp_path / "big"
+    save_tokenizer(build_tokenizer([" ".join(words)], words=150), big)
+    store = tmp_path / "s.zarr"
+    capsys.readouterr()
+    assert run(text_cfg(root, store, text, f"probe.tokenizer={big}")) == 2
+    (err,) = error_lines(capsys)
+    assert f"probe.tokenizer ({big}) on probe.path={text}" in err and "outside the model's vocabulary [0, 101)" in err
+    assert not store.exists()
