@@ -221,6 +221,9 @@ def check(cfg) -> None:
         raise UsageError(f"probe.first_token={p.first_token}: choose from {', '.join(FIRST_TOKENS)}")
     if p.kind in ("random", "text") and (p.seq_len < 2 or p.rows < 1):
         raise UsageError(f"probe.seq_len={p.seq_len}, probe.rows={p.rows}: give at least 2 tokens and 1 row")
+    if p.kind in ("tokens", "text") and OmegaConf.is_missing(p, "path"):
+        what = "an integer .npy array [rows, T]" if p.kind == "tokens" else "a text file or JSON lines"
+        raise UsageError(f"probe.path: probe={p.kind} needs one, {what}: give probe.path=/path/to/it")
     if p.kind == "text":
         if p.packing not in PACKINGS:
             raise UsageError(f"probe.packing={p.packing}: choose from {', '.join(PACKINGS)}")

@@ -235,6 +235,12 @@ def test_bad_text_is_a_one_line_error_before_any_work(tmp_path, capsys, name):
 def test_a_missing_text_file_is_a_usage_error(tmp_path, capsys):
     assert run(text_cfg(tmp_path, tmp_path / "s.zarr", tmp_path / "nope.txt")) == 2
     assert f"probe.path={tmp_path / 'nope.txt'}: no such file" in capsys.readouterr().err
+    assert run(compose([f"checkpoints.root={tmp_path}", "probe=text"])) == 2  # no probe.path at all
+    (err,) = error_lines(capsys)
+    assert (
+        err
+        == "sinktrace: error: probe.path: probe=text needs one, a text file or JSON lines: give probe.path=/path/to/it"
+    )
 
 
 def test_text_too_short_for_the_rows_is_an_error_before_any_replay(text_run, tmp_path, capsys):
