@@ -85,7 +85,7 @@ def changed_tokenizers(cfg, probe: Probe, checkpoints: list[Checkpoint], source=
     for ckpt in checkpoints:
         try:
             vocab = _vocab_of(ckpt, source)
-        except Exception as e:  # a tokenizer that cannot be read is no evidence either way: the step is told
+        except Exception as e:  # a tokenizer that cannot be read cannot vouch for the probe's ids: the step fails
             changed[ckpt.step] = f"TokenizerError: its tokenizer could not be read ({describe(e)})"
             continue
         if vocab is not None and vocab != probe.vocab_sha256:

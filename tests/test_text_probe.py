@@ -340,3 +340,24 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_is_a_usage_error(text_run,
     (err,) = error_lines(capsys)
     assert f"probe.tokenizer ({big}) on probe.path={text}" in err and "outside the model's vocabulary [0, 101)" in err
     assert not store.exists()
+
+
+def test_the_notebook_sets_a_text_probe_beside_the_random_tokens(tmp_path, monkeypatch):
+    from tests.cubes import realistic_cube, write_store
+    from tests.test_notebook import _images, _run, _text
+
+    text = realistic_cube("keep", failed=())
+    text.attrs.update(
+        probe_kind="text",
+        probe_packing="stream",
+        probe_tokenizer="/data/run/checkpoint-0",
+        probe_text_sha256="ab" * 32,
+    )
+    text = text.assign_coords(probe_tokens=(("probe_row", "probe_position"), np.ones((4, 64), dtype=np.int64)))
+    store = write_store(tmp_path / "sinks.zarr", {"text-wiki": text, "random": realistic_cube("random", seed=1)})
+    nb = _run(store, monkeypatch)
+    assert (
+        "text-wiki: packing stream, tokenizer /data/run/checkpoint-0, text sha256 abababababab, ids (4, 64)"
+        in _text(nb)
+    )
+    assert _images(nb) == 5 + 1  # sections 1-4 and the text probe's (no first-token pair: the probes differ)
