@@ -361,3 +361,23 @@ def test_the_notebook_sets_a_text_probe_beside_the_random_tokens(tmp_path, monke
         in _text(nb)
     )
     assert _images(nb) == 5 + 1  # sections 1-4 and the text probe's (no first-token pair: the probes differ)
+
+
+def test_probe_ids_a_killed_writer_left_unwritten_are_written_again(tmp_path):
+    """The ids' array is named a coordinate only after its data is in: an array created and never filled (a kill
+    in between) is written again by the next run."""
+    import zarr
+
+    from pipeline.store.cube import SinkStore
+    from pipeline.store.schema import PROBE_DIMS, PROBE_TOKENS
+
+    path, ids = str(tmp_path / "s.zarr"), np.arange(12, dtype=np.int64).reshape(3, 4) + 7
+    SinkStore(path, "g").prepare([0])
+    group = zarr.open_group(path, mode="r+", path="g")
+    group.create_array(PROBE_TOKENS, shape=ids.shape, dtype=np.int64, dimension_names=list(PROBE_DIMS))  # no data
+    SinkStore(path, "g").prepare([0, 10], probe_tokens=ids)
+    got = pipeline.open_sinks(path, "g")
+    assert PROBE_TOKENS in got.coords and got[PROBE_TOKENS].dims == PROBE_DIMS
+    np.testing.assert_array_equal(got[PROBE_TOKENS].values, ids)
+    SinkStore(path, "g").prepare([20], probe_tokens=ids * 0)  # recorded once: a later prepare leaves it
+    np.testing.assert_array_equal(pipeline.open_sinks(path, "g")[PROBE_TOKENS].values, ids)

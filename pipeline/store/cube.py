@@ -129,7 +129,7 @@ class SinkStore:
                 self._rebuild(self._allocated(self._load(self.group), new, known))
             elif new:
                 self._append(layout, new, known)
-        if probe_tokens is not None and PROBE_TOKENS not in self._zgroup():
+        if probe_tokens is not None and PROBE_TOKENS not in _listed_coordinates(self._zgroup()):
             self._add_probe_tokens(np.asarray(probe_tokens, dtype=np.int64))
         self._layout = self._load_layout()
         self._update_known(known)
@@ -405,15 +405,17 @@ class SinkStore:
 
     def _add_probe_tokens(self, tokens: np.ndarray) -> None:
         """Record the probe's ids as a coordinate of the group (dims PROBE_DIMS, no step): named in the group's
-        ``coordinates`` attribute, the way xarray records a coordinate that no data variable shares dims with."""
+        ``coordinates`` attribute, the way xarray records a coordinate that no data variable shares dims with. The
+        name goes in after the data, so an array a killed writer left unnamed is written again."""
         self._drop_consolidated()
         group = self._zgroup()
+        if PROBE_TOKENS in group:
+            del group[PROBE_TOKENS]
         array = group.create_array(
             PROBE_TOKENS, shape=tokens.shape, chunks=tokens.shape, dtype=np.int64, dimension_names=list(PROBE_DIMS)
         )
         array[...] = tokens
-        listed = str(group.attrs.get("coordinates", "")).split()
-        group.update_attributes({"coordinates": " ".join(sorted({*listed, PROBE_TOKENS}))})
+        group.update_attributes({"coordinates": " ".join(sorted({*_listed_coordinates(group), PROBE_TOKENS}))})
 
     def _add_step_coords(self) -> None:
         """Give a group written before a numeric step coordinate existed (``loss``) that coordinate, NaN filled:
@@ -618,6 +620,11 @@ def _name_coordinates(group: zarr.Group, names) -> None:
         listed = array.attrs.get("coordinates")
         if listed and not set(names) <= set(listed.split()):
             array.update_attributes({"coordinates": " ".join(sorted({*listed.split(), *names}))})
+
+
+def _listed_coordinates(group: zarr.Group) -> set[str]:
+    """The coordinates a group's ``coordinates`` attribute names (those that share no dims with a variable)."""
+    return set(str(group.attrs.get("coordinates", "")).split())
 
 
 def _step_arrays(group: zarr.Group) -> list[zarr.Array]:
