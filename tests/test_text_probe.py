@@ -235,6 +235,11 @@ def test_bad_text_is_a_one_line_error_before_any_work(tmp_path, capsys, name):
 def test_a_missing_text_file_is_a_usage_error(tmp_path, capsys):
     assert run(text_cfg(tmp_path, tmp_path / "s.zarr", tmp_path / "nope.txt")) == 2
     assert f"probe.path={tmp_path / 'nope.txt'}: no such file" in capsys.readouterr().err
+    text = tmp_path / "docs.txt"
+    text.write_text("the cat sat")
+    assert run(text_cfg(tmp_path, tmp_path / "s.zarr", text, "probe.packing=shuffled")) == 2
+    (err,) = error_lines(capsys)
+    assert err == "sinktrace: error: probe.packing=shuffled: choose from document, stream"
     assert run(compose([f"checkpoints.root={tmp_path}", "probe=text"])) == 2  # no probe.path at all
     (err,) = error_lines(capsys)
     assert (
