@@ -17,6 +17,7 @@ DTYPE_ALIASES = {
     "double": "float64",
 }
 FIRST_TOKENS = ("auto", "keep", "bos", "random")  # probe.first_token: pipeline/probe.py
+PACKINGS = ("document", "stream")  # probe.packing (probe=text): pipeline/textprobe.py
 CHECKPOINT_FORMATS = (
     "auto",
     "hf",

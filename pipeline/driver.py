@@ -177,6 +177,12 @@ class Run:
                 for c in fresh:
                     self.tried[c.step] = c.modified
                 return []
+        from .tokenizer import changed_tokenizers
+
+        for step, error in changed_tokenizers(self.cfg.probe, self.probe, fresh, self.source).items():
+            early[step] = error  # a text probe's ids would mean other text to this checkpoint
+            self.outcome.failures.append((step, error))
+            print(f"step {step} failed: {error}")
         for c in fresh:
             steps = self.step_sources.setdefault(c.step_source, [])
             if c.step not in steps:
@@ -189,6 +195,7 @@ class Run:
             [c.step for c in fresh],
             tokens_seen={c.step: c.tokens_seen for c in fresh},
             loss={c.step: c.loss for c in fresh} if "loss" in self.settings.measure else {},
+            probe_tokens=self.probe.tokens,
             attrs={
                 **self._attrs,
                 "step_source": self.step_sources,
@@ -233,8 +240,7 @@ class Run:
     def _open_store_from(self, first: Checkpoint) -> None:
         from .checkpoints.model_config import check_architecture, config_fingerprint
         from .checkpoints.statedict import ModelConfigNeeded, hf_config, needs_mapping, resolve_key_map
-        from .probe import build_probe, probe_attrs
-        from .store.cube import SinkStore
+        from .probe import build_probe, open_store, probe_attrs
         from .version import __version__
 
         first = self.source.with_config(first)  # a Hub revision's config.json is fetched first
@@ -245,11 +251,11 @@ class Run:
         check_architecture(first.model_config or first.path, model_config, self.settings.trust_remote_code)
         key_map = resolve_key_map(first) if needs_mapping(first) else "none"
         try:
-            self.probe = build_probe(self.cfg.probe, model_config)
+            self.probe = build_probe(self.cfg.probe, model_config, first, self.source)
         except ValueError as e:
             raise UsageError(str(e)) from None
         self.fingerprint = config_fingerprint(model_config)
-        self.store = SinkStore(self.store_location, self.probe.name)
+        self.store = open_store(self.store_location, self.probe)
         stored = self.store.attrs().get("checkpoint_root")
         if stored and _resolved(stored) != _resolved(self.root):  # its steps would pass for this run's, done
             raise UsageError(

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from .choices import FIRST_TOKENS
-from .records import Probe
+from .errors import UsageError
+from .records import Checkpoint, Probe
 
 
 def special_token_ids(model_config: dict) -> set[int]:
@@ -44,11 +45,14 @@ def tokens_hash(tokens: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(tokens, dtype=np.int64).tobytes()).hexdigest()
 
 
-def build_probe(cfg, model_config: dict) -> Probe:
-    """The probe for `cfg` (the `probe` config group) and a model config (the checkpoint's config.json)."""
+def build_probe(cfg, model_config: dict, first: Checkpoint | None = None, hub=None) -> Probe:
+    """The probe for `cfg` (the `probe` config group) and a model config (the checkpoint's config.json). A text
+    probe is tokenized with the tokenizer of `first`, the first checkpoint (a revision of `hub`, a HubRun), unless
+    `probe.tokenizer` names one (pipeline/tokenizer.py)."""
     vocab = vocab_size(model_config)
     first_token = resolve_first_token(cfg.first_token, model_config)
     rng = np.random.default_rng(cfg.seed)
+    text = {}
     if cfg.kind == "random":
         if cfg.seq_len < 2 or cfg.rows < 1:
             raise ValueError(f"probe.seq_len must be >= 2 and probe.rows >= 1 (got {cfg.seq_len}, {cfg.rows})")
@@ -59,8 +63,16 @@ def build_probe(cfg, model_config: dict) -> Probe:
         tokens = load_token_file(cfg.path, vocab)
         source = str(Path(cfg.path).resolve())
         default_name = f"tokens-{Path(cfg.path).stem}-{tokens_hash(tokens)[:8]}-{first_token}"
+    elif cfg.kind == "text":
+        tokens, text = text_tokens(cfg, first, hub, rng)
+        check_in_vocab(tokens, vocab, f"probe.tokenizer ({text['tokenizer']}) on probe.path={cfg.path}")
+        source = str(Path(cfg.path).expanduser().resolve())
+        default_name = (
+            f"text-{Path(cfg.path).stem}-{cfg.packing}-T{cfg.seq_len}-r{cfg.rows}-{tokens_hash(tokens)[:8]}-"
+            f"{first_token}"
+        )
     else:
-        raise ValueError(f"probe.kind={cfg.kind!r}: expected random or tokens")
+        raise ValueError(f"probe.kind={cfg.kind!r}: expected random, tokens or text")
 
     tokens = apply_first_token(tokens, first_token, model_config, rng)
     return Probe(
@@ -70,7 +82,28 @@ def build_probe(cfg, model_config: dict) -> Probe:
         seed=cfg.seed,
         first_token=first_token,
         source=source,
+        **text,
     )
+
+
+def text_tokens(cfg, first: Checkpoint | None, hub, rng) -> tuple[np.ndarray, dict]:
+    """The rows of a text probe and what identifies them (packing, text and vocabulary hashes, tokenizer)."""
+    from .textprobe import pack, read_documents
+    from .tokenizer import probe_tokenizer
+
+    documents, text_sha256 = read_documents(str(cfg.path))
+    if first is None and not cfg.get("tokenizer"):
+        raise UsageError("probe=text needs a tokenizer: give probe.tokenizer= a folder or a Hub repository id")
+    loaded = probe_tokenizer(cfg.get("tokenizer"), first, hub)
+    ids = loaded.tokenizer(documents, add_special_tokens=False)["input_ids"]
+    separator = loaded.tokenizer.eos_token_id
+    tokens = pack(ids, cfg.packing, cfg.seq_len, cfg.rows, rng, separator, f"probe.path={cfg.path}")
+    return tokens, {
+        "packing": cfg.packing,
+        "text_sha256": text_sha256,
+        "tokenizer": loaded.name,
+        "vocab_sha256": loaded.vocab_sha256,
+    }
 
 
 def apply_first_token(tokens: np.ndarray, policy: str, model_config: dict, rng) -> np.ndarray:
@@ -121,4 +154,29 @@ def probe_attrs(probe: Probe) -> dict:
         "probe_first_token": probe.first_token,
         "probe_tokens_sha256": tokens_hash(probe.tokens),
         "probe_source": probe.source or "",
+        **(
+            {
+                "probe_packing": probe.packing,
+                "probe_text_sha256": probe.text_sha256,
+                "probe_tokenizer": probe.tokenizer,
+                "probe_vocab_sha256": probe.vocab_sha256,
+            }
+            if probe.kind == "text"
+            else {}
+        ),
     }
+
+
+def open_store(location: str, probe: Probe):
+    """The writer of `probe`'s group; UsageError when the group holds another probe's results (the same
+    `probe.name` given to other token ids)."""
+    from .store.cube import SinkStore
+
+    store = SinkStore(location, probe.name)
+    stored = store.attrs().get("probe_tokens_sha256")
+    if stored and stored != tokens_hash(probe.tokens):
+        raise UsageError(
+            f"store.path={location}: group {probe.name!r} holds the results of other probe token ids (sha256 "
+            f"{stored[:12]}, this probe's {tokens_hash(probe.tokens)[:12]}); give this probe another probe.name"
+        )
+    return store

@@ -39,11 +39,16 @@ class Probe:
     """The fixed token batch every checkpoint is measured on."""
 
     name: str  # the store group
-    kind: str  # "random" or "tokens"
+    kind: str  # "random", "tokens" or "text"
     tokens: np.ndarray = field(repr=False)  # int64 [rows, seq_len]
     seed: int | None
     first_token: str  # keep | bos | random
-    source: str | None = None  # the .npy path for kind=tokens
+    source: str | None = None  # the .npy path for kind=tokens, the text file for kind=text
+    # kind=text: how rows were cut, the text file's sha256, where the tokenizer came from and its vocabulary's sha256
+    packing: str | None = None
+    text_sha256: str | None = None
+    tokenizer: str | None = None
+    vocab_sha256: str | None = None
 
     @property
     def rows(self) -> int:

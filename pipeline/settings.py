@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from .checkpoints import keymaps  # the key-map registry (it loads no torch)
-from .choices import CHECKPOINT_FORMATS, FIRST_TOKENS, dtype_name
+from .choices import CHECKPOINT_FORMATS, FIRST_TOKENS, PACKINGS, dtype_name
 from .store.schema import MEASURE_GROUPS
 
 
@@ -50,6 +50,19 @@ class TokensProbeSettings:
     kind: str = "tokens"
     name: str | None = None
     path: str = MISSING
+    seed: int = 0
+    first_token: str = "keep"
+
+
+@dataclass
+class TextProbeSettings:
+    kind: str = "text"
+    name: str | None = None
+    path: str = MISSING
+    tokenizer: str | None = None
+    packing: str = "document"
+    seq_len: int = 64
+    rows: int = 64
     seed: int = 0
     first_token: str = "keep"
 
@@ -115,6 +128,7 @@ SCHEMAS = {
     ("checkpoints", "schema"): CheckpointsSettings,
     ("probe", "random_schema"): RandomProbeSettings,
     ("probe", "tokens_schema"): TokensProbeSettings,
+    ("probe", "text_schema"): TextProbeSettings,
     ("replay", "schema"): ReplaySettings,
     ("store", "schema"): StoreSettings,
     ("report", "schema"): ReportSettings,
@@ -239,8 +253,20 @@ def check(cfg) -> None:
     p = cfg.probe
     if p.first_token not in FIRST_TOKENS:
         raise UsageError(f"probe.first_token={p.first_token}: choose from {', '.join(FIRST_TOKENS)}")
-    if p.kind == "random" and (p.seq_len < 2 or p.rows < 1):
+    if p.kind in ("random", "text") and (p.seq_len < 2 or p.rows < 1):
         raise UsageError(f"probe.seq_len={p.seq_len}, probe.rows={p.rows}: give at least 2 tokens and 1 row")
+    if p.kind in ("tokens", "text") and OmegaConf.is_missing(p, "path"):
+        what = "an integer .npy array [rows, T]" if p.kind == "tokens" else "a text file or JSON lines"
+        raise UsageError(f"probe.path: probe={p.kind} needs one, {what}: give probe.path=/path/to/it")
+    if p.kind == "text":
+        if p.packing not in PACKINGS:
+            raise UsageError(f"probe.packing={p.packing}: choose from {', '.join(PACKINGS)}")
+        from .textprobe import read_documents
+
+        try:
+            read_documents(str(p.path))  # an unreadable text fails here, before any checkpoint is read
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     if not 0 < cfg.report.eps < 1:
         raise UsageError(f"report.eps={cfg.report.eps}: must lie between 0 and 1")
     if cfg.report.tensorboard is not None and {"replay", "report"} & set(cfg.stages):

@@ -417,6 +417,14 @@ class HubRun:
             ) from None
         return dataclasses.replace(ckpt, path=os.path.dirname(path))
 
+    def fetch_files(self, step: int, names: list[str]) -> str:
+        """Listed files of a step's revision beyond its weights (a text probe's tokenizer), fetched and checked like
+        them and released with them; the snapshot folder holding them. CheckpointError naming a file not had."""
+        rev = self.revisions[step]
+        for name in names:
+            self._download(rev, name)
+        return os.path.join(self.storage, "snapshots", rev.commit)
+
     def start(self, todo: list[Checkpoint]) -> None:
         """Fetch the checkpoints of `todo` in order, in the background, within the cache limit."""
         with self._cond:

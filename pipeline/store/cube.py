@@ -47,7 +47,17 @@ import xarray as xr
 import zarr
 from zarr.errors import ZarrUserWarning
 
-from .schema import DONE, FAILED, NUMERIC_STEP_COORDS, PENDING, STEP_ATTRS, STEP_COORDS, STRING
+from .schema import (
+    DONE,
+    FAILED,
+    NUMERIC_STEP_COORDS,
+    PENDING,
+    PROBE_DIMS,
+    PROBE_TOKENS,
+    STEP_ATTRS,
+    STEP_COORDS,
+    STRING,
+)
 
 _STAGING_SUFFIX = ".staging"
 _COMPLETE = "sinktrace_staging_complete"
@@ -91,6 +101,7 @@ class SinkStore:
         tokens_seen: Mapping[int, int | None] = {},
         loss: Mapping[int, float | None] = {},
         attrs: Mapping = {},
+        probe_tokens: np.ndarray | None = None,
     ) -> None:
         """Allocate every step in ``steps`` (status pending) and merge ``attrs`` into the group's.
 
@@ -99,6 +110,8 @@ class SinkStore:
             tokens_seen: step -> tokens seen, where the checkpoint says; None leaves it unknown.
             loss: step -> training loss, where the checkpoint says; None leaves it unknown.
             attrs: run attributes (JSON types), merged into the group's attributes.
+            probe_tokens: the probe's token ids [rows, T], recorded as the coordinate ``probe_tokens`` when the
+                group does not hold it yet (the caller checks that a group it reuses holds the same probe).
         """
         layout = self._ready()
         wanted = sorted({int(s) for s in steps})
@@ -116,6 +129,8 @@ class SinkStore:
                 self._rebuild(self._allocated(self._load(self.group), new, known))
             elif new:
                 self._append(layout, new, known)
+        if probe_tokens is not None and PROBE_TOKENS not in _listed_coordinates(self._zgroup()):
+            self._add_probe_tokens(np.asarray(probe_tokens, dtype=np.int64))
         self._layout = self._load_layout()
         self._update_known(known)
         if attrs:
@@ -219,7 +234,7 @@ class SinkStore:
                 data_vars={
                     k: {d: n for d, n in v.sizes.items() if d != "step"}
                     for k, v in ds.data_vars.items()
-                    if k not in STEP_COORDS
+                    if k not in STEP_COORDS and k != PROBE_TOKENS
                 },
                 coords={k: c.values for k, c in ds.coords.items() if "step" not in c.dims},
                 attrs=dict(ds.attrs),
@@ -387,6 +402,20 @@ class SinkStore:
                     region={"step": slice(0, updated.size)},
                     consolidated=False,
                 )
+
+    def _add_probe_tokens(self, tokens: np.ndarray) -> None:
+        """Record the probe's ids as a coordinate of the group (dims PROBE_DIMS, no step): named in the group's
+        ``coordinates`` attribute, the way xarray records a coordinate that no data variable shares dims with. The
+        name goes in after the data, so an array a killed writer left unnamed is written again."""
+        self._drop_consolidated()
+        group = self._zgroup()
+        if PROBE_TOKENS in group:
+            del group[PROBE_TOKENS]
+        array = group.create_array(
+            PROBE_TOKENS, shape=tokens.shape, chunks=tokens.shape, dtype=np.int64, dimension_names=list(PROBE_DIMS)
+        )
+        array[...] = tokens
+        group.update_attributes({"coordinates": " ".join(sorted({*_listed_coordinates(group), PROBE_TOKENS}))})
 
     def _add_step_coords(self) -> None:
         """Give a group written before a numeric step coordinate existed (``loss``) that coordinate, NaN filled:
@@ -591,6 +620,11 @@ def _name_coordinates(group: zarr.Group, names) -> None:
         listed = array.attrs.get("coordinates")
         if listed and not set(names) <= set(listed.split()):
             array.update_attributes({"coordinates": " ".join(sorted({*listed.split(), *names}))})
+
+
+def _listed_coordinates(group: zarr.Group) -> set[str]:
+    """The coordinates a group's ``coordinates`` attribute names (those that share no dims with a variable)."""
+    return set(str(group.attrs.get("coordinates", "")).split())
 
 
 def _step_arrays(group: zarr.Group) -> list[zarr.Array]:

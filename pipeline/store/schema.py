@@ -62,6 +62,9 @@ STEP_COORDS = {
     "weights_digest": (STRING, ""),  # pipeline/checkpoints/digest.py
 }
 NUMERIC_STEP_COORDS = tuple(name for name, (dtype, _) in STEP_COORDS.items() if dtype == FLOAT)
+# The probe's token ids, a coordinate of each group without a step dim: [probe_row, probe_position], int64.
+PROBE_TOKENS = "probe_tokens"
+PROBE_DIMS = ("probe_row", "probe_position")
 # Attributes every step's Dataset must share with its group: one cube, one model.
 STEP_ATTRS = ("architecture", "config_fingerprint", "attention_route")
 
