@@ -99,7 +99,8 @@ def changed_tokenizers(cfg, probe: Probe, checkpoints: list[Checkpoint], source=
 
 def _vocab_of(ckpt: Checkpoint, source) -> str | None:
     """The vocabulary hash of the tokenizer files in a checkpoint's own folder (None: it has none)."""
-    if source is not None:
+    if (hub := _hub(source)) is not None:
+        source = hub
         names, key = _listed(source, ckpt.step)
         if key is None:
             return None
@@ -114,6 +115,14 @@ def _vocab_of(ckpt: Checkpoint, source) -> str | None:
         if key not in _VOCABS:
             _VOCABS[key] = _load(folder, folder).vocab_sha256
         return _VOCABS[key]
+
+
+def _hub(source):
+    """The Hub repository `source` reads, or None: only the Hub lists a revision's tokenizer files with their hashes
+    (so that identical files are not fetched again) and fetches them on demand; a folder's are on its path."""
+    from .checkpoints.hub import HubRun
+
+    return source if isinstance(source, HubRun) else None
 
 
 def _listed(source, step: int) -> tuple[list[str], str | None]:
@@ -149,7 +158,8 @@ def _pinned(setting: str) -> Loaded:
 def _candidates(first: Checkpoint, source, fetch: bool = True):
     """(local folder, name, digest of the Hub's hashes of its files or None) of each place the first checkpoint's
     tokenizer may be, in order; lazily, since a Hub revision's files are fetched only when reached."""
-    if source is not None:
+    if (hub := _hub(source)) is not None:
+        source = hub
         rev = source.revisions.get(first.step)
         name = f"{source.root}@{rev.name}" if rev is not None else source.root
         names, key = _listed(source, first.step)
