@@ -98,22 +98,30 @@ def write_json_atomic(path: str | os.PathLike, obj, **dumps) -> None:
         raise
 
 
+def check_folder(path: str) -> None:
+    """CheckpointError unless a checkpoint folder (local, or a URL) exists."""
+    if is_url(path):
+        import fsspec
+
+        fs, remote = fsspec.core.url_to_fs(path)
+        if not fs.isdir(remote):
+            raise CheckpointError(path, "the checkpoint folder does not exist")
+    elif not os.path.isdir(local_path(path)):
+        raise CheckpointError(local_path(path), "the checkpoint folder does not exist")
+
+
 @contextlib.contextmanager
 def local_folder(path: str, weights: bool = True):
     """A checkpoint folder on the local disk: itself, or for a URL a temporary copy of the files loading reads
     (config, index, remote code, and with `weights` the safetensors files), removed afterwards. Optimizer states
     and other pickles stay."""
+    check_folder(path)
     if not is_url(path):
-        folder = local_path(path)
-        if not os.path.isdir(folder):
-            raise CheckpointError(folder, "the checkpoint folder does not exist")
-        yield folder
+        yield local_path(path)
         return
     import fsspec
 
     fs, remote = fsspec.core.url_to_fs(path)
-    if not fs.isdir(remote):
-        raise CheckpointError(path, "the checkpoint folder does not exist")
     wanted = (".json", ".py", *([".safetensors"] if weights else []))
     tmp = tempfile.mkdtemp(prefix="sinktrace-ckpt-")
     try:
