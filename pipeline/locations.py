@@ -60,6 +60,34 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+def is_file(path: str) -> bool:
+    if is_url(path):
+        import fsspec
+
+        fs, remote = fsspec.core.url_to_fs(path)
+        return fs.isfile(remote)
+    return os.path.isfile(local_path(path))
+
+
+def list_names(folder: str) -> list[str]:
+    """The names of the entries in a folder (local, or a URL)."""
+    if is_url(folder):
+        import fsspec
+
+        fs, remote = fsspec.core.url_to_fs(folder)
+        return [posixpath.basename(p.rstrip("/")) for p in fs.ls(remote, detail=False)]
+    return os.listdir(local_path(folder))
+
+
+def file_size(path: str) -> int:
+    if is_url(path):
+        import fsspec
+
+        fs, remote = fsspec.core.url_to_fs(path)
+        return fs.size(remote)
+    return os.path.getsize(local_path(path))
+
+
 def exists(location: str) -> bool:
     if is_url(location):
         import fsspec

@@ -16,7 +16,7 @@ import torch
 
 from ..devices import SAFETENSORS_FLOATS
 from ..errors import CheckpointError, some
-from ..locations import is_url, join, read_bytes
+from ..locations import file_size, is_file, is_url, join, list_names, read_bytes
 from .safetensorsfile import SafetensorsFile
 
 CONFIG_NAME = "config.json"
@@ -67,13 +67,12 @@ def weight_files(folder: str) -> list[tuple[str, list[str] | None]]:
     """The safetensors files of a folder (local, or an fsspec URL) that transformers loads, each with the tensors
     the index says it holds (None: no index). CheckpointError when there are none, or only pickles, or the index is
     broken."""
-    isfile, listdir = _file_tests(folder)
     single = join(folder, SAFE_WEIGHTS_NAME)
-    if isfile(single):
+    if is_file(single):
         return [(single, None)]
     index_path = join(folder, SAFE_INDEX_NAME)
-    if not isfile(index_path):
-        pickles = pickled_weights(listdir(folder))
+    if not is_file(index_path):
+        pickles = pickled_weights(list_names(folder))
         if pickles:
             raise CheckpointError(folder, pickles_refused(pickles))
         raise CheckpointError(folder, f"no weights: neither {SAFE_WEIGHTS_NAME} nor {SAFE_INDEX_NAME}")
@@ -86,15 +85,6 @@ def weight_files(folder: str) -> list[tuple[str, list[str] | None]]:
     for tensor, shard in index["weight_map"].items():
         by_shard.setdefault(shard, []).append(tensor)
     return [(join(folder, shard), by_shard[shard]) for shard in shards]
-
-
-def _file_tests(folder: str):
-    if not is_url(folder):
-        return os.path.isfile, os.listdir
-    import fsspec
-
-    fs, _ = fsspec.core.url_to_fs(folder)  # its methods take whole URLs
-    return fs.isfile, lambda url: [posixpath.basename(p.rstrip("/")) for p in fs.ls(url, detail=False)]
 
 
 def weight_paths(folder: str) -> list[str]:
@@ -231,10 +221,10 @@ def _open_safetensors(path: str, expected: list[str] | None) -> SafetensorsFile:
     except FileNotFoundError:
         raise CheckpointError(path, missing) from None
     except ValueError as e:  # HeaderError
-        size = file_size(path)
         raise CheckpointError(
             path,
-            f"{name} is not a valid safetensors file ({e}; {size} bytes): truncated, damaged or still being written",
+            f"{name} is not a valid safetensors file ({e}; {file_size(path)} bytes): truncated, damaged or still "
+            "being written",
         ) from None
     except OSError as e:
         raise CheckpointError(path, f"{name} cannot be read ({e.strerror or e})") from None
@@ -247,12 +237,3 @@ def _open_safetensors(path: str, expected: list[str] | None) -> SafetensorsFile:
                 path, f"{name} lacks {some(absent)}, which {SAFE_INDEX_NAME} says it holds ({len(absent)} tensors)"
             )
     return f
-
-
-def file_size(path: str) -> int:
-    if is_url(path):
-        import fsspec
-
-        fs, remote = fsspec.core.url_to_fs(path)
-        return fs.size(remote)
-    return os.path.getsize(path)
