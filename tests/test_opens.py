@@ -115,3 +115,28 @@ def test_a_torch_save_run_loads_each_file_once_and_the_first_once_more_for_the_s
     files = [tmp_path / "out" / f"step_{s}" / "ckpt.pt" for s in (0, 100, 200)]
     # the driver's set-up derives the first one's config and key map from one load
     assert [opens.loads[os.path.realpath(f)] for f in files] == [2, 1, 1]
+
+
+def test_the_route_and_the_fingerprint_are_worked_out_once_per_replay(tmp_path, monkeypatch):
+    """Both come from the config, once per checkpoint."""
+    from torch import nn
+
+    from pipeline.checkpoints import model_config
+
+    [c] = hf_checkpoints(tmp_path, [1])
+    probe = build_probe(compose(["probe.rows=2", "probe.seq_len=16"]).probe, {"vocab_size": 101})
+    calls = collections.Counter()
+    for name in ("attention_route", "config_fingerprint"):
+        original = getattr(model_config, name)
+
+        def spy(arg, _name=name, _original=original):
+            calls[_name, "model" if isinstance(arg, nn.Module) else "config"] += 1
+            return _original(arg)
+
+        for module in list(sys.modules.values()):
+            if module.__name__.startswith("pipeline") and getattr(module, name, None) is original:
+                monkeypatch.setattr(module, name, spy)
+    ds = replay(c, probe, ReplaySettings(device="cpu", dtype="float32", measure=[]))
+    # measure checks the model it is handed by its class (a class attribute), whatever the checkpoint
+    assert calls["attention_route", "config"] == 1 and calls["config_fingerprint", "config"] == 1
+    assert ds.attrs["attention_route"] == "sinkstats"
