@@ -1,9 +1,9 @@
 """An opened checkpoint: everything a replay needs to know about one checkpoint, each worked out once.
 
-`open_checkpoint(ckpt)` is the one place that reads a checkpoint's files; everything else (the driver's store
-set-up, the model builder, the layer-by-layer route, the measurement, the step's dataset) asks the object it
-returns. What it holds is worked out when first asked for and kept, so a fact no caller needs is never read (the
-driver asks for the config and the key map only, and a Hub checkpoint's weights are not fetched by then):
+`open_checkpoint(ckpt)` is where a replay reads a checkpoint's files; everything else (the driver's store set-up,
+the model builder, the layer-by-layer route, the measurement, the step's dataset) asks the object it returns. What
+it holds is worked out when first asked for and kept, so a fact no caller needs is never read (the driver asks for
+the config and the key map only, and a Hub checkpoint's weights are not fetched by then):
 
 - `config`: the Hugging Face config as a dict (config.json, `checkpoints.model_config`, or what the trainer saved:
   `statedict.hf_config`), `fingerprint` (`model_config.config_fingerprint`) and `route` (`attention_route`);
