@@ -3,8 +3,8 @@
 The public API: `open_sinks` and `demo_store` to get a store, `open_runs` to line several runs' stores up along a
 `run` dimension, the analysis functions of `pipeline.analysis` (also
 bound to each probe group as the accessor `ds.sinks`, registered on import), and the module `pipeline.replay` for
-scripting a replay (`replay`, `ReplaySettings`, `PhaseTimes`, `ModelCache`). Importing the package loads xarray,
-not torch: `pipeline.replay` loads torch and transformers when it is imported.
+scripting a replay (`replay`, `ReplaySettings`, `PhaseTimes`, `ModelCache`, `open_checkpoint`). Importing the
+package loads xarray, not torch: `pipeline.replay` loads torch and transformers when it is imported.
 """
 
 from .analysis import (

@@ -238,23 +238,25 @@ class Run:
         return failed
 
     def _open_store_from(self, first: Checkpoint) -> None:
-        from .checkpoints.model_config import check_architecture, config_fingerprint
-        from .checkpoints.statedict import ModelConfigNeeded, hf_config, needs_mapping, resolve_key_map
+        from .checkpoints.model_config import check_architecture
+        from .checkpoints.opened import open_checkpoint
+        from .checkpoints.statedict import ModelConfigNeeded
         from .probe import build_probe, open_store, probe_attrs
         from .version import __version__
 
         first = self.source.with_config(first)  # a Hub revision's config.json is fetched first
+        opened = open_checkpoint(first)  # its config and key map only: the weights are the replay's to read
         try:
-            model_config = hf_config(first)
+            model_config = opened.config
         except ModelConfigNeeded as e:
             raise UsageError(str(e)) from None
         check_architecture(first.model_config or first.path, model_config, self.settings.trust_remote_code)
-        key_map = resolve_key_map(first) if needs_mapping(first) else "none"
+        key_map = opened.key_map
         try:
             self.probe = build_probe(self.cfg.probe, model_config, first, self.source)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        self.fingerprint = config_fingerprint(model_config)
+        self.fingerprint = opened.fingerprint
         self.store = open_store(self.store_location, self.probe)
         stored = self.store.attrs().get("checkpoint_root")
         if stored and _resolved(stored) != _resolved(self.root):  # its steps would pass for this run's, done

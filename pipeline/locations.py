@@ -60,6 +60,34 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+def is_file(path: str) -> bool:
+    if is_url(path):
+        import fsspec
+
+        fs, remote = fsspec.core.url_to_fs(path)
+        return fs.isfile(remote)
+    return os.path.isfile(local_path(path))
+
+
+def list_names(folder: str) -> list[str]:
+    """The names of the entries in a folder (local, or a URL)."""
+    if is_url(folder):
+        import fsspec
+
+        fs, remote = fsspec.core.url_to_fs(folder)
+        return [posixpath.basename(p.rstrip("/")) for p in fs.ls(remote, detail=False)]
+    return os.listdir(local_path(folder))
+
+
+def file_size(path: str) -> int:
+    if is_url(path):
+        import fsspec
+
+        fs, remote = fsspec.core.url_to_fs(path)
+        return fs.size(remote)
+    return os.path.getsize(local_path(path))
+
+
 def exists(location: str) -> bool:
     if is_url(location):
         import fsspec
@@ -98,22 +126,30 @@ def write_json_atomic(path: str | os.PathLike, obj, **dumps) -> None:
         raise
 
 
+def check_folder(path: str) -> None:
+    """CheckpointError unless a checkpoint folder (local, or a URL) exists."""
+    if is_url(path):
+        import fsspec
+
+        fs, remote = fsspec.core.url_to_fs(path)
+        if not fs.isdir(remote):
+            raise CheckpointError(path, "the checkpoint folder does not exist")
+    elif not os.path.isdir(local_path(path)):
+        raise CheckpointError(local_path(path), "the checkpoint folder does not exist")
+
+
 @contextlib.contextmanager
 def local_folder(path: str, weights: bool = True):
     """A checkpoint folder on the local disk: itself, or for a URL a temporary copy of the files loading reads
     (config, index, remote code, and with `weights` the safetensors files), removed afterwards. Optimizer states
     and other pickles stay."""
+    check_folder(path)
     if not is_url(path):
-        folder = local_path(path)
-        if not os.path.isdir(folder):
-            raise CheckpointError(folder, "the checkpoint folder does not exist")
-        yield folder
+        yield local_path(path)
         return
     import fsspec
 
     fs, remote = fsspec.core.url_to_fs(path)
-    if not fs.isdir(remote):
-        raise CheckpointError(path, "the checkpoint folder does not exist")
     wanted = (".json", ".py", *([".safetensors"] if weights else []))
     tmp = tempfile.mkdtemp(prefix="sinktrace-ckpt-")
     try:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from pipeline import analysis as an
+from pipeline.checkpoints.model_config import attention_route, config_fingerprint
 from pipeline.replay.measure import measure
 from pipeline.replay.step import to_dataset
 from tests.test_families import VOCAB, build, probe
@@ -42,7 +43,12 @@ def test_hand_built_writer_is_found_in_the_first_block():
     assert stats["p0_similarity"][0] > 1 - 1e-5
     assert stats["rest_similarity"][0] < 0.5  # the other positions keep their content
 
-    ds = to_dataset(stats, model.config, ids.shape[1]).expand_dims(step=[0, 100])
+    attrs = {
+        "architecture": model.config.model_type,
+        "config_fingerprint": config_fingerprint(model.config.to_dict()),
+        "attention_route": attention_route(model),
+    }
+    ds = to_dataset(stats, attrs, ids.shape[1]).expand_dims(step=[0, 100])
     ds.attrs["probe_first_token"] = "random"
     np.testing.assert_array_equal(an.circuit_writer(ds).values, [0.5, 0.5])  # layer 0's MLP
     assert float(an.writer_settle_step(ds)) == 0

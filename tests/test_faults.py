@@ -352,6 +352,7 @@ def test_zero_initialised_projections_are_not_suspect(tmp_path):
     import torch
     from safetensors.torch import save_file
 
+    from pipeline.checkpoints.safetensorsfile import SafetensorsFile
     from pipeline.checkpoints.weightfiles import check_written
 
     path = tmp_path / "model.safetensors"
@@ -363,11 +364,13 @@ def test_zero_initialised_projections_are_not_suspect(tmp_path):
         },
         str(path),
     )
-    check_written(str(path))  # a zero-initialised output layer last in the file is a real step-0 checkpoint
+    check_written(
+        SafetensorsFile(str(path))
+    )  # a zero-initialised output layer last in the file is a real step-0 checkpoint
     save_file({"model.embed_tokens.weight": torch.randn(8, 4), "model.norm.weight": torch.zeros(4)}, str(path))
-    check_written(str(path), "gemma2")  # norms that scale by (1 + weight) start at zero
+    check_written(SafetensorsFile(str(path)), "gemma2")  # norms that scale by (1 + weight) start at zero
     with pytest.raises(Exception, match="model.norm.weight"):
-        check_written(str(path), "llama")
+        check_written(SafetensorsFile(str(path)), "llama")
 
 
 def test_a_zero_run_longer_than_the_byte_scan_is_followed_back_tensor_by_tensor(tmp_path, monkeypatch):
@@ -375,6 +378,7 @@ def test_a_zero_run_longer_than_the_byte_scan_is_followed_back_tensor_by_tensor(
     from safetensors.torch import save_file
 
     from pipeline.checkpoints import weightfiles
+    from pipeline.checkpoints.safetensorsfile import SafetensorsFile
     from pipeline.errors import CheckpointError
 
     monkeypatch.setattr(weightfiles, "_SCAN_LIMIT", 2048)  # stands for 256 MiB against GB-sized shards
@@ -384,10 +388,12 @@ def test_a_zero_run_longer_than_the_byte_scan_is_followed_back_tensor_by_tensor(
     torch.manual_seed(0)
     tensors = {f"model.layers.0.{p}_proj.weight": torch.randn(64, 64) for p in ("a", "b", "c")}
     save_file({**tensors, "model.layers.0.d_proj.weight": torch.zeros(64, 64)}, str(path))
-    weightfiles.check_written(str(path))  # a zero-initialised projection last: 16 KiB of zeros, from a tensor's start
+    weightfiles.check_written(
+        SafetensorsFile(str(path))
+    )  # a zero-initialised projection last: 16 KiB of zeros, from a tensor's start
     zero_tail(path, 16 * 1024 + 5000)  # and the write stopped 5000 bytes before the end of c_proj
     with pytest.raises(CheckpointError, match=r"starting inside model\.layers\.0\.c_proj\.weight.*d_proj"):
-        weightfiles.check_written(str(path))
+        weightfiles.check_written(SafetensorsFile(str(path)))
 
 
 def test_a_preallocated_shard_of_projections_only_fails_its_step(tmp_path, capsys):

@@ -6,23 +6,22 @@ name order, where `bytes` are the tensor's data exactly as stored and dtype is t
 So it depends on the tensors alone: not on how they are split into shards, on the order in the files, on metadata,
 or on which route (whole model or layer by layer) loads them.
 
-It is computed while the checkpoint is replayed: `start_digest` maps the files (the pages loading reads anyway) and
-hashes the tensors on background threads, which release the GIL, while the model loads and runs.
+It is computed while the checkpoint is replayed: `start_digest` hashes the tensors of the files the replay opened
+(their memory maps: the pages loading reads anyway) on background threads, which release the GIL, while the model
+loads and runs.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import mmap
 import os
-import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from ..devices import SAFETENSORS_FLOATS
 from ..errors import CheckpointError
+from .safetensorsfile import SafetensorsFile
 
 _HASHERS = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="sinktrace-digest")
 _DRIVER = ThreadPoolExecutor(1, thread_name_prefix="sinktrace-digest-driver")
@@ -42,31 +41,24 @@ class PendingDigest:
         return self
 
 
-def start_digest(paths: list[str]) -> PendingDigest:
-    """The digest of the tensors in these safetensors files, computed in the background. The files are mapped
-    before this returns, so a temporary copy may be deleted meanwhile. Errors raise from `result()` as
-    CheckpointError naming the file."""
-    tensors = []
-    for path in paths:
-        tensors.extend(_tensors(path))
-    names = [name for name, *_ in tensors]
-    if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
-        raise CheckpointError(os.path.dirname(paths[0]), f"tensors stored twice across the files: {dup[:3]}")
-    return PendingDigest(_DRIVER.submit(_combine, tensors))
-
-
-def weights_digest_of(source: str) -> PendingDigest:
-    """The digest of a checkpoint's weight files where they can be mapped; for weights read by byte ranges from
-    object storage none is computed (it would read every byte once more), and the step's digest stays empty."""
-    from ..locations import is_url
-    from .weightfiles import weight_paths
-
-    if is_url(source):
+def start_digest(files: list[SafetensorsFile]) -> PendingDigest:
+    """The digest of the tensors in these opened safetensors files, computed in the background. For weights read by
+    byte ranges from object storage none is computed (it would read every byte once more), and the step's digest
+    stays empty."""
+    if not all(f.local for f in files):
         done: Future = Future()
         done.set_result(None)
         return PendingDigest(done)
-    return start_digest(weight_paths(source))
+    tensors = [
+        (name, dtype, list(f.get_slice(name).get_shape()), f.raw(name))
+        for f in files
+        for name, dtype in f.dtypes().items()
+    ]
+    names = [name for name, *_ in tensors]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise CheckpointError(os.path.dirname(files[0].path), f"tensors stored twice across the files: {dup[:3]}")
+    return PendingDigest(_DRIVER.submit(_combine, tensors))
 
 
 def start_tensor_digest(tensors: dict) -> PendingDigest:
@@ -82,34 +74,20 @@ def start_tensor_digest(tensors: dict) -> PendingDigest:
 
 
 def weights_digest(paths: list[str]) -> str:
-    return start_digest(paths).result()
+    """The digest of these safetensors files, each opened and its header checked.
 
-
-def _tensors(path: str) -> list[tuple[str, str, list[int], memoryview]]:
-    """(name, dtype, shape, data) of every tensor in a safetensors file, data a view of the mapped file."""
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < 8:
-                raise CheckpointError(path, "too short for a safetensors file")
-            (n,) = struct.unpack("<Q", f.read(8))
-            if 8 + n > size:
-                raise CheckpointError(path, f"the safetensors header claims {n} bytes, past the end of the file")
-            header = json.loads(f.read(n))
-            data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))[8 + n :]
-    except OSError as e:
-        raise CheckpointError(path, f"cannot be read for its digest ({e.strerror or e})") from None
-    except ValueError as e:
-        raise CheckpointError(path, f"the safetensors header is not JSON ({e})") from None
-    out = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, stop = info["data_offsets"]
-        if not 0 <= start <= stop <= len(data):
-            raise CheckpointError(path, f"tensor {name} lies outside the file")
-        out.append((name, info["dtype"], list(info["shape"]), data[start:stop]))
-    return out
+    Raises:
+        CheckpointError: a file is unreadable or no valid safetensors file, naming it.
+    """
+    files = []
+    for path in paths:
+        try:
+            files.append(SafetensorsFile(path))
+        except OSError as e:
+            raise CheckpointError(path, f"cannot be read for its digest ({e.strerror or e})") from None
+        except ValueError as e:
+            raise CheckpointError(path, f"is not a valid safetensors file ({e})") from None
+    return start_digest(files).result()
 
 
 def _combine(tensors) -> str:

@@ -1,5 +1,6 @@
-"""A checkpoint's model config: config.json read and checked, whether transformers can build it, and the
-fingerprint of the architecture it describes (the same for every checkpoint of one run)."""
+"""A checkpoint's model config: config.json read and checked, whether transformers can build it, the fingerprint
+of the architecture it describes (the same for every checkpoint of one run), and the attention route that measures
+its family."""
 
 from __future__ import annotations
 
@@ -119,6 +120,41 @@ def check_architecture(folder: str, config: dict, trust_remote_code: bool) -> No
             f"unknown model_type {model_type!r}: transformers {transformers.__version__} does not know this "
             f"architecture and config.json's auto_map names no {' or '.join(missing)} to load remote code from",
         )
+
+
+SINKSTATS, EAGER = "sinkstats", "eager"
+
+
+def attention_route(model_or_config) -> str:
+    """How a family is measured: "sinkstats" (transformers' AttentionInterface, pipeline/replay/attention.py) where the
+    family routes its attention through the interface, else "eager" (output_attentions=True, pipeline/replay/eager.py).
+    Takes a model, a transformers config or a config.json dict; the model class is the one AutoModelForCausalLM
+    builds (a config it cannot build gets "sinkstats", and loading reports the problem)."""
+    cls = model_class(model_or_config)
+    return SINKSTATS if cls is None or getattr(cls, "_supports_attention_backend", False) else EAGER
+
+
+def model_class(model_or_config):
+    """The class AutoModelForCausalLM builds for a model, a transformers config or a config.json dict (None: it
+    builds none)."""
+    from torch import nn
+
+    if isinstance(model_or_config, nn.Module):
+        return type(model_or_config)
+    config = model_or_config
+    if isinstance(config, dict):
+        from transformers import CONFIG_MAPPING
+
+        try:
+            config = CONFIG_MAPPING[config["model_type"]].from_dict(config)
+        except Exception:  # unknown or remote-code model_type, or a config transformers rejects: loading says why
+            return None
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        return None
 
 
 @functools.cache

@@ -25,7 +25,7 @@ import torch
 from ..errors import CheckpointError
 from ..records import Checkpoint
 from .model_config import read_config
-from .weightfiles import validate_weights, weight_paths
+from .weightfiles import open_weight_files
 
 
 class ModelConfigNeeded(CheckpointError):
@@ -38,12 +38,13 @@ def needs_mapping(ckpt: Checkpoint) -> bool:
 
 
 class Saved:
-    """One checkpoint's files as its trainer saved them, each torch.save file loaded at most once while this object
-    lives. Key maps' `saved_config` hooks read what the trainer saved through it."""
+    """One checkpoint's files as its trainer saved them, each torch.save file loaded (or safetensors file opened) at
+    most once while this object lives. Key maps' `saved_config` hooks read what the trainer saved through it."""
 
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
         self._loaded: dict | None = None
+        self._safetensors: list | None = None
 
     @property
     def weight_file(self) -> str:
@@ -71,7 +72,7 @@ class Saved:
             from .formats import torchfile
 
             return list(torchfile.model_tensors(self.torch_file(), self.weight_file))
-        return list(validate_weights(ckpt.path))
+        return [name for f in self._safetensors_files() for name in f.keys()]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The model's tensors under the names the checkpoint gives them. The last read of a replay: the rest of a
@@ -87,13 +88,12 @@ class Saved:
 
             loaded, self._loaded = self.torch_file(), None
             return torchfile.model_tensors(loaded, self.weight_file)
-        from safetensors.torch import load_file
+        return {name: f.get_tensor(name) for f in self._safetensors_files() for name in f.keys()}
 
-        validate_weights(ckpt.path)
-        out = {}
-        for path in weight_paths(ckpt.path):
-            out.update(load_file(path))
-        return out
+    def _safetensors_files(self) -> list:
+        if self._safetensors is None:
+            self._safetensors = open_weight_files(self.ckpt.path)
+        return self._safetensors
 
     def description(self, path: str) -> dict:
         """A JSON or YAML file a trainer saved beside its weights, as a dict ({} when there is none)."""

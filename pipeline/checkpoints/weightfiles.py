@@ -16,7 +16,8 @@ import torch
 
 from ..devices import SAFETENSORS_FLOATS
 from ..errors import CheckpointError, some
-from ..locations import is_url, join, read_bytes
+from ..locations import file_size, is_file, is_url, join, list_names, read_bytes
+from .safetensorsfile import SafetensorsFile
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -62,29 +63,16 @@ def shard_names(index) -> list[str]:
     return sorted(shards)
 
 
-def open_weights(path: str):
-    """A safetensors file opened for reading tensors by name: safe_open (memory-mapped) on the local disk, byte
-    ranges through fsspec for a URL."""
-    if is_url(path):
-        from .ranged import RangedSafetensors
-
-        return RangedSafetensors(path)
-    from safetensors import safe_open
-
-    return safe_open(path, framework="pt")
-
-
 def weight_files(folder: str) -> list[tuple[str, list[str] | None]]:
     """The safetensors files of a folder (local, or an fsspec URL) that transformers loads, each with the tensors
     the index says it holds (None: no index). CheckpointError when there are none, or only pickles, or the index is
     broken."""
-    isfile, listdir = _file_tests(folder)
     single = join(folder, SAFE_WEIGHTS_NAME)
-    if isfile(single):
+    if is_file(single):
         return [(single, None)]
     index_path = join(folder, SAFE_INDEX_NAME)
-    if not isfile(index_path):
-        pickles = pickled_weights(listdir(folder))
+    if not is_file(index_path):
+        pickles = pickled_weights(list_names(folder))
         if pickles:
             raise CheckpointError(folder, pickles_refused(pickles))
         raise CheckpointError(folder, f"no weights: neither {SAFE_WEIGHTS_NAME} nor {SAFE_INDEX_NAME}")
@@ -99,32 +87,28 @@ def weight_files(folder: str) -> list[tuple[str, list[str] | None]]:
     return [(join(folder, shard), by_shard[shard]) for shard in shards]
 
 
-def _file_tests(folder: str):
-    if not is_url(folder):
-        return os.path.isfile, os.listdir
-    import fsspec
-
-    fs, _ = fsspec.core.url_to_fs(folder)  # its methods take whole URLs
-    return fs.isfile, lambda url: [posixpath.basename(p.rstrip("/")) for p in fs.ls(url, detail=False)]
-
-
 def weight_paths(folder: str) -> list[str]:
     return [path for path, _ in weight_files(folder)]
 
 
 def validate_weights(folder: str) -> dict[str, str]:
     """Check the safetensors files transformers will load; return {tensor name: safetensors dtype, e.g. "BF16"}.
+    Only headers are read, never tensor data. Raises as `open_weight_files`."""
+    dtypes = {}
+    for f in open_weight_files(folder):
+        dtypes.update(f.dtypes())
+    return dtypes
 
-    Only headers are read, never tensor data.
+
+def open_weight_files(folder: str) -> list[SafetensorsFile]:
+    """The safetensors files transformers would load from the folder (local, or a URL), each opened once and its
+    header checked.
 
     Raises:
         CheckpointError: a file is missing, truncated or malformed, the index is broken or maps a tensor to a
             shard that lacks it, or the folder holds only pickled weights.
     """
-    dtypes = {}
-    for path, expected in weight_files(folder):
-        dtypes.update(_open_safetensors(path, expected))
-    return dtypes
+    return [_open_safetensors(path, expected) for path, expected in weight_files(folder)]
 
 
 # Weights that are never all zero in a model that was initialised, let alone trained: embeddings start at random
@@ -143,46 +127,36 @@ _CHUNK = 2**20
 LONG_ZERO_RUN = 1024
 
 
-def check_written(path: str, model_type: str | None = None) -> None:
-    """Refuse a safetensors file whose data looks preallocated and not yet written: its data region ends in a run
-    of zeros that starts inside a tensor (LONG_ZERO_RUN bytes of it or more) or covers a weight that is never
+def check_written(file: SafetensorsFile, model_type: str | None = None) -> None:
+    """Refuse a local safetensors file whose data looks preallocated and not yet written: its data region ends in
+    a run of zeros that starts inside a tensor (LONG_ZERO_RUN bytes of it or more) or covers a weight that is never
     zero, or such a weight anywhere is entirely zero. A complete header over zeros is what a writer that
     preallocates the file leaves until the bytes arrive."""
     never_zero = NEVER_ZERO_EMBEDDINGS if model_type in ZERO_CENTRED_NORMS else NEVER_ZERO
+    path, read = file.path, file.bytes_at
     name = os.path.basename(path)
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-        start = 8 + header_len
-        end = f.seek(0, os.SEEK_END)
-        spans = {
-            k: (start + v["data_offsets"][0], start + v["data_offsets"][1])
-            for k, v in header.items()
-            if k != "__metadata__"
-        }
-        zeros_from = _zero_tail(f, start, end)
-        f.seek(max(zeros_from - 1, 0))
-        cut = []
-        if zeros_from > start and f.read(1) == b"\0":  # the byte scan stopped inside the run
-            zeros_from, cut = _zero_run_start(f, zeros_from, spans)
-        cut = cut or [k for k, (a, b) in spans.items() if a < zeros_from and b - zeros_from >= LONG_ZERO_RUN]
-        if cut:
-            covered = [k for k, (a, b) in spans.items() if a >= zeros_from and b > a]
-            covered.sort(key=lambda k: (not never_zero.search(k), k))  # the weights that are never zero first
-            raise CheckpointError(
-                path,
-                f"{name} looks preallocated and not yet written: its last {end - zeros_from} bytes are zeros, "
-                f"starting inside {cut[0]}, which is not zero before them{f', over {some(covered)}' if covered else ''}"
-                ": what a write that stopped there leaves. Rerun once the file is complete; the step is replayed "
-                "again then",
-            )
-        suspects = [k for k, (a, b) in spans.items() if a >= zeros_from and b > a and never_zero.search(k)]
-        if not suspects:
-            for k, (a, b) in spans.items():
-                if never_zero.search(k) and 0 < b - a <= 2**20:
-                    f.seek(a)
-                    if not any(f.read(b - a)):
-                        suspects.append(k)
+    spans = file.spans()
+    start, end = file.data_start, file.size
+    zeros_from = _zero_tail(read, start, end)
+    cut = []
+    if zeros_from > start and read(zeros_from - 1, zeros_from) == b"\0":  # the byte scan stopped inside the run
+        zeros_from, cut = _zero_run_start(read, zeros_from, spans)
+    cut = cut or [k for k, (a, b) in spans.items() if a < zeros_from and b - zeros_from >= LONG_ZERO_RUN]
+    if cut:
+        covered = [k for k, (a, b) in spans.items() if a >= zeros_from and b > a]
+        covered.sort(key=lambda k: (not never_zero.search(k), k))  # the weights that are never zero first
+        raise CheckpointError(
+            path,
+            f"{name} looks preallocated and not yet written: its last {end - zeros_from} bytes are zeros, "
+            f"starting inside {cut[0]}, which is not zero before them{f', over {some(covered)}' if covered else ''}"
+            ": what a write that stopped there leaves. Rerun once the file is complete; the step is replayed "
+            "again then",
+        )
+    suspects = [k for k, (a, b) in spans.items() if a >= zeros_from and b > a and never_zero.search(k)]
+    if not suspects:
+        for k, (a, b) in spans.items():
+            if never_zero.search(k) and 0 < b - a <= 2**20 and not any(file.raw(k)):
+                suspects.append(k)
     if suspects:
         tail = f" its last {end - zeros_from} bytes are zeros, and" if zeros_from < end else ""
         raise CheckpointError(
@@ -193,13 +167,12 @@ def check_written(path: str, model_type: str | None = None) -> None:
         )
 
 
-def _zero_tail(f, start: int, end: int) -> int:
+def _zero_tail(read, start: int, end: int) -> int:
     """Where the run of zero bytes that ends the file begins (`end`: the file does not end in zeros)."""
     pos = end
     while pos > start and end - pos < _SCAN_LIMIT:
         n = min(_TAIL if pos == end else _CHUNK, pos - start)
-        f.seek(pos - n)
-        chunk = f.read(n)
+        chunk = read(pos - n, pos)
         stripped = chunk.rstrip(b"\0")
         if stripped:
             return pos - n + len(stripped)
@@ -207,7 +180,7 @@ def _zero_tail(f, start: int, end: int) -> int:
     return pos
 
 
-def _zero_run_start(f, pos: int, spans: dict[str, tuple[int, int]]) -> tuple[int, list[str]]:
+def _zero_run_start(read, pos: int, spans: dict[str, tuple[int, int]]) -> tuple[int, list[str]]:
     """Where a run of zeros known from `pos` to the file's end starts, found without reading more than the first
     and last _TAIL bytes of each tensor it walks back over: (its start, []), or (`pos`, [the tensor]) when the
     tensor holding `pos` is not zero at its first bytes (the run starts inside it, at a byte not read)."""
@@ -216,14 +189,12 @@ def _zero_run_start(f, pos: int, spans: dict[str, tuple[int, int]]) -> tuple[int
             continue
         hi = min(b, pos)  # the tensor's bytes from hi on are zero
         n = min(_TAIL, hi - a)
-        f.seek(hi - n)
-        stripped = f.read(n).rstrip(b"\0")
+        stripped = read(hi - n, hi).rstrip(b"\0")
         if stripped:
             return hi - n + len(stripped), []
         pos = hi - n
         if pos > a:
-            f.seek(a)
-            if any(f.read(min(_TAIL, pos - a))):
+            if any(read(a, a + min(_TAIL, pos - a))):
                 return pos, [k]
             pos = a  # zero at both ends: taken as zero throughout
     return pos, []
@@ -239,23 +210,21 @@ def main_dtype(weights: dict[str, str]) -> torch.dtype:
     return max(counts, key=counts.get) if counts else torch.float32
 
 
-def _open_safetensors(path: str, expected: list[str] | None) -> dict[str, str]:
-    from safetensors import SafetensorError
-
+def _open_safetensors(path: str, expected: list[str] | None) -> SafetensorsFile:
     name = posixpath.basename(path) if is_url(path) else os.path.basename(path)
     missing = f"{name} is missing" + (f" (listed in {SAFE_INDEX_NAME})" if expected else "")
     if not is_url(path) and not os.path.exists(path):
         raise CheckpointError(path, missing)
     try:
-        with open_weights(path) as f:
-            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+        f = SafetensorsFile(path)
+        dtypes = f.dtypes()
     except FileNotFoundError:
         raise CheckpointError(path, missing) from None
-    except (SafetensorError, ValueError) as e:  # ValueError: the ranged reader's word for a bad header
-        size = file_size(path)
+    except ValueError as e:  # HeaderError
         raise CheckpointError(
             path,
-            f"{name} is not a valid safetensors file ({e}; {size} bytes): truncated, damaged or still being written",
+            f"{name} is not a valid safetensors file ({e}; {file_size(path)} bytes): truncated, damaged or still "
+            "being written",
         ) from None
     except OSError as e:
         raise CheckpointError(path, f"{name} cannot be read ({e.strerror or e})") from None
@@ -267,13 +236,4 @@ def _open_safetensors(path: str, expected: list[str] | None) -> dict[str, str]:
             raise CheckpointError(
                 path, f"{name} lacks {some(absent)}, which {SAFE_INDEX_NAME} says it holds ({len(absent)} tensors)"
             )
-    return dtypes
-
-
-def file_size(path: str) -> int:
-    if is_url(path):
-        import fsspec
-
-        fs, remote = fsspec.core.url_to_fs(path)
-        return fs.size(remote)
-    return os.path.getsize(path)
+    return f

@@ -29,7 +29,9 @@ from dataclasses import dataclass
 import torch
 from transformers import AttentionInterface
 
-ATTENTION_NAME = "sinkstats"
+from ..checkpoints.model_config import SINKSTATS
+
+ATTENTION_NAME = SINKSTATS
 
 # Bytes of one float32 score block in the blocked route; the route holds a few such tensors at once.
 BLOCK_BYTES = 64 * 2**20

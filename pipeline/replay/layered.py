@@ -15,7 +15,6 @@ transformers' own loader, so renamed and fused tensors (Qwen3-MoE's experts) loa
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -23,19 +22,19 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from ..checkpoints.digest import weights_digest_of
-from ..checkpoints.weightfiles import CONFIG_NAME, open_weights, weight_paths
+from ..checkpoints.opened import OpenedCheckpoint, open_checkpoint
+from ..checkpoints.weightfiles import CONFIG_NAME
 from ..devices import concrete_device, release_pinned
 from ..errors import CheckpointError, describe
-from ..locations import local_folder
+from ..locations import join, local_folder
 from ..records import Checkpoint
-from .load import check_loading, checked_folder, parameters_on_meta, quiet_transformers, weights_source
+from .load import check_loading, checked, parameters_on_meta, quiet_transformers, remote_code, transformers_config
 from .measure import find_blocks
 
 
 @contextlib.contextmanager
 def open_layered(
-    ckpt: Checkpoint,
+    ckpt: Checkpoint | OpenedCheckpoint,
     *,
     device: str | torch.device,
     dtype,
@@ -43,7 +42,7 @@ def open_layered(
     attn_implementation: str = "sinkstats",
 ):
     """The checkpoint's model with only the weights outside its blocks loaded, and the `run_rows` that streams
-    its blocks. `dtype` and `attn_implementation` as for load_model.
+    its blocks. `ckpt`, `dtype` and `attn_implementation` as for load_model.
 
     Yields (model, run_rows); pass both to `measure(model, ids, run_rows=run_rows)`. The model's `weights_digest`
     is that of load_model. Checks the files as `load_model` does; a tensor that is missing, unexpected or of the
@@ -51,30 +50,35 @@ def open_layered(
     """
     from . import attention  # noqa: F401  (registers "sinkstats")
 
+    opened = open_checkpoint(ckpt)
     device = concrete_device(device)
-    # the config is all transformers needs on the local disk; the weights are read where they are (byte ranges
-    # for a URL), block by block, the output head never
-    with local_folder(ckpt.path, weights=False) as folder:
-        source = weights_source(ckpt.path, folder)
-        _, _, want = checked_folder(source, device, dtype, trust_remote_code)
-        digest = weights_digest_of(source)
-        model = _skeleton(folder, device, want, trust_remote_code, attn_implementation)
-        model.weights_digest = digest
-        with BlockStream(source, model, device, want) as stream:
-            yield model, stream.run_rows
+    want = checked(opened, device, dtype, trust_remote_code)
+    digest = opened.digest
+    # the weights are read from the files opened (byte ranges for a URL), block by block, the output head never
+    model = _skeleton(opened, device, want, trust_remote_code, attn_implementation)
+    model.weights_digest = digest
+    with BlockStream(opened, model, device, want) as stream:
+        yield model, stream.run_rows
 
 
-def _skeleton(folder, device, dtype, trust_remote_code, attn_implementation):
+def _skeleton(opened: OpenedCheckpoint, device, dtype, trust_remote_code, attn_implementation):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    try:
-        config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
-        with parameters_on_meta():
-            model = AutoModelForCausalLM.from_config(
-                config, attn_implementation=attn_implementation, dtype=dtype, trust_remote_code=trust_remote_code
-            )
-    except Exception as e:
-        raise CheckpointError(os.path.join(folder, CONFIG_NAME), f"transformers rejects it: {describe(e)}") from e
+    with contextlib.ExitStack() as stack:
+        try:
+            if remote_code(opened, trust_remote_code):  # the config's class ships with the checkpoint, in its folder
+                folder = stack.enter_context(local_folder(opened.path, weights=False))
+                config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=True)
+            else:
+                config = transformers_config(opened)
+            with parameters_on_meta():
+                model = AutoModelForCausalLM.from_config(
+                    config, attn_implementation=attn_implementation, dtype=dtype, trust_remote_code=trust_remote_code
+                )
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(join(opened.path, CONFIG_NAME), f"transformers rejects it: {describe(e)}") from e
     for module in model.modules():  # buffers (rotary tables) are real: computed by the model's own __init__
         for name, buf in module._buffers.items():
             if buf is not None:
@@ -110,12 +114,12 @@ class BlockStream:
     """A skeleton model's weights, read from the checkpoint's files: everything outside the blocks at once, each
     block when its turn comes (see `run_rows`)."""
 
-    def __init__(self, folder: str, model, device: torch.device, dtype: torch.dtype):
-        self.folder, self.model, self.device, self.dtype = folder, model, device, dtype
+    def __init__(self, opened: OpenedCheckpoint, model, device: torch.device, dtype: torch.dtype):
+        self.folder, self.model, self.device, self.dtype = opened.path, model, device, dtype
         self.blocks = find_blocks(model)
         self.head = model.get_output_embeddings()  # never read: statistics stop at the last block's output
         self.prefix = next(name for name, m in model.named_modules() if m is self.blocks)
-        self._files = {p: open_weights(p) for p in weight_paths(folder)}
+        self._files = {f.path: f for f in opened.weight_files}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sinktrace-read")
         try:
             self.slices = self._group()

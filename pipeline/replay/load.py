@@ -11,6 +11,10 @@ stack trace from deep inside transformers, or worse, a model that silently runs 
   file fails), and each holding the tensors the index maps to it;
 - after loading: no parameter missing (it would be left at its random init), unexpected or of the wrong shape.
 
+Every file is read once (`checkpoints.opened`): the model is built from the config already read and the tensors of
+the weight files already opened, so transformers reads no file itself, but for a model whose code ships with the
+checkpoint (remote code), which transformers builds from the folder.
+
 Checkpoints in other formats (DCP folders, torch.save files) or under a trainer's names come through
 `checkpoints.statedict` instead: the model is built from their config with empty parameters, which then take the
 checkpoint's tensors, with the same checks (nothing missing, unexpected or of the wrong shape).
@@ -25,18 +29,11 @@ import threading
 import torch
 from torch import nn
 
-from ..checkpoints.digest import start_tensor_digest, weights_digest_of
-from ..checkpoints.model_config import check_architecture, config_fingerprint, read_config
-from ..checkpoints.statedict import Saved, hf_config, needs_mapping, state_dict
-from ..checkpoints.weightfiles import (
-    CONFIG_NAME,
-    check_written,
-    file_size,
-    main_dtype,
-    open_weights,
-    validate_weights,
-    weight_paths,
-)
+from ..checkpoints.digest import start_tensor_digest
+from ..checkpoints.model_config import check_architecture, model_class
+from ..checkpoints.opened import OpenedCheckpoint, open_checkpoint
+from ..checkpoints.statedict import state_dict
+from ..checkpoints.weightfiles import CONFIG_NAME, main_dtype
 from ..devices import (
     SAFETENSORS_FLOATS,
     available_host_bytes,
@@ -46,7 +43,7 @@ from ..devices import (
     release_pinned,
 )
 from ..errors import CheckpointError, describe, some
-from ..locations import is_url, local_folder
+from ..locations import is_url, join, local_folder
 from ..records import Checkpoint
 
 
@@ -85,14 +82,13 @@ class ModelCache:
 
 
 def load_model(
-    ckpt: Checkpoint,
+    ckpt: Checkpoint | OpenedCheckpoint,
     *,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "auto",
     trust_remote_code: bool = False,
     attn_implementation: str = "sinkstats",
     models: ModelCache | None = None,
-    saved: Saved | None = None,
 ):
     """Build the checkpoint's causal LM from its config.json and safetensors weights, in eval mode. Its
     `weights_digest` is the weights' digest being hashed in the background (pipeline/digest.PendingDigest).
@@ -101,8 +97,8 @@ def load_model(
     pipeline/checkpoints/statedict.py and are built whole (see `_from_state_dict`).
 
     Args:
-        ckpt: the checkpoint (its `path` may be a local folder or an fsspec URL: headers, and the tensors of a
-            model kept in `models`, are then read by byte ranges; a model built anew copies the files first).
+        ckpt: the checkpoint, or the checkpoint opened (`checkpoints.opened`), whose files are then not read again.
+            Its `path` may be a local folder or an fsspec URL, whose headers and tensors are read by byte ranges.
         device: where the model goes ("cpu", "cuda", "cuda:1", a torch.device).
         dtype: "auto" (the checkpoint's own weight dtype on accelerators, float32 on CPU), or an explicit
             float32 / bfloat16 / float16 / float64 (names like "bf16" or torch dtypes).
@@ -111,48 +107,41 @@ def load_model(
         attn_implementation: the transformers attention function; "sinkstats" (pipeline/replay/attention.py) measures
             the sink statistics, "eager" or "sdpa" are plain attention.
         models: where a model of the same architecture may be waiting; give the model back to it when done.
-        saved: the checkpoint's files as read so far (a statedict.Saved of `ckpt`), for checkpoints read through
-            pipeline/checkpoints/statedict.py: a torch.save file it has loaded is not loaded again.
 
     Raises:
         CheckpointError: the checkpoint cannot be loaded; the message names the file and the problem.
         ValueError: `dtype` is not a floating dtype this function knows.
     """
+    opened = open_checkpoint(ckpt)
     device = torch.device(device)
     parse_dtype(dtype)  # a bad dtype fails before any file is read
     if attn_implementation == "sinkstats":
         from . import attention  # noqa: F401  (registers "sinkstats" with transformers on import)
 
-    if needs_mapping(ckpt):
-        return _from_state_dict(ckpt, device, dtype, trust_remote_code, attn_implementation, saved)
-    with local_folder(ckpt.path, weights=False) as folder:
-        source = weights_source(ckpt.path, folder)
-        config, weights, want = checked_folder(source, device, dtype, trust_remote_code)
-        digest = weights_digest_of(source)
-        key = (config_fingerprint(config), str(device), want, attn_implementation)
-        built = models.take(key) if models is not None else None
-        if built is not None and _load_into(built, source, weights):
-            model = built
-        else:
-            # from_pretrained reads local files only: a URL's are copied first (once per worker and architecture,
-            # where the model is kept)
-            with local_folder(ckpt.path) as whole:
-                model = _from_pretrained(whole, device, want, trust_remote_code, attn_implementation)
-        if models is not None:
-            models.lend(key, model)
-        model.weights_digest = digest
-        return model
+    if opened.mapped:
+        return _from_state_dict(opened, device, dtype, trust_remote_code, attn_implementation)
+    want = checked(opened, device, dtype, trust_remote_code)
+    digest = opened.digest
+    key = (opened.fingerprint, str(device), want, attn_implementation)
+    built = models.take(key) if models is not None else None
+    if built is not None and _load_into(built, opened):
+        model = built
+    else:
+        model = _from_pretrained(opened, device, want, trust_remote_code, attn_implementation)
+    if models is not None:
+        models.lend(key, model)
+    model.weights_digest = digest
+    return model
 
 
-def weights_in_memory(ckpt: Checkpoint, device, dtype="auto") -> tuple[torch.dtype, int]:
+def weights_in_memory(ckpt: Checkpoint | OpenedCheckpoint, device, dtype="auto") -> tuple[torch.dtype, int]:
     """The dtype `load_model(ckpt, device=device, dtype=dtype)` loads the weights in, and the bytes they then take
     (from the files' sizes, scaled from the dtype most of them are stored in). Reads headers only (for a URL, by
     byte ranges)."""
-    with contextlib.nullcontext(ckpt.path) if is_url(ckpt.path) else local_folder(ckpt.path) as source:
-        main = main_dtype(validate_weights(source))
-        stored = sum(file_size(p) for p in weight_paths(source))
+    opened = open_checkpoint(ckpt)
+    main = main_dtype(opened.weights)
     want = load_dtype(dtype, device, main)
-    return want, stored * want.itemsize // main.itemsize
+    return want, opened.stored_bytes * want.itemsize // main.itemsize
 
 
 def read_ahead(ckpt: Checkpoint) -> None:
@@ -180,22 +169,26 @@ def read_ahead(ckpt: Checkpoint) -> None:
             os.close(fd)
 
 
-def weights_source(path: str, folder: str) -> str:
-    """Where a checkpoint's weights are read from: the URL itself (by byte ranges), or the local folder."""
-    return path if is_url(path) else folder
+def checked(opened: OpenedCheckpoint, device, dtype, trust_remote_code: bool) -> torch.dtype:
+    """What every way of loading a Hugging Face folder checks first: config.json, the architecture, every weight
+    file's header (and that a local one is written). Returns the dtype the weights are to be loaded in."""
+    check_architecture(opened.path, opened.config, trust_remote_code)
+    return load_dtype(dtype, device, main_dtype(opened.weights))
 
 
-def checked_folder(folder: str, device, dtype, trust_remote_code: bool) -> tuple[dict, dict[str, str], torch.dtype]:
-    """What every way of loading checks first: config.json, the architecture, every weight file's header.
-    `folder`: local, or a URL whose files are read by byte ranges. Returns the config, {tensor name: safetensors
-    dtype} and the dtype the weights are to be loaded in."""
-    config = read_config(folder)
-    check_architecture(folder, config, trust_remote_code)
-    weights = validate_weights(folder)
-    # an object store shows an object only once it is whole: nothing there is preallocated
-    for path in [] if is_url(folder) else weight_paths(folder):
-        check_written(path, config.get("model_type"))
-    return config, weights, load_dtype(dtype, device, main_dtype(weights))
+def remote_code(opened: OpenedCheckpoint, trust_remote_code: bool) -> bool:
+    """Whether transformers builds the model from code shipped with the checkpoint (config.json's `auto_map`)."""
+    return trust_remote_code and isinstance(opened.config.get("auto_map"), dict)
+
+
+def transformers_config(opened: OpenedCheckpoint):
+    """transformers' config object for a checkpoint without remote code, from the config already read."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        return CONFIG_MAPPING[opened.config["model_type"]].from_dict(opened.config)
+    except Exception as e:
+        raise CheckpointError(join(opened.path, CONFIG_NAME), f"transformers rejects it: {describe(e)}") from e
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -226,24 +219,23 @@ def check_loading(folder: str, info: dict) -> None:
 # --------------------------------------------------------------------------------------------- building
 
 
-def _load_into(model, folder: str, weights: dict[str, str]) -> bool:
+def _load_into(model, opened: OpenedCheckpoint) -> bool:
     """Copy a checkpoint's tensors into a model built for the same architecture. False when the file's names or
     shapes are not exactly the model's (transformers renames or fuses some families' weights on loading: those go
     through from_pretrained every time); the caller then drops this model, which may be partly overwritten."""
-    params = model.state_dict()
+    params, weights = model.state_dict(), opened.weights
     tied = {name for name in params if name not in weights and _shares_storage(params, name, weights)}
     if set(weights) - set(params) or set(params) - set(weights) - tied:
         return False
     cuda = next(iter(params.values())).is_cuda
     with torch.no_grad():
-        for path in weight_paths(folder):
-            with open_weights(path) as f:
-                for name in f.keys():
-                    if tuple(f.get_slice(name).get_shape()) != tuple(params[name].shape):
-                        return False
-                    tensor = f.get_tensor(name)
-                    # from pinned memory the copy to the GPU is a DMA that runs while the next tensor is read
-                    params[name].copy_(tensor.pin_memory() if cuda else tensor, non_blocking=True)
+        for f in opened.weight_files:
+            for name in f.keys():
+                if tuple(f.get_slice(name).get_shape()) != tuple(params[name].shape):
+                    return False
+                tensor = f.get_tensor(name)
+                # from pinned memory the copy to the GPU is a DMA that runs while the next tensor is read
+                params[name].copy_(tensor.pin_memory() if cuda else tensor, non_blocking=True)
     if cuda:
         torch.cuda.synchronize()
         release_pinned()
@@ -255,19 +247,18 @@ def _shares_storage(params: dict, name: str, present) -> bool:
     return any(params[other].data_ptr() == ptr for other in present if other in params)
 
 
-def _from_state_dict(ckpt, device, dtype, trust_remote_code, attn_implementation, saved):
+def _from_state_dict(opened: OpenedCheckpoint, device, dtype, trust_remote_code, attn_implementation):
     """Build the model from a config and "the state dict in transformers' names" (`checkpoints.statedict`): the
     parameters start on the meta device (no random init, no memory) and take the checkpoint's tensors."""
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
-    config_dict = hf_config(ckpt, saved)
-    where = os.path.expanduser(ckpt.model_config) if ckpt.model_config else ckpt.path
+    ckpt, config_dict, where = opened.ckpt, opened.config, opened.config_path
     check_architecture(where, config_dict, trust_remote_code)
     try:
         config = CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict)
     except Exception as e:
         raise CheckpointError(where, f"transformers rejects the model config: {describe(e)}") from e
-    tensors = state_dict(ckpt, config, saved)
+    tensors = state_dict(ckpt, config, opened.saved)
     digest = start_tensor_digest(tensors)
     want = load_dtype(dtype, device, main_dtype({k: _ST_NAMES.get(t.dtype, "") for k, t in tensors.items()}))
     try:
@@ -308,8 +299,29 @@ def _from_state_dict(ckpt, device, dtype, trust_remote_code, attn_implementation
 _ST_NAMES = {dtype: name for name, dtype in SAFETENSORS_FLOATS.items()}
 
 
-def _from_pretrained(folder, device, dtype, trust_remote_code, attn_implementation):
+def _from_pretrained(opened: OpenedCheckpoint, device, dtype, trust_remote_code, attn_implementation):
+    """transformers' from_pretrained over the config already read and the tensors of the files already opened;
+    with remote code, over the folder (a URL's files copied first), which transformers then reads itself."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    if remote_code(opened, trust_remote_code):
+        with local_folder(opened.path) as folder:
+            try:
+                config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=True)
+            except Exception as e:
+                raise CheckpointError(join(folder, CONFIG_NAME), f"transformers rejects it: {describe(e)}") from e
+            files = {"use_safetensors": True, "local_files_only": True}
+            return _build(AutoModelForCausalLM, folder, config, files, folder, device, dtype, True, attn_implementation)
+    config = transformers_config(opened)
+    # the class itself: AutoModelForCausalLM.from_pretrained looks for remote code in a folder even when handed tensors
+    tensors = {"state_dict": opened.tensors()}
+    return _build(
+        model_class(config), None, config, tensors, opened.path, device, dtype, trust_remote_code, attn_implementation
+    )
+
+
+def _build(builder, folder, config, source: dict, where, device, dtype, trust_remote_code, attn_implementation):
+    """`builder.from_pretrained(folder, config=config, **source)`; `where` names the checkpoint in errors."""
     from transformers.utils import is_accelerate_available
 
     # Loading straight onto the device needs a device_map, which transformers only takes with accelerate
@@ -317,16 +329,11 @@ def _from_pretrained(folder, device, dtype, trust_remote_code, attn_implementati
     direct = device.type != "cpu" and is_accelerate_available()
     device = concrete_device(device)
     try:
-        config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise CheckpointError(os.path.join(folder, CONFIG_NAME), f"transformers rejects it: {describe(e)}") from e
-    try:
         with quiet_transformers():
-            model, info = AutoModelForCausalLM.from_pretrained(
+            model, info = builder.from_pretrained(
                 folder,
                 config=config,
-                use_safetensors=True,
-                local_files_only=True,
+                **source,
                 trust_remote_code=trust_remote_code,
                 dtype=dtype,
                 attn_implementation=attn_implementation,
@@ -337,8 +344,8 @@ def _from_pretrained(folder, device, dtype, trust_remote_code, attn_implementati
     except torch.OutOfMemoryError:  # the machine's problem, not the checkpoint's: the caller may retry elsewhere
         raise
     except Exception as e:
-        raise CheckpointError(folder, f"transformers could not build the model from it: {describe(e)}") from e
-    check_loading(folder, info)
+        raise CheckpointError(where, f"transformers could not build the model from it: {describe(e)}") from e
+    check_loading(where, info)
     if not direct and device.type != "cpu":
         model = model.to(device)
     return model.eval()

@@ -14,39 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checkpoints.model_config import EAGER, attention_route, model_class
 from ..store.schema import MEASURED, qbin_edges
 from . import attention
 from .attention import ATTENTION_NAME, LayerSums
-
-EAGER = "eager"
-
-
-def attention_route(model_or_config) -> str:
-    """How a family is measured: "sinkstats" (transformers' AttentionInterface, pipeline/replay/attention.py) where the
-    family routes its attention through the interface, else "eager" (output_attentions=True, pipeline/replay/eager.py).
-    Takes a model, a transformers config or a config.json dict; the model class is the one AutoModelForCausalLM
-    builds (a config it cannot build gets "sinkstats", and loading reports the problem)."""
-    cls = _model_class(model_or_config)
-    return ATTENTION_NAME if cls is None or getattr(cls, "_supports_attention_backend", False) else EAGER
-
-
-def _model_class(model_or_config):
-    if isinstance(model_or_config, nn.Module):
-        return type(model_or_config)
-    config = model_or_config
-    if isinstance(config, dict):
-        from transformers import CONFIG_MAPPING
-
-        try:
-            config = CONFIG_MAPPING[config["model_type"]].from_dict(config)
-        except Exception:  # unknown or remote-code model_type, or a config transformers rejects: loading says why
-            return None
-    from transformers import AutoModelForCausalLM
-
-    try:
-        return AutoModelForCausalLM._model_mapping[type(config)]
-    except KeyError:
-        return None
 
 
 def support_problem(model_or_config) -> str | None:
@@ -55,7 +26,7 @@ def support_problem(model_or_config) -> str | None:
     eager route are measured from the model's own attention probabilities, so nothing here concerns them."""
     config = getattr(model_or_config, "config", model_or_config)
     arch = getattr(config, "model_type", "?")
-    if not isinstance(model_or_config, nn.Module) and _model_class(config) is None:
+    if not isinstance(model_or_config, nn.Module) and model_class(config) is None:
         return f"model_type={arch!r} has no causal-LM class in transformers"
     if attention_route(model_or_config) == EAGER:
         return None

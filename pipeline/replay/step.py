@@ -11,11 +11,12 @@ import numpy as np
 import torch
 import xarray as xr
 
+from ..checkpoints.opened import OpenedCheckpoint, open_checkpoint
 from ..devices import device_budget, resolve_device
 from ..errors import CheckpointError
 from ..records import Checkpoint, Probe
 from ..settings import ReplaySettings
-from ..store.schema import DIMS, OPTIONAL, SINK_LABELS, STRING, qbin_edges
+from ..store.schema import DIMS, OPTIONAL, SINK_LABELS, STEP_ATTRS, STRING, qbin_edges
 from .load import ModelCache
 
 log = logging.getLogger("sinktrace")
@@ -44,7 +45,7 @@ class PhaseTimes:
 
 
 def replay(
-    ckpt: Checkpoint,
+    ckpt: Checkpoint | OpenedCheckpoint,
     probe: Probe,
     settings: ReplaySettings,
     read_next: Checkpoint | None = None,
@@ -54,6 +55,7 @@ def replay(
 ) -> xr.Dataset:
     """Build the checkpoint's model, run the probe through it and return its statistics (no step dim).
 
+    `ckpt`: the checkpoint, opened here (`checkpoints.opened`: each of its files read once), or already opened.
     `read_next`: the checkpoint that will be replayed after this one; its files are read from disk meanwhile.
     `models`: the model kept from the previous checkpoint, reused when the architecture is the same.
     `times`: filled with the seconds each phase took.
@@ -61,56 +63,52 @@ def replay(
     budget, are streamed block by block instead (pipeline/replay/layered.py); only Hugging Face safetensors folders are,
     checkpoints of other formats are read whole.
     """
-    from ..checkpoints.statedict import Saved, hf_config, needs_mapping
     from .load import weights_in_memory
-    from .measure import attention_route
 
     device = resolve_device(settings.device)
     times = times if times is not None else PhaseTimes(device)
-    saved = Saved(ckpt)  # a torch.save file is loaded once, for the config and the tensors
-    route = attention_route(hf_config(ckpt, saved))
-    if needs_mapping(ckpt):  # read whole: layer by layer streams from safetensors files only
-        return _replay_whole(ckpt, probe, settings, device, settings.dtype, route, read_next, models, times, saved)
+    opened = open_checkpoint(ckpt)
+    if opened.mapped:  # read whole: layer by layer streams from safetensors files only
+        return _replay_whole(opened, probe, settings, device, settings.dtype, read_next, models, times)
     budget = device_budget(settings.max_device_memory, device)
-    dtype, nbytes = weights_in_memory(ckpt, device, settings.dtype) if budget is not None else (settings.dtype, 0)
+    dtype, nbytes = weights_in_memory(opened, device, settings.dtype) if budget is not None else (settings.dtype, 0)
     if budget is None or nbytes <= budget:
         try:
-            return _replay_whole(ckpt, probe, settings, device, dtype, route, read_next, models, times)
+            return _replay_whole(opened, probe, settings, device, dtype, read_next, models, times)
         except torch.OutOfMemoryError:
             if budget is None:
                 raise
-        log.warning("%s: out of device memory with the whole model loaded; replaying it layer by layer", ckpt.path)
+        log.warning("%s: out of device memory with the whole model loaded; replaying it layer by layer", opened.path)
     if models is not None:
         models.clear()  # the memory a kept model holds is what the device is short of
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return _replay_layered(ckpt, probe, settings, device, dtype, route, read_next, times)
+    return _replay_layered(opened, probe, settings, device, dtype, read_next, times)
 
 
-def _replay_whole(ckpt, probe, settings, device, dtype, route, read_next, models, times, saved=None):
+def _replay_whole(opened, probe, settings, device, dtype, read_next, models, times):
     from .load import load_model, read_ahead
 
     with times.phase("load"):
         model = load_model(
-            ckpt,
+            opened,
             device=device,
             dtype=dtype,
             trust_remote_code=settings.trust_remote_code,
-            attn_implementation=route,
+            attn_implementation=opened.route,
             models=models,
-            saved=saved,
         )
     if read_next is not None:
         read_ahead(read_next)
     with times.phase("measure"):
-        stats = _measure(ckpt, model, probe, settings)
+        stats = _measure(opened, model, probe, settings)
     digest = model.weights_digest.result()  # before the model goes back for another replay to load into
     if models is not None:
         models.give_back(model)
-    return to_dataset(stats, model.config, probe.seq_len, digest)
+    return to_dataset(stats, opened.step_attrs, probe.seq_len, digest)
 
 
-def _replay_layered(ckpt, probe, settings, device, dtype, route, read_next, times):
+def _replay_layered(opened, probe, settings, device, dtype, read_next, times):
     from .layered import open_layered
     from .load import read_ahead
 
@@ -118,28 +116,28 @@ def _replay_layered(ckpt, probe, settings, device, dtype, route, read_next, time
         with times.phase("load"):  # not the measure phase inside it
             model, run_rows = stack.enter_context(
                 open_layered(
-                    ckpt,
+                    opened,
                     device=device,
                     dtype=dtype,
                     trust_remote_code=settings.trust_remote_code,
-                    attn_implementation=route,
+                    attn_implementation=opened.route,
                 )
             )
         if read_next is not None:
             read_ahead(read_next)
         with times.phase("measure"):
-            stats = _measure(ckpt, model, probe, settings, run_rows)
+            stats = _measure(opened, model, probe, settings, run_rows)
         digest = model.weights_digest.result()
-    return to_dataset(stats, model.config, probe.seq_len, digest)
+    return to_dataset(stats, opened.step_attrs, probe.seq_len, digest)
 
 
-def _measure(ckpt, model, probe, settings, run_rows=None):
+def _measure(opened, model, probe, settings, run_rows=None):
     from .measure import measure
 
     vocab = model.get_input_embeddings().num_embeddings
     if int(probe.tokens.max()) >= vocab:
         raise CheckpointError(
-            ckpt.path,
+            opened.path,
             f"probe {probe.name!r} holds token id {int(probe.tokens.max())}, "
             f"outside this model's vocabulary of {vocab}",
         )
@@ -153,11 +151,12 @@ def _measure(ckpt, model, probe, settings, run_rows=None):
     )
 
 
-def to_dataset(stats: dict[str, np.ndarray], config, seq_len: int, weights_digest: str | None = None) -> xr.Dataset:
-    """One step's statistics as a Dataset; `weights_digest` (`checkpoints.digest`) becomes a scalar coordinate."""
-    from ..checkpoints.model_config import config_fingerprint
-    from .measure import attention_route
-
+def to_dataset(
+    stats: dict[str, np.ndarray], step_attrs: dict, seq_len: int, weights_digest: str | None = None
+) -> xr.Dataset:
+    """One step's statistics as a Dataset, with `step_attrs` (`OpenedCheckpoint.step_attrs`: the model's
+    architecture, config fingerprint and attention route) as its attributes; `weights_digest`
+    (`checkpoints.digest`) becomes a scalar coordinate."""
     missing = [name for name in DIMS if name not in stats and name not in OPTIONAL]
     if missing:
         raise RuntimeError(f"the measurement returned no {', '.join(missing)}")
@@ -182,10 +181,4 @@ def to_dataset(stats: dict[str, np.ndarray], config, seq_len: int, weights_diges
         coords["sink"] = np.array(SINK_LABELS, dtype=STRING)
     if weights_digest is not None:
         coords["weights_digest"] = weights_digest
-    config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    attrs = {
-        "architecture": config_dict.get("model_type", "unknown"),
-        "config_fingerprint": config_fingerprint(config_dict),
-        "attention_route": attention_route(config),
-    }
-    return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+    return xr.Dataset(data_vars, coords=coords, attrs={name: step_attrs[name] for name in STEP_ATTRS})

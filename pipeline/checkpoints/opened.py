@@ -1,0 +1,116 @@
+"""An opened checkpoint: everything a replay needs to know about one checkpoint, each worked out once.
+
+`open_checkpoint(ckpt)` is where a replay reads a checkpoint's files; everything else (the driver's store set-up,
+the model builder, the layer-by-layer route, the measurement, the step's dataset) asks the object it returns. What
+it holds is worked out when first asked for and kept, so a fact no caller needs is never read (the driver asks for
+the config and the key map only, and a Hub checkpoint's weights are not fetched by then):
+
+- `config`: the Hugging Face config as a dict (config.json, `checkpoints.model_config`, or what the trainer saved:
+  `statedict.hf_config`), `fingerprint` (`model_config.config_fingerprint`) and `route` (`attention_route`);
+- `mapped` (whether it goes through `statedict`), `key_map` (resolved: `none` for a folder transformers reads);
+- `saved` (`statedict.Saved`: the trainer's files, a torch.save file loaded once) for mapped checkpoints;
+- `weight_files` (each safetensors file opened once, its header checked: `safetensorsfile.SafetensorsFile`),
+  `weights` ({name: safetensors dtype}), `stored_bytes`, `tensors()` and `digest` for Hugging Face folders.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from ..locations import check_folder
+from ..records import Checkpoint
+from .digest import PendingDigest, start_digest
+from .model_config import attention_route, config_fingerprint
+from .safetensorsfile import SafetensorsFile
+from .statedict import Saved, hf_config, needs_mapping, resolve_key_map
+from .weightfiles import check_written, open_weight_files
+
+
+class OpenedCheckpoint:
+    """One checkpoint, opened. Its facts are properties, each computed once; a CheckpointError raised while working
+    one out names the file and the problem, as reading the file would."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        self.mapped = needs_mapping(ckpt)
+        self.saved = Saved(ckpt) if self.mapped else None
+
+    def __repr__(self) -> str:
+        return f"OpenedCheckpoint(step={self.ckpt.step}, path={self.ckpt.path!r}, format={self.ckpt.format!r})"
+
+    @property
+    def path(self) -> str:
+        return self.ckpt.path
+
+    @property
+    def format(self) -> str:
+        return self.ckpt.format
+
+    @property
+    def config_path(self) -> str:
+        """Where the config comes from: `checkpoints.model_config`, or the checkpoint itself."""
+        return os.path.expanduser(self.ckpt.model_config) if self.ckpt.model_config else self.ckpt.path
+
+    @functools.cached_property
+    def config(self) -> dict:
+        if not self.mapped:
+            check_folder(self.ckpt.path)
+        return hf_config(self.ckpt, self.saved)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        return config_fingerprint(self.config)
+
+    @functools.cached_property
+    def route(self) -> str:
+        return attention_route(self.config)
+
+    @functools.cached_property
+    def key_map(self) -> str:
+        return resolve_key_map(self.ckpt, self.saved) if self.mapped else "none"
+
+    @property
+    def step_attrs(self) -> dict:
+        """What the step's dataset records of the model (`schema.STEP_ATTRS`)."""
+        return {
+            "architecture": self.config.get("model_type", "unknown"),
+            "config_fingerprint": self.fingerprint,
+            "attention_route": self.route,
+        }
+
+    @functools.cached_property
+    def weight_files(self) -> list[SafetensorsFile]:
+        """A Hugging Face folder's safetensors files, opened, their headers checked, and (local files) checked to be
+        written: nothing preallocated and still zero."""
+        files = open_weight_files(self.ckpt.path)
+        model_type = self.config.get("model_type")
+        for f in files:  # an object store shows an object only once it is whole: nothing there is preallocated
+            if f.local:
+                check_written(f, model_type)
+        return files
+
+    @functools.cached_property
+    def weights(self) -> dict[str, str]:
+        """{tensor name: safetensors dtype} over the weight files."""
+        return {name: dtype for f in self.weight_files for name, dtype in f.dtypes().items()}
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(f.size for f in self.weight_files)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the weight files, read from the files opened (a local file's share its memory map)."""
+        return {name: f.get_tensor(name) for f in self.weight_files for name in f.keys()}
+
+    @functools.cached_property
+    def digest(self) -> PendingDigest:
+        """The weights' digest (`checkpoints.digest`), hashed in the background from the files opened."""
+        return start_digest(self.weight_files)
+
+
+def open_checkpoint(ckpt: Checkpoint | OpenedCheckpoint) -> OpenedCheckpoint:
+    """The checkpoint, opened (an opened one is returned as it is). Nothing is read until a fact is asked for."""
+    return ckpt if isinstance(ckpt, OpenedCheckpoint) else OpenedCheckpoint(ckpt)
