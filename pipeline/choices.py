@@ -16,8 +16,8 @@ DTYPE_ALIASES = {
     "fp64": "float64",
     "double": "float64",
 }
-FIRST_TOKENS = ("auto", "keep", "bos", "random")  # probe.first_token: pipeline/probe.py
-PACKINGS = ("document", "stream")  # probe.packing (probe=text): pipeline/textprobe.py
+FIRST_TOKENS = ("auto", "keep", "bos", "random")  # probe.first_token: pipeline/probe/
+PACKINGS = ("document", "stream")  # probe.packing (probe=text): pipeline/probe/text.py
 CHECKPOINT_FORMATS = (
     "auto",
     "hf",

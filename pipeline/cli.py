@@ -114,7 +114,7 @@ def tensorboard_scalars(cfg: DictConfig, store_location: str):
     """With report.tensorboard: what writes the steps a replay round stored as TensorBoard scalars."""
     if not cfg.report.tensorboard:
         return None
-    from .tensorboard_scalars import write_scalars
+    from .report.tensorboard import write_scalars
 
     return lambda steps: write_scalars(store_location, str(cfg.report.tensorboard), steps=steps, eps=cfg.report.eps)
 
@@ -127,7 +127,7 @@ def report_stage(cfg: DictConfig, store_location: str) -> None:
         raise UsageError(f"store.path={store_location}: no store there yet; run the replay stage first")
     page = write_report(store_location, cfg.report.out_dir or None, eps=float(cfg.report.eps))
     if cfg.report.tensorboard:
-        from .tensorboard_scalars import write_scalars
+        from .report.tensorboard import write_scalars
 
         write_scalars(store_location, str(cfg.report.tensorboard), eps=float(cfg.report.eps))
     for name, node in sorted(open_sinks(store_location).children.items()):

@@ -17,7 +17,7 @@ import xarray as xr
 
 from . import analysis as an
 from .errors import UsageError
-from .report import _CSS, STEP_LABEL, _fmt_mass, _fmt_step, _html_figure, _new_figure, _save, _table
+from .report.page import _CSS, STEP_LABEL, _fmt_mass, _fmt_step, _html_figure, _new_figure, _save, _table
 from .runs import open_runs
 from .store.schema import MEASURED
 

@@ -177,7 +177,7 @@ class Run:
                 for c in fresh:
                     self.tried[c.step] = c.modified
                 return []
-        from .tokenizer import changed_tokenizers
+        from .probe.tokenizer import changed_tokenizers
 
         for step, error in changed_tokenizers(self.cfg.probe, self.probe, fresh, self.source).items():
             early[step] = error  # a text probe's ids would mean other text to this checkpoint

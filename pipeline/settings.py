@@ -261,7 +261,7 @@ def check(cfg) -> None:
     if p.kind == "text":
         if p.packing not in PACKINGS:
             raise UsageError(f"probe.packing={p.packing}: choose from {', '.join(PACKINGS)}")
-        from .textprobe import read_documents
+        from .probe.text import read_documents
 
         try:
             read_documents(str(p.path))  # an unreadable text fails here, before any checkpoint is read

@@ -133,7 +133,7 @@ def test_the_cube_schema_is_one_leaf_that_writers_and_readers_share_and_writers_
     graph = import_graph()
     assert graph["pipeline.store.schema"] == set() and graph["pipeline.choices"] == set()
     readers_and_writers = ("pipeline.replay.measure", "pipeline.replay.step", "pipeline.store.cube")
-    for module in (*readers_and_writers, "pipeline.analysis", "pipeline.report"):
+    for module in (*readers_and_writers, "pipeline.analysis", "pipeline.report.page"):
         assert "pipeline.store.schema" in graph[module], module
     for writer in (*readers_and_writers, "pipeline.driver", "pipeline.cluster.dispatch"):
         assert "pipeline.analysis" not in reachable(graph, writer), writer
@@ -145,8 +145,11 @@ BELOW = {
     "pipeline.store": set(),
     "pipeline.replay": {"pipeline.checkpoints", "pipeline.store", "pipeline.settings"},
     "pipeline.cluster": {"pipeline.replay", "pipeline.checkpoints", "pipeline.store", "pipeline.settings"},
+    "pipeline.probe": {"pipeline.checkpoints", "pipeline.store"},
+    "pipeline.report": {"pipeline.store", "pipeline.analysis", "pipeline.settings"},
 }
 UPPER = {"pipeline.checkpoints", "pipeline.store", "pipeline.replay", "pipeline.cluster", "pipeline.settings"}
+UPPER |= {"pipeline.probe", "pipeline.compare", "pipeline.runs"}
 UPPER |= {"pipeline.driver", "pipeline.cli", "pipeline.check", "pipeline.demo", "pipeline.analysis", "pipeline.report"}
 
 

@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import pipeline
 from pipeline import analysis as an
 from pipeline.cli import compose, run
-from pipeline.tensorboard_scalars import write_scalars
+from pipeline.report.tensorboard import write_scalars
 from tests.cubes import constant_cube, write_store
 
 GROUP = "probe_keep"

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from . import analysis as an
-from .settings import needs_tensorboard
-from .store.schema import MEASURED
+from .. import analysis as an
+from ..settings import needs_tensorboard
+from ..store.schema import MEASURED
 
 SUFFIX = ".sinktrace"
 _STEP_FILE = re.compile(r"^events\.out\.tfevents\.(\d+)\.sinktrace$")
@@ -86,8 +86,8 @@ def write_scalars(
     With no ``steps``, every done step is written and the files of steps no longer done are removed, so the
     folder mirrors the store. Returns the files written."""
     needs_tensorboard()
-    from .report import _safe_name
-    from .store.cube import open_sinks
+    from ..store.cube import open_sinks
+    from .page import _safe_name
 
     wanted = None if steps is None else {int(s) for s in steps}
     written = []

@@ -17,10 +17,10 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from . import analysis as an
-from .locations import is_url
-from .store.cube import open_sinks
-from .store.schema import DONE, FAILED, MEASURED, PENDING
+from .. import analysis as an
+from ..locations import is_url
+from ..store.cube import open_sinks
+from ..store.schema import DONE, FAILED, MEASURED, PENDING
 
 SINK_LABEL = "sink mass (attention on token 0)"
 STEP_LABEL = "training step"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .choices import FIRST_TOKENS
-from .errors import UsageError
-from .records import Checkpoint, Probe
+from ..choices import FIRST_TOKENS
+from ..errors import UsageError
+from ..records import Checkpoint, Probe
 
 
 def special_token_ids(model_config: dict) -> set[int]:
@@ -48,7 +48,7 @@ def tokens_hash(tokens: np.ndarray) -> str:
 def build_probe(cfg, model_config: dict, first: Checkpoint | None = None, hub=None) -> Probe:
     """The probe for `cfg` (the `probe` config group) and a model config (the checkpoint's config.json). A text
     probe is tokenized with the tokenizer of `first`, the first checkpoint (a revision of `hub`, a HubRun), unless
-    `probe.tokenizer` names one (pipeline/tokenizer.py)."""
+    `probe.tokenizer` names one (`tokenizer`)."""
     vocab = vocab_size(model_config)
     first_token = resolve_first_token(cfg.first_token, model_config)
     rng = np.random.default_rng(cfg.seed)
@@ -88,7 +88,7 @@ def build_probe(cfg, model_config: dict, first: Checkpoint | None = None, hub=No
 
 def text_tokens(cfg, first: Checkpoint | None, hub, rng) -> tuple[np.ndarray, dict]:
     """The rows of a text probe and what identifies them (packing, text and vocabulary hashes, tokenizer)."""
-    from .textprobe import pack, read_documents
+    from .text import pack, read_documents
     from .tokenizer import probe_tokenizer
 
     documents, text_sha256 = read_documents(str(cfg.path))
@@ -170,7 +170,7 @@ def probe_attrs(probe: Probe) -> dict:
 def open_store(location: str, probe: Probe):
     """The writer of `probe`'s group; UsageError when the group holds another probe's results (the same
     `probe.name` given to other token ids)."""
-    from .store.cube import SinkStore
+    from ..store.cube import SinkStore
 
     store = SinkStore(location, probe.name)
     stored = store.attrs().get("probe_tokens_sha256")

@@ -22,7 +22,7 @@ import re
 
 import numpy as np
 
-from .choices import PACKINGS
+from ..choices import PACKINGS
 
 JSON_LINES = (".jsonl", ".ndjson", ".json")
 BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")

@@ -23,9 +23,9 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import UsageError, describe
-from .locations import is_url, local_path
-from .records import Checkpoint, Probe
+from ..errors import UsageError, describe
+from ..locations import is_url, local_path
+from ..records import Checkpoint, Probe
 
 # The files transformers builds a tokenizer from; a folder holds a tokenizer when it has one of MAIN_FILES.
 TOKENIZER_FILES = (
@@ -120,7 +120,7 @@ def _vocab_of(ckpt: Checkpoint, source) -> str | None:
 def _hub(source):
     """The Hub repository `source` reads, or None: only the Hub lists a revision's tokenizer files with their hashes
     (so that identical files are not fetched again) and fetches them on demand; a folder's are on its path."""
-    from .checkpoints.hub import HubRun
+    from ..checkpoints.hub import HubRun
 
     return source if isinstance(source, HubRun) else None
 
