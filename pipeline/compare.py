@@ -17,7 +17,7 @@ import xarray as xr
 
 from . import analysis as an
 from .errors import UsageError
-from .report.page import _CSS, STEP_LABEL, _fmt_mass, _fmt_step, _html_figure, _new_figure, _save, _table
+from .report.page import CSS, STEP_LABEL, fmt_mass, fmt_step, html_figure, html_table, new_figure, save_figure
 from .runs import open_runs
 from .store.schema import MEASURED
 
@@ -102,7 +102,7 @@ def fig_emergence_runs(ds: xr.Dataset, numbers: dict[str, RunNumbers], path: Pat
     layers = mass["layer"].values
     ncols = min(4, len(layers))
     nrows = math.ceil(len(layers) / ncols)
-    fig, axes = _new_figure(nrows, ncols, figsize=(3.6 * ncols, 2.8 * nrows + 0.6), squeeze=False, sharey=True)
+    fig, axes = new_figure(nrows, ncols, figsize=(3.6 * ncols, 2.8 * nrows + 0.6), squeeze=False, sharey=True)
     colors = _run_colors(len(numbers))
     for i, layer in enumerate(layers):
         ax = axes.flat[i]
@@ -121,7 +121,7 @@ def fig_emergence_runs(ds: xr.Dataset, numbers: dict[str, RunNumbers], path: Pat
     axes.flat[0].set_ylabel("sink mass, mean over heads")
     axes.flat[0].legend(fontsize=7, loc="upper left")
     fig.suptitle(f"Sink mass per layer, one line per run; dotted: emergence step (stays > {eps:g})", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _tokens_at(ds: xr.Dataset, run: str, step: float) -> float:
@@ -132,14 +132,14 @@ def _tokens_at(ds: xr.Dataset, run: str, step: float) -> float:
 def fig_rate_runs(ds: xr.Dataset, path: Path, eps: float) -> Path:
     """The sink rate of every run (share of heads above eps)."""
     index, label = _axis(ds)
-    fig, ax = _new_figure(figsize=(8, 4))
+    fig, ax = new_figure(figsize=(8, 4))
     _lines(ax, an.sink_rate(ds, eps), index, _run_colors(ds.sizes["run"]))
     ax.set_xlabel(label)
     ax.set_ylabel(f"share of heads with sink mass > {eps:g}")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     ax.set_title("Sink rate per run", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def fig_loss_runs(ds: xr.Dataset, numbers: dict[str, RunNumbers], path: Path) -> Path | None:
@@ -149,7 +149,7 @@ def fig_loss_runs(ds: xr.Dataset, numbers: dict[str, RunNumbers], path: Path) ->
     index, label = _axis(ds)
     loss = an.training_loss(ds)
     colors = _run_colors(len(numbers))
-    fig, ax = _new_figure(figsize=(8, 4))
+    fig, ax = new_figure(figsize=(8, 4))
     _lines(ax, loss, index, colors)
     for color, (name, n) in zip(colors, numbers.items()):
         if np.isfinite(n.circuit_convergence):
@@ -159,7 +159,7 @@ def fig_loss_runs(ds: xr.Dataset, numbers: dict[str, RunNumbers], path: Path) ->
     ax.set_ylabel("training loss")
     ax.legend(fontsize=8)
     ax.set_title("Training loss per run; dashed: the P0 circuit's convergence step", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def table_rows(ds: xr.Dataset, numbers: dict[str, RunNumbers], eps: float) -> tuple[list[str], list[list[str]]]:
@@ -179,13 +179,13 @@ def table_rows(ds: xr.Dataset, numbers: dict[str, RunNumbers], eps: float) -> tu
         [
             name,
             str(n.done),
-            _fmt_step(n.last_step),
-            *(_fmt_step(n.emergence[i]) if i < len(n.emergence) else "—" for i in range(len(layers))),
-            _fmt_step(n.convergence),
-            _fmt_step(n.circuit_convergence),
-            _fmt_step(n.recognition),
-            _fmt_mass(n.rate_last),
-            _fmt_mass(n.loss_last),
+            fmt_step(n.last_step),
+            *(fmt_step(n.emergence[i]) if i < len(n.emergence) else "—" for i in range(len(layers))),
+            fmt_step(n.convergence),
+            fmt_step(n.circuit_convergence),
+            fmt_step(n.recognition),
+            fmt_mass(n.rate_last),
+            fmt_mass(n.loss_last),
         ]
         for name, n in numbers.items()
     ]
@@ -200,12 +200,12 @@ def text_table(ds: xr.Dataset, numbers: dict[str, RunNumbers], eps: float) -> st
         [
             name,
             str(n.done),
-            _fmt_step(n.last_step),
-            ", ".join(_fmt_step(e) for e in n.emergence),
-            _fmt_step(n.convergence),
-            _fmt_step(n.circuit_convergence),
-            _fmt_mass(n.rate_last),
-            _fmt_mass(n.loss_last),
+            fmt_step(n.last_step),
+            ", ".join(fmt_step(e) for e in n.emergence),
+            fmt_step(n.convergence),
+            fmt_step(n.circuit_convergence),
+            fmt_mass(n.rate_last),
+            fmt_mass(n.loss_last),
         ]
         for name, n in numbers.items()
     ]
@@ -233,7 +233,7 @@ def write_comparison(ds: xr.Dataset, out_dir: str | Path | None = None, *, eps: 
     loss = fig_loss_runs(ds, numbers, out / "loss.png")
     if loss is not None:
         figures.append((loss, "Training loss per run, with the P0 circuit's convergence step."))
-    stores = _table(
+    stores = html_table(
         ["run", "store", "checkpoint root", "architecture"],
         [
             [n, str(s), str(r), str(a)]
@@ -247,18 +247,18 @@ def write_comparison(ds: xr.Dataset, out_dir: str | Path | None = None, *, eps: 
         f"{html.escape(label)}; eps = {eps:g}.</p>",
         stores,
         "<h2>Emergence and convergence steps</h2>",
-        _table(header, rows, left=1),
+        html_table(header, rows, left=1),
         "<p class=note>Steps are training steps. <i>stays &gt; eps from</i>: the emergence step, from which the "
         "layer's head-mean sink mass stays above eps; <i>profile converges</i>: from which the per-layer sink "
         "profile changes by less than 0.05 within every 3 checkpoints; <i>circuit converges</i>: the same for the "
         "share of the position-0 writing in layers 0–1 (needs <code>outputs</code> in replay.measure); "
         "<i>position 0 recognised</i>: needs a probe with a random first token; — where there is none.</p>",
-        *(_html_figure(path.name, caption) for path, caption in figures),
+        *(html_figure(path.name, caption) for path, caption in figures),
     ]
     page = out / "index.html"
     page.write_text(
         "<!doctype html><html><head><meta charset=utf-8><title>sinktrace: runs compared</title>"
-        f"<style>{_CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n",
+        f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n",
         encoding="utf-8",
     )
     return page

@@ -52,11 +52,11 @@ def default_out_dir(store_path: str | Path) -> Path:
 # Numbers
 
 
-def _fmt_step(value) -> str:
+def fmt_step(value) -> str:
     return "—" if value is None or not np.isfinite(value) else f"{int(round(float(value))):d}"
 
 
-def _fmt_mass(value) -> str:
+def fmt_mass(value) -> str:
     return "—" if value is None or not np.isfinite(value) else f"{float(value):.3f}"
 
 
@@ -135,7 +135,7 @@ def summary_table(ds: xr.Dataset, eps: float = 0.3) -> str:
         return f"no done steps yet ({counts})"
     header = ["layer", f"mass @ {n.first_step}", f"mass @ {n.last_step}", f"first > {eps:g}", f"stays > {eps:g} from"]
     rows = [
-        [str(layer), _fmt_mass(a), _fmt_mass(b), _fmt_step(c), _fmt_step(e)]
+        [str(layer), fmt_mass(a), fmt_mass(b), fmt_step(c), fmt_step(e)]
         for layer, a, b, c, e in zip(ds["layer"].values, n.first_mass, n.last_mass, n.first_crossing, n.emergence)
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -234,7 +234,7 @@ def _layer_ticks(ax, n_layers: int, axis: str = "y") -> None:
         target.set_major_locator(MaxNLocator(integer=True))
 
 
-def _new_figure(nrows: int = 1, ncols: int = 1, *, figsize, **kwargs):
+def new_figure(nrows: int = 1, ncols: int = 1, *, figsize, **kwargs):
     """A figure on its own Agg canvas: the report runs headless and never touches pyplot's
     global backend, so importing it in a notebook leaves inline plotting alone."""
     fig = Figure(figsize=figsize)
@@ -242,7 +242,7 @@ def _new_figure(nrows: int = 1, ncols: int = 1, *, figsize, **kwargs):
     return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     return path
 
@@ -252,7 +252,7 @@ def fig_heatmap(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Path
     mass = an.layer_sink_mass(ds).reindex(step=ds["step"].values)  # not-done steps -> NaN -> grey
     steps = mass.step.values
     n_layers = ds.sizes["layer"]
-    fig, ax = _new_figure(figsize=(9, max(3.0, 1.2 + 0.35 * n_layers)))
+    fig, ax = new_figure(figsize=(9, max(3.0, 1.2 + 0.35 * n_layers)))
     cmap = matplotlib.colormaps["magma"].with_extremes(bad="#d9d9d9")
     mesh = ax.pcolormesh(
         _step_edges(steps),
@@ -285,7 +285,7 @@ def fig_heatmap(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Path
         notes.append(f"grey: {not_done} step{'s' if not_done != 1 else ''} failed or pending")
     subtitle = "\n" + "  ·  ".join(notes) if notes else ""
     ax.set_title(f"{title}: sink mass per layer, mean over heads{subtitle}", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def fig_emergence(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Path:
@@ -293,7 +293,7 @@ def fig_emergence(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Pa
     mass = an.layer_sink_mass(ds)
     n_layers = ds.sizes["layer"]
     colors, cmap, norm = _layer_colors(n_layers)
-    fig, ax = _new_figure(figsize=(9, 4.6))
+    fig, ax = new_figure(figsize=(9, 4.6))
     for i, layer in enumerate(ds["layer"].values):
         emerge = n.emergence[i]
         when = f"stays > {n.eps:g} from {emerge:,.0f}" if np.isfinite(emerge) else f"not > {n.eps:g} at the end"
@@ -349,14 +349,14 @@ def fig_emergence(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Pa
     ax.grid(alpha=0.25)
     ax.set_title(f"{title}: emergence per layer (mean over heads; ◆ = emergence step)", fontsize=10)
     _layer_key(fig, ax, n_layers, cmap, norm)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def fig_heads(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Path:
     """Head x layer heatmap at the last done step."""
     last = an.sink_score(ds).isel(step=-1).transpose("layer", "head").values
     n_layers, n_heads = last.shape
-    fig, ax = _new_figure(figsize=(min(12, 2.5 + 0.55 * n_heads), min(10, 1.5 + 0.45 * n_layers)))
+    fig, ax = new_figure(figsize=(min(12, 2.5 + 0.55 * n_heads), min(10, 1.5 + 0.45 * n_layers)))
     im = ax.imshow(last, origin="lower", aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest")
     if last.size <= 256:  # values stay legible up to about a 16 x 16 grid
         for (li, hi), v in np.ndenumerate(last):
@@ -371,7 +371,7 @@ def fig_heads(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Path:
     else:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"{title}: sink mass per head at step {n.last_step:,} (last done step)", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _qbin_labels(ds: xr.Dataset) -> list[str]:
@@ -386,7 +386,7 @@ def fig_by_query(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Pat
     by_q = an.done(ds)["sink_mass_by_q"].isel(step=-1).mean("head")
     n_layers = ds.sizes["layer"]
     colors, cmap, norm = _layer_colors(n_layers)
-    fig, ax = _new_figure(figsize=(8, 4.4))
+    fig, ax = new_figure(figsize=(8, 4.4))
     x = np.arange(ds.sizes["qbin"])
     for i, layer in enumerate(ds["layer"].values):
         ax.plot(x, by_q.sel(layer=layer), color=colors[i], marker="o", markersize=4, label=f"layer {layer}")
@@ -397,7 +397,7 @@ def fig_by_query(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Pat
     ax.grid(alpha=0.25)
     ax.set_title(f"{title}: sink mass by query position at step {n.last_step:,} (mean over heads)", fontsize=10)
     _layer_key(fig, ax, n_layers, cmap, norm)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def fig_overview(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Path:
@@ -410,7 +410,7 @@ def fig_overview(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Pat
     onset = an.onset_layer(ds, n.eps)
     share = an.early_share(ds, k=2)
     n_layers = ds.sizes["layer"]
-    fig, axes = _new_figure(3, 1, figsize=(9, 7.5), sharex=True)
+    fig, axes = new_figure(3, 1, figsize=(9, 7.5), sharex=True)
     ax = axes[0]
     ms = _marker_size(n.steps.size)
     ax.plot(rate.step, 100 * rate, marker="o", markersize=ms, label="sink_mass as stored")
@@ -460,14 +460,14 @@ def fig_overview(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Pat
     )
     axes[0].set_title(f"{title}: sink over training{settled}", fontsize=10)
     fig.align_ylabels(axes)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def fig_massive(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Path:
     """Both massive-activation ratios per layer over training (log scale)."""
     n_layers = ds.sizes["layer"]
     colors, cmap, norm = _layer_colors(n_layers)
-    fig, axes = _new_figure(1, 2, figsize=(11, 4.2), sharex=True)
+    fig, axes = new_figure(1, 2, figsize=(11, 4.2), sharex=True)
     specs = [
         ("norm", "‖h₀‖ / mean ‖hₜ‖ (L2 norms)", "token-0 norm ratio"),
         ("max_median", "max |h₀| / median |hₜ| (Sun et al.)", "top / median activation"),
@@ -493,20 +493,20 @@ def fig_massive(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Path
         ax.grid(alpha=0.25, which="both")
     _layer_key(fig, axes[1], n_layers, cmap, norm)
     fig.suptitle(f"{title}: massive activations at position 0 (residual stream after each block)", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def fig_circuit(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Path:
     """The P0 circuit: its writer per step, and the share of the position-0 writing in layers 0-1 beside the
     training loss, with the step the share settles."""
-    fig, axes = _new_figure(1, 2, figsize=(11, 4.2), sharex=True)
+    fig, axes = new_figure(1, 2, figsize=(11, 4.2), sharex=True)
     writer = an.circuit_writer(ds)
     axes[0].plot(writer.step, writer, marker="o", markersize=_marker_size(n.steps.size), drawstyle="steps-post")
     axes[0].set_ylim(-0.25, ds.sizes["layer"] - 0.25)
     axes[0].set_ylabel("writer: layer (+0.5 = MLP)")
     axes[0].set_title(
         f"first sublayer writing position 0 > {writer.attrs['ratio']:g}x the rest "
-        f"(settles at {_fmt_step(float(an.writer_settle_step(ds)))})",
+        f"(settles at {fmt_step(float(an.writer_settle_step(ds)))})",
         fontsize=9,
     )
     share = an.circuit_share(ds)
@@ -527,14 +527,14 @@ def fig_circuit(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Path
         _step_axis(ax)
         ax.grid(alpha=0.25)
     fig.suptitle(f"{title}: the position-0 circuit", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def fig_recognition(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Path:
     """p0_similarity (solid) and rest_similarity (dashed) per layer over training."""
     n_layers = ds.sizes["layer"]
     colors, cmap, norm = _layer_colors(n_layers)
-    fig, ax = _new_figure(figsize=(8, 4.2))
+    fig, ax = new_figure(figsize=(8, 4.2))
     d = an.done(ds)
     for i, layer in enumerate(ds["layer"].values):
         ax.plot(
@@ -557,7 +557,7 @@ def fig_recognition(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> 
     ax.grid(alpha=0.25)
     _layer_key(fig, ax, n_layers, cmap, norm)
     fig.suptitle(f"{title}: is position zero recognised without its content?", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def fig_mixing(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Path:
@@ -565,7 +565,7 @@ def fig_mixing(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Path:
     n_layers = ds.sizes["layer"]
     colors, cmap, norm = _layer_colors(n_layers)
     effect = an.mixing_effect(ds)
-    fig, axes = _new_figure(1, 2, figsize=(11, 4.2), sharex=True)
+    fig, axes = new_figure(1, 2, figsize=(11, 4.2), sharex=True)
     for ax, name in zip(axes, MEASURED["mixing"]):
         for i, layer in enumerate(ds["layer"].values):
             ax.plot(
@@ -582,7 +582,7 @@ def fig_mixing(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Path:
         ax.grid(alpha=0.25)
     _layer_key(fig, axes[1], n_layers, cmap, norm)
     fig.suptitle(f"{title}: what the sink does for mixing (above 1: more mixing without it)", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def fig_first_token(fixed: xr.Dataset, random: xr.Dataset, index: xr.DataArray, path: Path) -> Path:
@@ -594,7 +594,7 @@ def fig_first_token(fixed: xr.Dataset, random: xr.Dataset, index: xr.DataArray, 
     layers = fixed["layer"].values
     n_layers = layers.size
     colors, cmap, norm = _layer_colors(n_layers)
-    fig, (ax0, ax1) = _new_figure(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [1, 1.4]})
+    fig, (ax0, ax1) = new_figure(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [1, 1.4]})
     w = 0.4
     fname, rname = index.attrs["fixed_group"], index.attrs["random_group"]
     ax0.bar(
@@ -631,13 +631,13 @@ def fig_first_token(fixed: xr.Dataset, random: xr.Dataset, index: xr.DataArray, 
     )
     _layer_key(fig, ax1, n_layers, cmap, norm)
     fig.suptitle("First-token comparison: is the sink tied to position 0 or to the token?", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------
 # Page
 
-_CSS = """
+CSS = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
 table { border-collapse: collapse; margin: 0.6em 0 1.2em; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 3px 9px; text-align: right; }
@@ -648,7 +648,7 @@ figcaption { font-size: 0.85em; color: #555; } .note { color: #555; font-size: 0
 """
 
 
-def _table(header: list[str], rows: list[list[str]], left: int = 0) -> str:
+def html_table(header: list[str], rows: list[list[str]], left: int = 0) -> str:
     def cells(tag, row):
         return "".join(
             f"<{tag}{' class=l' if i < left else ''}>{html.escape(str(c))}</{tag}>" for i, c in enumerate(row)
@@ -663,24 +663,24 @@ def _table(header: list[str], rows: list[list[str]], left: int = 0) -> str:
     )
 
 
-def _html_figure(src: str, caption: str) -> str:
+def html_figure(src: str, caption: str) -> str:
     return (
         f'<figure><img src="{html.escape(src)}" alt="{html.escape(caption)}">'
         f"<figcaption>{html.escape(caption)}</figcaption></figure>"
     )
 
 
-def _safe_name(name: str) -> str:
+def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "group"
 
 
 def _group_section(name: str, ds: xr.Dataset, out: Path, eps: float, tol: float, window: int) -> str:
-    prefix = _safe_name(name)
+    prefix = safe_name(name)
     n = group_numbers(ds, eps, tol=tol, window=window)
     probe = {k: v for k, v in ds.attrs.items() if k.startswith("probe_") or k in ("architecture", "attention_route")}
     parts = [
         f"<h2>Probe group <code>{html.escape(name)}</code></h2>",
-        _table(["attribute", "value"], [[k, v] for k, v in probe.items()], left=2),
+        html_table(["attribute", "value"], [[k, v] for k, v in probe.items()], left=2),
         "<p class=note>Steps: "
         + html.escape(", ".join(f"{v} {k}" for k, v in n.counts.items()))
         + ". Only done steps enter the numbers and curves.</p>",
@@ -690,18 +690,18 @@ def _group_section(name: str, ds: xr.Dataset, out: Path, eps: float, tol: float,
         errors = [
             [int(s), str(e)] for s, st, e in zip(ds["step"].values, status, ds["error"].values.tolist()) if st == FAILED
         ]
-        parts.append("<details><summary>failed steps</summary>" + _table(["step", "error"], errors) + "</details>")
+        parts.append("<details><summary>failed steps</summary>" + html_table(["step", "error"], errors) + "</details>")
     parts.extend(f"<p class=warn>Warning: {html.escape(line)}.</p>" for line in an.same_weights_lines(ds))
     if n.first_step is None:
         parts.append("<p>No done steps yet: nothing to plot.</p>")
         return "\n".join(parts)
 
     layer_rows = [
-        [str(layer), _fmt_mass(a), _fmt_mass(b), _fmt_step(c), _fmt_step(e)]
+        [str(layer), fmt_mass(a), fmt_mass(b), fmt_step(c), fmt_step(e)]
         for layer, a, b, c, e in zip(ds["layer"].values, n.first_mass, n.last_mass, n.first_crossing, n.emergence)
     ]
     parts.append(
-        _table(
+        html_table(
             [
                 "layer",
                 f"sink mass at step {n.first_step}",
@@ -717,12 +717,12 @@ def _group_section(name: str, ds: xr.Dataset, out: Path, eps: float, tol: float,
         [f"sink rate at step {n.last_step}, Gu et al. score (1 + (T-1)·m)/T > {eps:g}", _fmt_share(n.rate_last_gu)],
         [
             f"convergence step (every {window} consecutive checkpoints change each layer by < {tol:g})",
-            _fmt_step(n.convergence),
+            fmt_step(n.convergence),
         ],
-        [f"onset layer at step {n.last_step} (first layer with mean > {eps:g})", _fmt_step(n.onset_last)],
+        [f"onset layer at step {n.last_step} (first layer with mean > {eps:g})", fmt_step(n.onset_last)],
         [f"early share at step {n.last_step} (sink mass in layers 0–1)", _fmt_share(n.early_last)],
     ]
-    parts.append(_table(["quantity", "value"], scalars, left=1))
+    parts.append(html_table(["quantity", "value"], scalars, left=1))
     parts.append(
         "<p class=note>Sink mass: attention on key 0 averaged over probe rows and queries "
         "1..T-1, then over heads. Emergence step: first done step from which the layer stays "
@@ -792,7 +792,7 @@ def _group_section(name: str, ds: xr.Dataset, out: Path, eps: float, tol: float,
             continue
         # Flat, prefixed by group: the folder stays one level, easy to browse and to copy.
         fn(ds, n, out / f"{prefix}_{file}", title)
-        parts.append(_html_figure(f"{prefix}_{file}", caption))
+        parts.append(html_figure(f"{prefix}_{file}", caption))
     return "\n".join(parts)
 
 
@@ -827,7 +827,7 @@ def write_report(
     page = out / "index.html"
     page.write_text(
         "<!doctype html><html><head><meta charset=utf-8><title>sinktrace report</title>"
-        f"<style>{_CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n",
+        f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n",
         encoding="utf-8",
     )
     return page
@@ -840,17 +840,17 @@ def _first_token_section(groups: dict, pair: tuple[str, str], out: Path) -> str:
     if index.sizes["step"] == 0:
         return head + "<p>No step is done in both groups yet.</p>"
     last = int(index.step.values[-1])
-    file = f"first_token_{_safe_name(fixed_name)}_vs_{_safe_name(random_name)}.png"
+    file = f"first_token_{safe_name(fixed_name)}_vs_{safe_name(random_name)}.png"
     fig_first_token(groups[fixed_name], groups[random_name], index, out / file)
     m_f = an.layer_sink_mass(groups[fixed_name]).sel(step=last).values
     m_r = an.layer_sink_mass(groups[random_name]).sel(step=last).values
     rows = [
-        [str(layer), _fmt_mass(a), _fmt_mass(b), _fmt_mass(p)]
+        [str(layer), fmt_mass(a), fmt_mass(b), fmt_mass(p)]
         for layer, a, b, p in zip(index.layer.values, m_f, m_r, index.isel(step=-1).values)
     ]
     return (
         head
-        + _table(
+        + html_table(
             [
                 "layer",
                 f"sink mass, fixed first token (step {last})",
@@ -863,7 +863,7 @@ def _first_token_section(groups: dict, pair: tuple[str, str], out: Path) -> str:
         f"u = {index.attrs['baseline']:.3f} the sink mass of uniform attention at this probe length: "
         "1 = the sink is tied to position 0 alone, 0 = tied to the first token's identity; "
         "— where the fixed probe has no sink above u to compare.</p>"
-        + _html_figure(
+        + html_figure(
             file, "Sink mass with a fixed vs a random first token, and the positional index per layer over training."
         )
     )

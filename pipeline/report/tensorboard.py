@@ -87,12 +87,12 @@ def write_scalars(
     folder mirrors the store. Returns the files written."""
     needs_tensorboard()
     from ..store.cube import open_sinks
-    from .page import _safe_name
+    from .page import safe_name
 
     wanted = None if steps is None else {int(s) for s in steps}
     written = []
     for name, ds in an.probe_groups(open_sinks(store_location)).items():
-        group_dir = Path(log_dir) / _safe_name(name)
+        group_dir = Path(log_dir) / safe_name(name)
         group_dir.mkdir(parents=True, exist_ok=True)
         if wanted is not None:
             ds = ds.sel(step=[s for s in ds["step"].values.tolist() if s in wanted])
