@@ -17,7 +17,7 @@ import xarray as xr
 
 from . import analysis as an
 from .errors import UsageError
-from .report.page import CSS, STEP_LABEL, fmt_mass, fmt_step, html_figure, html_table, new_figure, save_figure
+from .report.page import STEP_LABEL, fmt_mass, fmt_step, html_figure, html_table, new_figure, save_figure, write_page
 from .runs import open_runs
 from .store.schema import MEASURED
 
@@ -255,13 +255,7 @@ def write_comparison(ds: xr.Dataset, out_dir: str | Path | None = None, *, eps: 
         "<i>position 0 recognised</i>: needs a probe with a random first token; — where there is none.</p>",
         *(html_figure(path.name, caption) for path, caption in figures),
     ]
-    page = out / "index.html"
-    page.write_text(
-        "<!doctype html><html><head><meta charset=utf-8><title>sinktrace: runs compared</title>"
-        f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n",
-        encoding="utf-8",
-    )
-    return page
+    return write_page(out / "index.html", "sinktrace: runs compared", parts)
 
 
 def compare_stage(cfg) -> Path:

@@ -663,6 +663,16 @@ def html_table(header: list[str], rows: list[list[str]], left: int = 0) -> str:
     )
 
 
+def write_page(page: Path, title: str, parts: list[str]) -> Path:
+    """An HTML page of `parts` (already escaped), in the report's style."""
+    page.write_text(
+        f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+        f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n",
+        encoding="utf-8",
+    )
+    return page
+
+
 def html_figure(src: str, caption: str) -> str:
     return (
         f'<figure><img src="{html.escape(src)}" alt="{html.escape(caption)}">'
@@ -824,13 +834,7 @@ def write_report(
         parts.append(_first_token_section(groups, pair, out))
     for name, ds in groups.items():
         parts.append(_group_section(name, ds, out, eps, tol, window))
-    page = out / "index.html"
-    page.write_text(
-        "<!doctype html><html><head><meta charset=utf-8><title>sinktrace report</title>"
-        f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n",
-        encoding="utf-8",
-    )
-    return page
+    return write_page(out / "index.html", "sinktrace report", parts)
 
 
 def _first_token_section(groups: dict, pair: tuple[str, str], out: Path) -> str:
