@@ -111,7 +111,7 @@ def summary(outcome) -> int:
 
 
 def tensorboard_scalars(cfg: DictConfig, store_location: str):
-    """With report.tensorboard: what writes the steps a replay round stored as TensorBoard scalars."""
+    """With report.tensorboard: what writes each step the replay stores as TensorBoard scalars, as it is stored."""
     if not cfg.report.tensorboard:
         return None
     from .report.tensorboard import write_scalars

@@ -99,8 +99,7 @@ def changed_tokenizers(cfg, probe: Probe, checkpoints: list[Checkpoint], source=
 
 def _vocab_of(ckpt: Checkpoint, source) -> str | None:
     """The vocabulary hash of the tokenizer files in a checkpoint's own folder (None: it has none)."""
-    if (hub := _hub(source)) is not None:
-        source = hub
+    if _from_hub(source):
         names, key = _listed(source, ckpt.step)
         if key is None:
             return None
@@ -117,12 +116,12 @@ def _vocab_of(ckpt: Checkpoint, source) -> str | None:
         return _VOCABS[key]
 
 
-def _hub(source):
-    """The Hub repository `source` reads, or None: only the Hub lists a revision's tokenizer files with their hashes
-    (so that identical files are not fetched again) and fetches them on demand; a folder's are on its path."""
+def _from_hub(source) -> bool:
+    """Whether `source` is a Hub repository: only the Hub lists a revision's tokenizer files with their hashes (so
+    that identical files are not fetched again) and fetches them on demand; a folder's are on its path."""
     from ..checkpoints.hub import HubRun
 
-    return source if isinstance(source, HubRun) else None
+    return isinstance(source, HubRun)
 
 
 def _listed(source, step: int) -> tuple[list[str], str | None]:
@@ -158,8 +157,7 @@ def _pinned(setting: str) -> Loaded:
 def _candidates(first: Checkpoint, source, fetch: bool = True):
     """(local folder, name, digest of the Hub's hashes of its files or None) of each place the first checkpoint's
     tokenizer may be, in order; lazily, since a Hub revision's files are fetched only when reached."""
-    if (hub := _hub(source)) is not None:
-        source = hub
+    if _from_hub(source):
         rev = source.revisions.get(first.step)
         name = f"{source.root}@{rev.name}" if rev is not None else source.root
         names, key = _listed(source, first.step)
