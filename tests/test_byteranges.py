@@ -1,0 +1,28 @@
+"""Byte ranges read at once: merged where close, returned in the order asked, short reads refused."""
+
+import pytest
+
+from pipeline.checkpoints.byteranges import ONE_AT_A_TIME, ReadPlan, coalesce, read_ranges
+
+
+def test_close_neighbours_merge_up_to_the_request_limit():
+    plan = ReadPlan(concurrency=4, gap=10, max_request=100)
+    assert coalesce([(50, 60), (0, 20), (25, 40), (200, 250)], plan) == [(0, 60), (200, 250)]
+    assert coalesce([(0, 60), (65, 120)], plan) == [(0, 60), (65, 120)]  # merged, it would exceed 100 bytes
+    assert coalesce([(0, 20), (25, 40)], ONE_AT_A_TIME) == [(0, 20), (25, 40)]
+
+
+@pytest.mark.parametrize("plan", [ONE_AT_A_TIME, ReadPlan(concurrency=3, gap=8, max_request=64)])
+def test_every_range_comes_back_in_the_order_asked(tmp_path, plan):
+    data = bytes(range(256)) * 4
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    ranges = [(700, 720), (0, 5), (10, 30), (8, 12), (1000, 1024), (300, 300)]
+    assert read_ranges(str(path), ranges, plan) == [data[a:b] for a, b in ranges]
+
+
+def test_a_range_past_the_end_names_the_file(tmp_path):
+    path = tmp_path / "short"
+    path.write_bytes(b"x" * 100)
+    with pytest.raises(OSError, match="short.*shorter"):
+        read_ranges(str(path), [(90, 120)])
