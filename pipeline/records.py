@@ -28,6 +28,8 @@ class Checkpoint:
     # Hugging Face config.json (or its folder) for checkpoints that do not describe their architecture.
     key_map: str = "auto"
     model_config: str | None = None
+    # byte ranges in flight per file when the weights are read from object storage (`checkpoints.read_concurrency`)
+    read_concurrency: int = 16
     loss: float | None = None  # the training loss logged at (or last before) this step
     # where the step came from beyond its folder (a Hub repository: revision, commit, the weights' sha256), JSON
     # types only: it is recorded in the store

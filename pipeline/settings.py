@@ -26,6 +26,7 @@ class CheckpointsSettings:
     format: str = "auto"
     model_config: str | None = None
     key_map: str = "auto"
+    read_concurrency: int = 16
     # hf://<org>/<name> roots (pipeline/checkpoints/hub.py)
     revision_pattern: str | None = None
     cache_limit: str = "30GB"
@@ -243,6 +244,8 @@ def check(cfg) -> None:
         raise UsageError(f"checkpoints.quiet_seconds={c.quiet_seconds}: must be 0 or more")
     if c.format not in CHECKPOINT_FORMATS:
         raise UsageError(f"checkpoints.format={c.format}: choose from {', '.join(CHECKPOINT_FORMATS)}")
+    if c.read_concurrency < 1:
+        raise UsageError(f"checkpoints.read_concurrency={c.read_concurrency}: at least 1 (1 reads one range at a time)")
     if c.key_map not in KEY_MAPS:
         raise UsageError(f"checkpoints.key_map={c.key_map}: choose from {', '.join(KEY_MAPS)}")
     if c.model_config and not os.path.exists(os.path.expanduser(c.model_config)):

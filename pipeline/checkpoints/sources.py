@@ -9,6 +9,7 @@ speak to each through the one interface below.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Protocol
 
@@ -55,14 +56,15 @@ class Folder:
         from .discover import discover
 
         c = self.settings
-        # how to read each checkpoint (model_config, key_map) travels on its record to the worker
-        return discover(
+        # how to read each checkpoint (model_config, key_map, read_concurrency) travels on its record to the worker
+        found = discover(
             self.root,
             quiet_seconds=self.quiet,
             format=str(c.format),
             key_map=str(c.key_map),
             model_config=os.path.expanduser(str(c.model_config)) if c.model_config else None,
         )
+        return [dataclasses.replace(ckpt, read_concurrency=int(c.read_concurrency)) for ckpt in found]
 
     def with_config(self, ckpt: Checkpoint) -> Checkpoint:
         return ckpt
