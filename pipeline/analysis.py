@@ -31,7 +31,7 @@ from typing import Literal
 import numpy as np
 import xarray as xr
 
-from .store.schema import DONE, MEASURED
+from .store.schema import DONE, MEASURED, STRING_STEP_COORDS
 
 Convention = Literal["stored", "gu"]
 
@@ -196,9 +196,9 @@ def done(ds: xr.Dataset) -> xr.Dataset:
 
 
 def _done_data(ds: xr.Dataset) -> xr.Dataset:
-    """Done steps without the string coordinates (status, error, weights_digest): a string coordinate breaks later
-    reindexing (no NaN to fill with)."""
-    return done(ds).drop_vars(["status", "error", "weights_digest"], errors="ignore")
+    """Done steps without the string coordinates (status, error, weights_digest, ...): a string coordinate breaks
+    later reindexing (no NaN to fill with)."""
+    return done(ds).drop_vars(list(STRING_STEP_COORDS), errors="ignore")
 
 
 def probe_length(ds: xr.Dataset) -> int:

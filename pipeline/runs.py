@@ -15,7 +15,7 @@ import numpy as np
 import xarray as xr
 
 from .analysis import MISSING, RUN, _strings, probe_groups
-from .store.schema import STEP_COORDS
+from .store.schema import STEP_COORDS, STRING_STEP_COORDS
 
 __all__ = ["open_runs"]
 
@@ -67,7 +67,7 @@ def open_runs(
     prepared = {name: _prepared(ds, name, align) for name, ds in cubes.items()}
     index = "step" if align == "step" else "tokens_seen"
     union = np.unique(np.concatenate([ds[index].values for ds in prepared.values()]))
-    fill = {"status": MISSING, "error": "", "weights_digest": ""}
+    fill = {name: STEP_COORDS[name][1] for name in STRING_STEP_COORDS} | {"status": MISSING}
     if align == "tokens":
         fill["step"] = np.nan
     aligned = [ds.reindex({index: union}, fill_value=fill) for ds in prepared.values()]
@@ -136,7 +136,7 @@ def _prepared(ds: xr.Dataset, name: str, align: str) -> xr.Dataset:
         if coord not in ds.coords:
             ds = ds.assign_coords({coord: ("step", np.full(ds.sizes["step"], missing))})
     ds = ds.assign_coords(
-        {c: ("step", _strings(ds[c].values)) for c in ("status", "error", "weights_digest")},
+        {c: ("step", _strings(ds[c].values)) for c in STRING_STEP_COORDS},
     )
     if align == "step":
         return ds

@@ -73,6 +73,23 @@ def start_tensor_digest(tensors: dict) -> PendingDigest:
     return PendingDigest(_DRIVER.submit(_combine, items))
 
 
+def tensor_lines(tensors: dict) -> dict[str, str]:
+    """Each tensor's line of the digest, as `start_tensor_digest` writes it: a state dict read part by part (layer
+    by layer) is hashed as each part is read, and `digest_of_lines` over all the parts' lines is its digest."""
+    names = {dtype: name for name, dtype in SAFETENSORS_FLOATS.items()}
+    items = []
+    for name, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        items.append((name, names.get(t.dtype, str(t.dtype).removeprefix("torch.")), list(t.shape), t))
+    hashes = _HASHERS.map(lambda t: hashlib.sha256(memoryview(t[3].reshape(-1).view(torch.uint8).numpy())), items)
+    return {name: f"{name} {dtype} {shape} {h.hexdigest()}\n" for (name, dtype, shape, _), h in zip(items, hashes)}
+
+
+def digest_of_lines(lines: dict[str, str]) -> str:
+    """The digest over every tensor's line (`tensor_lines`), in name order as `_combine` orders them."""
+    return hashlib.sha256("".join(lines[name] for name in sorted(lines)).encode()).hexdigest()
+
+
 def weights_digest(paths: list[str]) -> str:
     """The digest of these safetensors files, each opened and its header checked.
 

@@ -74,21 +74,41 @@ class Saved:
             return list(torchfile.model_tensors(self.torch_file(), self.weight_file))
         return [name for f in self._safetensors_files() for name in f.keys()]
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The model's tensors under the names the checkpoint gives them. The last read of a replay: the rest of a
-        torch.save file (optimizer state, in memory where the file could not be memory-mapped) is let go."""
+    def specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """{name: (shape, dtype)} of the model's tensors."""
+        _local_only(self.ckpt)
+        if self.ckpt.format == "dcp":
+            from .formats import dcp
+
+            return dcp.tensor_specs(self.weight_file)
+        if self.ckpt.format == "torch":
+            from .formats import torchfile
+
+            found = torchfile.model_tensors(self.torch_file(), self.weight_file)
+        else:
+            found = {name: f.get_tensor(name) for f in self._safetensors_files() for name in f.keys()}
+        return {name: (tuple(t.shape), t.dtype) for name, t in found.items()}
+
+    def tensors(self, names=None) -> dict[str, torch.Tensor]:
+        """The model's tensors (all, or those in `names`) under the names the checkpoint gives them. Reading them all
+        is the last read of a replay: the rest of a torch.save file (optimizer state, in memory where the file could
+        not be memory-mapped) is let go."""
         ckpt = self.ckpt
         _local_only(ckpt)
         if ckpt.format == "dcp":
             from .formats import dcp
 
-            return dcp.read_tensors(self.weight_file)
+            return dcp.read_tensors(self.weight_file, names)
         if ckpt.format == "torch":
             from .formats import torchfile
 
-            loaded, self._loaded = self.torch_file(), None
-            return torchfile.model_tensors(loaded, self.weight_file)
-        return {name: f.get_tensor(name) for f in self._safetensors_files() for name in f.keys()}
+            loaded = self.torch_file()
+            if names is None:
+                self._loaded = None
+            found = torchfile.model_tensors(loaded, self.weight_file)
+        else:
+            found = {name: f.get_tensor(name) for f in self._safetensors_files() for name in f.keys()}
+        return found if names is None else {name: found[name] for name in names}
 
     def _safetensors_files(self) -> list:
         if self._safetensors is None:

@@ -16,19 +16,31 @@ from __future__ import annotations
 
 import contextlib
 import re
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import SimpleNamespace
 
 import torch
 from torch import nn
 
+from ..checkpoints.digest import PendingDigest, digest_of_lines, tensor_lines
 from ..checkpoints.opened import OpenedCheckpoint, open_checkpoint
 from ..checkpoints.weightfiles import CONFIG_NAME
-from ..devices import concrete_device, release_pinned
+from ..devices import concrete_device, load_dtype, release_pinned
 from ..errors import CheckpointError, describe
 from ..locations import join, local_folder
 from ..records import Checkpoint
-from .load import check_loading, checked, parameters_on_meta, quiet_transformers, remote_code, transformers_config
+from .load import (
+    check_loading,
+    check_state_dict,
+    checked,
+    mapped_config,
+    mapped_plan,
+    parameters_on_meta,
+    quiet_transformers,
+    remote_code,
+    stored_dtype,
+    transformers_config,
+)
 from .measure import find_blocks
 
 
@@ -52,16 +64,25 @@ def open_layered(
 
     opened = open_checkpoint(ckpt)
     device = concrete_device(device)
-    want = checked(opened, device, dtype, trust_remote_code)
-    digest = opened.digest
-    # the weights are read from the files opened (byte ranges for a URL), block by block, the output head never
-    model = _skeleton(opened, device, want, trust_remote_code, attn_implementation)
-    model.weights_digest = digest
-    with BlockStream(opened, model, device, want) as stream:
+    if opened.mapped:  # through a key map: its plan says which checkpoint tensors each block's come from
+        config = mapped_config(opened, trust_remote_code)
+        plan = mapped_plan(opened, config)
+        want = load_dtype(dtype, device, stored_dtype(plan.outputs))
+        model = _skeleton(opened, device, want, False, attn_implementation, config)
+        stream = SavedBlockStream(opened, model, device, want, plan)
+        model.weights_digest = stream.digest
+    else:
+        want = checked(opened, device, dtype, trust_remote_code)
+        digest = opened.digest
+        # the weights are read from the files opened (byte ranges for a URL), block by block, the output head never
+        model = _skeleton(opened, device, want, trust_remote_code, attn_implementation)
+        model.weights_digest = digest
+        stream = BlockStream(opened, model, device, want)
+    with stream:
         yield model, stream.run_rows
 
 
-def _skeleton(opened: OpenedCheckpoint, device, dtype, trust_remote_code, attn_implementation):
+def _skeleton(opened: OpenedCheckpoint, device, dtype, trust_remote_code, attn_implementation, config=None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with contextlib.ExitStack() as stack:
@@ -69,7 +90,7 @@ def _skeleton(opened: OpenedCheckpoint, device, dtype, trust_remote_code, attn_i
             if remote_code(opened, trust_remote_code):  # the config's class ships with the checkpoint, in its folder
                 folder = stack.enter_context(local_folder(opened.path, weights=False))
                 config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=True)
-            else:
+            elif config is None:
                 config = transformers_config(opened)
             with parameters_on_meta():
                 model = AutoModelForCausalLM.from_config(
@@ -119,7 +140,7 @@ class BlockStream:
         self.blocks = find_blocks(model)
         self.head = model.get_output_embeddings()  # never read: statistics stop at the last block's output
         self.prefix = next(name for name, m in model.named_modules() if m is self.blocks)
-        self._files = {f.path: f for f in opened.weight_files}
+        self._files = {} if opened.mapped else {f.path: f for f in opened.weight_files}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sinktrace-read")
         try:
             self.slices = self._group()
@@ -194,13 +215,18 @@ class BlockStream:
         except Exception as e:
             where = "outside the blocks" if index is None else f"of block {index}"
             raise CheckpointError(self.folder, f"transformers could not load the weights {where}: {describe(e)}") from e
-        if index is None:  # everything outside the blocks but the head
+        self._check_loaded(index, list(info.mismatched_keys))
+
+    def _check_loaded(self, index: int | None, mismatched: list) -> None:
+        """That every parameter of the part just loaded (everything outside the blocks but the head, or block
+        `index`) holds a weight."""
+        if index is None:
             part, prefix = self.model, ""
             skip = {id(p) for m in (self.blocks, self.head) if m is not None for p in m.parameters()}
         else:
             part, prefix, skip = self.blocks[index], f"{self.prefix}.{index}.", set()
         missing = [prefix + n for n, p in part.named_parameters() if p.is_meta and id(p) not in skip]
-        check_loading(self.folder, {"missing_keys": missing, "mismatched_keys": list(info.mismatched_keys)})
+        check_loading(self.folder, {"missing_keys": missing, "mismatched_keys": mismatched})
 
     def run_rows(self, forward, batches: list[torch.Tensor], on_batch=None) -> None:
         """Run every micro-batch of probe rows through the model (`forward(input_ids=...)`), block after block;
@@ -247,3 +273,63 @@ class BlockStream:
         finally:
             for i, block in enumerate(originals):
                 blocks[i] = block
+
+
+class SavedBlockStream(BlockStream):
+    """The same stream for a checkpoint read through a key map (`checkpoints.statedict`: DCP folders, torch.save
+    files, safetensors under a trainer's names). The key map's plan (`keymaps.Plan`) names the model tensors of each
+    block and the checkpoint tensors they come from; those alone are read (`Saved.tensors(names)`) and mapped when
+    the block's turn comes. `digest` is the whole route's (`start_tensor_digest` over the mapped state dict): each
+    part's tensors are hashed as they are read, the output head's too, which is read for the digest alone."""
+
+    def __init__(self, opened: OpenedCheckpoint, model, device: torch.device, dtype: torch.dtype, plan):
+        self.plan, self.saved = plan, opened.saved
+        self._lines: dict[str, str] = {}
+        self._digest: Future = Future()
+        self.digest = PendingDigest(self._digest)
+        super().__init__(opened, model, device, dtype)
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        if not self._digest.done():
+            self._digest.set_exception(RuntimeError("the replay stopped before every block was read"))
+
+    def _group(self) -> dict:
+        """The model's tensor names by the block they fall in (None: outside the blocks; "head": the output head),
+        every name and shape checked against the model before any block runs."""
+        check_state_dict(self.folder, self.plan.outputs, self.model)
+        head = tuple(f"{n}." for n, m in self.model.named_modules() if self.head is not None and m is self.head)
+        in_block = re.compile(rf"^{re.escape(self.prefix)}\.(\d+)\.")
+        groups: dict = {}
+        for name in self.plan.outputs:
+            m = in_block.match(name)
+            part = "head" if head and name.startswith(head) else int(m.group(1)) if m else None
+            groups.setdefault(part, []).append(name)
+        return groups
+
+    def _read(self, index: int | None) -> dict[str, torch.Tensor]:
+        """A part's model tensors, from the checkpoint tensors feeding them; with the part outside the blocks, the
+        head's, hashed and dropped."""
+        targets = self.slices.get(index, []) + (self.slices.get("head", []) if index is None else [])
+        try:
+            tensors = self.plan.subset(self.saved.tensors(self.plan.feeding(targets)), targets)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            where = "outside the blocks" if index is None else f"of block {index}"
+            raise CheckpointError(self.folder, f"reading the tensors {where} failed: {describe(e)}") from e
+        self._lines |= tensor_lines(tensors)
+        if len(self._lines) == len(self.plan.outputs):
+            self._digest.set_result(digest_of_lines(self._lines))
+        pin, head = self.device.type == "cuda", set(self.slices.get("head", ()))
+        kept = {k: t.to(self.dtype) for k, t in tensors.items() if k not in head}
+        return {k: t.pin_memory() for k, t in kept.items()} if pin else kept
+
+    def _load(self, index: int | None, tensors: dict[str, torch.Tensor]) -> None:
+        part, prefix = (self.model, "") if index is None else (self.blocks[index], f"{self.prefix}.{index}.")
+        part.load_state_dict(
+            {k.removeprefix(prefix): t.to(self.device, non_blocking=True) for k, t in tensors.items()},
+            strict=False,
+            assign=True,
+        )
+        self._check_loaded(index, [])

@@ -137,8 +137,12 @@ def load_model(
 def weights_in_memory(ckpt: Checkpoint | OpenedCheckpoint, device, dtype="auto") -> tuple[torch.dtype, int]:
     """The dtype `load_model(ckpt, device=device, dtype=dtype)` loads the weights in, and the bytes they then take
     (from the files' sizes, scaled from the dtype most of them are stored in). Reads headers only (for a URL, by
-    byte ranges)."""
+    byte ranges); for a checkpoint read through `checkpoints.statedict`, from the shapes of its mapped tensors."""
     opened = open_checkpoint(ckpt)
+    if opened.mapped:
+        outputs = mapped_plan(opened, mapped_config(opened, False)).outputs
+        want = load_dtype(dtype, device, stored_dtype(outputs))
+        return want, sum(t.numel() for t in outputs.values()) * want.itemsize
     main = main_dtype(opened.weights)
     want = load_dtype(dtype, device, main)
     return want, opened.stored_bytes * want.itemsize // main.itemsize
@@ -250,22 +254,55 @@ def _shares_storage(params: dict, name: str, present) -> bool:
 def _from_state_dict(opened: OpenedCheckpoint, device, dtype, trust_remote_code, attn_implementation):
     """Build the model from a config and "the state dict in transformers' names" (`checkpoints.statedict`): the
     parameters start on the meta device (no random init, no memory) and take the checkpoint's tensors."""
-    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    ckpt, config_dict, where = opened.ckpt, opened.config, opened.config_path
-    check_architecture(where, config_dict, trust_remote_code)
-    try:
-        config = CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict)
-    except Exception as e:
-        raise CheckpointError(where, f"transformers rejects the model config: {describe(e)}") from e
-    tensors = state_dict(ckpt, config, opened.saved)
+    config = mapped_config(opened, trust_remote_code)
+    tensors = state_dict(opened.ckpt, config, opened.saved)
     digest = start_tensor_digest(tensors)
-    want = load_dtype(dtype, device, main_dtype({k: _ST_NAMES.get(t.dtype, "") for k, t in tensors.items()}))
+    want = load_dtype(dtype, device, stored_dtype(tensors))
     try:
         with parameters_on_meta(), quiet_transformers():
             model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=want)
     except Exception as e:
-        raise CheckpointError(where, f"transformers could not build the model: {describe(e)}") from e
+        raise CheckpointError(opened.config_path, f"transformers could not build the model: {describe(e)}") from e
+    expected = check_state_dict(opened.path, tensors, model)
+    model.load_state_dict({k: t.to(want) for k, t in tensors.items() if k in expected}, strict=False, assign=True)
+    model.tie_weights()
+    model.weights_digest = digest
+    return model.to(concrete_device(device)).eval()
+
+
+def mapped_config(opened: OpenedCheckpoint, trust_remote_code: bool):
+    """transformers' config object for a checkpoint read through `checkpoints.statedict`, its architecture checked."""
+    from transformers import CONFIG_MAPPING
+
+    config_dict, where = opened.config, opened.config_path
+    check_architecture(where, config_dict, trust_remote_code)
+    try:
+        return CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict)
+    except Exception as e:
+        raise CheckpointError(where, f"transformers rejects the model config: {describe(e)}") from e
+
+
+def mapped_plan(opened: OpenedCheckpoint, config):
+    """The checkpoint's key map over its tensors' names and shapes (`keymaps.plan`): nothing is read."""
+    from ..checkpoints import keymaps
+
+    return keymaps.plan(opened.key_map, opened.saved.specs(), config, opened.path)
+
+
+def stored_dtype(tensors: dict) -> torch.dtype:
+    """The floating dtype most of a state dict's tensors (real or on the meta device) are in."""
+    return main_dtype({k: _ST_NAMES.get(t.dtype, "") for k, t in tensors.items()})
+
+
+def check_state_dict(where: str, tensors: dict, model) -> dict:
+    """That a state dict in transformers' names (tensors real or on the meta device) fills `model` exactly: nothing
+    missing (but tied weights), unexpected or of the wrong shape. Returns the model's state dict.
+
+    Raises:
+        CheckpointError: naming the checkpoint and the tensors.
+    """
     expected = model.state_dict()
     tied = set(model.all_tied_weights_keys) if getattr(model, "all_tied_weights_keys", None) else set()
     missing = sorted(k for k in expected if k not in tensors and k not in tied)
@@ -277,23 +314,20 @@ def _from_state_dict(opened: OpenedCheckpoint, device, dtype, trust_remote_code,
     ]
     if mismatched:
         shown = ", ".join(f"{k} is {a} in the checkpoint but {b} in the model" for k, a, b in mismatched[:3])
-        raise CheckpointError(ckpt.path, f"{len(mismatched)} tensors do not fit the model config: {shown}")
+        raise CheckpointError(where, f"{len(mismatched)} tensors do not fit the model config: {shown}")
     if missing:
         raise CheckpointError(
-            ckpt.path,
+            where,
             f"nothing in the checkpoint fills {len(missing)} of the model's tensors ({some(missing)}); they would "
             "run with random values: check checkpoints.key_map and checkpoints.model_config",
         )
     if unexpected:
         raise CheckpointError(
-            ckpt.path,
+            where,
             f"the key map yields {len(unexpected)} tensors the model has no place for ({some(unexpected)}): the "
             "model config and the checkpoint disagree",
         )
-    model.load_state_dict({k: t.to(want) for k, t in tensors.items() if k in expected}, strict=False, assign=True)
-    model.tie_weights()
-    model.weights_digest = digest
-    return model.to(concrete_device(device)).eval()
+    return expected
 
 
 _ST_NAMES = {dtype: name for name, dtype in SAFETENSORS_FLOATS.items()}

@@ -12,7 +12,7 @@ import torch
 import xarray as xr
 
 from ..checkpoints.opened import OpenedCheckpoint, open_checkpoint
-from ..devices import device_budget, resolve_device
+from ..devices import concrete_device, device_budget, resolve_device
 from ..errors import CheckpointError
 from ..records import Checkpoint, Probe
 from ..settings import ReplaySettings
@@ -60,16 +60,15 @@ def replay(
     `models`: the model kept from the previous checkpoint, reused when the architecture is the same.
     `times`: filled with the seconds each phase took.
     Weights larger than `settings.max_device_memory`, or a whole model that runs out of device memory under such a
-    budget, are streamed block by block instead (pipeline/replay/layered.py); only Hugging Face safetensors folders are,
-    checkpoints of other formats are read whole.
+    budget, are streamed block by block instead (pipeline/replay/layered.py), whatever the checkpoint's format. The
+    step records which route it took, on which device and in which dtype (`replay_route`, `replay_device`,
+    `replay_dtype`).
     """
     from .load import weights_in_memory
 
     device = resolve_device(settings.device)
     times = times if times is not None else PhaseTimes(device)
     opened = open_checkpoint(ckpt)
-    if opened.mapped:  # read whole: layer by layer streams from safetensors files only
-        return _replay_whole(opened, probe, settings, device, settings.dtype, read_next, models, times)
     budget = device_budget(settings.max_device_memory, device)
     dtype, nbytes = weights_in_memory(opened, device, settings.dtype) if budget is not None else (settings.dtype, 0)
     if budget is None or nbytes <= budget:
@@ -103,9 +102,10 @@ def _replay_whole(opened, probe, settings, device, dtype, read_next, models, tim
     with times.phase("measure"):
         stats = _measure(opened, model, probe, settings)
     digest = model.weights_digest.result()  # before the model goes back for another replay to load into
+    replayed = _replayed("whole", device, model)
     if models is not None:
         models.give_back(model)
-    return to_dataset(stats, opened.step_attrs, probe.seq_len, digest)
+    return to_dataset(stats, opened.step_attrs, probe.seq_len, digest, replayed)
 
 
 def _replay_layered(opened, probe, settings, device, dtype, read_next, times):
@@ -128,7 +128,14 @@ def _replay_layered(opened, probe, settings, device, dtype, read_next, times):
         with times.phase("measure"):
             stats = _measure(opened, model, probe, settings, run_rows)
         digest = model.weights_digest.result()
-    return to_dataset(stats, opened.step_attrs, probe.seq_len, digest)
+        replayed = _replayed("layered", device, model)
+    return to_dataset(stats, opened.step_attrs, probe.seq_len, digest, replayed)
+
+
+def _replayed(route: str, device: str, model) -> dict[str, str]:
+    """How a step was replayed, as the store records it (`schema.REPLAY_COORDS`)."""
+    dtype = str(model.dtype).removeprefix("torch.")
+    return {"replay_route": route, "replay_device": str(concrete_device(device)), "replay_dtype": dtype}
 
 
 def _measure(opened, model, probe, settings, run_rows=None):
@@ -152,11 +159,16 @@ def _measure(opened, model, probe, settings, run_rows=None):
 
 
 def to_dataset(
-    stats: dict[str, np.ndarray], step_attrs: dict, seq_len: int, weights_digest: str | None = None
+    stats: dict[str, np.ndarray],
+    step_attrs: dict,
+    seq_len: int,
+    weights_digest: str | None = None,
+    replayed: dict[str, str] | None = None,
 ) -> xr.Dataset:
     """One step's statistics as a Dataset, with `step_attrs` (`OpenedCheckpoint.step_attrs`: the model's
     architecture, config fingerprint and attention route) as its attributes; `weights_digest`
-    (`checkpoints.digest`) becomes a scalar coordinate."""
+    (`checkpoints.digest`) and `replayed` (`replay_route`, `replay_device`, `replay_dtype`) become scalar
+    coordinates."""
     missing = [name for name in DIMS if name not in stats and name not in OPTIONAL]
     if missing:
         raise RuntimeError(f"the measurement returned no {', '.join(missing)}")
@@ -181,4 +193,5 @@ def to_dataset(
         coords["sink"] = np.array(SINK_LABELS, dtype=STRING)
     if weights_digest is not None:
         coords["weights_digest"] = weights_digest
+    coords |= replayed or {}
     return xr.Dataset(data_vars, coords=coords, attrs={name: step_attrs[name] for name in STEP_ATTRS})

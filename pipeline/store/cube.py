@@ -10,7 +10,10 @@ One group opens as an ``xarray.Dataset`` (the names, dtypes and fill values are 
 * ``status`` ``(step)`` string coordinate, ``pending`` | ``done`` | ``failed``;
 * ``error`` ``(step)`` string coordinate: why a step failed, ``""`` otherwise;
 * ``weights_digest`` ``(step)`` string coordinate: the digest of the step's weights (``checkpoints.digest``), ``""``
-  until the step is done.
+  until the step is done;
+* ``replay_route``, ``replay_device``, ``replay_dtype`` ``(step)`` string coordinates: how the step was replayed
+  (``whole`` or ``layered``, e.g. ``cuda:0``, ``bfloat16``), ``""`` until the step is done (groups written before
+  they existed gain them, empty, on their next write).
 
 ``status``, ``error``, ``weights_digest`` and ``tokens_seen`` are coordinates rather than data variables so that they
 follow every DataArray taken from the cube and stay out of whole-Dataset arithmetic:
@@ -54,6 +57,7 @@ from .schema import (
     PENDING,
     PROBE_DIMS,
     PROBE_TOKENS,
+    REPLAY_COORDS,
     STEP_ATTRS,
     STEP_COORDS,
     STRING,
@@ -158,15 +162,15 @@ class SinkStore:
 
         Args:
             step: an allocated training step.
-            ds: that step's statistics, without a step dim, with its weights' digest as a scalar
-                coordinate ``weights_digest`` where known. Its variables, dims, coordinates,
+            ds: that step's statistics, without a step dim, with its weights' digest and how it was replayed as
+                scalar coordinates (``schema.REPLAY_COORDS``) where known. Its variables, dims, coordinates,
                 architecture and config fingerprint must match what the group already holds,
                 else StoreMismatchError is raised and nothing is written.
         """
         layout = self._ready()
         i = self._position(step)
-        digest = str(ds["weights_digest"].values) if "weights_digest" in ds.coords else ""
-        ds = self._conform(int(step), ds.drop_vars("weights_digest", errors="ignore"), layout)
+        replayed = {name: str(ds[name].values) if name in ds.coords else "" for name in REPLAY_COORDS}
+        ds = self._conform(int(step), ds.drop_vars(list(REPLAY_COORDS), errors="ignore"), layout)
         new = [k for k in ds.data_vars if k not in layout.data_vars]
         if new:  # the first write, or statistics this group did not hold yet (NaN at the steps before)
             self._add_variables(ds[new])
@@ -184,7 +188,7 @@ class SinkStore:
         ds.drop_vars(list(ds.coords)).drop_attrs().expand_dims("step").to_zarr(
             self.path, group=self.group, mode="r+", region=region, consolidated=False
         )
-        self._write_strings(i, error="", weights_digest=digest)
+        self._write_strings(i, error="", **replayed)
         self._write_strings(i, status=DONE)
 
     def mark_failed(self, step: int, error: str) -> None:
@@ -458,23 +462,23 @@ class SinkStore:
                     if name not in ("step", *STEP_COORDS) and (adding is True or name in adding):
                         del group[name]
                 del group.attrs[_ADDING]
-            if "weights_digest" not in group.array_keys():
-                self._add_digest_coordinate(group)
+            if missing := [name for name in REPLAY_COORDS if name not in group.array_keys()]:
+                self._add_replay_coordinates(group, missing)
         self._remove_orphans()
 
-    def _add_digest_coordinate(self, group: zarr.Group) -> None:
-        """A store written before steps carried a weights digest gets the (empty) coordinate."""
+    def _add_replay_coordinates(self, group: zarr.Group, names: list[str]) -> None:
+        """A store written before steps carried a weights digest, or how they were replayed, gets the (empty)
+        coordinates."""
         self._drop_consolidated()
         n = group["step"].shape[0]
-        dtype, fill = STEP_COORDS["weights_digest"]
-        xr.Dataset({"weights_digest": ("step", np.full(n, fill, dtype=dtype))}).to_zarr(
+        xr.Dataset({name: ("step", np.full(n, STEP_COORDS[name][1], dtype=STRING)) for name in names}).to_zarr(
             self.path,
             group=self.group,
             mode="a",
             consolidated=False,
-            encoding={"weights_digest": {"chunks": (1,), "fill_value": fill}},
+            encoding={name: {"chunks": (1,), "fill_value": STEP_COORDS[name][1]} for name in names},
         )
-        _name_coordinates(group, ["weights_digest"])
+        _name_coordinates(group, names)
 
     def _remove_orphans(self) -> None:
         # zarr's LocalStore writes each key to "<key>.<uuid>.partial" and renames it; a SIGKILL in

@@ -60,8 +60,16 @@ STEP_COORDS = {
     "status": (STRING, PENDING),
     "error": (STRING, ""),  # why a step failed
     "weights_digest": (STRING, ""),  # pipeline/checkpoints/digest.py
+    # how the step was replayed (pipeline/replay/step.py): "whole" or "layered" (block by block), on which device,
+    # with the weights in which dtype
+    "replay_route": (STRING, ""),
+    "replay_device": (STRING, ""),
+    "replay_dtype": (STRING, ""),
 }
 NUMERIC_STEP_COORDS = tuple(name for name, (dtype, _) in STEP_COORDS.items() if dtype == FLOAT)
+STRING_STEP_COORDS = tuple(name for name, (dtype, _) in STEP_COORDS.items() if dtype == STRING)
+# The step coordinates a step's Dataset carries itself, as scalar coordinates; empty until the step is done.
+REPLAY_COORDS = ("weights_digest", "replay_route", "replay_device", "replay_dtype")
 # The probe's token ids, a coordinate of each group without a step dim: [probe_row, probe_position], int64.
 PROBE_TOKENS = "probe_tokens"
 PROBE_DIMS = ("probe_row", "probe_position")

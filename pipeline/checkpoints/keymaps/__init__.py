@@ -8,6 +8,14 @@ beside its weights (`saved` is a pipeline.checkpoints.statedict.Saved) or return
 checkpoint's tensors: every tensor must be claimed by a rule, and the result must fill every tensor of the model,
 or a CheckpointError lists the names: a model never runs with a weight left at its random initialisation.
 
+`plan` runs the same table over the tensors' names and shapes alone (tensors on torch's meta device: no data), for
+the layer-by-layer replay: which model tensors each checkpoint tensor becomes, with `apply`'s errors, and
+`Plan.subset`, which maps only the checkpoint tensors feeding some model tensors (one block's) into exactly those of
+`apply`'s output. A checkpoint tensor feeding several blocks (Megatron's tensors stacked over layers) is read again
+for every block it feeds, and only that block's part is kept: such a checkpoint costs one extra read of its stacked
+tensors per layer. What `complete` adds is worked out where it falls, from the outputs of the part being mapped
+and the planned (empty) rest.
+
 This module loads no torch, so that the settings check can name the maps without it.
 """
 
@@ -64,9 +72,74 @@ def apply(name: str, tensors: dict[str, torch.Tensor], config, where: str) -> di
         CheckpointError: a tensor no rule claims, or two tensors landing on one name.
     """
     mod = module(name)
+    out, _ = _mapped(name, _rules(mod, config), tensors, config, where)
+    if hasattr(mod, "complete"):
+        mod.complete(out, config)
+    return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What map `name` makes of a checkpoint, from its tensors' names and shapes alone. `sources`: each checkpoint
+    tensor's model tensor names (none for a tensor dropped); `outputs`: `apply`'s output with every tensor on the
+    meta device (names, shapes and dtypes, no data); `completed`: the names in it that `complete` adds."""
+
+    name: str
+    config: object
+    where: str
+    sources: dict[str, tuple[str, ...]]
+    outputs: dict[str, torch.Tensor]
+    completed: frozenset[str]
+
+    def feeding(self, targets) -> list[str]:
+        """The checkpoint tensors that some of these model tensors come from."""
+        targets = set(targets)
+        return [key for key, made in self.sources.items() if targets.intersection(made)]
+
+    def subset(self, tensors: dict[str, torch.Tensor], targets) -> dict[str, torch.Tensor]:
+        """`apply`'s output for the model tensors `targets` (those of `completed` among them included), from the
+        checkpoint tensors `feeding(targets)`. A part kept of a tensor that feeds other targets too is copied, so
+        that the rest of it is freed."""
+        targets = set(targets)
+        mod = module(self.name)
+        out, origin = _mapped(self.name, _rules(mod, self.config), tensors, self.config, self.where)
+        got = {k: v.clone() if set(self.sources[origin[k]]) - targets else v for k, v in out.items() if k in targets}
+        if targets & self.completed:
+            whole = {k: v for k, v in self.outputs.items() if k not in self.completed} | out
+            mod.complete(whole, self.config)
+            got |= {k: whole[k] for k in targets & self.completed}
+        return got
+
+
+def plan(name: str, specs: dict[str, tuple], config, where: str) -> Plan:
+    """The plan of map `name` over tensors given as {name: (shape, torch dtype)}; nothing is read.
+
+    Raises:
+        CheckpointError: as `apply`.
+    """
+    import torch
+
+    meta = {key: torch.empty(tuple(shape), dtype=dtype, device="meta") for key, (shape, dtype) in specs.items()}
+    mod = module(name)
+    out, origin = _mapped(name, _rules(mod, config), meta, config, where)
+    sources: dict[str, tuple[str, ...]] = {key: () for key in meta}
+    for target, key in origin.items():
+        sources[key] += (target,)
+    mapped = set(out)
+    if hasattr(mod, "complete"):
+        mod.complete(out, config)
+    return Plan(name, config, where, sources, out, frozenset(set(out) - mapped))
+
+
+def _rules(mod, config) -> list:
     table = mod.rules(config) if hasattr(mod, "rules") else mod.RULES
-    rules = [(re.compile(r.source), r) for r in table]
+    return [(re.compile(r.source), r) for r in table]
+
+
+def _mapped(name: str, rules, tensors: dict, config, where: str) -> tuple[dict, dict[str, str]]:
+    """The rules' output over `tensors`, and the checkpoint tensor each output comes from."""
     out: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
     unused = []
     for key, tensor in tensors.items():
         found = next(((m, rule) for pattern, rule in rules if (m := pattern.fullmatch(key))), None)
@@ -83,16 +156,14 @@ def apply(name: str, tensors: dict[str, torch.Tensor], config, where: str) -> di
             target = template.format(*m.groups())
             if target in out:
                 raise CheckpointError(where, f"key map {name}: two tensors become {target} (the second is {key})")
-            out[target] = value
+            out[target], origin[target] = value, key
     if unused:
         raise CheckpointError(
             where,
             f"key map {name} leaves {len(unused)} tensors unused ({some(sorted(unused), 4)}): they belong to another "
             "framework or architecture; set checkpoints.key_map to the map of the trainer that wrote them",
         )
-    if hasattr(mod, "complete"):
-        mod.complete(out, config)
-    return out
+    return out, origin
 
 
 def split_rows(*parts: str):
