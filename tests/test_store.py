@@ -16,6 +16,7 @@ import xarray as xr
 import zarr
 
 from pipeline.store.cube import SinkStore, StoreMismatchError, open_sinks
+from pipeline.store.schema import STEP_COORDS
 
 REPO = Path(__file__).resolve().parents[1]
 ATTRS = {"probe": "random", "seed": 0, "config": "probe:\n  name: random\n", "version": "0.0.test"}
@@ -86,9 +87,7 @@ def load(path, group="random") -> xr.Dataset:
 
 def check_step(ds: xr.Dataset, step: int, full: bool = False) -> None:
     """The stored step equals what was written, bit for bit."""
-    got = ds.sel(step=step).drop_vars(
-        ["step", "tokens_seen", "loss", "status", "error", "weights_digest"], errors="ignore"
-    )
+    got = ds.sel(step=step).drop_vars(["step", *STEP_COORDS], errors="ignore")
     xr.testing.assert_identical(got.drop_attrs(), step_ds(step, full=full).drop_attrs())
 
 
@@ -401,15 +400,7 @@ def test_every_step_variable_is_one_step_per_chunk(tmp_path):
     run(path, [0])
     group = zarr.open_group(path, mode="r", path="random")
     step_arrays = {name: a for name, a in group.arrays() if a.metadata.dimension_names[0] == "step"}
-    assert set(step_arrays) == {
-        *step_ds(0).data_vars,
-        "step",
-        "tokens_seen",
-        "loss",
-        "status",
-        "error",
-        "weights_digest",
-    }
+    assert set(step_arrays) == {*step_ds(0).data_vars, "step", *STEP_COORDS}
     for name, a in step_arrays.items():
         assert a.shape[0] == 5 and a.chunks == (1, *a.shape[1:]), name
         assert a.metadata.to_dict()["codecs"][0]["name"] != "sharding_indexed", name
@@ -442,14 +433,7 @@ def test_first_write_interrupted_while_creating_variables(tmp_path, monkeypatch)
     assert len(list(zarr.open_group(path, mode="r", path="random").array_keys())) > 4
     store = SinkStore(path, "random")
     assert store.status() == {1: "failed", 2: "pending"}
-    assert sorted(zarr.open_group(path, mode="r", path="random").array_keys()) == [
-        "error",
-        "loss",
-        "status",
-        "step",
-        "tokens_seen",
-        "weights_digest",
-    ]
+    assert sorted(zarr.open_group(path, mode="r", path="random").array_keys()) == sorted(["step", *STEP_COORDS])
     store.write_step(2, step_ds(2))
     xr.testing.assert_identical(load(path), load(ref))
 
@@ -520,3 +504,28 @@ def test_adding_statistics_interrupted_keeps_the_rest(tmp_path, monkeypatch):
     ds = load(path)
     assert set(ds.data_vars) == set(FEW)
     check_step(ds, 2)
+
+
+def test_steps_record_how_they_were_replayed_and_older_groups_gain_the_fields(tmp_path):
+    path = str(tmp_path / "s.zarr")
+    store = SinkStore(path, "g")
+    store.prepare([1, 2, 3])
+    step = xr.Dataset({"sink_mass": (("layer", "head"), np.ones((2, 3)))})
+    store.write_step(1, step)
+    replayed = ("replay_route", "replay_device", "replay_dtype")
+    group = zarr.open_group(path, mode="r+", path="g")
+    for name in replayed:  # as an older sinktrace wrote the group
+        del group[name]
+    names = group["sink_mass"].attrs["coordinates"].split()
+    group["sink_mass"].attrs["coordinates"] = " ".join(n for n in names if n not in replayed)
+    assert set(replayed).isdisjoint(open_sinks(path, "g").variables)  # still readable
+
+    again = SinkStore(path, "g")
+    again.write_step(2, step.assign_coords(replay_route="layered", replay_device="cuda:0", replay_dtype="bfloat16"))
+    again.write_step(3, step.assign_coords(replay_route="whole", replay_device="cpu", replay_dtype="float32"))
+    ds = open_sinks(path, "g")
+    assert set(replayed) <= set(ds.coords) and set(replayed).isdisjoint(ds.data_vars)
+    assert ds.replay_route.values.tolist() == ["", "layered", "whole"]
+    assert ds.replay_device.values.tolist() == ["", "cuda:0", "cpu"]
+    assert ds.replay_dtype.values.tolist() == ["", "bfloat16", "float32"]
+    assert ds.sink_mass.sel(step=1).values.tolist() == [[1.0] * 3] * 2
