@@ -10,6 +10,12 @@ Each pass still runs the model's own forward (embeddings, rotary tables, masks: 
 family whole-model replay measures runs here unchanged: the blocks already done are stood in for by modules that
 hand on the stored hidden states, and a hook on the current block ends the forward after it. Weights go through
 transformers' own loader, so renamed and fused tensors (Qwen3-MoE's experts) load as they do in from_pretrained.
+
+Checkpoints read through a key map (DCP folders, torch.save files, safetensors under a trainer's names) stream the
+same way (`SavedBlockStream`): the key map's plan, worked out from names and shapes alone, says which checkpoint
+tensors feed each block; those alone are read and mapped when the block's turn comes, into the model's own names,
+and assigned to the block. Their digest is hashed part by part as they are read, the output head's tensors
+included (read for the digest alone), so that it equals the whole route's.
 """
 
 from __future__ import annotations
