@@ -8,15 +8,16 @@ beside its weights (`saved` is a pipeline.checkpoints.statedict.Saved) or return
 checkpoint's tensors: every tensor must be claimed by a rule, and the result must fill every tensor of the model,
 or a CheckpointError lists the names: a model never runs with a weight left at its random initialisation.
 
-`plan` runs the same table over the tensors' names and shapes alone (tensors on torch's meta device: no data), for
-the layer-by-layer replay: which model tensors each checkpoint tensor becomes, with `apply`'s errors, and
-`Plan.subset`, which maps only the checkpoint tensors feeding some model tensors (one block's) into exactly those of
-`apply`'s output. A checkpoint tensor feeding several blocks (Megatron's tensors stacked over layers) is read again
-for every block it feeds, and only that block's part is kept: such a checkpoint costs one extra read of its stacked
-tensors per layer. What `complete` adds is worked out where it falls, from the outputs of the part being mapped
-and the planned (empty) rest.
+`plan` runs the same table over the tensors' names and shapes alone (tensors on torch's meta device: no data, so a
+transform uses torch operations only, never the values), for the layer-by-layer replay: which model tensors each
+checkpoint tensor becomes, with `apply`'s errors, and `Plan.subset`, which maps only the checkpoint tensors feeding
+some model tensors (one block's) into exactly those of `apply`'s output. A checkpoint tensor feeding several blocks
+(Megatron's tensors stacked over layers) is read again for every block it feeds, and only that block's part is
+kept: such a checkpoint costs one extra read of its stacked tensors per layer, and the whole stacked tensor is in
+memory while a block's part is cut out. What `complete` adds is worked out where it falls, from the outputs of the
+part being mapped and the planned (empty) rest.
 
-This module loads no torch, so that the settings check can name the maps without it.
+This module loads no torch (`plan` imports it when called), so that the settings check can name the maps without it.
 """
 
 from __future__ import annotations
