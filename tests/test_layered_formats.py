@@ -284,3 +284,18 @@ def test_the_store_records_each_steps_route(tmp_path):
     assert streamed.replay_dtype.values.tolist() == ["float32"] * 2
     assert streamed.weights_digest.values.tolist() == whole.weights_digest.values.tolist()
     np.testing.assert_allclose(streamed.sink_mass.values, whole.sink_mass.values, rtol=1e-6, atol=1e-6)
+
+
+def test_the_peak_memory_benchmark_replays_its_checkpoints_both_ways(tmp_path):
+    """benchmarks/peak_memory.py at a tiny size, in this process: its DCP and safetensors checkpoints replay to the
+    same statistics by either route (the figures themselves are the benchmark's, never a test's)."""
+    from benchmarks.peak_memory import ROUTES, replay_once, write_checkpoints
+
+    records = write_checkpoints(tmp_path, layers=2, width=64)
+    got = {(fmt, route): replay_once(record, ROUTES[route]) for fmt, record in records.items() for route in ROUTES}
+    assert [r["route"] for r in got.values()] == ["whole", "layered"] * 2
+    means = [r["sink_mass_mean"] for r in got.values()]
+    np.testing.assert_allclose(means, means[0], rtol=1e-6)
+    assert all(
+        r["peak_mib"] >= r["before_mib"] > 0 and r["anon_peak_mib"] >= r["anon_before_mib"] for r in got.values()
+    )
