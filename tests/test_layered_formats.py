@@ -299,3 +299,11 @@ def test_the_peak_memory_benchmark_replays_its_checkpoints_both_ways(tmp_path):
     assert all(
         r["peak_mib"] >= r["before_mib"] > 0 and r["anon_peak_mib"] >= r["anon_before_mib"] for r in got.values()
     )
+
+
+def test_a_truncated_dcp_data_file_is_named(tmp_path, monkeypatch):
+    c = write("torchtitan", tmp_path, monkeypatch)
+    [data] = (tmp_path / "run" / "step-100").glob("*.distcp")
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 6])  # the model entries come first, then the optimizer
+    with pytest.raises(CheckpointError, match=rf"{data.name} is truncated"):
+        replay(c, probe_for(c), LAYERED)
