@@ -327,3 +327,38 @@ def test_a_run_from_s3_stores_what_the_local_run_stores(s3, tmp_path, capsys):
     assert got.weights_digest.sel(step=2).item() == want.weights_digest.sel(step=2).item() != ""
     for name in ("sink_mass", "entropy", "key_mass"):
         np.testing.assert_allclose(got[name].sel(step=2), want[name].sel(step=2), rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ refused
+
+
+def test_a_dcp_entry_stored_with_transforms_is_refused_naming_its_file(tmp_path):
+    import pickle
+
+    model = tc.llama()
+    folder = tc.torchtitan_step(tmp_path / "run", 1, model)
+    metadata = read_metadata(str(folder))
+    for info in metadata.storage_data.values():
+        info.transform_descriptors = ["zstd"]
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    model.config.to_json_file(tmp_path / "config.json")
+    [c] = found(tmp_path / "run")
+    with pytest.raises(CheckpointError, match=r"stored transformed \(zstd\)") as err:
+        load_model(replace(c, model_config=str(tmp_path / "config.json")))
+    assert err.value.path == str(folder / "__0_0.distcp")
+
+
+def test_a_torch_file_saved_big_endian_is_refused_naming_it(tmp_path, monkeypatch):
+    """torch records the saving machine's byte order; its meta-device load cannot swap the bytes (it crashes)."""
+    import sys
+    import types
+
+    path = tc.nanochat_checkpoint(tmp_path / "d2", 500, tc.nanochat_model())
+    state = torch.load(path, weights_only=True)
+    with monkeypatch.context() as m:  # torch.save writes sys.byteorder: what a big-endian machine writes
+        m.setattr(torch.serialization, "sys", types.SimpleNamespace(**{**vars(sys), "byteorder": "big"}))
+        torch.save(state, path)
+    [c] = found(tmp_path / "d2")
+    with pytest.raises(CheckpointError, match=r"model_000500\.pt was saved on a big-endian machine") as err:
+        load_model(c)
+    assert err.value.path == str(path)
