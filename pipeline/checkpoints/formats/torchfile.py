@@ -119,17 +119,27 @@ def read(path: str, tensors: dict[str, torch.Tensor], plan: byteranges.ReadPlan)
         data = byteranges.read_files({path: list(spans.values())}, plan)[path] if spans else []
     except OSError as e:
         raise CheckpointError(path, f"{os.path.basename(path)} cannot be read ({describe(e)})") from None
-    storages = {at: torch.frombuffer(bytearray(b), dtype=torch.uint8).untyped_storage() for at, b in zip(spans, data)}
+    storages = {at: _storage(b) for at, b in zip(spans, data)}
     out = {}
     for name, t in tensors.items():
         if t.is_meta:
             storage = storages[t.untyped_storage()._checkpoint_offset]
             try:
                 t = torch.empty(0, dtype=t.dtype).set_(storage, t.storage_offset(), t.shape, t.stride())
-            except RuntimeError as e:  # strides reaching past the storage's bytes
-                raise CheckpointError(path, f"{os.path.basename(path)}: tensor {name} ({describe(e)})") from None
+            except RuntimeError:  # its strides reach past the storage's bytes
+                raise CheckpointError(
+                    path,
+                    f"{os.path.basename(path)}: tensor {name} (shape {list(t.shape)}, strides {list(t.stride())}, "
+                    f"storage offset {t.storage_offset()}) reaches past its storage's {storage.nbytes()} bytes",
+                ) from None
         out[name] = t
     return out
+
+
+def _storage(data: bytes) -> torch.UntypedStorage:
+    if not data:
+        return torch.UntypedStorage(0)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).untyped_storage()
 
 
 def _refusal(e: pickle.UnpicklingError) -> str:
