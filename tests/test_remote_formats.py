@@ -269,6 +269,8 @@ def test_saved_tensors_reads_only_the_names_asked(s3, tmp_path, asked, where):
     assert list(got) == names and all(torch.equal(got[n], whole[n]) for n in names)
     meta = torch.load(path, map_location="meta", weights_only=True)["model"]
     assert sorted(asked) == sorted(storage_span(meta[n], nanogpt.weight_files[0]) for n in names)
+    with pytest.raises(CheckpointError, match=r"ckpt\.pt holds no model tensor nope"):
+        saved.tensors(["nope"])
 
     saved = Saved(titan_step)
     names = ["layers.0.attention.wq.weight", "norm.weight"]
@@ -279,6 +281,8 @@ def test_saved_tensors_reads_only_the_names_asked(s3, tmp_path, asked, where):
     model, other, _ = dcp_spans(folder, titan_step.weight_files[0])
     chunks = {span for span in model if any(span in dcp_spans_of(folder, titan_step, n) for n in names)}
     assert_reads_only(asked, chunks, other | (model - chunks), under="")
+    with pytest.raises(CheckpointError, match=r"\.metadata lists no model tensor nope"):
+        saved.tensors(["nope"])
 
 
 def storage_span(t: torch.Tensor, url: str) -> tuple:

@@ -105,7 +105,8 @@ class Saved:
             tensors = self._torch_tensors()
             unknown = sorted(set(names or ()) - set(tensors))
             if unknown:
-                raise CheckpointError(self.weight_file, f"holds no model tensor {some(unknown)}")
+                name = posixpath.basename(self.weight_file)
+                raise CheckpointError(self.weight_file, f"{name} holds no model tensor {some(unknown)}")
             wanted = tensors if names is None else {n: tensors[n] for n in names}
             return torchfile.read(self.weight_file, wanted, self.plan)
         files = self._safetensors_files()
