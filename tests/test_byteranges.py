@@ -26,3 +26,19 @@ def test_a_range_past_the_end_names_the_file(tmp_path):
     path.write_bytes(b"x" * 100)
     with pytest.raises(OSError, match="short.*shorter"):
         read_ranges(str(path), [(90, 120)])
+
+
+def test_ranges_of_several_files_come_back_per_file(tmp_path):
+    from pipeline.checkpoints.byteranges import read_files
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(bytes(range(200)))
+    b.write_bytes(bytes(range(255, 55, -1)))
+    got = read_files({str(a): [(10, 20), (0, 3)], str(b): [(5, 9)], str(tmp_path / "c"): []}, ReadPlan(concurrency=3))
+    assert got == {
+        str(a): [bytes(range(10, 20)), bytes(range(3))],
+        str(b): [bytes([250, 249, 248, 247])],
+        str(tmp_path / "c"): [],
+    }
+    with pytest.raises(OSError, match="b.*shorter"):
+        read_files({str(a): [(0, 1)], str(b): [(150, 260)]})

@@ -137,21 +137,27 @@ def test_fsdp_trainer_run_needs_no_settings(tmp_path):
 
 
 def test_only_model_tensors_are_read(tmp_path, monkeypatch):
-    from torch.distributed.checkpoint import FileSystemReader
+    from pipeline.checkpoints import byteranges
+    from pipeline.checkpoints.formats.dcp import read_metadata
 
-    read = []
-    original = FileSystemReader.read_data
+    asked, read_files = [], byteranges.read_files
 
-    def spy(self, plan, planner):
-        read.extend(item.storage_index.fqn for item in plan.items)
-        return original(self, plan, planner)
+    def spy(ranges, plan=byteranges.ReadPlan()):
+        asked.extend((os.path.basename(f), r) for f, rs in ranges.items() for r in rs)
+        return read_files(ranges, plan)
 
-    monkeypatch.setattr(FileSystemReader, "read_data", spy)
+    monkeypatch.setattr(byteranges, "read_files", spy)
     model = tc.llama()
-    tc.torchtitan_step(tmp_path / "run", 1, model)
+    folder = tc.torchtitan_step(tmp_path / "run", 1, model)
     [c] = one(tmp_path / "run")
     load_model(replace(c, model_config=config_file(model, tmp_path / "config.json")))
-    assert sorted(read) == sorted(tc.torchtitan_names(model))
+    chunks = {
+        i.fqn: (s.relative_path, (s.offset, s.offset + s.length))
+        for i, s in read_metadata(str(folder)).storage_data.items()
+    }
+    model = {chunks[name] for name in tc.torchtitan_names(model)}
+    assert model <= set(asked)  # every chunk of the model, and nothing but bytes inside them
+    assert all(any(f == g and a <= b and d <= e for g, (a, e) in model) for f, (b, d) in asked)
 
 
 def test_olmo_core_run_written_by_olmo_core(tmp_path):

@@ -113,9 +113,10 @@ def torchtitan_step(root, step: int, model, *, release: str = "0.2", age: float 
 # ------------------------------------------------------------------------------------------ Megatron-Core
 
 
-def megatron_names(model) -> dict[str, torch.Tensor]:
+def megatron_names(model, *, per_layer: bool = False) -> dict[str, torch.Tensor]:
     """Megatron-Core GPT with Transformer Engine specs: fused QKV grouped per key/value head, fused gate/up, the
-    norms inside the fused linears, each block tensor stacked over layers (as torch_dist saves them)."""
+    norms inside the fused linears, each block tensor stacked over layers (as torch_dist saves them), or
+    `per_layer` under `decoder.layers.<i>.` (as it saves them without stacking)."""
     c, sd = model.config, hf_state(model)
     d = c.hidden_size // c.num_attention_heads
     per = c.num_attention_heads // c.num_key_value_heads
@@ -134,7 +135,7 @@ def megatron_names(model) -> dict[str, torch.Tensor]:
         return stack(lambda i: sd[f"model.layers.{i}.{name}"])
 
     pre = "decoder.layers."
-    return {
+    names = {
         "embedding.word_embeddings.weight": sd["model.embed_tokens.weight"],
         pre + "self_attention.linear_qkv.layer_norm_weight": layer("input_layernorm.weight"),
         pre + "self_attention.linear_qkv.weight": stack(qkv),
@@ -149,13 +150,26 @@ def megatron_names(model) -> dict[str, torch.Tensor]:
         "decoder.final_layernorm.weight": sd["model.norm.weight"],
         "output_layer.weight": sd["lm_head.weight"],
     }
+    if not per_layer:
+        return names
+    return {
+        name: w
+        for key, t in names.items()
+        for name, w in (
+            [(f"{pre}{i}.{key.removeprefix(pre)}", t[i].clone()) for i in range(len(t))]
+            if key.startswith(pre)
+            else [(key, t)]
+        )
+    }
 
 
-def megatron_iteration(root, iteration: int, model, *, tracker: bool = True, age: float = HOUR) -> Path:
+def megatron_iteration(
+    root, iteration: int, model, *, tracker: bool = True, per_layer: bool = False, age: float = HOUR
+) -> Path:
     """`iter_<NNNNNNN>/` torch_dist as Megatron-Core's dist_checkpointing saves it, and the tracker file."""
     root = Path(root)
     folder = root / f"iter_{iteration:07d}"
-    model_sd = megatron_names(model)
+    model_sd = megatron_names(model, per_layer=per_layer)
     optim = {
         f"optimizer.state.{m}.{k}": torch.full_like(v, 3.0)
         for k, v in model_sd.items()

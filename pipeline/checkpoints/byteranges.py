@@ -1,5 +1,5 @@
-"""Many byte ranges of one file, read at once: from a local file by positioned reads, from object storage (any
-fsspec URL) with several requests in flight.
+"""Many byte ranges of a file (or of several files), read at once: from a local file by positioned reads, from
+object storage (any fsspec URL) with several requests in flight.
 
 On object storage a request's cost is mostly its latency (tens of milliseconds for the first byte), not its size,
 so reading a checkpoint's few hundred tensors one request at a time spends nearly all its time waiting. Here the
@@ -10,6 +10,7 @@ requests are in flight at once, each on its own thread (fsspec's filesystems are
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,43 +52,63 @@ def read_ranges(path: str, ranges: list[tuple[int, int]], plan: ReadPlan = ReadP
     Raises:
         OSError: a read fails or comes back short (the file is shorter than a range), naming the file.
     """
-    if not ranges:
-        return []
-    requests = coalesce(ranges, plan)
-    if is_url(path):
-        import fsspec
+    return read_files({path: ranges}, plan)[path]
 
-        fs, remote = fsspec.core.url_to_fs(path)
 
-        def fetch(request):  # start= and end= by name: s3fs's cat_file takes a version id second
-            return fs.cat_file(remote, start=request[0], end=request[1])
+def read_files(ranges: dict[str, list[tuple[int, int]]], plan: ReadPlan = ReadPlan()) -> dict[str, list[bytes]]:
+    """{file: the bytes of each of its [start, stop) ranges, in the order asked}, the requests of all the files in
+    flight together (a sharded checkpoint's files are read at once, not one after another).
 
-    else:
-        fd = os.open(local_path(path), os.O_RDONLY)
-
-        def fetch(request):
-            return os.pread(fd, request[1] - request[0], request[0])
-
+    Raises:
+        OSError: a read fails or comes back short (the file is shorter than a range), naming the file.
+    """
+    requests = {path: coalesce(asked, plan) for path, asked in ranges.items() if asked}
+    fetchers, fds = {}, []
     try:
-        if plan.concurrency > 1 and len(requests) > 1:
-            with ThreadPoolExecutor(
-                min(plan.concurrency, len(requests)), thread_name_prefix="sinktrace-ranges"
-            ) as pool:
-                got = list(pool.map(fetch, requests))
+        for path in requests:
+            if is_url(path):
+                import fsspec
+
+                fs, remote = fsspec.core.url_to_fs(path)
+                # start= and end= by name: s3fs's cat_file takes a version id second
+                fetchers[path] = functools.partial(_cat, fs, remote)
+            else:
+                fds.append(os.open(local_path(path), os.O_RDONLY))
+                fetchers[path] = functools.partial(_pread, fds[-1])
+        jobs = [(path, request) for path, asked in requests.items() for request in asked]
+
+        def fetch(job):
+            return fetchers[job[0]](*job[1])
+
+        if plan.concurrency > 1 and len(jobs) > 1:
+            with ThreadPoolExecutor(min(plan.concurrency, len(jobs)), thread_name_prefix="sinktrace-ranges") as pool:
+                got = list(pool.map(fetch, jobs))
         else:
-            got = [fetch(r) for r in requests]
+            got = [fetch(job) for job in jobs]
     finally:
-        if not is_url(path):
+        for fd in fds:
             os.close(fd)
-    for (start, stop), data in zip(requests, got):
+    by_file: dict[str, list] = {path: [] for path in requests}
+    for (path, (start, stop)), data in zip(jobs, got):
         if len(data) != stop - start:
             raise OSError(f"{path}: read {len(data)} of the {stop - start} bytes at {start}: the file is shorter")
-    out = []
-    for start, stop in ranges:
-        i = _covering(requests, start)
-        at = start - requests[i][0]
-        out.append(bytes(memoryview(got[i])[at : at + stop - start]))
+        by_file[path].append(data)
+    out: dict[str, list[bytes]] = {}
+    for path, asked in ranges.items():
+        out[path] = []
+        for start, stop in asked:
+            i = _covering(requests[path], start)
+            at = start - requests[path][i][0]
+            out[path].append(bytes(memoryview(by_file[path][i])[at : at + stop - start]))
     return out
+
+
+def _cat(fs, remote: str, start: int, stop: int) -> bytes:
+    return fs.cat_file(remote, start=start, end=stop)
+
+
+def _pread(fd: int, start: int, stop: int) -> bytes:
+    return os.pread(fd, stop - start, start)
 
 
 def _covering(requests: list[tuple[int, int]], start: int) -> int:

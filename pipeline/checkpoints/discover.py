@@ -329,7 +329,7 @@ def _inspect_file(fs, name: str, name_step: int | None, now: float, quiet_second
 
 
 def _step_inside(path: str) -> tuple[int | None, str]:
-    """The step a torch.save file records (read with torch.load(weights_only=True), memory-mapped)."""
+    """The step a torch.save file records (its pickle read with torch.load(weights_only=True), no tensor data)."""
     from .formats import torchfile
 
     try:

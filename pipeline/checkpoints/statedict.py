@@ -3,8 +3,10 @@
 Replay asks two things of a checkpoint that transformers cannot load by itself (a DCP folder, a `torch.save`
 file, or safetensors under a trainer's names): `hf_config` (the Hugging Face config describing its network) and
 `state_dict` (its tensors, renamed and reshaped for that network). The reading is the format modules' job
-(`formats/`), the renaming the key maps' (`keymaps/`). A replay hands both the same `Saved`, so a
-torch.save file is loaded once for the key map, the config and the tensors.
+(`formats/`), the renaming the key maps' (`keymaps/`). A replay hands both the same `Saved`, so a torch.save
+file's pickle (or DCP's .metadata) is read once for the key map, the config and the tensors, and the tensors are
+read by byte ranges, a subset at a time if the caller asks so (`Saved.specs`, `Saved.tensors(names)`), from the
+local disk or any fsspec URL.
 
 Where the config comes from, first that applies: `checkpoints.model_config` (a config.json, or a folder holding
 one); a Hugging Face config.json in the checkpoint's folder (the Trainer writes one beside its FSDP shards); the
@@ -19,12 +21,16 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, some
+from ..locations import is_file, is_url, join, read_bytes
 from ..records import Checkpoint
+from .byteranges import ReadPlan
 from .model_config import read_config
+from .safetensorsfile import DTYPES
 from .weightfiles import open_weight_files
 
 
@@ -38,12 +44,15 @@ def needs_mapping(ckpt: Checkpoint) -> bool:
 
 
 class Saved:
-    """One checkpoint's files as its trainer saved them, each torch.save file loaded (or safetensors file opened) at
-    most once while this object lives. Key maps' `saved_config` hooks read what the trainer saved through it."""
+    """One checkpoint's files as its trainer saved them, on the local disk or behind an fsspec URL: the small ones
+    (DCP's .metadata, a torch.save file's pickle, safetensors headers) read at most once while this object lives,
+    the tensors read by byte ranges when asked for, only those asked for. Key maps' `saved_config` hooks read what
+    the trainer saved through it."""
 
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
         self._loaded: dict | None = None
+        self._metadata = None
         self._safetensors: list | None = None
 
     @property
@@ -51,64 +60,74 @@ class Saved:
         """The torch.save file, or the folder holding the DCP."""
         return self.ckpt.weight_files[0]
 
+    @property
+    def plan(self) -> ReadPlan:
+        return ReadPlan(concurrency=self.ckpt.read_concurrency)
+
     def torch_file(self) -> dict:
-        """The torch.save file's top-level dict (tensors memory-mapped)."""
+        """The torch.save file's top-level dict (`torchfile.load`: tensors on the meta device, no data read)."""
         if self._loaded is None:
             from .formats import torchfile
 
-            _local_only(self.ckpt)
             self._loaded = torchfile.load(self.weight_file)
         return self._loaded
 
+    def specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """{name: (shape, dtype)} of the model's tensors under the checkpoint's own names, no tensor data read."""
+        ckpt = self.ckpt
+        if ckpt.format == "dcp":
+            from .formats import dcp
+
+            return dcp.tensor_specs(self.weight_file, self._dcp_metadata())
+        if ckpt.format == "torch":
+            return {name: (tuple(t.shape), t.dtype) for name, t in self._torch_tensors().items()}
+        return {
+            name: (tuple(f.get_slice(name).get_shape()), DTYPES[dtype])
+            for f in self._safetensors_files()
+            for name, dtype in f.dtypes().items()
+        }
+
     def tensor_names(self) -> list[str]:
         """The names of the model's tensors, without reading their data."""
-        ckpt = self.ckpt
-        _local_only(ckpt)
-        if ckpt.format == "dcp":
-            from .formats import dcp
-
-            return list(dcp.tensor_specs(self.weight_file))
-        if ckpt.format == "torch":
-            from .formats import torchfile
-
-            return list(torchfile.model_tensors(self.torch_file(), self.weight_file))
-        return [name for f in self._safetensors_files() for name in f.keys()]
-
-    def specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """{name: (shape, dtype)} of the model's tensors."""
-        _local_only(self.ckpt)
-        if self.ckpt.format == "dcp":
-            from .formats import dcp
-
-            return dcp.tensor_specs(self.weight_file)
-        if self.ckpt.format == "torch":
-            from .formats import torchfile
-
-            found = torchfile.model_tensors(self.torch_file(), self.weight_file)
-        else:
-            found = {name: f.get_tensor(name) for f in self._safetensors_files() for name in f.keys()}
-        return {name: (tuple(t.shape), t.dtype) for name, t in found.items()}
+        return list(self.specs())
 
     def tensors(self, names=None) -> dict[str, torch.Tensor]:
-        """The model's tensors (all, or those in `names`) under the names the checkpoint gives them. Reading them all
-        is the last read of a replay: the rest of a torch.save file (optimizer state, in memory where the file could
-        not be memory-mapped) is let go."""
+        """The model's tensors (all of them, or those in `names`) under the names the checkpoint gives them: only
+        their bytes are read, the optimizer's never."""
         ckpt = self.ckpt
-        _local_only(ckpt)
         if ckpt.format == "dcp":
             from .formats import dcp
 
-            return dcp.read_tensors(self.weight_file, names)
+            return dcp.read_tensors(self.weight_file, names, self.plan, self._dcp_metadata())
         if ckpt.format == "torch":
             from .formats import torchfile
 
-            loaded = self.torch_file()
-            if names is None:
-                self._loaded = None
-            found = torchfile.model_tensors(loaded, self.weight_file)
-        else:
-            found = {name: f.get_tensor(name) for f in self._safetensors_files() for name in f.keys()}
-        return found if names is None else {name: found[name] for name in names}
+            tensors = self._torch_tensors()
+            unknown = sorted(set(names or ()) - set(tensors))
+            if unknown:
+                name = posixpath.basename(self.weight_file)
+                raise CheckpointError(self.weight_file, f"{name} holds no model tensor {some(unknown)}")
+            wanted = tensors if names is None else {n: tensors[n] for n in names}
+            return torchfile.read(self.weight_file, wanted, self.plan)
+        files = self._safetensors_files()
+        where = {name: f for f in files for name in f.keys()}
+        unknown = sorted(set(names or ()) - set(where))
+        if unknown:
+            raise CheckpointError(ckpt.path, f"the weight files hold no tensor {some(unknown)}")
+        wanted = list(where) if names is None else list(names)
+        return {name: where[name].get_tensor(name) for name in wanted}
+
+    def _torch_tensors(self) -> dict[str, torch.Tensor]:
+        from .formats import torchfile
+
+        return torchfile.model_tensors(self.torch_file(), self.weight_file)
+
+    def _dcp_metadata(self):
+        if self._metadata is None:
+            from .formats import dcp
+
+            self._metadata = dcp.read_metadata(self.weight_file)
+        return self._metadata
 
     def _safetensors_files(self) -> list:
         if self._safetensors is None:
@@ -116,18 +135,19 @@ class Saved:
         return self._safetensors
 
     def description(self, path: str) -> dict:
-        """A JSON or YAML file a trainer saved beside its weights, as a dict ({} when there is none)."""
+        """A JSON or YAML file a trainer saved beside its weights (local or behind a URL), as a dict ({} when there
+        is none)."""
         import yaml
 
-        if not path or not os.path.isfile(path):
+        if not path or not is_file(path):
             return {}
+        name = posixpath.basename(path) if is_url(path) else os.path.basename(path)
         try:
-            with open(path, encoding="utf-8") as f:
-                described = yaml.safe_load(f)  # JSON is YAML
-        except (OSError, yaml.YAMLError) as e:
-            raise CheckpointError(path, f"{os.path.basename(path)} is not readable JSON or YAML ({e})") from None
+            described = yaml.safe_load(read_bytes(path).decode("utf-8"))  # JSON is YAML
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise CheckpointError(path, f"{name} is not readable JSON or YAML ({e})") from None
         if not isinstance(described, dict):
-            raise CheckpointError(path, f"{os.path.basename(path)} holds a {type(described).__name__}, not a mapping")
+            raise CheckpointError(path, f"{name} holds a {type(described).__name__}, not a mapping")
         return described
 
 
@@ -190,21 +210,9 @@ def resolve_key_map(ckpt: Checkpoint, saved: Saved | None = None) -> str:
     return keymaps.detect((saved if saved is not None else Saved(ckpt)).tensor_names())
 
 
-def _local_only(ckpt: Checkpoint) -> None:
-    from ..locations import is_url
-
-    if is_url(ckpt.path):
-        raise CheckpointError(
-            ckpt.path,
-            f"a {ckpt.format} checkpoint read through a key map or a model_config is read from a local disk only: "
-            "mount the bucket or copy the run",
-        )
-
-
 def _is_hf_config(folder: str) -> bool:
     try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            config = json.load(f)
+        config = json.loads(read_bytes(join(folder, "config.json")))
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and isinstance(config.get("model_type"), str)

@@ -1,34 +1,41 @@
-"""PyTorch Distributed Checkpoints (DCP): a folder of `*.distcp` data files and a `.metadata` index.
+"""PyTorch Distributed Checkpoints (DCP): a folder of `*.distcp` data files and a `.metadata` index, on the local
+disk or behind an fsspec URL.
 
-Read in one process, without a process group, by torch's own reader (`torch.distributed.checkpoint.load` with
-`no_dist=True` and a `FileSystemReader`), asking only for the model's tensors: DCP reads an entry only when the
-state dict handed to it names it, so optimizer state is never read and a checkpoint costs its model's bytes.
+Read in one process, without torch's reader: `.metadata` says where each chunk of each tensor lies (a data file, a
+byte offset and a length), so the model's chunks are read by byte ranges (`checkpoints.byteranges`), all the data
+files' at once, and the optimizer state beside them is never read: a checkpoint costs its model's bytes, from the
+local disk or object storage alike. Each chunk of torch's own flavour is a `torch.save` stream, loaded with
+`torch.load(weights_only=True)`; in the safetensors flavour each data file is a safetensors file, whose header gives
+the chunk's bytes.
 
 `.metadata` is a pickle, and torch's reader unpickles it with the standard unpickler, which can run any code the
 file names. Here it is unpickled by an allow-list unpickler instead: only the dataclasses DCP's metadata is made of
 (torch.distributed.checkpoint.metadata and the file-system writers' per-entry `_StorageInfo`, torch's or
 OLMo-core's identical one), `torch.Size`,
 torch dtypes and layouts, and `pathlib` paths (the checkpoint id DCP records); anything else is refused with an
-error naming the class, before anything is built. The data files hold tensors, which torch's reader loads with
-`torch.load(weights_only=True)` (or reads as safetensors, for the safetensors flavour of DCP).
+error naming the class, before anything is built.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import collections
+import io
 import math
 import os
 import pathlib
 import pickle
-import warnings
+import posixpath
 from typing import TYPE_CHECKING
 
 from ...errors import CheckpointError, describe, some
+from ...locations import is_url, join, local_path, read_bytes
+from .. import byteranges
 
 if TYPE_CHECKING:
     import torch
 
 METADATA_NAME = ".metadata"
+ZIP_MAGIC = b"PK\x03\x04"  # how a torch.save stream starts
 # Entries under these roots are training state, never the model: skipped without reading a byte.
 TRAINING_ROOTS = (
     "optimizer",
@@ -79,8 +86,6 @@ class _AllowListUnpickler(pickle.Unpickler):
         if module == "pathlib" and name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"):
             return pathlib.PurePosixPath if "Posix" in name else pathlib.PureWindowsPath
         if module == "collections" and name == "OrderedDict":
-            import collections
-
             return collections.OrderedDict
         raise CheckpointError(
             self.path,
@@ -107,10 +112,9 @@ def read_metadata(folder: str):
     """
     from torch.distributed.checkpoint.metadata import Metadata
 
-    path = os.path.join(folder, METADATA_NAME)
+    path = join(folder, METADATA_NAME)
     try:
-        with open(path, "rb") as f:
-            metadata = _AllowListUnpickler(f, path).load()
+        metadata = _AllowListUnpickler(io.BytesIO(read_bytes(path)), path).load()
     except FileNotFoundError:
         raise CheckpointError(path, f"{METADATA_NAME} is missing: the checkpoint is incomplete") from None
     except CheckpointError:
@@ -147,99 +151,133 @@ def _model_entries(metadata) -> dict[str, tuple[str, tuple]]:
     return {name: (name, spec) for name, spec in entries.items() if name.split(".", 1)[0] not in TRAINING_ROOTS}
 
 
-def read_tensors(folder: str, names=None) -> dict[str, torch.Tensor]:
-    """The model's tensors (all of them, or those in `names`), named as by `tensor_specs`, read on the CPU.
+def read_tensors(
+    folder: str, names=None, plan: byteranges.ReadPlan = byteranges.ReadPlan(), metadata=None
+) -> dict[str, torch.Tensor]:
+    """The model's tensors (all of them, or those in `names`), named as by `tensor_specs`, read on the CPU by byte
+    ranges. `metadata`: the folder's, already read.
 
     Before a byte of data is read, the metadata is checked against the folder: every data file it lists lies
-    inside the folder and exists, every model tensor's chunks cover each of its elements exactly once, and each
+    inside the folder and exists, every wanted tensor's chunks cover each of its elements exactly once, and each
     chunk's bytes lie within its file.
 
     Raises:
         CheckpointError: the metadata is unreadable, refused or inconsistent, a data file is missing, outside the
             folder or cut short, or reading one fails; the message names the file.
     """
-    import torch
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    metadata = read_metadata(folder)
+    metadata = metadata or read_metadata(folder)
     entries = _model_entries(metadata)
+    unknown = sorted(set(names or ()) - set(entries))
+    if unknown:
+        raise CheckpointError(join(folder, METADATA_NAME), f"{METADATA_NAME} lists no model tensor {some(unknown)}")
     wanted = entries if names is None else {n: entries[n] for n in names}
-    files = _data_files(folder, metadata)
-    _check_chunks(folder, metadata, [entry for entry, _ in wanted.values()])
+    sizes = _data_files(folder, metadata)
+    chunks = _check_chunks(folder, metadata, [entry for entry, _ in wanted.values()], sizes)
+    if chunks and _is_safetensors(folder, chunks[0][1][1]):
+        return _read_safetensors(folder, wanted, chunks, plan)
+    asked, slots = {}, []
+    for entry, (c, info) in chunks:
+        file = join(folder, info.relative_path)
+        asked.setdefault(file, []).append((info.offset, info.offset + info.length))
+        slots.append((entry, c, file, len(asked[file]) - 1))
+    return _assemble(wanted, slots, _read(folder, asked, plan), _load_chunk)
 
-    class AllowListReader(FileSystemReader):
-        """torch's own file-system reader, given the metadata the allow-list unpickler read, reading one data file
-        at a time so that a failure names its file."""
 
-        def read_metadata(self, *args, **kwargs):
-            return metadata
+def _assemble(wanted: dict, slots: list, data: dict, load) -> dict[str, torch.Tensor]:
+    """Each wanted tensor from its chunks: `slots` [(entry, chunk, file, index of its bytes in data[file])],
+    `load(file, entry, bytes, chunk, dtype)` the chunk's tensor. A tensor saved whole is its one chunk's tensor."""
+    import torch
 
-        def read_data(self, plan, planner):
-            by_file: dict[str, list] = {}
-            for item in plan.items:
-                by_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
-            for name, items in by_file.items():
-                try:
-                    super().read_data(dataclasses.replace(plan, items=items), planner).wait()
-                except Exception as e:
-                    raise CheckpointError(os.path.join(folder, name), f"{name} cannot be read: {describe(e)}") from None
-            return super().read_data(dataclasses.replace(plan, items=[]), planner)
+    by_entry = {entry: (name, spec) for name, (entry, spec) in wanted.items()}
+    counts = collections.Counter(entry for entry, *_ in slots)
+    whole = {entry for entry, n in counts.items() if n == 1}
+    out = {}
+    for entry, c, file, i in slots:
+        name, (shape, dtype) = by_entry[entry]
+        chunk = load(file, entry, data[file][i], c, dtype)
+        data[file][i] = None  # let each chunk's bytes go once it is placed
+        if entry in whole:
+            out[name] = chunk
+            continue
+        if name not in out:
+            out[name] = torch.empty(shape, dtype=dtype)
+        out[name][tuple(slice(o, o + n) for o, n in zip(c.offsets, c.sizes))] = chunk
+    return out
 
-    if files and all(_is_safetensors(os.path.join(folder, f)) for f in files):
-        return _read_safetensors(folder, sorted(files), wanted)
-    state = {entry: torch.empty(shape, dtype=dtype) for entry, (shape, dtype) in wanted.values()}
+
+def _read(folder: str, asked: dict[str, list[tuple[int, int]]], plan) -> dict[str, list[bytes]]:
     try:
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, storage_reader=AllowListReader(folder), no_dist=True)
-    except CheckpointError:
-        raise
+        return byteranges.read_files(asked, plan)
+    except OSError as e:
+        name = next((f for f in asked if f in str(e)), folder)
+        raise CheckpointError(name, f"{posixpath.basename(name)} cannot be read: {describe(e)}") from None
+
+
+def _load_chunk(file: str, entry: str, data: bytes, chunk, dtype):
+    """One chunk of the torch flavour: a torch.save stream holding a tensor of the chunk's sizes and dtype."""
+    import torch
+
+    name = posixpath.basename(file)
+    try:
+        tensor = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(folder, f"reading the DCP data files failed: {describe(e)}") from e
-    except CheckpointException as e:  # not an Exception: what the reader raised, wrapped with its traceback
-        raise _unwrapped(folder, e) from None
-    return {n: state[entry] for n, (entry, _) in wanted.items()}
+        raise CheckpointError(file, f"{name} cannot be read: {entry}: {describe(e)}") from None
+    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(chunk.sizes) or tensor.dtype != dtype:
+        got = f"a {tuple(tensor.shape)} {tensor.dtype} tensor" if isinstance(tensor, torch.Tensor) else type(tensor)
+        raise CheckpointError(
+            file,
+            f"{name} holds {got} for the chunk of {entry} at {list(chunk.offsets)}, where {METADATA_NAME} says "
+            f"{tuple(chunk.sizes)} {dtype}",
+        )
+    return tensor
 
 
-def _unwrapped(folder: str, e: BaseException) -> BaseException:
-    """The error inside torch's CheckpointException: a CheckpointError as it is, an interrupt (Ctrl-C, SIGTERM)
-    as it is, anything else as a CheckpointError."""
-    inner = [exc for exc, _ in e.failures.values()]
-    for exc in inner:
-        if isinstance(exc, CheckpointError) or not isinstance(exc, Exception):
-            return exc
-    cause = describe(inner[0]) if inner else describe(e)
-    return CheckpointError(folder, f"reading the DCP data files failed: {cause}")
-
-
-def _data_files(folder: str, metadata) -> set[str]:
-    """The data files `.metadata` lists, each checked to lie inside the checkpoint's folder and to exist."""
+def _data_files(folder: str, metadata) -> dict[str, int]:
+    """{data file .metadata lists: its size}, each checked to lie inside the checkpoint's folder and to exist."""
     files = {info.relative_path for info in (metadata.storage_data or {}).values()}
     for name in sorted(files, key=str):
         parts = pathlib.PurePath(name).parts if isinstance(name, str) and "\0" not in name else ()
-        if not parts or os.path.isabs(name) or ".." in parts:
+        if not parts or os.path.isabs(name) or ".." in parts or "://" in name:
             raise CheckpointError(
-                os.path.join(folder, METADATA_NAME),
+                join(folder, METADATA_NAME),
                 f"{METADATA_NAME} lists the data file {name!r}, which lies outside the checkpoint's folder: refused",
             )
-    missing = sorted(f for f in files if not os.path.isfile(os.path.join(folder, f)))
+    sizes = _sizes(folder, files)
+    missing = sorted(f for f in files if f not in sizes)
     if missing:
         raise CheckpointError(
-            os.path.join(folder, missing[0]),
+            join(folder, missing[0]),
             f"{some(missing)} listed in {METADATA_NAME} {'is' if len(missing) == 1 else 'are'} missing",
         )
-    return files
+    return sizes
 
 
-def _check_chunks(folder: str, metadata, entries: list[str]) -> None:
+def _sizes(folder: str, files: set[str]) -> dict[str, int]:
+    """The sizes of those of `files` that exist: one listing of the folder on object storage."""
+    if not is_url(folder):
+        paths = {f: os.path.join(local_path(folder), f) for f in files}
+        return {f: os.path.getsize(p) for f, p in paths.items() if os.path.isfile(p)}
+    import fsspec
+
+    fs, remote = fsspec.core.url_to_fs(folder)
+    try:
+        listed = {
+            posixpath.relpath(info["name"], remote.rstrip("/")): info.get("size")
+            for info in fs.find(remote, detail=True).values()
+        }
+    except FileNotFoundError:
+        listed = {}
+    return {f: int(listed[f]) for f in files if listed.get(f) is not None}
+
+
+def _check_chunks(folder: str, metadata, entries: list[str], sizes: dict[str, int]) -> list[tuple[str, tuple]]:
     """Every element of each entry is in exactly one chunk (else the rest of the tensor would be whatever memory
-    torch.empty gave), and every chunk's bytes lie within its data file (else the file was cut short)."""
+    torch.empty gave), and every chunk's bytes lie within its data file (else the file was cut short). Returns
+    [(entry, (chunk, its storage info))]."""
     from torch.distributed.checkpoint.metadata import MetadataIndex
 
-    path = os.path.join(folder, METADATA_NAME)
-    sizes: dict[str, int] = {}
+    path = join(folder, METADATA_NAME)
+    out = []
     for entry in entries:
         md = metadata.state_dict_metadata[entry]
         shape, chunks = tuple(md.size), list(md.chunks)
@@ -266,15 +304,21 @@ def _check_chunks(folder: str, metadata, entries: list[str]) -> None:
             info = (metadata.storage_data or {}).get(MetadataIndex(entry, c.offsets))
             if info is None:
                 raise CheckpointError(path, f"{entry}: no data file holds its chunk at {list(c.offsets)}")
-            file = os.path.join(folder, info.relative_path)
-            if file not in sizes:
-                sizes[file] = os.path.getsize(file)
-            if info.offset < 0 or info.length < 0 or info.offset + info.length > sizes[file]:
+            file, size = join(folder, info.relative_path), sizes[info.relative_path]
+            if getattr(info, "transform_descriptors", None):
+                raise CheckpointError(
+                    file,
+                    f"{info.relative_path}: {entry} is stored transformed ({', '.join(info.transform_descriptors)}), "
+                    "which sinktrace does not read: save the checkpoint without storage transforms",
+                )
+            if info.offset < 0 or info.length < 0 or info.offset + info.length > size:
                 raise CheckpointError(
                     file,
                     f"{info.relative_path} is truncated: {METADATA_NAME} puts {entry} at bytes {info.offset} to "
-                    f"{info.offset + info.length}, and the file has {sizes[file]}",
+                    f"{info.offset + info.length}, and the file has {size}",
                 )
+            out.append((entry, (c, info)))
+    return out
 
 
 def _overlap(chunks) -> bool:
@@ -290,40 +334,51 @@ def _overlap(chunks) -> bool:
     return False
 
 
-def _is_safetensors(path: str) -> bool:
-    """A safetensors file starts with its header's length and then the JSON header; torch.save's is a zip."""
-    with open(path, "rb") as f:
-        return f.read(9)[8:] == b"{"
+def _is_safetensors(folder: str, info) -> bool:
+    """Whether the data files are of the safetensors flavour: torch's stores each chunk as a torch.save stream, a zip
+    archive starting at the chunk's offset, the safetensors flavour each file as a safetensors file, which starts
+    with its header's length. The first bytes of a wanted chunk (`info`, its storage info) tell."""
+    file = join(folder, info.relative_path)
+    head = _read(folder, {file: [(info.offset, info.offset + 4)]}, byteranges.ONE_AT_A_TIME)[file][0]
+    return head != ZIP_MAGIC
 
 
-def _read_safetensors(folder: str, files: list[str], wanted: dict) -> dict[str, torch.Tensor]:
+def _read_safetensors(folder: str, wanted: dict, chunks: list, plan) -> dict[str, torch.Tensor]:
     """The safetensors flavour of DCP (`FileSystemWriter(serialization_format=SAFETENSORS)`): every data file is a
-    safetensors file whose `DCP_SHARDING_INFO` metadata gives each chunk's offsets in its full tensor. torch 2.13's
-    own FileSystemReader cannot read these back (it hands them to torch.load), so chunks are placed here."""
-    import json
-
+    safetensors file holding, under the entry's name, the chunk `.metadata` puts in it. torch 2.13's own
+    FileSystemReader cannot read these back (it hands them to torch.load); here each file's header gives the chunk's
+    bytes, read by byte ranges."""
     import torch
-    from safetensors import SafetensorError, safe_open
 
-    by_entry = {entry: name for name, (entry, _) in wanted.items()}
-    out = {name: torch.empty(shape, dtype=dtype) for name, (_, (shape, dtype)) in wanted.items()}
-    filled = dict.fromkeys(out, 0)
-    for name in files:
-        path = os.path.join(folder, name)
-        try:
-            with safe_open(path, framework="pt") as f:
-                sharding = json.loads((f.metadata() or {}).get("DCP_SHARDING_INFO") or "{}")
-                for key in f.keys():
-                    if key not in by_entry:
-                        continue
-                    chunk = f.get_tensor(key)
-                    offsets = sharding.get(key, {}).get("saved_offsets") or [0] * chunk.ndim
-                    where = tuple(slice(o, o + n) for o, n in zip(offsets, chunk.shape))
-                    out[by_entry[key]][where] = chunk
-                    filled[by_entry[key]] += chunk.numel()
-        except (SafetensorError, ValueError, RuntimeError) as e:
-            raise CheckpointError(path, f"{name} is not a readable safetensors data file ({e})") from None
-    short = sorted(n for n, count in filled.items() if count != out[n].numel())
-    if short:
-        raise CheckpointError(folder, f"the data files do not cover {some(short)}: chunks are missing")
-    return out
+    from ..safetensorsfile import DTYPES, SafetensorsFile
+
+    wanted_dtype = {entry: dtype for entry, (_, dtype) in wanted.values()}
+    headers, asked, slots = {}, {}, []
+    for entry, (c, info) in chunks:
+        file = join(folder, info.relative_path)
+        if file not in headers:
+            try:
+                headers[file] = SafetensorsFile(file)
+            except (OSError, ValueError) as e:
+                raise CheckpointError(
+                    file, f"{info.relative_path} is not a readable safetensors data file ({e})"
+                ) from None
+        header = headers[file]
+        if entry not in header.dtypes():
+            raise CheckpointError(file, f"{info.relative_path} does not hold {entry}, which {METADATA_NAME} puts there")
+        stored = (tuple(header.get_slice(entry).get_shape()), DTYPES[header.dtypes()[entry]])
+        if stored != (tuple(c.sizes), wanted_dtype[entry]):
+            raise CheckpointError(
+                file,
+                f"{info.relative_path} holds {entry} as {stored[0]} {stored[1]}, where {METADATA_NAME} says "
+                f"{tuple(c.sizes)} {wanted_dtype[entry]}",
+            )
+        asked.setdefault(file, []).append(header.spans()[entry])
+        slots.append((entry, c, file, len(asked[file]) - 1))
+
+    def load(file, entry, data, chunk, dtype):
+        if not data:
+            return torch.empty(tuple(chunk.sizes), dtype=dtype)
+        return torch.frombuffer(bytearray(data), dtype=dtype).reshape(tuple(chunk.sizes))
+
+    return _assemble(wanted, slots, _read(folder, asked, plan), load)
