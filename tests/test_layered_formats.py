@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from pipeline.checkpoints import keymaps
+from pipeline.checkpoints import byteranges, keymaps
 from pipeline.checkpoints.discover import discover
 from pipeline.checkpoints.statedict import Saved, hf_config
 from pipeline.cli import compose
@@ -37,22 +37,6 @@ def found(root, model=None, tmp_path=None, **how):
     return replace(c, **how)
 
 
-STACKED = tc.megatron_names
-
-
-def megatron_per_layer(model) -> dict[str, torch.Tensor]:
-    """Megatron-Core's names with each block's tensors saved per layer (`decoder.layers.<i>.`), the other layout
-    torch_dist writes (the megatron_gpt key map's docstring)."""
-    out = {}
-    for name, t in STACKED(model).items():
-        if name.startswith("decoder.layers."):
-            rest = name.removeprefix("decoder.layers.")
-            out |= {f"decoder.layers.{i}.{rest}": layer.clone() for i, layer in enumerate(t.unbind(0))}
-        else:
-            out[name] = t
-    return out
-
-
 def write(fmt: str, tmp_path, monkeypatch, layers: int = 2):
     """A checkpoint of format `fmt` as its trainer writes it (tests/trainer_ckpts.py), found by discovery."""
     run = tmp_path / "run"
@@ -64,8 +48,7 @@ def write(fmt: str, tmp_path, monkeypatch, layers: int = 2):
         tc.megatron_iteration(run, 500, llama)
         return found(run, llama, tmp_path, key_map="megatron_gpt")
     if fmt == "megatron-per-layer":
-        monkeypatch.setattr(tc, "megatron_names", megatron_per_layer)
-        tc.megatron_iteration(run, 500, llama)
+        tc.megatron_iteration(run, 500, llama, per_layer=True)
         return found(run, llama, tmp_path)
     if fmt == "fsdp-trainer":
         tc.fsdp_trainer_checkpoint(run, 30, llama)
@@ -146,41 +129,35 @@ def test_layer_by_layer_equals_whole_model(fmt, tmp_path, monkeypatch):
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # gc.get_objects() meets torch's deprecated aliases
 @pytest.mark.parametrize("fmt", ["torchtitan", "megatron-stacked", "litgpt"])
 def test_one_block_read_at_a_time_and_never_the_optimizer(fmt, tmp_path, monkeypatch):
-    from torch.distributed.checkpoint import FileSystemReader
-
     c = write(fmt, tmp_path, monkeypatch, layers=4)
     probe = probe_for(c)
-    asked, entries, resident, alive = [], [], [], []
-    tensors, read_data, run_rows = Saved.tensors, FileSystemReader.read_data, layered.BlockStream.run_rows
+    asked, ranges, resident, alive = [], [], [], []
+    tensors, read_files = Saved.tensors, byteranges.read_files
+    run_rows, load = layered.BlockStream.run_rows, layered.SavedBlockStream._load
 
     def asking(self, names=None):
         asked.append(names)
         return tensors(self, names)
 
-    def reading(self, plan, planner):
-        entries.extend(item.storage_index.fqn for item in plan.items)
-        return read_data(self, plan, planner)
+    def reading(spans, *args):
+        ranges.extend((f, r) for f, rs in spans.items() for r in rs)
+        return read_files(spans, *args)
+
+    def real_tensors(shape):  # with data of their own: not views, nor the fused tensor that split ones are views of
+        real = [o for o in gc.get_objects() if torch.is_tensor(o) and not o.is_meta]
+        bases = {id(o._base) for o in real if o._base is not None}
+        return sum(
+            1
+            for o in real
+            if o.shape == shape and id(o) not in bases and o.untyped_storage().nbytes() == o.numel() * o.element_size()
+        )
 
     def watching(self, body, batches, *args):
         blocks = list(self.blocks)
-        shape = blocks[0].mlp.up_proj.weight.shape
-        alive.append(sum(p.shape == shape for p in blocks[0].parameters()))  # first: how many a block holds
-
-        def real_tensors():  # a tensor's own copy; not the views of a stacked tensor being mapped in the read thread
-            return sum(
-                1
-                for o in gc.get_objects()
-                if torch.is_tensor(o)
-                and not o.is_meta
-                and o.shape == shape
-                and o.untyped_storage().nbytes() == o.numel() * o.element_size()
-            )
-
-        before = real_tensors()
+        self.watched = (blocks[0].mlp.up_proj.weight.shape, real_tensors(blocks[0].mlp.up_proj.weight.shape))
 
         def count(module, args):
             resident.append(sum(not next(b.parameters()).is_meta for b in blocks))
-            alive.append(real_tensors() - before)
 
         hooks = [b.register_forward_pre_hook(count) for b in blocks]
         try:
@@ -189,25 +166,50 @@ def test_one_block_read_at_a_time_and_never_the_optimizer(fmt, tmp_path, monkeyp
             for h in hooks:
                 h.remove()
 
+    def loading(self, index, part):  # no read in flight here: the next block's starts after this one is loaded
+        if index is not None:
+            shape, before = self.watched
+            alive.append(real_tensors(shape) - before)
+        return load(self, index, part)
+
     monkeypatch.setattr(Saved, "tensors", asking)
-    monkeypatch.setattr(FileSystemReader, "read_data", reading)
+    monkeypatch.setattr(byteranges, "read_files", reading)
     monkeypatch.setattr(layered.BlockStream, "run_rows", watching)
+    monkeypatch.setattr(layered.SavedBlockStream, "_load", loading)
     ds = replay(c, probe, LAYERED)
     assert str(ds.replay_route.values) == "layered"
     assert resident == [1] * (4 * 2)  # 4 blocks x 2 micro-batches (2 + 1 rows), one block holding weights each time
-    per_block, *alive = alive
-    if c.format == "dcp":  # a torch.save file's tensors are views of its memory map, alive as long as the file is
-        assert per_block <= min(alive) and max(alive) <= per_block * 2, (per_block, alive)
-        assert entries and not [e for e in entries if e.split(".", 1)[0] in ("optimizer", "lr_scheduler")]
+    assert alive == [2] * 4  # the block being loaded (gate_proj and up_proj): those of the blocks done are freed
     # the part outside the blocks (the head with it, for the digest), then each block's own checkpoint tensors
     assert len(asked) == 1 + 4 and None not in asked
-    model_names = set(Saved(c).tensor_names())
-    assert set().union(*asked) == model_names
+    assert set().union(*asked) == set(Saved(c).tensor_names())
     for i, names in enumerate(asked[1:]):
         layers = {int(m.group(1)) for n in names if (m := re.search(r"(?:layers|h)\.(\d+)\.", n))}
         stacked = [n for n in names if n.startswith("decoder.layers.") and not re.match(r"decoder\.layers\.\d", n)]
         assert layers == ({i} if not stacked else set()), names
     assert not set(asked[0]) & set().union(*asked[1:]) or fmt == "megatron-stacked"
+    assert ranges
+    if c.format == "dcp":  # never a byte of the optimizer's entries
+        optimizer = optimizer_spans(c)
+        assert optimizer and not [r for r in ranges if any(overlaps(r, o) for o in optimizer)]
+
+
+def overlaps(a, b) -> bool:
+    (f, (x, y)), (g, (u, v)) = a, b
+    return f == g and x < v and u < y
+
+
+def optimizer_spans(c) -> list:
+    """(file, [start, stop)) of every entry of a DCP folder that is not the model's."""
+    from pipeline.checkpoints.formats.dcp import _model_entries, read_metadata
+
+    metadata = read_metadata(c.weight_files[0])
+    model = {entry for entry, _ in _model_entries(metadata).values()}
+    return [
+        (f"{c.weight_files[0]}/{info.relative_path}", (info.offset, info.offset + info.length))
+        for index, info in metadata.storage_data.items()
+        if index.fqn not in model
+    ]
 
 
 def test_out_of_memory_with_the_whole_model_falls_back_to_layer_by_layer(tmp_path, monkeypatch):
