@@ -72,3 +72,18 @@ def test_the_digest_of_a_bucket_file_equals_the_local_one(store, tmp_path):
     f.read_many(["w1", "w3", "empty"])  # the others are read when the digest is asked for
     assert sorted(f.hashes) == ["empty", "w1", "w3"]
     assert pending.result() == local
+
+
+def test_the_object_storage_benchmark_compares_every_way(tmp_path):
+    from benchmarks.objectstore import bench, compose
+
+    out = tmp_path / "objectstore.json"
+    cfg = compose(["latency_ms=20", "tensors=12", "tensor_kib=4", "concurrency=[4]", "repeats=1", f"out={out}"])
+    doc = bench(cfg)
+    rows = {r["way"]: r for r in doc["rows"]}
+    assert list(rows) == ["one at a time", "4 in flight", "sinktrace's plan (merged)", "whole file (get)"]
+    assert [rows[w]["requests"] for w in rows] == [12, 12, 1, 1]
+    assert rows["one at a time"]["latency_peak_in_flight"] == 1 and rows["4 in flight"]["latency_peak_in_flight"] == 4
+    assert rows["one at a time"]["latency_s"] >= 12 * 0.02  # twelve round trips, one after another
+    assert all(r["throughput_mb_s"] > 0 and r["ideal_mb_s"] > 0 for r in rows.values())
+    assert out.exists() and doc["settings"]["file_bytes"] > 12 * 4096
