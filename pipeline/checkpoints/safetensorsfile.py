@@ -154,15 +154,12 @@ class SafetensorsFile:
         ranged = [name for name in names if spans[name][1] > spans[name][0]]
         got = dict(zip(ranged, read_ranges(self.path, [spans[name] for name in ranged], plan or self.plan)))
         out = {}
-        for name in names:
+        for name in names:  # each tensor's bytes let go of once copied: they are held once, not twice
             dtype, shape, _, _ = self._entries[name]
-            data = got.get(name, b"")
+            data = bytearray(got.pop(name, b""))
+            # hashed from the tensor's own storage, which the replay never writes to
             self.hashes[name] = _HASHERS.submit(_sha256, data)
-            out[name] = (
-                torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
-                if data
-                else torch.empty(shape, dtype=dtype)
-            )
+            out[name] = torch.frombuffer(data, dtype=dtype).reshape(shape) if data else torch.empty(shape, dtype=dtype)
         return out
 
     def _range(self, start: int, stop: int) -> bytes:
@@ -172,7 +169,7 @@ class SafetensorsFile:
         return self._fs.cat_file(self._remote, start=start, end=stop)
 
 
-def _sha256(data: bytes) -> str:
+def _sha256(data: bytearray) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
