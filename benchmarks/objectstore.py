@@ -56,6 +56,7 @@ def bench(cfg: DictConfig) -> dict:
     """Run every way at no injected latency and at `latency_ms`; print the table; return the JSON document."""
     import logging
 
+    import fsspec
     import torch
     from safetensors.torch import save_file
 
@@ -78,12 +79,13 @@ def bench(cfg: DictConfig) -> dict:
             direct.put(str(path), f"{BUCKET}/model.safetensors")
             url = f"s3://{BUCKET}/model.safetensors"
             f = SafetensorsFile(url)
+            fs, remote = fsspec.core.url_to_fs(url)
             want = _digest(f.read_many(f.keys(), ReadPlan(gap=0, max_request=0)))
             spans = [f.spans()[k] for k in f.keys()]
 
             def read(plan: ReadPlan | None):
                 if plan is None:
-                    f._fs.get(f._remote, str(Path(work) / "download"))
+                    fs.get(remote, str(Path(work) / "download"))
                     return None
                 return f.read_many(f.keys(), plan)
 
