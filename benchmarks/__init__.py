@@ -18,6 +18,9 @@ each contender runs in a fresh subprocess by default (`isolate`), so that its pe
 Modules: `command` (the Hydra command and the run), `fixtures` (the checkpoints and probes it builds), `jobs`
 (running a contender in a subprocess, timing, peak memory), `contenders` (what each contender does), `pagecache`
 (cold page cache and the read floor), `tables` (the JSON document, the targets and the printed table).
+
+`python -m benchmarks.objectstore` (`objectstore`, `latency_proxy`) measures reading from object storage on its own:
+one tensor at a time against several requests in flight, with a bucket's latency injected on the loopback.
 """
 
 LOG_PREFIX = "sinktrace bench:"

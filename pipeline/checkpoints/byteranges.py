@@ -29,6 +29,7 @@ class ReadPlan:
 
 
 ONE_AT_A_TIME = ReadPlan(concurrency=1, gap=0, max_request=0)
+S3_POOL = 10  # botocore's default max_pool_connections
 
 
 def coalesce(ranges: list[tuple[int, int]], plan: ReadPlan) -> list[tuple[int, int]]:
@@ -67,9 +68,7 @@ def read_files(ranges: dict[str, list[tuple[int, int]]], plan: ReadPlan = ReadPl
     try:
         for path in requests:
             if is_url(path):
-                import fsspec
-
-                fs, remote = fsspec.core.url_to_fs(path)
+                fs, remote = _filesystem(path, plan.concurrency)
                 # start= and end= by name: s3fs's cat_file takes a version id second
                 fetchers[path] = functools.partial(_cat, fs, remote)
             else:
@@ -109,6 +108,20 @@ def _cat(fs, remote: str, start: int, stop: int) -> bytes:
 
 def _pread(fd: int, start: int, stop: int) -> bytes:
     return os.pread(fd, stop - start, start)
+
+
+def _filesystem(path: str, concurrency: int):
+    """fsspec's (filesystem, path) for a URL. s3fs's connections come from botocore's pool of
+    `max_pool_connections` (10 by default), which would hold requests beyond the tenth back: for more in flight the
+    pool is made as large (other settings of fsspec's configuration for s3 kept)."""
+    import fsspec
+    from fsspec.config import conf
+
+    if fsspec.core.split_protocol(path)[0] in ("s3", "s3a") and concurrency > S3_POOL:
+        given = dict((conf.get("s3") or {}).get("config_kwargs") or {})
+        pool = max(int(given.get("max_pool_connections", S3_POOL)), concurrency)
+        return fsspec.core.url_to_fs(path, config_kwargs={**given, "max_pool_connections": pool})
+    return fsspec.core.url_to_fs(path)
 
 
 def _covering(requests: list[tuple[int, int]], start: int) -> int:

@@ -6,25 +6,31 @@ name order, where `bytes` are the tensor's data exactly as stored and dtype is t
 So it depends on the tensors alone: not on how they are split into shards, on the order in the files, on metadata,
 or on which route (whole model or layer by layer) loads them.
 
-It is computed while the checkpoint is replayed: `start_digest` hashes the tensors of the files the replay opened
-(their memory maps: the pages loading reads anyway) on background threads, which release the GIL, while the model
-loads and runs.
+It is computed while the checkpoint is replayed, from the bytes the replay reads. Local files: `start_digest`
+hashes the tensors of the files the replay opened (their memory maps: the pages loading reads anyway) on background
+threads, which release the GIL, while the model loads and runs. Files on object storage: each tensor's bytes are
+hashed as they arrive (`SafetensorsFile.read_many`, its `hashes`), and a tensor the replay does not read (layer by
+layer, the output head) is read for the digest alone when the digest is asked for: by byte ranges, in pieces of
+`PIECE` bytes, each piece hashed and dropped. The same tensors give the same digest from either place.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from ..devices import SAFETENSORS_FLOATS
-from ..errors import CheckpointError
+from ..errors import CheckpointError, describe
+from .byteranges import ReadPlan, read_ranges
 from .safetensorsfile import SafetensorsFile
 
 _HASHERS = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="sinktrace-digest")
 _DRIVER = ThreadPoolExecutor(1, thread_name_prefix="sinktrace-digest-driver")
+PIECE = 8 << 20  # a tensor read for the digest alone: pieces of this many bytes, `concurrency` of them at a time
 
 
 class PendingDigest:
@@ -42,23 +48,51 @@ class PendingDigest:
 
 
 def start_digest(files: list[SafetensorsFile]) -> PendingDigest:
-    """The digest of the tensors in these opened safetensors files, computed in the background. For weights read by
-    byte ranges from object storage none is computed (it would read every byte once more), and the step's digest
-    stays empty."""
-    if not all(f.local for f in files):
-        done: Future = Future()
-        done.set_result(None)
-        return PendingDigest(done)
+    """The digest of the tensors in these opened safetensors files: of local files computed in the background from
+    their memory maps; of files on object storage from the hashes taken as the replay reads their tensors, once the
+    digest is asked for (see the module's docstring)."""
     tensors = [
-        (name, dtype, list(f.get_slice(name).get_shape()), f.raw(name))
-        for f in files
-        for name, dtype in f.dtypes().items()
+        (name, dtype, list(f.get_slice(name).get_shape()), f) for f in files for name, dtype in f.dtypes().items()
     ]
     names = [name for name, *_ in tensors]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise CheckpointError(os.path.dirname(files[0].path), f"tensors stored twice across the files: {dup[:3]}")
-    return PendingDigest(_DRIVER.submit(_combine, tensors))
+    if not all(f.local for f in files):
+        return _FromReads(tensors)
+    return PendingDigest(_DRIVER.submit(_combine, [(n, d, s, f.raw(n)) for n, d, s, f in tensors]))
+
+
+class _FromReads(PendingDigest):
+    """The digest of tensors read by byte ranges: taken, when first asked for, from the hashes of the tensors the
+    replay read, reading the others for it alone."""
+
+    def __init__(self, tensors: list[tuple]):
+        self._tensors, self._lock, self._value = tensors, threading.Lock(), None
+
+    def result(self) -> str:
+        with self._lock:
+            if self._value is None:
+                lines = [(name, dtype, shape, _hash_of(f, name)) for name, dtype, shape, f in self._tensors]
+                self._value = _combine_hashes(lines)
+            return self._value
+
+
+def _hash_of(f: SafetensorsFile, name: str) -> str:
+    """The sha256 of a tensor's bytes: taken as the replay read them, or read now, piece by piece, for it alone."""
+    if name not in f.hashes:
+        begin, end = f.spans()[name]
+        pieces = [(a, min(a + PIECE, end)) for a in range(begin, end, PIECE)]
+        step = max(1, f.plan.concurrency)
+        hasher = hashlib.sha256()
+        try:
+            for i in range(0, len(pieces), step):  # at most `step` pieces in memory at once
+                for data in read_ranges(f.path, pieces[i : i + step], ReadPlan(step, gap=0, max_request=PIECE)):
+                    hasher.update(data)
+        except OSError as e:
+            raise CheckpointError(f.path, f"reading {name} for the weights' digest failed: {describe(e)}") from e
+        return hasher.hexdigest()
+    return f.hashes[name].result()
 
 
 def start_tensor_digest(tensors: dict) -> PendingDigest:
@@ -110,5 +144,10 @@ def weights_digest(paths: list[str]) -> str:
 def _combine(tensors) -> str:
     tensors = sorted(tensors, key=lambda t: t[0])
     hashes = _HASHERS.map(lambda t: hashlib.sha256(t[3]).hexdigest(), tensors)
-    lines = "".join(f"{name} {dtype} {shape} {h}\n" for (name, dtype, shape, _), h in zip(tensors, hashes))
-    return hashlib.sha256(lines.encode()).hexdigest()
+    return _combine_hashes([(name, dtype, shape, h) for (name, dtype, shape, _), h in zip(tensors, hashes)])
+
+
+def _combine_hashes(lines) -> str:
+    """sha256 over the lines `name dtype shape sha256`, in name order."""
+    text = "".join(f"{name} {dtype} {shape} {h}\n" for name, dtype, shape, h in sorted(lines, key=lambda t: t[0]))
+    return hashlib.sha256(text.encode()).hexdigest()

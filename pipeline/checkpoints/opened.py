@@ -22,6 +22,7 @@ import torch
 
 from ..locations import check_folder
 from ..records import Checkpoint
+from .byteranges import ReadPlan
 from .digest import PendingDigest, start_digest
 from .model_config import attention_route, config_fingerprint
 from .safetensorsfile import SafetensorsFile
@@ -85,12 +86,17 @@ class OpenedCheckpoint:
     def weight_files(self) -> list[SafetensorsFile]:
         """A Hugging Face folder's safetensors files, opened, their headers checked, and (local files) checked to be
         written: nothing preallocated and still zero."""
-        files = open_weight_files(self.ckpt.path)
+        files = open_weight_files(self.ckpt.path, self.read_plan)
         model_type = self.config.get("model_type")
         for f in files:  # an object store shows an object only once it is whole: nothing there is preallocated
             if f.local:
                 check_written(f, model_type)
         return files
+
+    @property
+    def read_plan(self) -> ReadPlan:
+        """How the weight files' tensors are read from object storage (`checkpoints.read_concurrency`)."""
+        return ReadPlan(concurrency=self.ckpt.read_concurrency)
 
     @functools.cached_property
     def weights(self) -> dict[str, str]:
@@ -102,8 +108,9 @@ class OpenedCheckpoint:
         return sum(f.size for f in self.weight_files)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor of the weight files, read from the files opened (a local file's share its memory map)."""
-        return {name: f.get_tensor(name) for f in self.weight_files for name in f.keys()}
+        """Every tensor of the weight files, read from the files opened: a local file's share its memory map, a
+        URL's are read by byte ranges, `read_plan.concurrency` requests in flight."""
+        return {name: t for f in self.weight_files for name, t in f.read_many(f.keys()).items()}
 
     @functools.cached_property
     def digest(self) -> PendingDigest:

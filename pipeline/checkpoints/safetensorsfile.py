@@ -1,7 +1,9 @@
 """One safetensors file, its header parsed and checked once, its tensors read by name: from the local disk through
-one memory map, or from object storage (any fsspec URL) by byte ranges, the header first, then each tensor when it
-is asked for, so that a replay reads the tensors it needs and nothing else (layer by layer, the output head is never
-read) and never lands a copy of the file on the local disk.
+one memory map, or from object storage (any fsspec URL) by byte ranges, the header first, then the tensors when they
+are asked for, so that a replay reads the tensors it needs and nothing else and never lands a copy of the file on
+the local disk. `read_many` reads many tensors at once: from object storage with several requests in flight
+(`byteranges.read_ranges`, as the file's `ReadPlan` says), and each tensor's sha256 is taken as its bytes arrive
+(`hashes`), so that the weights' digest (`digest.py`) needs no second read of them.
 
 The format (https://huggingface.co/docs/safetensors/index#format): an 8-byte little-endian header length N, N bytes
 of JSON mapping each tensor name to its dtype, shape and [begin, end) byte offsets into the data that follows, and
@@ -14,15 +16,18 @@ a file is written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import mmap
 import os
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from ..locations import is_url, local_path
+from .byteranges import ReadPlan, read_ranges
 
 # safetensors dtype names (safetensors/src/tensor.rs) -> torch
 DTYPES = {
@@ -49,6 +54,8 @@ DTYPES = {
 # one request brings the header of most checkpoints; a larger one costs a second request
 FIRST_READ = 1 << 16
 MAX_HEADER = 100_000_000  # safetensors' own limit
+# sha256 releases the GIL: tensors read from object storage are hashed while the next ones arrive
+_HASHERS = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="sinktrace-hash")
 
 
 class HeaderError(ValueError):
@@ -61,11 +68,14 @@ class HeaderError(ValueError):
 class SafetensorsFile:
     """One safetensors file, local or behind an fsspec URL, opened once. Raises HeaderError (a ValueError) for a
     malformed header or a file whose size does not match it, OSError/FileNotFoundError as the storage reports them.
-    Tensors read from a local file share the memory map's pages (copy on write: the file is never changed)."""
+    Tensors read from a local file share the memory map's pages (copy on write: the file is never changed); `plan`
+    says how `read_many` reads a URL's tensors."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, plan: ReadPlan = ReadPlan()):
+        self.path, self.plan = path, plan
         self._map = self._fs = None
+        # {tensor name: the sha256 of its bytes, being taken}, for each tensor read_many read from object storage
+        self.hashes: dict[str, Future] = {}
         if is_url(path):
             import fsspec
 
@@ -123,20 +133,44 @@ class SafetensorsFile:
 
     def read(self, name: str) -> torch.Tensor:
         dtype, shape, (begin, end), _ = self._entries[name]
+        if self._map is None:
+            return self.read_many([name])[name]
         if end == begin:
             return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(self.raw(name), dtype=dtype).reshape(shape)
+
+    def read_many(self, names, plan: ReadPlan | None = None) -> dict[str, torch.Tensor]:
+        """{name: tensor} for these tensors. A local file's share its memory map; a URL's are read by byte ranges,
+        `plan` (default: the file's) saying how many requests are in flight, and each one's sha256 is then taken in
+        the background (`hashes`).
+
+        Raises:
+            OSError: a read fails or comes back short, naming the file.
+        """
+        names = list(dict.fromkeys(names))
         if self._map is not None:
-            return torch.frombuffer(self.raw(name), dtype=dtype).reshape(shape)
-        data = bytearray(self._range(self._start + begin, self._start + end))
-        if len(data) != end - begin:
-            raise OSError(f"{self.path}: read {len(data)} of {end - begin} bytes of {name}")
-        return torch.frombuffer(data, dtype=dtype).reshape(shape)
+            return {name: self.read(name) for name in names}
+        spans = self.spans()
+        ranged = [name for name in names if spans[name][1] > spans[name][0]]
+        got = dict(zip(ranged, read_ranges(self.path, [spans[name] for name in ranged], plan or self.plan)))
+        out = {}
+        for name in names:  # each tensor's bytes let go of once copied: they are held once, not twice
+            dtype, shape, _, _ = self._entries[name]
+            data = bytearray(got.pop(name, b""))
+            # hashed from the tensor's own storage, which the replay never writes to
+            self.hashes[name] = _HASHERS.submit(_sha256, data)
+            out[name] = torch.frombuffer(data, dtype=dtype).reshape(shape) if data else torch.empty(shape, dtype=dtype)
+        return out
 
     def _range(self, start: int, stop: int) -> bytes:
         if self._map is not None:
             return bytes(self._map[start:stop])
         # start= and end= by name: s3fs's cat_file takes a version id second
         return self._fs.cat_file(self._remote, start=start, end=stop)
+
+
+def _sha256(data: bytearray) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 class _Slice:

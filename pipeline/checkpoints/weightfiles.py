@@ -17,6 +17,7 @@ import torch
 from ..devices import SAFETENSORS_FLOATS
 from ..errors import CheckpointError, some
 from ..locations import file_size, is_file, is_url, join, list_names, read_bytes
+from .byteranges import ReadPlan
 from .safetensorsfile import SafetensorsFile
 
 CONFIG_NAME = "config.json"
@@ -100,15 +101,15 @@ def validate_weights(folder: str) -> dict[str, str]:
     return dtypes
 
 
-def open_weight_files(folder: str) -> list[SafetensorsFile]:
+def open_weight_files(folder: str, plan: ReadPlan = ReadPlan()) -> list[SafetensorsFile]:
     """The safetensors files transformers would load from the folder (local, or a URL), each opened once and its
-    header checked.
+    header checked; `plan` says how a URL's tensors are read (`SafetensorsFile.read_many`).
 
     Raises:
         CheckpointError: a file is missing, truncated or malformed, the index is broken or maps a tensor to a
             shard that lacks it, or the folder holds only pickled weights.
     """
-    return [_open_safetensors(path, expected) for path, expected in weight_files(folder)]
+    return [_open_safetensors(path, expected, plan) for path, expected in weight_files(folder)]
 
 
 # Weights that are never all zero in a model that was initialised, let alone trained: embeddings start at random
@@ -210,13 +211,13 @@ def main_dtype(weights: dict[str, str]) -> torch.dtype:
     return max(counts, key=counts.get) if counts else torch.float32
 
 
-def _open_safetensors(path: str, expected: list[str] | None) -> SafetensorsFile:
+def _open_safetensors(path: str, expected: list[str] | None, plan: ReadPlan) -> SafetensorsFile:
     name = posixpath.basename(path) if is_url(path) else os.path.basename(path)
     missing = f"{name} is missing" + (f" (listed in {SAFE_INDEX_NAME})" if expected else "")
     if not is_url(path) and not os.path.exists(path):
         raise CheckpointError(path, missing)
     try:
-        f = SafetensorsFile(path)
+        f = SafetensorsFile(path, plan)
         dtypes = f.dtypes()
     except FileNotFoundError:
         raise CheckpointError(path, missing) from None

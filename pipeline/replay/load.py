@@ -232,12 +232,12 @@ def _load_into(model, opened: OpenedCheckpoint) -> bool:
     if set(weights) - set(params) or set(params) - set(weights) - tied:
         return False
     cuda = next(iter(params.values())).is_cuda
+    files = opened.weight_files
+    if any(tuple(f.get_slice(name).get_shape()) != tuple(params[name].shape) for f in files for name in f.keys()):
+        return False
     with torch.no_grad():
-        for f in opened.weight_files:
-            for name in f.keys():
-                if tuple(f.get_slice(name).get_shape()) != tuple(params[name].shape):
-                    return False
-                tensor = f.get_tensor(name)
+        for f in files:  # a URL's tensors by byte ranges, several in flight
+            for name, tensor in f.read_many(f.keys()).items():
                 # from pinned memory the copy to the GPU is a DMA that runs while the next tensor is read
                 params[name].copy_(tensor.pin_memory() if cuda else tensor, non_blocking=True)
     if cuda:
