@@ -1,6 +1,6 @@
 """A scaled-down rehearsal of a large mixture-of-experts run's replay, to run before spending a cluster's hours.
 
-    python -m benchmarks.rehearsal [--out DIR] [--ranks 4] [--layers 8] [--experts 16] [--hidden 256]
+    python -m benchmarks.rehearsal [--out DIR] [--ranks 4] [--layers 8] [--experts 16] [--hidden 256] [--latency-ms 0]
 
 It writes a small run of the Qwen3-MoE family (the shape of the 30B-A3B model, scaled down: by default 8 layers,
 16 experts, top-2 routing) as a multi-rank training job writes it: `torch.distributed.checkpoint.save` under a gloo
@@ -12,7 +12,8 @@ Trainer's FSDP checkpoints hold them. Step 200 holds the same weights as step 10
 checkpoint under two step names would; the other steps' weights are the initialisation perturbed by a seeded amount
 per step (a rehearsal of the reading, not of training).
 
-The run is then put on an S3-compatible server (moto's server mode, on 127.0.0.1, from the `test` extra) and
+The run is then put on an S3-compatible server (moto's server mode, on 127.0.0.1, from the `test` extra; with
+`--latency-ms`, behind a proxy that delays each request by that much, as a remote bucket would) and
 replayed three ways, each by the `sinktrace` command in a fresh process: whole from the local disk (the reference),
 layer by layer from the local disk, and layer by layer straight from the bucket, with `replay.max_device_memory`
 below the model's size. It prints, for each, the time and the process's peak resident memory, whether every
@@ -137,19 +138,6 @@ def write_run(run: Path, ranks: int, config: dict) -> None:
         os.utime(path, (old, old))
 
 
-def start_s3():
-    """moto's S3 server on 127.0.0.1; returns (server, endpoint URL)."""
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    return server, f"http://{host}:{port}"
-
-
 def replay(label: str, root: str, store: Path, env: dict, extra: list[str]) -> dict:
     """One `sinktrace` replay in a fresh process: its seconds and peak resident memory."""
     args = [
@@ -209,11 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="delay added to each request to the bucket")
     args = parser.parse_args(argv)
 
-    import s3fs
-
     from pipeline.analysis import same_weights
+
+    from .latency_proxy import object_store
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="sinktrace-rehearsal-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -231,27 +220,15 @@ def main(argv: list[str] | None = None) -> int:
         f"in {time.perf_counter() - t0:.0f} s"
     )
 
-    server, endpoint = start_s3()
-    env = dict(
-        os.environ,
-        AWS_ACCESS_KEY_ID="rehearsal",
-        AWS_SECRET_ACCESS_KEY="rehearsal",
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_ENDPOINT_URL=endpoint,
-    )
-    try:
-        os.environ.update({k: env[k] for k in env if k.startswith("AWS_")})
-        fs = s3fs.S3FileSystem()
-        fs.makedirs(BUCKET, exist_ok=True)
-        fs.put(str(run / "checkpoint"), f"{BUCKET}/run", recursive=True)
+    with object_store(args.latency_ms / 1000, BUCKET) as (_, direct):
+        direct.put(str(run / "checkpoint"), f"{BUCKET}/run", recursive=True)
+        env = dict(os.environ)  # AWS_* name the server (through the latency proxy)
         budget = [f"replay.max_device_memory={model_bytes // 4}B"]
         results = [
             replay("local, whole", str(run / "checkpoint"), out / "whole.zarr", env, ["replay.max_device_memory=null"]),
             replay("local, layer by layer", str(run / "checkpoint"), out / "layered.zarr", env, budget),
             replay("S3, layer by layer", f"s3://{BUCKET}/run", out / "s3-layered.zarr", env, budget),
         ]
-    finally:
-        server.stop()
 
     ok = True
     print("\n| replay | seconds | peak RSS (MiB) | largest difference to the whole local replay | digests agree |")

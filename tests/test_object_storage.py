@@ -8,6 +8,7 @@ from pipeline.cli import compose, run
 from pipeline.records import Checkpoint
 from pipeline.store.cube import open_sinks
 from tests.ckpt_factory import make_run, save_checkpoint
+from tests.s3server import s3_fixture
 
 moto_server = pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")
@@ -18,31 +19,7 @@ PROBE = ["probe.rows=8", "probe.seq_len=32"]
 GROUP = "random-T32-r8-s0-bos"  # the store group of that probe
 
 
-@pytest.fixture(scope="module")
-def s3():
-    """The server's filesystem; AWS_* point botocore (hence s3fs, in this process and any it starts) at it."""
-    import logging
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            for key, value in {
-                "AWS_ACCESS_KEY_ID": "testing",
-                "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_DEFAULT_REGION": "us-east-1",
-                "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-            }.items():
-                mp.setenv(key, value)
-            s3fs.S3FileSystem.clear_instance_cache()
-            fs = s3fs.S3FileSystem()
-            fs.makedirs(BUCKET, exist_ok=True)  # moto's state outlives a server: another module's may be there
-            yield fs
-            s3fs.S3FileSystem.clear_instance_cache()
-    finally:
-        server.stop()
+s3 = s3_fixture(BUCKET)
 
 
 @pytest.fixture(scope="module")
