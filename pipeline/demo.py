@@ -82,6 +82,7 @@ class DemoRecipe:
     n_triggers: int = 3
     trigger_share: float = 0.1  # probability that a bigram step lands on a trigger (the triggers are frequent)
     branching: int = 8  # non-trigger successors per token in the bigram chain
+    concentration: float = 1.0  # of the Dirichlet weights over those successors: below 1, sharper bigrams
     seq_len: int = 32
     packing: str = "bos"  # bos: every row starts with BOS; stream: rows cut from a BOS-less stream at random offsets
     # model
@@ -103,6 +104,8 @@ class DemoRecipe:
             raise ValueError(f"vocab_size={self.vocab_size} leaves no room for {self.n_triggers} triggers")
         if not 1 <= self.branching <= self.vocab_size - 1 - self.n_triggers:
             raise ValueError(f"branching must be in 1..{self.vocab_size - 1 - self.n_triggers} (got {self.branching})")
+        if not self.concentration > 0:
+            raise ValueError(f"concentration must be > 0 (got {self.concentration})")
         if not 0 <= self.trigger_share < 1:
             raise ValueError(f"trigger_share must be in [0, 1) (got {self.trigger_share})")
         if self.seq_len < 3:
@@ -162,12 +165,14 @@ def demo_task(
     n_triggers: int = DemoRecipe.n_triggers,
     trigger_share: float = DemoRecipe.trigger_share,
     branching: int = DemoRecipe.branching,
+    concentration: float = DemoRecipe.concentration,
     seed: int = 0,
 ) -> BigramBackcopy:
     """The task instance for a seed: random triggers and a random sparse bigram chain over the content tokens.
 
-    Each content token is followed by one of `branching` random non-trigger tokens (Dirichlet(1) weights) with
-    total probability 1 - trigger_share, or by one of the triggers (equal weights) with total trigger_share.
+    Each content token is followed by one of `branching` random non-trigger tokens (Dirichlet(concentration)
+    weights) with total probability 1 - trigger_share, or by one of the triggers (equal weights) with total
+    trigger_share.
     """
     rng = np.random.default_rng([seed, 1])
     content = np.arange(1, vocab_size)
@@ -178,7 +183,10 @@ def demo_task(
     for token in content:
         successors[token] = np.concatenate([np.sort(rng.choice(plain, size=branching, replace=False)), triggers])
         probs[token] = np.concatenate(
-            [(1 - trigger_share) * rng.dirichlet(np.ones(branching)), np.full(n_triggers, trigger_share / n_triggers)]
+            [
+                (1 - trigger_share) * rng.dirichlet(np.full(branching, concentration)),
+                np.full(n_triggers, trigger_share / n_triggers),
+            ]
         )
     return BigramBackcopy(
         vocab_size=vocab_size, triggers=tuple(int(t) for t in triggers), successors=successors, probs=probs
@@ -281,6 +289,7 @@ def _recipe_task(recipe: DemoRecipe) -> BigramBackcopy:
         n_triggers=recipe.n_triggers,
         trigger_share=recipe.trigger_share,
         branching=recipe.branching,
+        concentration=recipe.concentration,
         seed=recipe.seed,
     )
 

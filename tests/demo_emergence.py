@@ -58,6 +58,7 @@ def emergence_table(root: str | Path, *, rows: int = 32, probe_seed: int = 0) ->
         n_triggers=recipe.n_triggers,
         trigger_share=recipe.trigger_share,
         branching=recipe.branching,
+        concentration=recipe.concentration,
         seed=recipe.seed,
     )
     task_tokens = demo_batch(

@@ -179,6 +179,19 @@ def test_the_chain_is_a_fixed_random_sparse_chain():
     assert len(set(nxt[keep][prev[keep] == common])) > 1
 
 
+def test_a_lower_concentration_gives_sharper_bigrams():
+    flat, sharp = demo_task(seed=0), demo_task(seed=0, concentration=0.2)
+    assert sharp.triggers == flat.triggers
+    np.testing.assert_allclose(sharp.probs[1:].sum(axis=1), 1.0)
+    top = {
+        name: task.probs[1:, : DemoRecipe.branching].max(axis=1).mean()
+        for name, task in (("flat", flat), ("sharp", sharp))
+    }
+    assert top["sharp"] > top["flat"] + 0.1, top
+    with pytest.raises(ValueError, match="concentration must be > 0"):
+        DemoRecipe(concentration=0)
+
+
 def test_batches_are_deterministic_by_seed_and_step():
     task = demo_task(seed=0)
     a = demo_batch(task, batch_size=8, seq_len=64, seed=0, step=5)
