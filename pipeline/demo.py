@@ -32,8 +32,9 @@ the repository: eager attention on position 0, mean over heads and queries; CPU 
   formed at all (0.06 throughout: the copy was learnt late, at step 1,100, or not at all). Batch 16 (2,000 steps,
   152 s) or width 48 (2,000 steps, 202 s) learnt the copy (at step 1,400 and 600) with no sink in layers 0 and 1.
 
-`DemoRecipe.family` (`gpt2`: learned absolute positions) and `DemoRecipe.packing` (`stream`: rows cut from a
-BOS-less stream) are the switches of the search for a positional sink, recorded in docs/data.md.
+`DemoRecipe.family` (`gpt2`: learned absolute positions), `DemoRecipe.packing` (`stream`: rows cut from a BOS-less
+stream) and `DemoRecipe.concentration` (sharper bigrams below 1) are the switches of the search for a positional
+sink, recorded in docs/data.md.
 
 `build_demo_run` trains such a model and saves checkpoints in the Hugging Face Trainer layout
 (`checkpoint-<step>/` with `config.json`, `model.safetensors`, `trainer_state.json`, `optimizer.pt`), so the
