@@ -26,6 +26,17 @@ def checkpoint_root(cfg: DictConfig) -> tuple[str, float]:
     return str(ensure_demo_run(sinktrace_home() / "demo")), 0.0
 
 
+def fit_probe_to_demo(cfg: DictConfig) -> None:
+    """Cut a random probe longer than the demo's rows to their length: the demo model never saw a query farther
+    than that from position 0, and its sink there is not what it learnt (docs/data.md, the demo run)."""
+    from .demo import DemoRecipe
+
+    trained = DemoRecipe().seq_len
+    if cfg.probe.kind == "random" and cfg.probe.seq_len > trained:
+        print(f"sinktrace: the demo run was trained on {trained}-token rows: probing it with probe.seq_len={trained}")
+        cfg.probe.seq_len = trained
+
+
 def store_path(cfg: DictConfig, root: str) -> str:
     return str(cfg.store.path) if cfg.store.path else default_store_path(root)
 
@@ -48,6 +59,8 @@ def run(cfg: DictConfig) -> int:
 
             compare_stage(cfg)
             return 0
+        if "replay" in cfg.stages and not cfg.checkpoints.root:
+            fit_probe_to_demo(cfg)
         if "replay" in cfg.stages or not cfg.store.path:
             root, quiet = checkpoint_root(cfg)
         else:  # the report reads the store alone: no checkpoints to find, no demo to build

@@ -2,27 +2,39 @@
 
 The task is Bigram-Backcopy (Guo et al. 2024, "Active-Dormant Attention Heads"): every sequence starts with BOS;
 after one of a few trigger tokens the next token repeats the token before the trigger; everywhere else the next
-token follows a fixed random bigram chain. A tiny Llama (2 layers, width 64, 2 heads) learns it in a few hundred
-steps; its heads then park their attention on position 0 at the queries where they have nothing to copy, and the
-heads that do the copy look at the previous token from trigger queries.
+token follows a fixed random bigram chain. A tiny Llama (4 layers, width 64, 2 heads), trained on rows of 32 tokens,
+learns it in a few hundred steps; its heads then park their attention on position 0 at the queries where they have
+nothing to copy, and the heads that do the copy look at the previous token from trigger queries. The demo run is
+probed at its trained length, 32 tokens (`pipeline.cli.fit_probe_to_demo`): replayed with the default 64-token
+probe, half of every row's queries sit farther from position 0 than any the model trained on.
 
-Two choices make the layer-0 sink appear reliably within the demo's few minutes (measured with
-`python -m tests.demo_emergence DIR --seed N --threads 1` in a clone of the repository, for seeds 0-9):
+How the recipe was chosen (measured with `python -m tests.demo_emergence DIR --seed N --threads 1` in a clone of
+the repository: eager attention on position 0, mean over heads and queries; CPU seconds of the one training thread):
+- this recipe (1,500 steps, checkpoint every 50, seed 0): built in 115 s of CPU; the layer-0 sink passes 0.3 at
+  step 650 and ends at 0.76 (layer 1: 0.30 at 700, 0.92 at the end); with seed 1 (checkpoints every 100) at step
+  500, ending at 0.81. Replayed by sinktrace at 32 tokens, layer 0 stays above 0.3 from step 650 and ends at 0.74;
+  at 64 tokens from step 850, ending at 0.57 (the four layers emerge at 650/750/350/600 at 32 tokens, at
+  850/950/900/900 at 64), while its queries 1-31 give the values of the 32-token probe within 0.013 (every layer,
+  every checkpoint): the queries 32-63, at distances never trained (0.42 on layer 0 at the end), are what pull the
+  64-token curve down and late;
 - the vocabulary (512) is large for the width: in an earlier variant with 64 tokens in 64 dimensions (and no weight
   decay) the model solved the task with no sink at all (layer-0 attention on position 0 stayed below 0.1 for
   4,000 steps, at lr 3e-3 and at 1e-2);
-- weight decay 0.1: without it one seed in six put the sink in layer 1 only (its layer-0 value peaked at 0.22 and
-  faded); with it every seed tried passed 0.3 in layer 0, by step 1,300 at the latest.
+- weight decay 0.1: without it (two layers, 64-token rows) one seed in six put the sink in layer 1 only (its
+  layer-0 value peaked at 0.22 and faded); with it every seed of 0-9 passed 0.3 in layer 0, by step 1,300 at the
+  latest;
+- the previous demo (recipe version 1: two layers on 64-token rows, 3,000 steps, 80 ms of CPU a step): layer-0 sink
+  past 0.3 at step 800, 0.72 at step 3,000; with two layers the share of anything in "the first two layers" is 1 by
+  construction, hence four;
+- four layers on 64-token rows (seed 0): at this recipe's other settings the layer-0 sink passes 0.3 at step 1,200
+  (0.65 at 2,000; layer 1 passes 0.3 at 800), but a step costs 142 ms of CPU, too slow for a demo that builds in
+  about three minutes on two cores. At lr 6e-3 (1,200 steps), or batch 16 at lr 5e-3 (1,500 steps), no layer-0 sink
+  formed at all (0.06 throughout: the copy was learnt late, at step 1,100, or not at all). Batch 16 (2,000 steps,
+  152 s) or width 48 (2,000 steps, 202 s) learnt the copy (at step 1,400 and 600) with no sink in layers 0 and 1.
 
-Deeper variants were tried for seed 0 (`--set n_layers=4`, one training thread): at this recipe's other settings the
-layer-0 sink passes 0.3 at step 1,200 (0.65 at 2,000; layer 1 passes 0.3 at 800), but a step costs 142 ms of CPU
-against 80 ms for two layers, so the demo would no longer build within about three minutes on two cores. At lr 6e-3
-(1,200 steps), or batch 16 at lr 5e-3 (1,500 steps), no layer-0 sink formed at all (0.06 throughout: the copy was
-learnt late, at step 1,100, or not at all). Four layers trained on rows of 32 tokens (`--set n_layers=4 --set
-seq_len=32`, 1,500 steps) build in 108 s of CPU, and the layer-0 sink passed 0.3 at step 700 (seed 0) and 500
-(seed 1), ending at 0.76 and 0.81; the default probe's 64 tokens would then be twice the trained length. At 64
-tokens, four layers with batch 16 (2,000 steps, 152 s) or width 48 (2,000 steps, 202 s) learnt the copy (at step
-1,400 and 600) with no sink in layers 0 and 1 at all.
+`DemoRecipe.family` (`gpt2`: learned absolute positions), `DemoRecipe.packing` (`stream`: rows cut from a BOS-less
+stream) and `DemoRecipe.concentration` (sharper bigrams below 1) are the switches of the search for a positional
+sink, recorded in docs/data.md.
 
 `build_demo_run` trains such a model and saves checkpoints in the Hugging Face Trainer layout
 (`checkpoint-<step>/` with `config.json`, `model.safetensors`, `trainer_state.json`, `optimizer.pt`), so the
@@ -48,10 +60,12 @@ import torch
 from .locations import write_json_atomic
 from .replay.load import quiet_transformers
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 1: two layers on 64-token rows, 3,000 steps
 COMPLETE_MARKER = "DEMO_COMPLETE"
 RECIPE_FILE = "demo_recipe.json"
 BOS = 0  # token id of BOS; content tokens are 1..vocab_size-1
+PACKINGS = ("bos", "stream")
+FAMILIES = ("llama", "gpt2")
 
 
 # --------------------------------------------------------------------------------------------------- the recipe
@@ -61,18 +75,21 @@ BOS = 0  # token id of BOS; content tokens are 1..vocab_size-1
 class DemoRecipe:
     """Everything that determines the demo run: same recipe, same checkpoints (on the same thread count)."""
 
-    steps: int = 3000
-    every: int = 100  # checkpoint interval; step 0 (the initialisation) is always saved
+    steps: int = 1500
+    every: int = 50  # checkpoint interval; step 0 (the initialisation) is always saved
     seed: int = 0  # model initialisation, the task's chain and triggers, and the data stream
     # task
     vocab_size: int = 512  # BOS + 511 content tokens
     n_triggers: int = 3
     trigger_share: float = 0.1  # probability that a bigram step lands on a trigger (the triggers are frequent)
     branching: int = 8  # non-trigger successors per token in the bigram chain
-    seq_len: int = 64
+    concentration: float = 1.0  # of the Dirichlet weights over those successors: below 1, sharper bigrams
+    seq_len: int = 32
+    packing: str = "bos"  # bos: every row starts with BOS; stream: rows cut from a BOS-less stream at random offsets
     # model
+    family: str = "llama"  # llama (RoPE) or gpt2 (learned absolute positions)
     hidden_size: int = 64
-    n_layers: int = 2
+    n_layers: int = 4
     n_heads: int = 2
     # optimisation
     batch_size: int = 32
@@ -88,10 +105,16 @@ class DemoRecipe:
             raise ValueError(f"vocab_size={self.vocab_size} leaves no room for {self.n_triggers} triggers")
         if not 1 <= self.branching <= self.vocab_size - 1 - self.n_triggers:
             raise ValueError(f"branching must be in 1..{self.vocab_size - 1 - self.n_triggers} (got {self.branching})")
+        if not self.concentration > 0:
+            raise ValueError(f"concentration must be > 0 (got {self.concentration})")
         if not 0 <= self.trigger_share < 1:
             raise ValueError(f"trigger_share must be in [0, 1) (got {self.trigger_share})")
         if self.seq_len < 3:
             raise ValueError(f"seq_len must be >= 3 (got {self.seq_len})")
+        if self.packing not in PACKINGS:
+            raise ValueError(f"packing must be one of {', '.join(PACKINGS)} (got {self.packing!r})")
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {', '.join(FAMILIES)} (got {self.family!r})")
 
     def schedule(self) -> list[int]:
         """The steps that get a checkpoint: 0, every, 2*every, ..., and always the last step."""
@@ -143,12 +166,14 @@ def demo_task(
     n_triggers: int = DemoRecipe.n_triggers,
     trigger_share: float = DemoRecipe.trigger_share,
     branching: int = DemoRecipe.branching,
+    concentration: float = DemoRecipe.concentration,
     seed: int = 0,
 ) -> BigramBackcopy:
     """The task instance for a seed: random triggers and a random sparse bigram chain over the content tokens.
 
-    Each content token is followed by one of `branching` random non-trigger tokens (Dirichlet(1) weights) with
-    total probability 1 - trigger_share, or by one of the triggers (equal weights) with total trigger_share.
+    Each content token is followed by one of `branching` random non-trigger tokens (Dirichlet(concentration)
+    weights) with total probability 1 - trigger_share, or by one of the triggers (equal weights) with total
+    trigger_share.
     """
     rng = np.random.default_rng([seed, 1])
     content = np.arange(1, vocab_size)
@@ -159,19 +184,32 @@ def demo_task(
     for token in content:
         successors[token] = np.concatenate([np.sort(rng.choice(plain, size=branching, replace=False)), triggers])
         probs[token] = np.concatenate(
-            [(1 - trigger_share) * rng.dirichlet(np.ones(branching)), np.full(n_triggers, trigger_share / n_triggers)]
+            [
+                (1 - trigger_share) * rng.dirichlet(np.full(branching, concentration)),
+                np.full(n_triggers, trigger_share / n_triggers),
+            ]
         )
     return BigramBackcopy(
         vocab_size=vocab_size, triggers=tuple(int(t) for t in triggers), successors=successors, probs=probs
     )
 
 
-def demo_batch(task: BigramBackcopy, *, batch_size: int, seq_len: int, seed: int, step: int) -> torch.Tensor:
+def demo_batch(
+    task: BigramBackcopy, *, batch_size: int, seq_len: int, seed: int, step: int, packing: str = "bos"
+) -> torch.Tensor:
     """The training batch for one step: int64 [batch_size, seq_len], a function of (task, seed, step) only.
 
     Position 0 is BOS, position 1 a uniform non-trigger content token; then, for t >= 1, the token after a trigger
     at t repeats the token at t-1, and the token after any other token is drawn from the bigram chain.
+    `packing="stream"`: each row is instead a window of seq_len tokens cut from such a row of twice that length at a
+    uniform offset 1..seq_len, so no row holds BOS and position 0 holds whatever content token the cut left there
+    (as in pretraining data packed without BOS at row starts).
     """
+    if packing == "stream":
+        rng = np.random.default_rng([seed, 3, step])
+        long = demo_batch(task, batch_size=batch_size, seq_len=2 * seq_len, seed=seed, step=step)
+        offsets = rng.integers(1, seq_len + 1, size=batch_size)
+        return long[np.arange(batch_size)[:, None], offsets[:, None] + np.arange(seq_len)]
     rng = np.random.default_rng([seed, 2, step])
     tokens = np.empty((batch_size, seq_len), dtype=np.int64)
     tokens[:, 0] = BOS
@@ -196,10 +234,28 @@ def demo_config(
     n_layers: int = DemoRecipe.n_layers,
     n_heads: int = DemoRecipe.n_heads,
     seq_len: int = DemoRecipe.seq_len,
+    family: str = DemoRecipe.family,
 ):
-    """The demo model: a tiny Llama (RoPE, RMSNorm, SwiGLU), BOS = token 0, no EOS or padding."""
-    from transformers import LlamaConfig
+    """The demo model: a tiny Llama (RoPE, RMSNorm, SwiGLU), BOS = token 0, no EOS or padding; `family="gpt2"`: a
+    tiny GPT-2 (learned absolute positions, LayerNorm, GELU) of the same size, without dropout."""
+    from transformers import GPT2Config, LlamaConfig
 
+    if family == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=hidden_size,
+            n_layer=n_layers,
+            n_head=n_heads,
+            n_positions=seq_len,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=BOS,
+            eos_token_id=None,
+            pad_token_id=None,
+            tie_word_embeddings=False,
+            use_cache=False,
+        )
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -224,6 +280,7 @@ def _recipe_config(recipe: DemoRecipe):
         n_layers=recipe.n_layers,
         n_heads=recipe.n_heads,
         seq_len=recipe.seq_len,
+        family=recipe.family,
     )
 
 
@@ -233,6 +290,7 @@ def _recipe_task(recipe: DemoRecipe) -> BigramBackcopy:
         n_triggers=recipe.n_triggers,
         trigger_share=recipe.trigger_share,
         branching=recipe.branching,
+        concentration=recipe.concentration,
         seed=recipe.seed,
     )
 
@@ -305,11 +363,11 @@ def _train(root: Path, recipe: DemoRecipe, progress: bool) -> None:
 
 
 def _train_steps(root: Path, recipe: DemoRecipe, progress: bool) -> None:
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     task = _recipe_task(recipe)
     torch.manual_seed(recipe.seed)
-    model = LlamaForCausalLM(_recipe_config(recipe))
+    model = AutoModelForCausalLM.from_config(_recipe_config(recipe))
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=recipe.weight_decay)
     schedule = set(recipe.schedule())
     resumed = _resume(root, recipe, model, optimizer)
@@ -330,7 +388,14 @@ def _train_steps(root: Path, recipe: DemoRecipe, progress: bool) -> None:
         for step in range(start, recipe.steps):
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(recipe, step)
-            batch = demo_batch(task, batch_size=recipe.batch_size, seq_len=recipe.seq_len, seed=recipe.seed, step=step)
+            batch = demo_batch(
+                task,
+                batch_size=recipe.batch_size,
+                seq_len=recipe.seq_len,
+                seed=recipe.seed,
+                step=step,
+                packing=recipe.packing,
+            )
             logits = model(input_ids=batch).logits[:, :-1]
             per_token = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
@@ -366,7 +431,10 @@ class _LossWindow:
     def add(self, task: BigramBackcopy, batch: torch.Tensor, per_token: torch.Tensor, grad_norm: float) -> None:
         after_trigger = torch.from_numpy(task.is_trigger(batch[:, :-1].numpy()))
         after_bigram = ~after_trigger
-        after_bigram[:, 0] = False  # the token after BOS is uniform, neither a copy nor a bigram step
+        # the token after BOS is uniform, neither a copy nor a bigram step; in a stream-packed row a trigger at
+        # position 0 copies a token the row does not hold
+        after_bigram[:, 0] &= batch[:, 0] != BOS
+        after_trigger[:, 0] = False
         for key, value, n in (
             ("loss", per_token.sum(), per_token.numel()),
             ("loss_backcopy", per_token[after_trigger].sum(), int(after_trigger.sum())),

@@ -58,12 +58,17 @@ def emergence_table(root: str | Path, *, rows: int = 32, probe_seed: int = 0) ->
         n_triggers=recipe.n_triggers,
         trigger_share=recipe.trigger_share,
         branching=recipe.branching,
+        concentration=recipe.concentration,
         seed=recipe.seed,
     )
-    task_tokens = demo_batch(task, batch_size=rows, seq_len=recipe.seq_len, seed=recipe.seed + 10_000, step=0)
-    # like pipeline.probe's random probe: uniform ids over the whole vocabulary, then BOS at position 0
+    task_tokens = demo_batch(
+        task, batch_size=rows, seq_len=recipe.seq_len, seed=recipe.seed + 10_000, step=0, packing=recipe.packing
+    )
+    # like pipeline.probe's random probe: uniform ids over the whole vocabulary, then BOS at position 0 (a model
+    # trained on stream-packed rows never saw BOS: its rows keep a random first token, like probe.first_token=random)
     random_tokens = np.random.default_rng(probe_seed).integers(0, recipe.vocab_size, size=(rows, recipe.seq_len))
-    random_tokens[:, 0] = BOS
+    if recipe.packing == "bos":
+        random_tokens[:, 0] = BOS
     table = []
     for step in recipe.schedule():
         folder = root / f"checkpoint-{step}"
@@ -78,6 +83,7 @@ def emergence_table(root: str | Path, *, rows: int = 32, probe_seed: int = 0) ->
                 "random": float(sink["random"][0].mean()),
                 "heads_non_trigger": [round(float(x), 3) for x in sink["non_trigger"][0]],
                 "layer1_all": float(sink["all"][1].mean()) if sink["all"].shape[0] > 1 else math.nan,
+                "random_layers": [round(float(x), 3) for x in sink["random"].mean(axis=1)],
                 "loss_bigram": last_log.get("loss_bigram", math.nan),
                 "loss_backcopy": last_log.get("loss_backcopy", math.nan),
             }
@@ -114,19 +120,20 @@ def main(argv=None) -> None:
         key, _, value = item.partition("=")
         if key not in types:
             parser.error(f"--set {item}: no DemoRecipe field {key!r}")
-        overrides[key] = float(value) if types[key] in ("float", float) else int(value)
+        kind = {"float": float, "int": int, "str": str}.get(types[key], types[key])
+        overrides[key] = kind(value)
     t0, c0 = time.perf_counter(), time.process_time()
     build_demo_run(
         args.root, steps=args.steps, every=args.every, seed=args.seed, progress=not args.no_progress, **overrides
     )
     build_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     print(f"# {args.root}: built in {build_s:.1f} s wall, {cpu_s:.1f} s CPU, {torch.get_num_threads()} thread(s)")
-    print("step   all  non_trig  random  heads(non_trig)  layer1_all  loss_bigram  loss_backcopy")
+    print("step   all  non_trig  random  heads(non_trig)  layer1_all  loss_bigram  loss_backcopy  random(layers)")
     for row in emergence_table(args.root):
         print(
             f"{row['step']:5d}  {row['all']:.3f}  {row['non_trigger']:.3f}    {row['random']:.3f}   "
             f"{row['heads_non_trigger']}  {row['layer1_all']:.3f}  {row['loss_bigram']:.3f}  "
-            f"{row['loss_backcopy']:.3f}"
+            f"{row['loss_backcopy']:.3f}  {row['random_layers']}"
         )
 
 

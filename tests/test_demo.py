@@ -86,8 +86,25 @@ def test_demo_config_is_a_small_llama_with_bos():
     config = demo_config()
     assert config.model_type == "llama"
     assert config.bos_token_id == BOS
-    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (2, 64, 2)
-    assert config.max_position_embeddings >= DemoRecipe.seq_len
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (4, 64, 2)
+    assert config.max_position_embeddings == DemoRecipe.seq_len == 32  # the trained length, and no more
+
+
+def test_gpt2_family_trains_and_saves_a_gpt2_without_dropout(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    root = build_demo_run(tmp_path / "run", steps=2, every=2, batch_size=4, family="gpt2", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(root / "checkpoint-2")
+    assert model.config.model_type == "gpt2"
+    assert (model.config.n_layer, model.config.n_embd, model.config.n_positions) == (4, 64, 32)
+    assert model.config.resid_pdrop == model.config.embd_pdrop == model.config.attn_pdrop == 0.0
+    assert any(not torch.equal(weights(root, 0)[k], weights(root, 2)[k]) for k in weights(root, 0))
+
+
+@pytest.mark.parametrize("field, value", [("family", "bert"), ("packing", "document")])
+def test_unknown_family_or_packing_is_refused(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be one of"):
+        DemoRecipe(**{field: value})
 
 
 def test_schedule_includes_step_zero_and_the_last_step():
@@ -121,6 +138,27 @@ def test_batches_follow_the_bigram_backcopy_rules(seed):
     assert abs(copies / bigrams - DemoRecipe.trigger_share) < 0.03
 
 
+def test_stream_packed_rows_are_windows_of_the_task_without_bos():
+    task = demo_task(seed=0)
+    tokens = demo_batch(task, batch_size=64, seq_len=32, seed=0, step=3, packing="stream").numpy()
+    assert tokens.shape == (64, 32)
+    assert ((tokens >= 1) & (tokens < task.vocab_size)).all()  # no BOS anywhere, position 0 included
+    assert len(set(tokens[:, 0])) > 32  # position 0 holds whatever token the cut left there
+    copies = 0
+    for row in tokens:
+        for t in range(1, len(row) - 1):  # from t = 1 on the rules hold (a copy at t = 0 repeats a token cut off)
+            if task.is_trigger(row[t]):
+                assert row[t + 1] == row[t - 1], (row, t)
+                copies += 1
+            else:
+                assert int(row[t + 1]) in task.allowed_next(int(row[t])), (row, t)
+    assert copies > 50
+    assert torch.equal(
+        demo_batch(task, batch_size=8, seq_len=32, seed=0, step=3, packing="stream"),
+        demo_batch(task, batch_size=8, seq_len=32, seed=0, step=3, packing="stream"),
+    )
+
+
 def test_the_chain_is_a_fixed_random_sparse_chain():
     task = demo_task(seed=0)
     assert demo_task(seed=0).triggers == task.triggers
@@ -139,6 +177,19 @@ def test_the_chain_is_a_fixed_random_sparse_chain():
     keep = ~task.is_trigger(tokens[:, :-2].ravel()) & ~task.is_trigger(prev)
     common = np.bincount(prev[keep]).argmax()
     assert len(set(nxt[keep][prev[keep] == common])) > 1
+
+
+def test_a_lower_concentration_gives_sharper_bigrams():
+    flat, sharp = demo_task(seed=0), demo_task(seed=0, concentration=0.2)
+    assert sharp.triggers == flat.triggers
+    np.testing.assert_allclose(sharp.probs[1:].sum(axis=1), 1.0)
+    top = {
+        name: task.probs[1:, : DemoRecipe.branching].max(axis=1).mean()
+        for name, task in (("flat", flat), ("sharp", sharp))
+    }
+    assert top["sharp"] > top["flat"] + 0.1, top
+    with pytest.raises(ValueError, match="concentration must be > 0"):
+        DemoRecipe(concentration=0)
 
 
 def test_batches_are_deterministic_by_seed_and_step():
@@ -255,3 +306,20 @@ def test_emergence_table_reads_every_checkpoint(tiny_run):
     T = DemoRecipe.seq_len
     uniform = np.mean([1 / (t + 1) for t in range(1, T)])
     assert abs(table[0]["all"] - uniform) < 0.01
+
+
+def test_the_demo_run_is_probed_at_its_trained_length(trained_run, monkeypatch, sinktrace_home, capsys):
+    from pipeline import open_sinks
+    from pipeline.cli import compose, fit_probe_to_demo, run, store_path
+
+    monkeypatch.setattr(demo, "ensure_demo_run", lambda cache: trained_run)  # the demo recipe, fewer steps
+    cfg = compose(["stages=[replay]", "probe.rows=4", "replay.steps=[0]"])
+    assert cfg.probe.seq_len == 64  # the default probe, for any other run
+    assert run(cfg) == 0
+    assert "trained on 32-token rows: probing it with probe.seq_len=32" in capsys.readouterr().out
+    ds = open_sinks(store_path(cfg, str(trained_run)), "random-T32-r4-s0-bos")
+    assert ds.attrs["probe_seq_len"] == DemoRecipe.seq_len == 32 and ds.sizes["layer"] == 4
+
+    shorter = compose(["probe.seq_len=16"])
+    fit_probe_to_demo(shorter)
+    assert shorter.probe.seq_len == 16
