@@ -27,14 +27,23 @@ def checkpoint_root(cfg: DictConfig) -> tuple[str, float]:
 
 
 def fit_probe_to_demo(cfg: DictConfig) -> None:
-    """Cut a random probe longer than the demo's rows to their length: the demo model never saw a query farther
-    than that from position 0, and its sink there is not what it learnt (docs/data.md, the demo run)."""
+    """Probe the demo run at its trained length unless told otherwise: the demo model never saw a query farther than
+    that from position 0, and its sink there is not what it learnt (docs/data.md, the demo run). A length other than
+    the default is kept, with a note when it is longer than the rows the model was trained on."""
     from .demo import DemoRecipe
+    from .settings import RandomProbeSettings
 
     trained = DemoRecipe().seq_len
-    if cfg.probe.kind == "random" and cfg.probe.seq_len > trained:
+    if cfg.probe.kind != "random" or cfg.probe.seq_len <= trained:
+        return
+    if cfg.probe.seq_len == RandomProbeSettings.seq_len:
         print(f"sinktrace: the demo run was trained on {trained}-token rows: probing it with probe.seq_len={trained}")
         cfg.probe.seq_len = trained
+    else:
+        print(
+            f"sinktrace: the demo run was trained on {trained}-token rows: queries beyond them (probe.seq_len="
+            f"{cfg.probe.seq_len}) sit at distances from position 0 it never saw"
+        )
 
 
 def store_path(cfg: DictConfig, root: str) -> str:

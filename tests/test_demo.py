@@ -323,3 +323,9 @@ def test_the_demo_run_is_probed_at_its_trained_length(trained_run, monkeypatch, 
     shorter = compose(["probe.seq_len=16"])
     fit_probe_to_demo(shorter)
     assert shorter.probe.seq_len == 16
+    capsys.readouterr()
+    longer = compose(["probe.seq_len=48"])  # a length asked for is kept, with a note
+    fit_probe_to_demo(longer)
+    assert longer.probe.seq_len == 48
+    said = capsys.readouterr().out
+    assert "queries beyond them (probe.seq_len=48) sit at distances from position 0 it never saw" in said
