@@ -1,6 +1,6 @@
 """DCP folders and torch.save files read from object storage (moto's S3 server on 127.0.0.1, tests/s3server.py) by
 byte ranges: each trainer's layout (tests/trainer_ckpts.py) is discovered in the bucket and replays as its local copy
-does, with the same weights digest, reading the model's bytes and never the optimizer's."""
+does, whole and layer by layer, with the same weights digest, reading the model's bytes and never the optimizer's."""
 
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +15,7 @@ from pipeline.checkpoints.formats.dcp import _model_entries, read_metadata
 from pipeline.checkpoints.safetensorsfile import SafetensorsFile
 from pipeline.checkpoints.statedict import Saved
 from pipeline.errors import CheckpointError
+from pipeline.replay.layered import open_layered
 from pipeline.replay.load import load_model
 from pipeline.replay.measure import measure
 from tests import trainer_ckpts as tc
@@ -49,16 +50,21 @@ def found(root) -> list:
 
 
 def assert_same_replay(local, remote, vocab: int, **how):
-    """The two checkpoints replay to the same statistics (float32, within 1e-6) and the same weights digest."""
+    """The two checkpoints replay to the same statistics (float32, within 1e-6) and the same weights digest: the
+    remote one whole and layer by layer, against the local one whole."""
     ids = np.random.default_rng(1).integers(0, vocab - 1, size=(3, 24))
     ids[:, 0] = 5
     a = load_model(replace(local, **how), device="cpu", dtype="float32")
     b = load_model(replace(remote, **how), device="cpu", dtype="float32")
     want, got = measure(a, ids, measures=()), measure(b, ids, measures=())
-    assert set(got) == set(want)
-    for name in want:
-        np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-6, err_msg=name)
-    assert a.weights_digest.result() == b.weights_digest.result() is not None
+    with open_layered(replace(remote, **how), device="cpu", dtype="float32") as (c, run_rows):
+        layered = measure(c, ids, run_rows=run_rows, measures=())
+        layered_digest = c.weights_digest.result()
+    for stats in (got, layered):
+        assert set(stats) == set(want)
+        for name in want:
+            np.testing.assert_allclose(stats[name], want[name], rtol=1e-6, atol=1e-6, err_msg=name)
+    assert a.weights_digest.result() == b.weights_digest.result() == layered_digest is not None
 
 
 def dcp_spans(folder: Path, url: str) -> tuple[set, set, set]:
