@@ -372,3 +372,25 @@ def test_a_torch_file_saved_big_endian_is_refused_naming_it(tmp_path, monkeypatc
     with pytest.raises(CheckpointError, match=r"model_000500\.pt was saved on a big-endian machine") as err:
         load_model(c)
     assert err.value.path == str(path)
+
+
+def test_safetensors_read_through_a_model_config_from_s3(s3, tmp_path, monkeypatch):
+    """A Hugging Face folder read through `checkpoints.model_config` (the state-dict route) replays from the bucket
+    as locally, and the file's tensors are asked for at once (merged requests in flight), not one call per tensor."""
+    from tests.ckpt_factory import save_checkpoint
+
+    folder, saved = save_checkpoint(tmp_path / "run" / "checkpoint-100", step=100)
+    url = upload(s3, tmp_path / "run", "hf-mapped")
+    [local], [remote] = found(tmp_path / "run"), found(url)
+    how = {"model_config": str(folder / "config.json")}
+    assert_same_replay(local, remote, 101, **how)
+    calls, read_files = [], byteranges.read_files
+
+    def spy(ranges, plan=byteranges.ReadPlan()):
+        calls.append({f: len(r) for f, r in ranges.items()})
+        return read_files(ranges, plan)
+
+    monkeypatch.setattr(byteranges, "read_files", spy)
+    tensors = Saved(replace(remote, **how)).tensors()
+    assert set(tensors) == set(saved) and all(torch.equal(tensors[k], saved[k]) for k in saved)
+    assert calls == [{f"{url}/checkpoint-100/model.safetensors": len(saved)}]

@@ -115,7 +115,13 @@ class Saved:
         if unknown:
             raise CheckpointError(ckpt.path, f"the weight files hold no tensor {some(unknown)}")
         wanted = list(where) if names is None else list(names)
-        return {name: where[name].get_tensor(name) for name in wanted}
+        by_file: dict[str, tuple] = {}
+        for name in wanted:  # each file's tensors asked at once: on a URL, requests merged and in flight
+            by_file.setdefault(where[name].path, (where[name], []))[1].append(name)
+        read = {}
+        for f, group in by_file.values():
+            read.update(f.read_many(group, self.plan))
+        return {name: read[name] for name in wanted}
 
     def _torch_tensors(self) -> dict[str, torch.Tensor]:
         from .formats import torchfile
@@ -131,7 +137,7 @@ class Saved:
 
     def _safetensors_files(self) -> list:
         if self._safetensors is None:
-            self._safetensors = open_weight_files(self.ckpt.path)
+            self._safetensors = open_weight_files(self.ckpt.path, self.plan)
         return self._safetensors
 
     def description(self, path: str) -> dict:
