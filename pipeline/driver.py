@@ -240,8 +240,11 @@ class Run:
     def _open_store_from(self, first: Checkpoint) -> None:
         from .checkpoints.model_config import check_architecture
         from .checkpoints.opened import open_checkpoint
+        from .checkpoints.sources import Folder
         from .checkpoints.statedict import ModelConfigNeeded
+        from .errors import CheckpointError
         from .probe import build_probe, open_store, probe_attrs
+        from .replay.fits import check_fits
         from .version import __version__
 
         first = self.source.with_config(first)  # a Hub revision's config.json is fetched first
@@ -251,6 +254,11 @@ class Run:
         except ModelConfigNeeded as e:
             raise UsageError(str(e)) from None
         check_architecture(first.model_config or first.path, model_config, self.settings.trust_remote_code)
+        if opened.mapped and isinstance(self.source, Folder):  # a Hub revision's weights are not fetched yet
+            try:
+                check_fits(opened, self.settings.trust_remote_code)
+            except CheckpointError as e:
+                raise UsageError(str(e)) from None
         key_map = opened.key_map
         try:
             self.probe = build_probe(self.cfg.probe, model_config, first, self.source)

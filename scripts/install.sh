@@ -8,3 +8,6 @@ python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+# litgpt's own model is a test oracle for its key map. Its pins (huggingface-hub<1.4) conflict with transformers 5 and
+# its extras pull torchvision, which breaks on torch 2.13; its model code needs only lightning (in the test extra).
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "litgpt==0.5.13"

@@ -9,10 +9,13 @@ read by byte ranges, a subset at a time if the caller asks so (`Saved.specs`, `S
 local disk or any fsspec URL.
 
 Where the config comes from, first that applies: `checkpoints.model_config` (a config.json, or a folder holding
-one); a Hugging Face config.json in the checkpoint's folder (the Trainer writes one beside its FSDP shards); the
+one); a Hugging Face config.json in the checkpoint's folder; for tensors already in transformers' names (the
+Trainer's FSDP SHARDED_STATE_DICT checkpoints, which hold no config.json), the config.json in the run folder above
+them, which the Trainer's `save_model` writes at the end of training when the model is saved whole; the
 checkpoint's own description of its architecture, as its key map's `saved_config` hook reads it (nanoGPT's
 `model_args`, nanochat's `meta_<step>.json`, litgpt's `model_config.yaml`, the `model` section of the config.json
-OLMo-core saves in each step folder), when it maps onto a transformers architecture unambiguously. Otherwise the
+OLMo-core saves in each step folder), when it maps onto a transformers architecture exactly: a setting its key map
+neither carries nor knows to leave the network unchanged refuses the run, naming the setting. Otherwise the
 checkpoint cannot be replayed and a ModelConfigNeeded error says which key to set. Both settings travel on the
 Checkpoint record (`model_config`, `key_map`), so the worker that loads a checkpoint knows how to read it.
 """
@@ -173,15 +176,29 @@ def hf_config(ckpt: Checkpoint, saved: Saved | None = None) -> dict:
 
     saved = saved if saved is not None else Saved(ckpt)
     name = resolve_key_map(ckpt, saved)
+    run_folder = posixpath.dirname(ckpt.path.rstrip("/")) if is_url(ckpt.path) else os.path.dirname(ckpt.path)
+    if name == "none" and run_folder and _is_hf_config(run_folder):
+        return read_config(run_folder)  # the Trainer's save_model at the end of training, above its checkpoints
     derive = getattr(keymaps.module(name), "saved_config", None)
     try:
         derived = derive(saved) if derive else None
+    except keymaps.Unmapped as e:  # a setting the map cannot carry: the run is refused, as with no config at all
+        raise ModelConfigNeeded(
+            e.path, f"{e.problem}; to replay it anyway, set checkpoints.model_config to a Hugging Face config.json"
+        ) from None
     except (KeyError, TypeError, ValueError) as e:
         raise ModelConfigNeeded(
             ckpt.path,
             f"the architecture the trainer saved beside the weights is incomplete ({type(e).__name__}: {e}): set "
             "checkpoints.model_config to a Hugging Face config.json for the network it holds",
         ) from None
+    if derived is None and name == "none" and ckpt.format == "dcp":
+        raise ModelConfigNeeded(
+            ckpt.path,
+            "the tensors carry transformers' names but no config.json says which model they make, neither in the "
+            f"checkpoint nor in the run folder above it ({run_folder}), where the Trainer's save_model writes one "
+            "at the end of training: set checkpoints.model_config to that model's config.json",
+        )
     if derived is None:
         raise ModelConfigNeeded(
             ckpt.path,

@@ -17,6 +17,13 @@ kept: such a checkpoint costs one extra read of its stacked tensors per layer, a
 memory while a block's part is cut out. What `complete` adds is worked out where it falls, from the outputs of the
 part being mapped and the planned (empty) rest.
 
+A map that derives the config from what the trainer saved fails closed: its `hf_config` runs `check_settings`
+over the trainer's settings with three declarations, `CARRIED` (the fields it turns into the transformers config),
+`INERT` (fields that do not change the forward pass: dropout, initialisation, optimiser, data) and `DEFAULTS` (the
+trainer's defaults of every other field it knows). A field outside the first two whose value is not its default,
+or a field the map does not know at all, raises `Unmapped` naming the field, its value and the file: the network
+sinktrace would build is not the one the trainer trained, and a measurement of another network is worse than none.
+
 This module loads no torch (`plan` imports it when called), so that the settings check can name the maps without it.
 """
 
@@ -48,6 +55,67 @@ class Rule:
     source: str
     targets: str | tuple[str, ...]
     transform: Callable | None = None
+
+
+class Unmapped(CheckpointError):
+    """A trainer setting the key map cannot carry into a transformers config: the run is refused, not approximated."""
+
+
+_UNSET = object()
+
+# What every config a map derives says of special tokens: nothing the run did not say. The config classes' own
+# defaults (OLMo 2's eos_token_id 50279, GPT-2's 50256) lie outside a small run's vocabulary, and transformers
+# warns about them on every load.
+NO_TOKEN_IDS = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+
+
+class Accepts(tuple):
+    """In `check_settings`' defaults: several values that all mean the default (None and False for a flag)."""
+
+
+def check_settings(
+    settings: dict, *, carried, inert, defaults: dict, where: str, trainer: str, prefix: str = ""
+) -> None:
+    """Refuse `settings` (a trainer's saved config, read from `where`) holding a field neither carried nor inert
+    whose value is not the trainer's default (`defaults`), or a field the map does not know. Nested settings are
+    checked by the caller, one mapping at a time; `prefix` names where they sit (e.g. "block.attention.").
+
+    Raises:
+        Unmapped: one line naming the first such field, its value and the file.
+    """
+    for field, value in settings.items():
+        if field in carried or field in inert:
+            continue
+        default = defaults.get(field, _UNSET)
+        if default is _UNSET:
+            if value is None:  # a field a later release added, left unset
+                continue
+            raise Unmapped(
+                where,
+                f"{trainer} setting {prefix}{field}={value!r} is unknown to sinktrace's key map: "
+                "it may change the network, so the run is not replayed",
+            )
+        if not same_value(value, default):
+            raise unmapped(where, trainer, prefix + field, value, f"its default is {default!r}")
+
+
+def unmapped(where: str, trainer: str, field: str, value, why: str) -> Unmapped:
+    """The refusal of one setting, on one line."""
+    return Unmapped(
+        where,
+        f"{trainer} setting {field}={value!r} has no exact equivalent in transformers ({why}): sinktrace would "
+        "measure a different network, so the run is not replayed",
+    )
+
+
+def same_value(value, default) -> bool:
+    if isinstance(default, Accepts):
+        return any(same_value(value, d) for d in default)
+    if value is None or default is None or isinstance(value, bool) or isinstance(default, bool):
+        return value is default
+    if isinstance(default, float) and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value) == default
+    return value == default
 
 
 def module(name: str):

@@ -4,12 +4,14 @@ Follows litgpt's scripts/convert_lit_checkpoint.py (`copy_weights_llama`): renam
 attention weight: litgpt's `attn.qkv` holds all query heads, then all key heads, then all value heads; lit-gpt's
 older `attn.attn` holds, per key/value group, that group's query heads, its key head and its value head (the
 `qkv_split` of that version). litgpt's rotary embedding is half-split like transformers', so no rows move.
-Only Llama-style litgpt models (RMSNorm, LLaMAMLP, no bias, full rotary, sequential residual) are mapped.
+Only Llama-style litgpt models (RMSNorm, LLaMAMLP, full rotary, sequential residual) are mapped; every other
+setting of model_config.yaml is carried into the LlamaConfig or, at a value other than litgpt's default, refuses
+the run by name.
 """
 
 import os
 
-from . import Rule, split_grouped_qkv, split_rows
+from . import NO_TOKEN_IDS, Rule, check_settings, split_grouped_qkv, split_rows, unmapped
 
 SIGNATURE = r"^(?:_orig_mod\.)?transformer\.h\.\d+\.attn\.(?:qkv|attn)\.weight$"
 P = r"(?:_orig_mod\.)?"
@@ -19,7 +21,9 @@ QKV = (
     "model.layers.{0}.self_attn.k_proj.weight",
     "model.layers.{0}.self_attn.v_proj.weight",
 )
-
+QKV_OF = tuple(t.replace(".weight", ".{1}") for t in QKV)
+QKV_ROWS = ("num_attention_heads*head_dim", "num_key_value_heads*head_dim", "num_key_value_heads*head_dim")
+LLAMA3_ADJUSTMENTS = {"factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"}
 
 RULES = [
     Rule(P + r"transformer\.wte\.weight", "model.embed_tokens.weight"),
@@ -27,38 +31,100 @@ RULES = [
     Rule(P + r"lm_head\.weight", "lm_head.weight"),
     Rule(H + r"norm_1\.weight", "model.layers.{0}.input_layernorm.weight"),
     Rule(H + r"norm_2\.weight", "model.layers.{0}.post_attention_layernorm.weight"),
-    Rule(
-        H + r"attn\.qkv\.weight",
-        QKV,
-        split_rows("num_attention_heads*head_dim", "num_key_value_heads*head_dim", "num_key_value_heads*head_dim"),
-    ),
+    Rule(H + r"attn\.qkv\.(weight|bias)", QKV_OF, split_rows(*QKV_ROWS)),
     Rule(H + r"attn\.attn\.weight", QKV, split_grouped_qkv),
-    Rule(H + r"attn\.proj\.weight", "model.layers.{0}.self_attn.o_proj.weight"),
-    Rule(H + r"mlp\.fc_1\.weight", "model.layers.{0}.mlp.gate_proj.weight"),
-    Rule(H + r"mlp\.fc_2\.weight", "model.layers.{0}.mlp.up_proj.weight"),
-    Rule(H + r"mlp\.proj\.weight", "model.layers.{0}.mlp.down_proj.weight"),
+    Rule(H + r"attn\.proj\.(weight|bias)", "model.layers.{0}.self_attn.o_proj.{1}"),
+    Rule(H + r"mlp\.fc_1\.(weight|bias)", "model.layers.{0}.mlp.gate_proj.{1}"),
+    Rule(H + r"mlp\.fc_2\.(weight|bias)", "model.layers.{0}.mlp.up_proj.{1}"),
+    Rule(H + r"mlp\.proj\.(weight|bias)", "model.layers.{0}.mlp.down_proj.{1}"),
 ]
+
+
+# litgpt 0.5.13's `litgpt.config.Config`: model_config.yaml holds every field (`save_config` dumps `asdict`).
+TRAINER = "litgpt"
+CARRIED = frozenset(
+    {
+        "block_size",
+        "n_layer",
+        "n_embd",
+        "n_head",
+        "head_size",
+        "n_query_groups",
+        "intermediate_size",
+        "vocab_size",
+        "padded_vocab_size",
+        "norm_eps",
+        "rope_base",
+        "rope_adjustments",
+        "rope_condense_ratio",
+        "bias",
+        # required to hold a Llama's value (checked in hf_config), not their class defaults, which are Pythia's
+        "norm_class_name",
+        "mlp_class_name",
+        "parallel_residual",
+        "rotary_percentage",
+    }
+)
+INERT = frozenset({"name", "hf_config", "padding_multiple"})
+DEFAULTS = {
+    "norm_qk": False,
+    "norm_qk_type": "default",
+    "post_attention_norm": False,
+    "post_mlp_norm": False,
+    "shared_attention_norm": False,
+    "attn_bias": False,
+    "attention_scores_scalar": None,
+    "sliding_window_size": None,
+    "sliding_window_indices": None,
+    "attention_logit_softcapping": None,
+    "rope_interleave": False,
+    "moe_intermediate_size": None,
+    "gelu_approximate": "none",
+    "n_expert": 0,
+    "n_shared_expert": None,
+    "n_expert_groups": None,
+    "n_topk_groups": None,
+    "n_topk_scores_per_group": None,
+    "n_expert_per_token": 0,
+    "first_k_dense_replace": None,
+    "routed_scaling_factor": 1.0,
+    "norm_topk_prob": False,
+    "scale_embeddings": False,
+    "lm_head_bias": False,
+    "final_logit_softcapping": None,
+    "norm_1": True,
+    "norm_2": True,
+    "latent_attention": None,
+    "rope_local_base_freq": None,
+    "rope_indices": None,
+}
+LLAMA = {"norm_class_name": "RMSNorm", "mlp_class_name": "LLaMAMLP", "parallel_residual": False}
 
 
 def saved_config(saved) -> dict | None:
     """From the model_config.yaml litgpt saves beside the weights."""
-    described = saved.description(os.path.join(os.path.dirname(saved.weight_file), "model_config.yaml"))
-    return hf_config(described) if described else None
+    path = os.path.join(os.path.dirname(saved.weight_file), "model_config.yaml")
+    described = saved.description(path)
+    return hf_config(described, path) if described else None
 
 
-def hf_config(cfg: dict) -> dict | None:
-    """LlamaConfig from litgpt's model_config.yaml, or None when the model is not Llama-style."""
-    llama_like = (
-        cfg.get("norm_class_name") == "RMSNorm"
-        and cfg.get("mlp_class_name") == "LLaMAMLP"
-        and not cfg.get("bias", False)
-        and float(cfg.get("rotary_percentage", 1.0)) == 1.0
-        and not cfg.get("parallel_residual", False)
-    )
-    if not llama_like:
-        return None
+def hf_config(cfg: dict, where: str = "model_config.yaml") -> dict:
+    """LlamaConfig from litgpt's model_config.yaml, as litgpt's convert_lit_checkpoint.py pairs them.
+
+    Raises:
+        Unmapped: a setting of `cfg` (read from `where`) that a LlamaConfig cannot express.
+    """
+    check_settings(cfg, carried=CARRIED, inert=INERT, defaults=DEFAULTS, where=where, trainer=TRAINER)
+    for field, value in LLAMA.items():
+        if field in cfg and cfg[field] != value:
+            raise unmapped(where, TRAINER, field, cfg[field], f"only a Llama-style model, {field}={value!r}, is mapped")
+    if float(cfg.get("rotary_percentage", 1.0)) != 1.0:
+        raise unmapped(
+            where, TRAINER, "rotary_percentage", cfg["rotary_percentage"], "transformers' Llama rotates every dimension"
+        )
     n_head = int(cfg["n_head"])
     n_embd = int(cfg["n_embd"])
+    bias = bool(cfg.get("bias", False))
     return {
         "model_type": "llama",
         "hidden_size": n_embd,
@@ -70,6 +136,36 @@ def hf_config(cfg: dict) -> dict | None:
         "vocab_size": int(cfg.get("padded_vocab_size") or cfg["vocab_size"]),
         "max_position_embeddings": int(cfg.get("block_size", 4096)),
         "rms_norm_eps": float(cfg.get("norm_eps", 1e-5)),
-        "rope_theta": float(cfg.get("rope_base", 10000)),
+        "rope_parameters": rope_parameters(cfg, where),
+        "attention_bias": bias,  # litgpt's `bias` puts one on every linear layer but the head, as Llama's two flags do
+        "mlp_bias": bias,
         "tie_word_embeddings": False,
+        **NO_TOKEN_IDS,
+    }
+
+
+def rope_parameters(cfg: dict, where: str) -> dict:
+    """transformers' rope_parameters for litgpt's rotary settings (litgpt.model.build_rope_cache): plain RoPE;
+    `rope_adjustments` with low/high frequency factors (Llama 3.x) is transformers' `llama3`; with a factor alone,
+    `linear`; `rope_condense_ratio` divides the positions, which is `linear` scaling by that ratio."""
+    theta = float(cfg.get("rope_base", 10000))
+    adjust = cfg.get("rope_adjustments")
+    condense = cfg.get("rope_condense_ratio", 1)
+    if adjust and condense not in (1, 1.0, None):
+        raise unmapped(where, TRAINER, "rope_condense_ratio", condense, "with rope_adjustments as well")
+    if not adjust:
+        if condense in (1, 1.0, None):
+            return {"rope_type": "default", "rope_theta": theta}
+        return {"rope_type": "linear", "factor": float(condense), "rope_theta": theta}
+    if not isinstance(adjust, dict) or set(adjust) - {"factor"} and set(adjust) != LLAMA3_ADJUSTMENTS:
+        raise unmapped(where, TRAINER, "rope_adjustments", adjust, "only Llama 3's and a plain factor are mapped")
+    if set(adjust) == {"factor"}:
+        return {"rope_type": "linear", "factor": float(adjust["factor"]), "rope_theta": theta}
+    return {
+        "rope_type": "llama3",
+        "rope_theta": theta,
+        "factor": float(adjust["factor"]),
+        "low_freq_factor": float(adjust["low_freq_factor"]),
+        "high_freq_factor": float(adjust["high_freq_factor"]),
+        "original_max_position_embeddings": int(adjust["original_max_seq_len"]),
     }

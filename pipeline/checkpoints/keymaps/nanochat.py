@@ -8,7 +8,7 @@ and its rotary sign convention are built into transformers' NanoChat model). The
 import os
 import re
 
-from . import Rule
+from . import NO_TOKEN_IDS, Rule, check_settings
 
 SIGNATURE = r"^(?:_orig_mod\.)?transformer\.h\.\d+\.attn\.c_q\.weight$"
 P = r"(?:_orig_mod\.)?"
@@ -32,12 +32,22 @@ def saved_config(saved) -> dict | None:
     m = re.search(r"model_(\d+)\.pt$", saved.weight_file)
     meta = os.path.join(os.path.dirname(saved.weight_file), f"meta_{m.group(1)}.json") if m else ""
     described = saved.description(meta).get("model_config")
-    return hf_config(described) if isinstance(described, dict) else None
+    return hf_config(described, meta) if isinstance(described, dict) else None
 
 
-def hf_config(model_config: dict) -> dict:
+# nanochat's GPTConfig (nanochat/gpt.py), the fields transformers' converter reads; a field a later nanochat added
+# (sliding-window patterns and the like) is not known to map, and refuses the run.
+CARRIED = frozenset({"sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"})
+
+
+def hf_config(model_config: dict, where: str = "meta.json") -> dict:
     """NanoChatConfig from meta_<step>.json's model_config (sequence_len, vocab_size, n_layer, n_head, n_kv_head,
-    n_embd), as convert_nanochat_checkpoints.py builds it: MLP width 4 x n_embd, logits soft-capped at 15."""
+    n_embd), as convert_nanochat_checkpoints.py builds it: MLP width 4 x n_embd, logits soft-capped at 15.
+
+    Raises:
+        Unmapped: a field of model_config that the converter does not carry.
+    """
+    check_settings(model_config, carried=CARRIED, inert=(), defaults={}, where=where, trainer="nanochat")
     n_embd, n_head = int(model_config["n_embd"]), int(model_config["n_head"])
     return {
         "model_type": "nanochat",
@@ -49,4 +59,5 @@ def hf_config(model_config: dict) -> dict:
         "vocab_size": int(model_config["vocab_size"]),
         "max_position_embeddings": int(model_config["sequence_len"]),
         "tie_word_embeddings": False,
+        **NO_TOKEN_IDS,
     }

@@ -9,7 +9,7 @@ GPT-2 always has them, and zeros are its exact equivalent, so they are filled wi
 
 import torch
 
-from . import Rule
+from . import NO_TOKEN_IDS, Rule, check_settings
 
 SIGNATURE = r"^(?:_orig_mod\.)?transformer\.h\.\d+\.attn\.c_attn\.weight$"
 P = r"(?:_orig_mod\.)?"
@@ -52,12 +52,22 @@ def saved_config(saved) -> dict | None:
     if saved.ckpt.format != "torch":
         return None
     args = saved.torch_file().get("model_args")
-    return hf_config(args) if isinstance(args, dict) else None
+    return hf_config(args, f"{saved.weight_file} (model_args)") if isinstance(args, dict) else None
 
 
-def hf_config(model_args: dict) -> dict:
+# nanoGPT's GPTConfig (model.py): every field but dropout shapes the network; `bias` is carried by `complete`.
+CARRIED = frozenset({"n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size"})
+INERT = frozenset({"dropout"})
+
+
+def hf_config(model_args: dict, where: str = "model_args") -> dict:
     """GPT2Config from nanoGPT's `model_args` (n_layer, n_head, n_embd, block_size, bias, vocab_size, dropout).
-    nanoGPT's MLP uses nn.GELU() (exact erf), hence activation_function="gelu"; its LayerNorm eps is 1e-5."""
+    nanoGPT's MLP uses nn.GELU() (exact erf), hence activation_function="gelu"; its LayerNorm eps is 1e-5.
+
+    Raises:
+        Unmapped: a field nanoGPT's GPTConfig does not have (a fork's addition), which may change the network.
+    """
+    check_settings(model_args, carried=CARRIED, inert=INERT, defaults={}, where=where, trainer="nanoGPT")
     return {
         "model_type": "gpt2",
         "n_layer": int(model_args["n_layer"]),
@@ -71,4 +81,5 @@ def hf_config(model_args: dict) -> dict:
         "resid_pdrop": 0.0,
         "embd_pdrop": 0.0,
         "attn_pdrop": 0.0,
+        **NO_TOKEN_IDS,
     }

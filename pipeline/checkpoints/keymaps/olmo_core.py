@@ -9,7 +9,7 @@ come before (input_layernorm, post_attention_layernorm).
 
 import os
 
-from . import Rule
+from . import NO_TOKEN_IDS, Accepts, Rule, check_settings, unmapped
 
 SIGNATURE = r"(?:^|\.)blocks\.\d+\.attention\.w_q\.weight$"
 B = r"blocks\.(\d+)\."
@@ -41,41 +41,103 @@ def saved_config(saved) -> dict | None:
     """From the `model` section of the config.json OLMo-core's ConfigSaverCallback writes into the step folder."""
     if saved.ckpt.format != "dcp":
         return None
-    described = saved.description(os.path.join(saved.ckpt.path, "config.json")).get("model")
-    return hf_config(described) if isinstance(described, dict) else None
+    path = os.path.join(saved.ckpt.path, "config.json")
+    described = saved.description(path).get("model")
+    return hf_config(described, path) if isinstance(described, dict) else None
 
 
-def hf_config(model: dict) -> dict | None:
+# ai2-olmo-core 3.0.0's config classes, as `as_config_dict` saves them (fields left at None are omitted; `_CLASS_`
+# names the class). Per class: the fields carried, those that do not change the forward pass in float32 (training
+# precision, initialisation, dropout, kernels), and the defaults of the rest.
+FLAG = Accepts((None, False))
+PRECISION = {"_CLASS_", "dtype", "full_precision"}
+MODEL = (
+    {"d_model", "vocab_size", "n_layers", "block", "lm_head", "tie_word_embeddings", "name"},
+    PRECISION | {"init_method", "init_seed", "init_std", "embedding_init_std", "freeze_params"},
+    {"embedding_norm": None, "block_pattern": None, "block_overrides": None, "embed_scale": None},
+)
+BLOCK = (
+    {"sequence_mixer", "attention", "layer_norm", "feed_forward", "name"},
+    PRECISION | {"dropout"},
+    {"feed_forward_moe": None, "attention_residual_alpha": None, "feed_forward_residual_alpha": None},
+)
+ATTENTION = (
+    {"n_heads", "n_kv_heads", "head_dim", "rope", "qk_norm", "name", "type"},
+    PRECISION
+    | {"dropout", "use_flash", "backend", "use_recompute_qkv_prep", "mxfp8_save_qkv_for_backward"}
+    | {"mxfp8_projections", "mxfp8_qkv_projection", "mxfp8_out_projection"},
+    {
+        "bias": FLAG,
+        "gate": None,
+        "clip_qkv": None,
+        "sliding_window": None,
+        "use_head_qk_norm": FLAG,
+        "scalable_softmax": False,
+        "qk_norm_per_head_gains": None,
+        "attention_sinks": False,
+    },
+)
+ROPE = ({"theta", "name"}, PRECISION, {"no_global_rope": False, "scaling": None, "partial_rotary_factor": 1.0})
+NORM = ({"eps", "name"}, PRECISION, {"elementwise_affine": Accepts((None, True)), "bias": FLAG})
+FEED_FORWARD = ({"hidden_size", "name"}, PRECISION, {"bias": FLAG, "activation": "silu"})
+LM_HEAD = ({"layer_norm", "name"}, PRECISION | {"loss_implementation"}, {"bias": FLAG})
+# the `name` fields, which select a class's variant: the one value each that transformers' models reproduce
+NAMES = {"model": "default", "attention": "default", "rope": "default", "norm": "rms", "feed_forward": "default"}
+
+
+def hf_config(model: dict, where: str = "config.json") -> dict:
     """The transformers config of an OLMo-core TransformerConfig (the `model` section of the config.json that
     OLMo-core's ConfigSaverCallback writes into every checkpoint folder), as olmo_core.nn.hf.config.get_hf_config
     builds it, for the two plain layouts it maps one to one: OLMo 2's reordered-norm block with QK-norm over the
     whole projection (Olmo2ForCausalLM), and the default pre-norm block without QK-norm (LlamaForCausalLM).
-    None for anything else (mixtures of experts, sliding windows, per-head QK-norm, biases, ...)."""
+
+    Raises:
+        Unmapped: any other setting (mixtures of experts, sliding windows, gates, learned sinks, per-head QK-norm,
+        biases, ...) at a value other than OLMo-core's default, named with its place in the config.
+    """
     block = model.get("block") or {}
     attention = block.get("sequence_mixer") or block.get("attention") or {}
+    mixer = "block.sequence_mixer" if "sequence_mixer" in block else "block.attention"
     rope = attention.get("rope") or {}
     feed_forward = block.get("feed_forward") or {}
     norm = block.get("layer_norm") or {}
-    plain = (
-        block.get("name") in ("reordered_norm", "default")
-        and not attention.get("bias")
-        and attention.get("name", "default") == "default"
-        and rope.get("name", "default") == "default"
-        and not rope.get("scaling")
-        and float(rope.get("partial_rotary_factor", 1.0)) == 1.0
-        and not attention.get("use_head_qk_norm")
-        and not attention.get("attention_sinks")
-        and not attention.get("sliding_window")
-        and not attention.get("gate")
-        and feed_forward.get("activation", "silu") == "silu"
-        and not feed_forward.get("bias")
-        and norm.get("name") == "rms"
-        and not block.get("feed_forward_moe")
-    )
-    qk_norm = attention.get("qk_norm") is not None
-    reordered = block.get("name") == "reordered_norm"
-    if not plain or qk_norm != reordered or "hidden_size" not in feed_forward:
-        return None
+    head = model.get("lm_head") or {}
+    norms = {"block.layer_norm": norm, f"{mixer}.qk_norm": attention.get("qk_norm"), "lm_head.layer_norm": None}
+    norms["lm_head.layer_norm"] = head.get("layer_norm")
+    parts = [
+        ("model", "", model, MODEL),
+        ("block", "block.", block, BLOCK),
+        ("attention", f"{mixer}.", attention, ATTENTION),
+        ("rope", f"{mixer}.rope.", rope, ROPE),
+        ("feed_forward", "block.feed_forward.", feed_forward, FEED_FORWARD),
+        ("lm_head", "lm_head.", head, LM_HEAD),
+        *(("norm", f"{place}.", n, NORM) for place, n in norms.items() if n is not None),
+    ]
+    for kind, prefix, settings, (carried, inert, defaults) in parts:
+        check_settings(
+            settings, carried=carried, inert=inert, defaults=defaults, where=where, trainer=TRAINER, prefix=prefix
+        )
+        if kind in NAMES and settings.get("name", NAMES[kind]) != NAMES[kind]:
+            raise unmapped(where, TRAINER, prefix + "name", settings["name"], f"only {NAMES[kind]!r} is mapped")
+    if attention.get("type", "attention") != "attention":
+        raise unmapped(where, TRAINER, f"{mixer}.type", attention["type"], "only attention is mapped")
+    if block.get("name") not in ("reordered_norm", "default"):
+        raise unmapped(where, TRAINER, "block.name", block.get("name"), "only reordered_norm and default are mapped")
+    reordered = block["name"] == "reordered_norm"
+    if (attention.get("qk_norm") is not None) != reordered:
+        raise unmapped(
+            where,
+            TRAINER,
+            f"{mixer}.qk_norm",
+            attention.get("qk_norm"),
+            f"transformers' {'OLMo 2' if reordered else 'Llama'} block {'has' if reordered else 'has no'} QK-norm",
+        )
+    eps = {place: float(n.get("eps") or 1e-5) for place, n in norms.items() if n is not None}
+    if len(set(eps.values())) > 1:
+        place, value = next((p, v) for p, v in eps.items() if v != eps["block.layer_norm"])
+        raise unmapped(where, TRAINER, f"{place}.eps", value, "transformers' model has one rms_norm_eps for all norms")
+    if "hidden_size" not in feed_forward:
+        raise KeyError("block.feed_forward.hidden_size")
     n_heads = int(attention["n_heads"])
     return {
         "model_type": "olmo2" if reordered else "llama",
@@ -83,10 +145,15 @@ def hf_config(model: dict) -> dict | None:
         "num_hidden_layers": int(model["n_layers"]),
         "num_attention_heads": n_heads,
         "num_key_value_heads": int(attention.get("n_kv_heads") or n_heads),
+        **({"head_dim": int(attention["head_dim"])} if attention.get("head_dim") else {}),
         "intermediate_size": int(feed_forward["hidden_size"]),
         "vocab_size": int(model["vocab_size"]),
-        "rms_norm_eps": float(norm.get("eps", 1e-5)),
+        "rms_norm_eps": eps["block.layer_norm"],
         "rope_theta": float(rope.get("theta", 500_000)),
         "tie_word_embeddings": bool(model.get("tie_word_embeddings", False)),
         "attention_bias": False,
+        **NO_TOKEN_IDS,
     }
+
+
+TRAINER = "OLMo-core"
