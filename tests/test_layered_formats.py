@@ -51,7 +51,7 @@ def write(fmt: str, tmp_path, monkeypatch, layers: int = 2):
         tc.megatron_iteration(run, 500, llama, per_layer=True)
         return found(run, llama, tmp_path)
     if fmt == "fsdp-trainer":
-        tc.fsdp_trainer_checkpoint(run, 30, llama)
+        tc.fsdp_trainer_checkpoint(run, 30, llama, final_save=True)
         return found(run)
     if fmt == "dcp-safetensors":
         from torch.distributed.checkpoint import FileSystemWriter

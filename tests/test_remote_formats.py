@@ -145,7 +145,7 @@ def test_fsdp_trainer_from_s3(s3, tmp_path, asked):
     """The config comes from the config.json in the bucket; the optimizer's DCP folder beside the model's is never
     read."""
     model = tc.llama(seed=3)
-    folder = tc.fsdp_trainer_checkpoint(tmp_path / "run", 30, model)
+    folder = tc.fsdp_trainer_checkpoint(tmp_path / "run", 30, model, final_save=True)
     url = upload(s3, tmp_path / "run", "fsdp")
     [local], [remote] = found(tmp_path / "run"), found(url)
     assert (remote.step, remote.format, remote.step_source) == (30, "dcp", "trainer_state.json")

@@ -127,9 +127,9 @@ def test_megatron_iteration_beyond_the_tracker_is_still_being_written(tmp_path):
     assert "newer than the iteration latest_checkpointed_iteration.txt names (500)" in found[1].reason
 
 
-def test_fsdp_trainer_run_needs_no_settings(tmp_path):
+def test_fsdp_trainer_run_takes_the_config_its_final_save_wrote(tmp_path):
     model = tc.llama(seed=7)
-    tc.fsdp_trainer_checkpoint(tmp_path / "run", 30, model)
+    tc.fsdp_trainer_checkpoint(tmp_path / "run", 30, model, final_save=True)
     [c] = one(tmp_path / "run")
     assert (c.step, c.format, c.step_source, c.complete) == (30, "dcp", "trainer_state.json", True)
     assert c.weight_files[0].endswith("pytorch_model_fsdp_0")

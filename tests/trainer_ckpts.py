@@ -10,7 +10,7 @@ Layouts, from the trainers' code: torchtitan `step-<N>/` (CheckpointManager: the
 beside optimizer, lr_scheduler, dataloader and train_state); Megatron-Core `iter_<NNNNNNN>/` torch_dist
 (dist_checkpointing: DCP plus metadata.json and common.pt, `latest_checkpointed_iteration.txt` at the root, a
 block's tensors stacked over layers); the Hugging Face Trainer with FSDP SHARDED_STATE_DICT
-(`checkpoint-<N>/pytorch_model_fsdp_0/` holding `{"model": ...}`, optimizer_0/ beside it, config.json);
+(`checkpoint-<N>/pytorch_model_fsdp_0/` holding `{"model": ...}`, optimizer_0/ beside it, no config.json);
 nanoGPT's train.py `ckpt.pt` (kept as a series by copying it after each save: `nanogpt_series`); nanochat's
 checkpoint_manager `model_<step:06d>.pt` + `meta_<step:06d>.json` + `optim_<step:06d>_rank0.pt`; litgpt's
 pretrain `step-<N:08d>/lit_model.pth` + `model_config.yaml`.
@@ -199,16 +199,22 @@ def megatron_iteration(
 # ------------------------------------------------------------------------------------------ HF Trainer + FSDP
 
 
-def fsdp_trainer_checkpoint(root, step: int, model, *, age: float = HOUR) -> Path:
-    """`checkpoint-<N>/` as the Trainer writes it with FSDP's SHARDED_STATE_DICT (accelerate's save_fsdp_model:
-    `dcp.save({"model": state_dict})` into pytorch_model_fsdp_0/, the optimizer into optimizer_0/)."""
+def fsdp_trainer_checkpoint(root, step: int, model, *, final_save: bool = False, age: float = HOUR) -> Path:
+    """`checkpoint-<N>/` as the Trainer (transformers 5.24) writes it with FSDP's SHARDED_STATE_DICT: its
+    `_save_checkpoint` calls accelerate's `save_fsdp_model`, `dcp.save({"model": state_dict})` into
+    pytorch_model_fsdp_0/, and `save_fsdp_optimizer` into optimizer_0/, beside trainer_state.json; its `save_model`
+    writes no config.json for SHARDED_STATE_DICT (only FULL_STATE_DICT reaches `_save`, i.e. `save_pretrained`), so
+    the checkpoint folder holds none. `final_save`: the end of training as the FSDP guide has it, the state dict
+    type set to FULL_STATE_DICT and `trainer.save_model()` writing the whole model (config.json and
+    model.safetensors) into the run folder, the output_dir."""
     folder = Path(root) / f"checkpoint-{step}"
     sd = hf_state(model)
     _dcp_save({"model": sd}, folder / "pytorch_model_fsdp_0")
     _dcp_save({"optimizer": _adam_state(sd)}, folder / "optimizer_0")
-    model.config.save_pretrained(folder)
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "num_input_tokens_seen": 0}))
-    backdate(folder, age)
+    if final_save:
+        model.save_pretrained(root)
+    backdate(root if final_save else folder, age)
     return folder
 
 

@@ -1,0 +1,254 @@
+"""Each key map checked against the trainer's own model: the network sinktrace builds from what the trainer saved
+computes the trainer model's logits and attention, or the run is refused, naming the setting.
+
+For every map, a seeded property test draws configurations from the trainer's option space (head counts and
+groups, head dims, rope bases and scalings, biases, norms, tied heads), builds the trainer's own model with random
+weights, saves it with the trainer's own writers, and replays it: logits within 1e-5 in float32, each head's
+attention matrix within 1e-5 of the one the trainer model computes, and sinktrace's measured statistics equal to
+eager attention's on the model it built. A configuration with a setting the map does not carry must be refused,
+and the refusal must name that setting.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipeline.checkpoints import keymaps
+from pipeline.checkpoints.discover import discover
+from pipeline.checkpoints.statedict import ModelConfigNeeded, hf_config
+from pipeline.replay.load import load_model
+from pipeline.replay.measure import measure
+from tests.ckpt_factory import backdate
+from tests.reference import reference_stats
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add overhead
+
+CONFIGS = 24  # per trainer
+T = 16  # probe length: longer than the smallest original context drawn, so rope scaling shows
+
+
+def probe(vocab: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, size=(2, T))
+
+
+def noisy(model, seed: int, std: float = 0.3):
+    """Weights far from any initialisation, so that attention is peaked and every setting shows in the logits;
+    norm weights near one."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("ln_f.weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def replayed(root: Path):
+    """What sinktrace builds from the run at `root` (its one checkpoint), in float32."""
+    backdate(root, 3600)
+    [ckpt] = discover(str(root), quiet_seconds=0)
+    return ckpt, load_model(ckpt, device="cpu", dtype="float32")
+
+
+def eager_attention(model, ids) -> list[torch.Tensor]:
+    ref = copy.deepcopy(model).float().eval()
+    ref.set_attn_implementation("eager")
+    with torch.no_grad():
+        return list(ref(input_ids=torch.as_tensor(ids), output_attentions=True).attentions)
+
+
+def assert_same_network(model, ids, logits, attentions) -> None:
+    """`model` (sinktrace's) against the trainer model's logits and per-layer attention matrices, and sinktrace's
+    measurement against eager attention on `model`."""
+    with torch.no_grad():
+        got = model(input_ids=torch.as_tensor(ids)).logits
+    torch.testing.assert_close(got, logits, rtol=0, atol=1e-5)
+    for layer, (mine, theirs) in enumerate(zip(eager_attention(model, ids), attentions, strict=True)):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5, msg=lambda m, i=layer: f"layer {i}: {m}")
+    stats, want = measure(model, ids, measures=()), reference_stats(model, ids)
+    for name in want:
+        np.testing.assert_allclose(stats[name], want[name], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def refused(root: Path, field: str) -> None:
+    backdate(root, 3600)
+    [ckpt] = discover(str(root), quiet_seconds=0)
+    with pytest.raises(ModelConfigNeeded, match=rf"setting \S*{field}="):
+        hf_config(ckpt)
+
+
+# ------------------------------------------------------------------------------------------ litgpt
+
+litgpt = pytest.importorskip("litgpt", reason="scripts/install.sh installs litgpt beside the test extra")
+
+# Settings the litgpt map does not carry, each with a value that changes the network (refused by name).
+LITGPT_REFUSED = {
+    "norm_qk": True,
+    "attention_scores_scalar": 3,
+    "scale_embeddings": True,
+    "rotary_percentage": 0.5,
+    "final_logit_softcapping": 5.0,
+    "attention_logit_softcapping": 5.0,
+    "post_attention_norm": True,
+    "lm_head_bias": True,
+    "attn_bias": True,
+    "rope_interleave": True,
+    "parallel_residual": True,
+    "norm_class_name": "LayerNorm",
+}
+
+
+def litgpt_config(rng: random.Random, extra: str | None = None):
+    """A Llama-style litgpt Config drawn from the option space its map claims, with setting `extra` of
+    LITGPT_REFUSED."""
+    from litgpt.config import Config
+
+    n_head = rng.choice([1, 2, 4])
+    options = dict(
+        name="tiny",
+        block_size=64,
+        n_layer=rng.choice([1, 2]),
+        n_embd=rng.choice([16, 24, 32]),
+        n_head=n_head,
+        n_query_groups=rng.choice([g for g in (1, 2, 4) if n_head % g == 0]),
+        head_size=rng.choice([4, 8, 12]),
+        vocab_size=(vocab := rng.randrange(40, 90)),
+        padded_vocab_size=vocab,
+        norm_class_name="RMSNorm",
+        norm_eps=rng.choice([1e-5, 1e-6]),
+        mlp_class_name="LLaMAMLP",
+        intermediate_size=rng.choice([24, 40]),
+        bias=rng.random() < 0.3,
+        parallel_residual=False,
+        rotary_percentage=1.0,
+        rope_base=rng.choice([100, 10000, 500000]),
+    )
+    rope = rng.choice(["plain", "llama3", "llama3", "linear", "condense"])
+    if rope == "llama3":  # Llama 3.x's scaling, with an original context the probe outruns
+        options["rope_adjustments"] = {
+            "factor": rng.choice([2.0, 8.0, 32.0]),
+            "low_freq_factor": 1.0,
+            "high_freq_factor": rng.choice([2.0, 4.0]),
+            "original_max_seq_len": rng.choice([4, 8, 12]),
+        }
+    elif rope == "linear":
+        options["rope_adjustments"] = {"factor": rng.choice([2.0, 4.0])}
+    elif rope == "condense":
+        options["rope_condense_ratio"] = rng.choice([2, 4])
+    if extra is not None:
+        options[extra] = LITGPT_REFUSED[extra]
+    return Config(**options)
+
+
+def litgpt_run(root: Path, config, seed: int):
+    """litgpt pretrain's `step-<N:08d>/` from litgpt's own model and writers: `fabric.save` of the training state
+    (the model's state dict under "model") into lit_model.pth, and `litgpt.utils.save_config`'s model_config.yaml."""
+    from litgpt.model import GPT
+    from litgpt.utils import save_config
+
+    torch.manual_seed(seed)
+    model = noisy(GPT(config), seed)
+    folder = root / "step-00000040"
+    folder.mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "iter_num": 160, "step_count": 40}, folder / "lit_model.pth")
+    save_config(config, folder)
+    return model
+
+
+def litgpt_outputs(model, ids):
+    """The litgpt model's logits and each layer's attention matrix (its scaled_dot_product_attention, recomputed
+    explicitly from the query and key it is given, as litgpt's own softcapping path does)."""
+    matrices = []
+
+    def recording(attn):
+        original = attn.scaled_dot_product_attention
+
+        def sdpa(q, k, v, mask=None):
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            scale = attn.mscale**2 / attn.config.head_size**0.5
+            scores = (q @ k.mT) * scale
+            causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
+            matrices.append(torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1))
+            return original(q, k, v, mask)
+
+        return sdpa
+
+    for block in model.transformer.h:
+        block.attn.scaled_dot_product_attention = recording(block.attn)
+    with torch.no_grad():
+        logits = model(torch.as_tensor(ids))
+    return logits, matrices
+
+
+@pytest.mark.parametrize("seed", range(CONFIGS))
+def test_litgpt_map_computes_litgpts_own_model(tmp_path, seed):
+    config = litgpt_config(random.Random(seed))
+    model = litgpt_run(tmp_path / "out", config, seed)
+    ids = probe(config.padded_vocab_size, seed)
+    logits, attentions = litgpt_outputs(model, ids)
+    _, built = replayed(tmp_path / "out")
+    assert_same_network(built, ids, logits, attentions)
+
+
+@pytest.mark.parametrize("field", sorted(LITGPT_REFUSED))
+def test_litgpt_settings_the_map_does_not_carry_are_refused_by_name(tmp_path, field):
+    config = litgpt_config(random.Random(field), field)
+    litgpt_run(tmp_path / "out", config, 0)
+    refused(tmp_path / "out", field)
+
+
+def test_litgpt_llama3_rope_is_transformers_llama3(tmp_path):
+    """A Llama 3.x run: the config sinktrace derives is transformers' own llama3 rope scaling."""
+    from litgpt.config import Config
+
+    config = Config.from_name("Llama-3.2-1B", n_layer=1, n_embd=32, n_head=4, n_query_groups=2, head_size=8)
+    config = dataclasses.replace(config, padded_vocab_size=64, vocab_size=64, intermediate_size=48)
+    litgpt_run(tmp_path / "out", config, 0)
+    backdate(tmp_path / "out", 3600)
+    [ckpt] = discover(str(tmp_path / "out"), quiet_seconds=0)
+    derived = hf_config(ckpt)
+    assert derived["rope_parameters"] == {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    assert {derived[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")} == {None}
+
+
+def test_an_unknown_litgpt_setting_is_refused_by_name(tmp_path):
+    """A field litgpt 0.5.13 does not have (a later release's, or a fork's) is not dropped."""
+    from litgpt.config import Config
+
+    config = Config.from_name("pythia-14m")
+    saved = dataclasses.asdict(config) | {
+        "norm_class_name": "RMSNorm",
+        "mlp_class_name": "LLaMAMLP",
+        "parallel_residual": False,
+        "rotary_percentage": 1.0,
+        "bias": False,
+        "intermediate_size": 64,
+        "attention_sink_tokens": 4,
+    }
+    with pytest.raises(keymaps.Unmapped, match=r"model_config.yaml: litgpt setting attention_sink_tokens=4 is unknown"):
+        keymaps.module("litgpt").hf_config(saved, "model_config.yaml")
+    assert yaml.safe_dump(saved)  # the file as litgpt writes it holds plain values only
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield
