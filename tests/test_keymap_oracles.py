@@ -247,6 +247,113 @@ def test_an_unknown_litgpt_setting_is_refused_by_name(tmp_path):
     assert yaml.safe_dump(saved)  # the file as litgpt writes it holds plain values only
 
 
+# ------------------------------------------------------------------------------------------ OLMo-core
+
+
+def olmo_config(rng: random.Random, **extra):
+    """An OLMo-core TransformerConfig drawn from the two block layouts its map claims (OLMo 2's reordered norms
+    with QK-norm, and the pre-norm Llama block), with `extra` passed to `llama_like`."""
+    from olmo_core.nn.transformer import TransformerBlockType, TransformerConfig
+
+    n_heads = rng.choice([1, 2, 4])
+    reordered = rng.random() < 0.5
+    options = dict(
+        d_model=rng.choice([16, 32]),
+        n_layers=rng.choice([1, 2]),
+        n_heads=n_heads,
+        n_kv_heads=rng.choice([g for g in (1, 2, 4) if n_heads % g == 0]),
+        head_dim=rng.choice([None, 8, 12]),
+        vocab_size=rng.randrange(40, 90),
+        block_name=TransformerBlockType.reordered_norm if reordered else TransformerBlockType.default,
+        qk_norm=reordered,
+        layer_norm_eps=rng.choice([1e-5, 1e-6]),
+        rope_theta=rng.choice([10_000, 500_000]),
+        hidden_size_multiple_of=16,
+        tie_word_embeddings=rng.random() < 0.3,
+    )
+    return TransformerConfig.llama_like(**(options | extra))
+
+
+def olmo_run(root: Path, config, seed: int, saved=None):
+    """OLMo-core's `step<N>/`: its own model saved by its own checkpointer (save_model_and_optim_state into
+    model_and_optim/), and the config.json its ConfigSaverCallback writes (the experiment config, whose `model` is
+    `TransformerConfig.as_config_dict()`). `saved`: the config written, when not the model's."""
+    import json
+
+    from olmo_core.distributed.checkpoint import save_model_and_optim_state
+
+    torch.manual_seed(seed)
+    model = noisy(config.build(init_device="cpu"), seed)
+    folder = root / "step40"
+    save_model_and_optim_state(folder / "model_and_optim", model, torch.optim.AdamW(model.parameters()))
+    (folder / "config.json").write_text(json.dumps({"run_name": "tiny", "model": (saved or config).as_config_dict()}))
+    return model
+
+
+def olmo_outputs(model, ids):
+    """OLMo-core's logits and each layer's attention matrix, recomputed from the query and key its attention
+    backend hands to PyTorch's SDPA."""
+    from unittest import mock
+
+    from olmo_core.nn.attention import backend
+
+    sdpa, matrices = backend.F.scaled_dot_product_attention, []
+
+    def recording(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        scores = (q @ k.mT) * (scale if scale is not None else q.shape[-1] ** -0.5)
+        causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
+        matrices.append(torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1))
+        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs)
+
+    with mock.patch.object(backend.F, "scaled_dot_product_attention", recording), torch.no_grad():
+        logits = model(torch.as_tensor(ids))
+    return logits, matrices
+
+
+@pytest.mark.parametrize("seed", range(CONFIGS))
+def test_olmo_core_map_computes_olmo_cores_own_model(tmp_path, seed):
+    config = olmo_config(random.Random(seed))
+    model = olmo_run(tmp_path / "run", config, seed)
+    ids = probe(config.vocab_size, seed)
+    logits, attentions = olmo_outputs(model, ids)
+    _, built = replayed(tmp_path / "run")
+    assert_same_network(built, ids, logits, attentions)
+
+
+def olmo_refused():
+    """Settings the OLMo-core map does not carry, each as `llama_like` arguments and the field the refusal names."""
+    from olmo_core.nn.attention import GateConfig, SlidingWindowAttentionConfig
+    from olmo_core.nn.rope import PIRoPEScalingConfig
+
+    return {
+        "gate": ({"gate": GateConfig()}, "gate"),
+        "sliding_window": ({"sliding_window": SlidingWindowAttentionConfig(pattern=[4, -1])}, "sliding_window"),
+        "use_head_qk_norm": ({"use_head_qk_norm": True, "qk_norm": True}, "use_head_qk_norm"),
+        "rope_scaling": ({"rope_scaling": PIRoPEScalingConfig(factor=2.0)}, "scaling"),
+        "embed_scale": ({"embed_scale": 4.0}, "embed_scale"),
+    }
+
+
+@pytest.mark.parametrize("name", ["gate", "sliding_window", "use_head_qk_norm", "rope_scaling", "embed_scale"])
+def test_olmo_core_settings_the_map_does_not_carry_are_refused_by_name(tmp_path, name):
+    extra, field = olmo_refused()[name]
+    rng = random.Random(name)
+    plain = olmo_config(rng)
+    olmo_run(tmp_path / "run", plain, 0, saved=olmo_config(random.Random(name), **extra))
+    refused(tmp_path / "run", field)
+
+
+def test_olmo_core_learned_sinks_and_biases_are_refused(tmp_path):
+    """Settings set on the attention config itself (learned sink logits, biased projections), not by llama_like."""
+    plain = olmo_config(random.Random(5))
+    for field, value in (("attention_sinks", True), ("bias", True), ("scalable_softmax", True)):
+        with_setting = copy.deepcopy(plain)
+        setattr(with_setting.block.sequence_mixer, field, value)
+        root = tmp_path / field
+        olmo_run(root, plain, 0, saved=with_setting)
+        refused(root, field)
+
+
 @pytest.fixture(autouse=True)
 def _quiet():
     with warnings.catch_warnings():

@@ -72,6 +72,9 @@ NO_TOKEN_IDS = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None
 class Accepts(tuple):
     """In `check_settings`' defaults: several values that all mean the default (None and False for a flag)."""
 
+    def __repr__(self) -> str:
+        return " or ".join(repr(v) for v in self)
+
 
 def check_settings(
     settings: dict, *, carried, inert, defaults: dict, where: str, trainer: str, prefix: str = ""
