@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import random
+import re
 import warnings
 from pathlib import Path
 
@@ -352,6 +353,149 @@ def test_olmo_core_learned_sinks_and_biases_are_refused(tmp_path):
         root = tmp_path / field
         olmo_run(root, plain, 0, saved=with_setting)
         refused(root, field)
+
+
+# ------------------------------------------------------------------------------------------ the command
+
+
+def replay_cli(root: Path, store: Path, *extra: str) -> int:
+    from pipeline.cli import compose, run
+
+    backdate(root, 3600)
+    base = [f"checkpoints.root={root}", f"store.path={store}", "checkpoints.quiet_seconds=0", "stages=[replay]"]
+    return run(compose([*base, "probe.rows=3", f"probe.seq_len={2 * T}", *extra]))
+
+
+def stored(store: Path):
+    import xarray as xr
+
+    tree = xr.open_datatree(store, engine="zarr")
+    (name,) = tree.children
+    return tree[name].to_dataset()
+
+
+def test_a_litgpt_llama3_run_replays_as_litgpts_converter_and_eager_attention(tmp_path):
+    """The command on a litgpt run with Llama 3.x rope scaling, against the reference its user would build:
+    litgpt's own converter (convert_lit_checkpoint's copy_weights_llama) into transformers' Llama with the rope
+    scaling of Llama 3, eager attention."""
+    import transformers as tf
+    from litgpt.scripts.convert_lit_checkpoint import copy_weights_llama
+
+    config = litgpt_config(random.Random(3))
+    config = dataclasses.replace(config, bias=False)
+    config.rope_adjustments = {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_seq_len": 8,
+    }
+    model = litgpt_run(tmp_path / "out", config, 3)
+    converted = {}
+    copy_weights_llama(config, converted, model.state_dict())
+    llama = tf.LlamaForCausalLM(
+        tf.LlamaConfig(
+            vocab_size=config.padded_vocab_size,
+            hidden_size=config.n_embd,
+            intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.n_layer,
+            num_attention_heads=config.n_head,
+            num_key_value_heads=config.n_query_groups,
+            head_dim=config.head_size,
+            rms_norm_eps=config.norm_eps,
+            rope_parameters={"rope_type": "llama3", "rope_theta": float(config.rope_base), **LLAMA3_HF},
+        )
+    )
+    llama.load_state_dict(converted, strict=True)
+    store = tmp_path / "s.zarr"
+    assert replay_cli(tmp_path / "out", store) == 0
+    ds = stored(store)
+    assert list(ds.status.values) == ["done"]
+    want = reference_stats(llama.eval(), ds.probe_tokens.values)
+    for name in ("sink_mass", "entropy", "key_mass", "key_norm", "value_norm", "resid_norm"):
+        np.testing.assert_allclose(ds[name].values[0], want[name], rtol=0, atol=1e-6, err_msg=name)
+
+
+LLAMA3_HF = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+
+
+def assert_refused(code: int, capsys, store: Path, *words: str) -> None:
+    """Exit 2, one line on stderr naming `words`, nothing stored."""
+    err = capsys.readouterr().err
+    said = [line for line in re.split(r"[\r\n]+", err) if line and not line.startswith("replay: ")]  # no bars
+    assert code == 2, err
+    assert len(said) == 1 and all(w in said[0] for w in words), err
+    assert not store.exists()
+
+
+def test_an_unmapped_litgpt_setting_refuses_the_run(tmp_path, capsys):
+    config = litgpt_config(random.Random(7), "attention_scores_scalar")
+    litgpt_run(tmp_path / "out", config, 7)
+    store = tmp_path / "s.zarr"
+    code = replay_cli(tmp_path / "out", store)
+    assert_refused(code, capsys, store, "attention_scores_scalar=3", "model_config.yaml", "litgpt")
+
+
+def test_an_unknown_nanogpt_or_nanochat_field_refuses_the_run(tmp_path, capsys):
+    """A fork's model_args field (nanoGPT) or a later nanochat's model_config field: not dropped, refused."""
+    from tests import trainer_ckpts as tc
+
+    path = tc.nanogpt_checkpoint(tmp_path / "nano", tc.gpt2(seed=2), 300)
+    saved = torch.load(path, weights_only=False)
+    saved["model_args"]["n_rotary"] = 16
+    torch.save(saved, path)
+    store = tmp_path / "nano.zarr"
+    assert_refused(replay_cli(tmp_path / "nano", store), capsys, store, "nanoGPT setting n_rotary=16", "ckpt.pt")
+
+    tc.nanochat_checkpoint(tmp_path / "chat", 500, tc.nanochat_model(seed=3))
+    meta = tmp_path / "chat" / "meta_000500.json"
+    described = yaml.safe_load(meta.read_text())
+    described["model_config"]["window_pattern"] = "SSSL"
+    meta.write_text(yaml.safe_dump(described))
+    store = tmp_path / "chat.zarr"
+    code = replay_cli(tmp_path / "chat", store)
+    assert_refused(code, capsys, store, "nanochat setting window_pattern='SSSL'", "meta_000500.json")
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"num_key_value_heads": 4}, "cannot lay out"),
+        ({"vocab_size": 100}, "embed_tokens.weight is"),
+        ({"head_dim": 16, "num_attention_heads": 2}, "cannot lay out"),
+        ({"intermediate_size": 48}, "gate_proj.weight is"),
+        ({"attention_bias": True}, "nothing in the checkpoint fills"),
+        ({"tie_word_embeddings": True}, "ties the output head"),
+    ],
+)
+def test_a_given_model_config_that_does_not_fit_the_tensors_refuses_the_run(tmp_path, capsys, change, words):
+    from tests import trainer_ckpts as tc
+
+    llama = tc.llama(seed=4)  # 4 heads, 2 key/value heads, head dim 8, vocabulary 101
+    tc.torchtitan_step(tmp_path / "titan", 5, llama)
+    config = llama.config.to_dict() | change
+    (tmp_path / "config.json").write_text(__import__("json").dumps(config))
+    store = tmp_path / "s.zarr"
+    code = replay_cli(tmp_path / "titan", store, f"checkpoints.model_config={tmp_path / 'config.json'}")
+    assert_refused(code, capsys, store, "config.json", words)
+
+
+def test_an_fsdp_sharded_run_without_a_config_names_the_setting(tmp_path, capsys):
+    """The Trainer writes no config.json with SHARDED_STATE_DICT: neither in the checkpoint nor, without a final
+    FULL_STATE_DICT save_model, in the run folder."""
+    from tests import trainer_ckpts as tc
+
+    tc.fsdp_trainer_checkpoint(tmp_path / "run", 30, tc.llama(seed=5))
+    store = tmp_path / "s.zarr"
+    code = replay_cli(tmp_path / "run", store)
+    assert_refused(code, capsys, store, "checkpoint-30", "run folder above it", "checkpoints.model_config")
+
+
+def test_an_olmo_core_replay_shows_no_warning_about_defaults_sinktrace_filled(tmp_path, capfd):
+    olmo_run(tmp_path / "run", olmo_config(random.Random(1)), 1)
+    store = tmp_path / "s.zarr"
+    assert replay_cli(tmp_path / "run", store) == 0
+    out, err = capfd.readouterr()
+    assert "token_id" not in out + err
 
 
 @pytest.fixture(autouse=True)

@@ -28,8 +28,13 @@ def check_fits(opened, trust_remote_code: bool) -> None:
     from transformers import AutoModelForCausalLM
 
     config = mapped_config(opened, trust_remote_code)
-    plan = mapped_plan(opened, config)
     where = opened.config_path
+    try:
+        plan = mapped_plan(opened, config)
+    except RuntimeError as e:  # a layout change (a head permutation, a split) that the config's shapes do not allow
+        raise CheckpointError(
+            where, f"the key map cannot lay out the checkpoint's tensors for this model config: {describe(e)}"
+        ) from None
     try:
         with parameters_on_meta(), quiet_transformers():
             model = AutoModelForCausalLM.from_config(config)
