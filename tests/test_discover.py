@@ -105,9 +105,7 @@ def test_checkpoints_under_other_names_are_pointed_out(tmp_path, caplog):
     (tmp_path / "logs").mkdir()
     with caplog.at_level("WARNING", logger="pipeline.checkpoints.discover"):
         assert discover(tmp_path) == []
-    assert "ignoring ckpt100, epoch-3: they hold a config.json, but their names match no checkpoint layout" in (
-        caplog.text
-    )
+    assert "ignoring ckpt100, epoch-3: they hold a checkpoint, but their names give no step" in caplog.text
 
 
 def test_nested_global_step_folder_is_not_a_checkpoint(tmp_path):

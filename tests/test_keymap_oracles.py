@@ -248,6 +248,23 @@ def test_an_unknown_litgpt_setting_is_refused_by_name(tmp_path):
     assert yaml.safe_dump(saved)  # the file as litgpt writes it holds plain values only
 
 
+def test_litgpts_final_folder_is_named_at_discovery_and_replays_at_its_step_count(tmp_path, caplog):
+    """litgpt pretrain's `final/` (save_checkpoint of the whole training state at the end) has no step in its
+    name: discovery names it with how to replay it, and given as the root its step is the optimizer steps its
+    step-<N> folders count (step_count), not the micro-batches (iter_num)."""
+    import shutil
+
+    litgpt_run(tmp_path / "out", litgpt_config(random.Random(2)), 2)
+    shutil.copytree(tmp_path / "out" / "step-00000040", tmp_path / "out" / "final")
+    backdate(tmp_path / "out", 3600)
+    with caplog.at_level("WARNING", logger="pipeline.checkpoints.discover"):
+        assert [c.step for c in discover(str(tmp_path / "out"), quiet_seconds=0)] == [40]
+    assert "ignoring final: they hold a checkpoint, but their names give no step" in caplog.text
+    assert "set checkpoints.root to it" in caplog.text
+    [final] = discover(str(tmp_path / "out" / "final"), quiet_seconds=0)
+    assert (final.step, final.step_source) == (40, "step_count field")
+
+
 # ------------------------------------------------------------------------------------------ OLMo-core
 
 

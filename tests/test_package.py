@@ -250,7 +250,8 @@ def test_installed_hub_replay_and_its_cache_when_the_hub_is_unreachable(venv, fo
 @pytest.mark.registry
 def test_installed_dcp_and_torch_save_replays(venv, elsewhere, tmp_path):
     dcp_root, torch_root = tmp_path / "fsdp", tmp_path / "nanogpt"
-    tc.fsdp_trainer_checkpoint(dcp_root, 30, tc.llama(seed=3), final_save=True)  # the Trainer's FSDP sharded checkpoint (DCP)
+    # the Trainer's FSDP sharded checkpoint (DCP), and the config.json its final save_model writes above it
+    tc.fsdp_trainer_checkpoint(dcp_root, 30, tc.llama(seed=3), final_save=True)
     tc.nanogpt_checkpoint(torch_root, tc.gpt2(seed=4), 300)  # nanoGPT's torch.save ckpt.pt
     for root in (dcp_root, torch_root):
         store = tmp_path / f"{root.name}.zarr"

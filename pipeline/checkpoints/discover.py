@@ -130,11 +130,14 @@ def discover(
             candidates.append((fs.child(e.name), int(m.group("step")), staging))
         elif f:
             step_files.append((e.name, int(f.group("litgpt") or f.group("step"))))
-        elif e.is_dir and fs.child(e.name).has(CONFIG_NAME):
-            unnamed.append(e.name)
+        elif e.is_dir and any(fs.child(e.name).has(n) for n in (CONFIG_NAME, *TORCH_IN_FOLDER)):
+            unnamed.append(
+                e.name
+            )  # litgpt's `final/` too: the weights at the end of training, with no step in its name
     if unnamed:  # otherwise a run saved as `ckpt100/` or `epoch-3/` would just come back empty
         log.warning(
-            "%s: ignoring %s: they hold a config.json, but their names match no checkpoint layout (%s)",
+            "%s: ignoring %s: they hold a checkpoint, but their names give no step (%s); to replay one, set "
+            "checkpoints.root to it",
             fs.url,
             some(sorted(unnamed)),
             LAYOUTS,

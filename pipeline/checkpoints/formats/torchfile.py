@@ -28,7 +28,9 @@ from ...errors import CheckpointError, describe
 from ...locations import is_url, local_path
 from .. import byteranges
 
-STEP_FIELDS = ("iter_num", "step")  # nanoGPT and lit-gpt write iter_num; others a plain step
+# litgpt's step_count counts optimizer steps, as its step-<N> folders do (its iter_num counts micro-batches);
+# nanoGPT and lit-gpt write iter_num; others a plain step
+STEP_FIELDS = ("step_count", "iter_num", "step")
 ZIP_MAGIC = b"PK\x03\x04"
 # the zip's directory and the pickle are read through this much read-ahead on object storage: a few requests, none
 # running far into the tensors' bytes
