@@ -41,6 +41,34 @@ def check_protocol(location: str, key: str) -> None:
         raise UsageError(f"{key}={location}: {e}") from None
 
 
+# How long object storage may keep sinktrace waiting (`checkpoints.request_timeout`, `checkpoints.download_timeout`),
+# set for this process by `bound_waits`: botocore's connect and read timeouts for each attempt, and a deadline for a
+# whole ranged read, its retries included.
+_WAITS = {"request": 0.0, "download": 0.0}
+ATTEMPTS = 3  # tries of one request (botocore's, and s3fs's own on errors it deems transient)
+
+
+def bound_waits(request_timeout: float, download_timeout: float) -> None:
+    """Bound every wait on object storage in this process: each s3 filesystem made from now on connects and reads
+    with `request_timeout` seconds of silence at most per attempt, and each ranged read gives up after
+    `download_timeout` seconds in all. fsspec's own configuration for s3 is kept otherwise."""
+    from fsspec.config import conf
+
+    _WAITS.update(request=float(request_timeout), download=float(download_timeout))
+    for protocol in PROTOCOL_EXTRAS:
+        given = dict(conf.get(protocol) or {})
+        config = dict(given.get("config_kwargs") or {})
+        config.update(connect_timeout=float(request_timeout), read_timeout=float(request_timeout))
+        config.setdefault("retries", {"max_attempts": ATTEMPTS, "mode": "standard"})
+        given.setdefault("retries", ATTEMPTS)
+        conf[protocol] = {**given, "config_kwargs": config}
+
+
+def object_storage_deadline() -> float:
+    """The seconds a ranged read of object storage may take in all (0: unbounded, `bound_waits` not called)."""
+    return _WAITS["download"]
+
+
 def local_path(path: str | os.PathLike) -> str:
     """A local path or `file://` URL as an absolute path, `~` expanded."""
     return os.path.abspath(os.path.expanduser(os.fspath(path).removeprefix("file://")))

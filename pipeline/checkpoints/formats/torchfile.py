@@ -25,7 +25,7 @@ import zipfile
 import torch
 
 from ...errors import CheckpointError, describe
-from ...locations import is_url, local_path
+from ...locations import file_size, is_url, local_path
 from .. import byteranges
 
 STEP_FIELDS = ("iter_num", "step")  # nanoGPT and lit-gpt write iter_num; others a plain step
@@ -107,14 +107,22 @@ def read(path: str, tensors: dict[str, torch.Tensor], plan: byteranges.ReadPlan)
     Raises:
         CheckpointError: the file is shorter than a storage's record, or cannot be read.
     """
-    spans = {}
-    for t in tensors.values():
+    spans, size = {}, None
+    for name, t in tensors.items():
         if t.is_meta:
+            size = _size(path) if size is None else size
             storage = t.untyped_storage()
             spans[storage._checkpoint_offset] = (
                 storage._checkpoint_offset,
                 storage._checkpoint_offset + storage.nbytes(),
             )
+            if spans[storage._checkpoint_offset][1] > size:  # never ask for more than the file holds
+                raise CheckpointError(
+                    path,
+                    f"{os.path.basename(path)}: tensor {name} declares a storage of {storage.nbytes()} bytes "
+                    f"({storage.nbytes() // t.element_size()} elements of {t.dtype}) at byte "
+                    f"{storage._checkpoint_offset}, past the end of the file ({size} bytes)",
+                )
     try:
         data = byteranges.read_files({path: list(spans.values())}, plan)[path] if spans else []
     except OSError as e:
@@ -134,6 +142,13 @@ def read(path: str, tensors: dict[str, torch.Tensor], plan: byteranges.ReadPlan)
                 ) from None
         out[name] = t
     return out
+
+
+def _size(path: str) -> int:
+    try:
+        return file_size(path)
+    except OSError as e:
+        raise CheckpointError(path, f"{os.path.basename(path)} cannot be read ({describe(e)})") from None
 
 
 def _storage(data: bytes) -> torch.UntypedStorage:
