@@ -45,7 +45,7 @@ def check_protocol(location: str, key: str) -> None:
 # set for this process by `bound_waits`: botocore's connect and read timeouts for each attempt, and a deadline for a
 # whole ranged read, its retries included.
 _WAITS = {"request": 0.0, "download": 0.0}
-ATTEMPTS = 3  # tries of one request (botocore's, and s3fs's own on errors it deems transient)
+ATTEMPTS = 3  # botocore's tries of one request (s3fs retries on its own, within the deadline)
 
 
 def bound_waits(request_timeout: float, download_timeout: float) -> None:
@@ -60,7 +60,6 @@ def bound_waits(request_timeout: float, download_timeout: float) -> None:
         config = dict(given.get("config_kwargs") or {})
         config.update(connect_timeout=float(request_timeout), read_timeout=float(request_timeout))
         config.setdefault("retries", {"max_attempts": ATTEMPTS, "mode": "standard"})
-        given.setdefault("retries", ATTEMPTS)
         conf[protocol] = {**given, "config_kwargs": config}
 
 

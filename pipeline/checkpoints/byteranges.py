@@ -69,8 +69,7 @@ def read_files(ranges: dict[str, list[tuple[int, int]]], plan: ReadPlan = ReadPl
         for path in requests:
             if is_url(path):
                 fs, remote = _filesystem(path, plan.concurrency)
-                # start= and end= by name: s3fs's cat_file takes a version id second
-                fetchers[path] = functools.partial(_cat, fs, remote, path)
+                fetchers[path] = functools.partial(cat_range, fs, remote, path)
             else:
                 fds.append(os.open(local_path(path), os.O_RDONLY))
                 fetchers[path] = functools.partial(_pread, fds[-1])
@@ -99,9 +98,16 @@ def read_files(ranges: dict[str, list[tuple[int, int]]], plan: ReadPlan = ReadPl
     return out
 
 
-def _cat(fs, remote: str, url: str, start: int, stop: int) -> bytes:
-    """A range of an object; any error of the transport (aiohttp, botocore, s3fs) as an OSError naming the URL, and
-    the whole request, its retries included, bounded by the object-storage deadline (`bound_waits`)."""
+def cat_range(fs, remote: str, url: str, start: int, stop: int) -> bytes:
+    """The bytes [start, stop) of an object, as `bounded` asks for them."""
+    # start= and end= by name: s3fs's cat_file takes a version id second
+    return bounded(fs, url, f"bytes {start}-{stop}", "cat_file", remote, start=start, end=stop)
+
+
+def bounded(fs, url: str, what: str, method: str, *args, **kwargs):
+    """fs.method(*args, **kwargs) on object storage: the whole call, its retries included, bounded by the
+    object-storage deadline (`locations.bound_waits`), and any error of the transport (aiohttp, botocore, s3fs) an
+    OSError naming the URL (a missing object stays FileNotFoundError)."""
     from fsspec.asyn import AsyncFileSystem
 
     from ..errors import describe
@@ -110,16 +116,14 @@ def _cat(fs, remote: str, url: str, start: int, stop: int) -> bytes:
     deadline = object_storage_deadline()
     try:
         if isinstance(fs, AsyncFileSystem) and deadline:
-            return fs.cat_file(remote, start=start, end=stop, timeout=deadline)
-        return fs.cat_file(remote, start=start, end=stop)
-    except TimeoutError:  # asyncio.TimeoutError (fsspec's FSTimeoutError) is TimeoutError since 3.11
-        raise OSError(
-            f"{url}: no whole answer for bytes {start}-{stop} within checkpoints.download_timeout={deadline:g} s"
-        ) from None
+            return getattr(fs, method)(*args, timeout=deadline, **kwargs)
+        return getattr(fs, method)(*args, **kwargs)
+    except TimeoutError:  # fsspec's FSTimeoutError: the deadline passed
+        raise OSError(f"{url}: no whole answer for {what} within checkpoints.download_timeout={deadline:g} s") from None
     except FileNotFoundError:
         raise
     except Exception as e:
-        raise OSError(f"{url}: reading bytes {start}-{stop} failed: {describe(e)}") from None
+        raise OSError(f"{url}: reading {what} failed: {describe(e)}") from None
 
 
 def _in_threads(fn, jobs: list, concurrency: int) -> list:
