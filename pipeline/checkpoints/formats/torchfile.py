@@ -66,7 +66,7 @@ def load(path: str) -> dict:
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             path,
-            f"{name} needs more than torch.load(weights_only=True) to be read: {_refusal(e)}; it "
+            f"{name} needs more than torch.load(weights_only=True) to be read: {refusal(e)}; it "
             "is refused, because full unpickling can run code: save the model's state_dict alone",
         ) from None
     except Exception as e:  # truncated zip, bad magic number, ...
@@ -157,7 +157,7 @@ def _storage(data: bytes) -> torch.UntypedStorage:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).untyped_storage()
 
 
-def _refusal(e: pickle.UnpicklingError) -> str:
+def refusal(e: pickle.UnpicklingError) -> str:
     """What torch's restricted unpickler refused, without the advice around it (which suggests full unpickling)."""
     text = str(e)
     named = re.search(r"GLOBAL (\S+)", text)
