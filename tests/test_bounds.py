@@ -251,3 +251,21 @@ def test_names_holding_dollars_are_drawn_as_text(tmp_path, capsys):
     assert (out / "emergence.png").stat().st_size > 1000
     assert run(compose(["stages=[report]", f"store.path={stores[0]}", f"report.out_dir={tmp_path / 'rep'}"])) == 0
     assert (tmp_path / "rep" / "index.html").exists()
+
+
+def test_a_tokenizer_far_larger_than_the_model_vocabulary_is_refused_before_it_is_loaded(tiny_run, tmp_path, capsys):
+    folder = tmp_path / "huge-tokenizer"
+    folder.mkdir()
+    with open(folder / "tokenizer.json", "wb") as f:  # its size alone refuses it: the bytes are never parsed
+        f.truncate(20 << 20)
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat " * 10)
+    cfg = compose(replay_args(tiny_run, tmp_path / "s.zarr", "probe=text", f"probe.path={text}"))
+    cfg.probe.tokenizer = str(folder)
+    assert run(cfg) == 2
+    (line,) = error_lines(capsys)
+    assert line.startswith(
+        f"sinktrace: error: probe.tokenizer: {folder}/tokenizer.json is {20 << 20:,} bytes, more than a tokenizer of "
+        "the model's 101 token ids takes"
+    ), line
+    assert not (tmp_path / "s.zarr").exists()
