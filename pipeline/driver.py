@@ -92,9 +92,10 @@ class Run:
         self.step_sources: dict[str, list[int]] = {}  # where the step numbers came from (discovery's step_source)
         self.formats: set[str] = set()
         from .checkpoints.sources import open_source
-        from .locations import bound_waits
+        from .locations import bound_reads, bound_waits
 
         bound_waits(cfg.checkpoints.request_timeout, cfg.checkpoints.download_timeout)
+        bound_reads(cfg.checkpoints.max_read_size)
         self.source = open_source(root, cfg.checkpoints, quiet)
 
     def __call__(self) -> Outcome:

@@ -77,13 +77,39 @@ def join(folder: str, name: str) -> str:
     return posixpath.join(folder, name) if is_url(folder) else os.path.join(local_path(folder), name)
 
 
+# The most bytes a file read whole may hold (`checkpoints.max_read_size`): configs, indexes, trainer_state.json,
+# DCP's .metadata. Their size is looked up first, so that a file of gigabytes is refused before it is read.
+_READ_LIMIT = {"bytes": 1 << 30, "setting": "1GB"}
+
+
+def bound_reads(setting: str | int) -> None:
+    """Set, for this process, the most bytes a file read whole may hold (a size such as "1GB", or a count)."""
+    from dask.utils import parse_bytes
+
+    _READ_LIMIT.update(bytes=parse_bytes(setting), setting=str(setting))
+
+
+def check_read_size(path: str, size: int) -> None:
+    """CheckpointError naming the file, its size and the setting, when a file to be read whole is larger than
+    `checkpoints.max_read_size`."""
+    if size > _READ_LIMIT["bytes"]:
+        raise CheckpointError(
+            path,
+            f"{posixpath.basename(path.rstrip('/'))} holds {size:,} bytes, more than checkpoints.max_read_size="
+            f"{_READ_LIMIT['setting']} allows for a file read whole; raise the setting if the file is genuine",
+        )
+
+
 def read_bytes(path: str) -> bytes:
+    """The whole file (local, or a URL), its size checked first (`check_read_size`)."""
     if is_url(path):
         import fsspec
 
         with fsspec.open(path, "rb") as f:
+            check_read_size(path, f.size)
             return f.read()
     with open(local_path(path), "rb") as f:
+        check_read_size(path, os.fstat(f.fileno()).st_size)
         return f.read()
 
 

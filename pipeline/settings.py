@@ -34,6 +34,7 @@ class CheckpointsSettings:
     allow_torch_pickle: bool = False
     request_timeout: float = 60.0
     download_timeout: float = 3600.0
+    max_read_size: str = "1GB"  # the most a file read whole may hold: configs, indexes, DCP .metadata
 
 
 @dataclass
@@ -247,6 +248,12 @@ def check(cfg) -> None:
     for key in ("request_timeout", "download_timeout"):  # they bound every remote root's waits
         if not c[key] > 0:
             raise UsageError(f"checkpoints.{key}={c[key]}: must be a positive number of seconds")
+    try:
+        from dask.utils import parse_bytes
+
+        parse_bytes(c.max_read_size)
+    except (ValueError, TypeError):
+        raise UsageError(f"checkpoints.max_read_size={c.max_read_size}: give a size like 1GB") from None
     if c.read_concurrency < 1:
         raise UsageError(f"checkpoints.read_concurrency={c.read_concurrency}: at least 1 (1 reads one range at a time)")
     if c.key_map not in KEY_MAPS:

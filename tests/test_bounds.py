@@ -269,3 +269,20 @@ def test_a_tokenizer_far_larger_than_the_model_vocabulary_is_refused_before_it_i
         "the model's 101 token ids takes"
     ), line
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_a_config_larger_than_max_read_size_fails_its_step_naming_file_size_and_setting(tmp_path, capsys):
+    root = tmp_path / "run"
+    folders = make_run(root, [0, 10])
+    config = folders[10] / "config.json"
+    size = config.stat().st_size
+    store = tmp_path / "s.zarr"
+    # the bound is met at step 10 only: its config.json padded past it (spaces are valid JSON)
+    config.write_text(config.read_text() + " " * 4096)
+    assert run(compose(replay_args(root, store, "stages=[replay]", f"checkpoints.max_read_size={size + 1024}"))) == 1
+    from pipeline.store.cube import open_sinks
+
+    (name,) = [n for n in os.listdir(store) if not n.startswith((".", "zarr"))]
+    assert open_sinks(str(store), name).status.values.tolist() == ["done", "failed"]
+    err = capsys.readouterr().err
+    assert f"config.json holds {size + 4096:,} bytes, more than checkpoints.max_read_size={size + 1024} allows" in err

@@ -65,7 +65,11 @@ class Folder:
             key_map=str(c.key_map),
             model_config=os.path.expanduser(str(c.model_config)) if c.model_config else None,
         )
-        waits = {"request_timeout": float(c.request_timeout), "download_timeout": float(c.download_timeout)}
+        waits = {
+            "request_timeout": float(c.request_timeout),
+            "download_timeout": float(c.download_timeout),
+            "max_read_size": str(c.max_read_size),
+        }
         return [dataclasses.replace(ckpt, read_concurrency=int(c.read_concurrency), **waits) for ckpt in found]
 
     def with_config(self, ckpt: Checkpoint) -> Checkpoint:

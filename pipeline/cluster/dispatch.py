@@ -104,10 +104,11 @@ def replay_on_worker(ckpt, probe, settings, read_next, per_host: dict[str, int] 
     from distributed import get_worker
 
     from ..devices import use_threads
-    from ..locations import bound_waits
+    from ..locations import bound_reads, bound_waits
     from ..replay.step import replay
 
     bound_waits(ckpt.request_timeout, ckpt.download_timeout)  # the driver's settings, in the worker's process
+    bound_reads(ckpt.max_read_size)
     worker = get_worker()
     use_threads(settings.threads, (per_host or {}).get(_host(worker.address), 1))
     try:
