@@ -5,7 +5,8 @@ On the loopback a request costs well under a millisecond, so reading one tensor 
 many at once; a real bucket answers each request after tens of milliseconds (the time to first byte). The proxy
 adds that wait: each connection has its own thread, so requests in flight at once wait at once, as they would for a
 bucket. It forwards the method, path, headers and body unchanged (the request stays signed for the server) and
-streams the answer back. It counts the requests and the most it held at once (`peak`).
+streams the answer back. It counts the requests and the most it held at once (`peak`). `hold`, when set, names
+requests that get no answer at all (an object that hangs), until the proxy stops.
 
 `object_store(latency)` starts both and points botocore (hence s3fs) at the proxy through AWS_* environment
 variables; the benchmark (`benchmarks/objectstore.py`) and the tests use it.
@@ -32,6 +33,10 @@ class LatencyProxy:
         self.upstream, self.latency = upstream, latency
         self.requests = self.peak = self._now = 0
         self._lock = threading.Lock()
+        # a test's stalled object: hold(method, path) true -> no answer at all, until the proxy stops
+        self.hold = None
+        self.held = 0  # requests held so far
+        self._stopping = threading.Event()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -45,6 +50,12 @@ class LatencyProxy:
                 proxy._enter()
                 try:
                     time.sleep(proxy.latency)
+                    if proxy.hold is not None and proxy.hold(self.command, self.path):
+                        self.close_connection = True
+                        with proxy._lock:
+                            proxy.held += 1
+                        proxy._stopping.wait(UPSTREAM_TIMEOUT_S)
+                        return
                     self._forward()
                 finally:
                     proxy._leave()
@@ -121,6 +132,7 @@ class LatencyProxy:
         return self
 
     def __exit__(self, *exc):
+        self._stopping.set()
         self._server.shutdown()
         self._server.server_close()
 

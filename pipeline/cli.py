@@ -122,14 +122,17 @@ def summary(outcome) -> int:
         if len(outcome.unreadable) == outcome.found:  # most likely a wrong checkpoints.format or root
             return 2
     if outcome.failures:
-        print(
-            f"\n{len(outcome.failures)} checkpoint(s) failed (recorded as failed in the store, unless an earlier "
-            "result was kept; rerun to retry):",
-            file=sys.stderr,
+        where = (
+            "recorded as failed in the store, unless an earlier result was kept"
+            if outcome.stored
+            else "no store was made, since no checkpoint could be opened"
         )
+        print(f"\n{len(outcome.failures)} checkpoint(s) failed ({where}; rerun to retry):", file=sys.stderr)
         for step, error in outcome.failures:
             print(f"  step {step}: {error}", file=sys.stderr)
-    return 1 if outcome.failures or outcome.unreadable else 0
+    for error in outcome.output_errors:
+        print(f"sinktrace: error: an output was not written: {error}", file=sys.stderr)
+    return 1 if outcome.failures or outcome.unreadable or outcome.output_errors else 0
 
 
 def tensorboard_scalars(cfg: DictConfig, store_location: str):

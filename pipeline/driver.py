@@ -26,14 +26,17 @@ from .records import Checkpoint
 
 @dataclass
 class Outcome:
-    """What the replays came to: steps stored, failed (with the reason) and gone (deleted while queued); and what
-    the last look at the run found: how many checkpoints, and those holding nothing sinktrace can read."""
+    """What the replays came to: steps stored, failed (with the reason) and gone (deleted while queued); outputs
+    that could not be written; and what the last look at the run found: how many checkpoints, and those holding
+    nothing sinktrace can read."""
 
     done: list[int] = field(default_factory=list)
     failures: list[tuple[int, str]] = field(default_factory=list)
     gone: list[int] = field(default_factory=list)
     found: int = 0
     unreadable: list[Checkpoint] = field(default_factory=list)
+    output_errors: list[str] = field(default_factory=list)  # outputs written as steps are stored (TensorBoard)
+    stored: bool = False  # whether the run has a store (none when no checkpoint could be opened)
 
 
 def select(checkpoints: list[Checkpoint], steps, *, strict: bool = True) -> tuple[list[Checkpoint], list[Checkpoint]]:
@@ -89,7 +92,10 @@ class Run:
         self.step_sources: dict[str, list[int]] = {}  # where the step numbers came from (discovery's step_source)
         self.formats: set[str] = set()
         from .checkpoints.sources import open_source
+        from .locations import bound_reads, bound_waits
 
+        bound_waits(cfg.checkpoints.request_timeout, cfg.checkpoints.download_timeout)
+        bound_reads(cfg.checkpoints.max_read_size)
         self.source = open_source(root, cfg.checkpoints, quiet)
 
     def __call__(self) -> Outcome:
@@ -139,6 +145,7 @@ class Run:
                 break
         if self.store is not None:
             self.store.finalize()
+        self.outcome.stored = self.store is not None
         return self.outcome
 
     def _discover(self, strict: bool) -> list[Checkpoint]:
@@ -313,8 +320,6 @@ class Run:
                     )
                 self.store.write_step(ckpt.step, result)
                 self.outcome.done.append(ckpt.step)
-                if self.on_stored is not None:
-                    self.on_stored([ckpt.step])
             except Exception as e:  # one bad checkpoint must not stop the others
                 error = f"{type(e).__name__}: {e}"
                 if self._previous.get(ckpt.step) != "done":
@@ -323,6 +328,20 @@ class Run:
                 bar.write(f"step {ckpt.step} failed: {error}")
                 if self.cfg.verbose:
                     bar.write("".join(traceback.format_exception(e)))
+                return
+        if self.on_stored is not None:
+            self._output(ckpt.step, bar)
+
+    def _output(self, step: int, bar) -> None:
+        """Hand a stored step to the outputs written as the run goes (TensorBoard): a failure there is the output's,
+        not the checkpoint's, whose step stays `done`; it is reported once and sets the exit status."""
+        try:
+            self.on_stored([step])
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+            if error not in self.outcome.output_errors:
+                self.outcome.output_errors.append(error)
+                bar.write(f"sinktrace: error: step {step} is stored, but an output could not be written: {error}")
 
     def _waiting_for(self, waiting: list[Checkpoint], idle: float) -> str:
         pending = [c for c in waiting if c.step not in self.tried and not c.unreadable]

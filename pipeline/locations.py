@@ -41,6 +41,33 @@ def check_protocol(location: str, key: str) -> None:
         raise UsageError(f"{key}={location}: {e}") from None
 
 
+# How long object storage may keep sinktrace waiting (`checkpoints.request_timeout`, `checkpoints.download_timeout`),
+# set for this process by `bound_waits`: botocore's connect and read timeouts for each attempt, and a deadline for a
+# whole ranged read, its retries included.
+_WAITS = {"request": 0.0, "download": 0.0}
+ATTEMPTS = 3  # botocore's tries of one request (s3fs retries on its own, within the deadline)
+
+
+def bound_waits(request_timeout: float, download_timeout: float) -> None:
+    """Bound every wait on object storage in this process: each s3 filesystem made from now on connects and reads
+    with `request_timeout` seconds of silence at most per attempt, and each ranged read gives up after
+    `download_timeout` seconds in all. fsspec's own configuration for s3 is kept otherwise."""
+    from fsspec.config import conf
+
+    _WAITS.update(request=float(request_timeout), download=float(download_timeout))
+    for protocol in PROTOCOL_EXTRAS:
+        given = dict(conf.get(protocol) or {})
+        config = dict(given.get("config_kwargs") or {})
+        config.update(connect_timeout=float(request_timeout), read_timeout=float(request_timeout))
+        config.setdefault("retries", {"max_attempts": ATTEMPTS, "mode": "standard"})
+        conf[protocol] = {**given, "config_kwargs": config}
+
+
+def object_storage_deadline() -> float:
+    """The seconds a ranged read of object storage may take in all (0: unbounded, `bound_waits` not called)."""
+    return _WAITS["download"]
+
+
 def local_path(path: str | os.PathLike) -> str:
     """A local path or `file://` URL as an absolute path, `~` expanded."""
     return os.path.abspath(os.path.expanduser(os.fspath(path).removeprefix("file://")))
@@ -50,13 +77,39 @@ def join(folder: str, name: str) -> str:
     return posixpath.join(folder, name) if is_url(folder) else os.path.join(local_path(folder), name)
 
 
+# The most bytes a file read whole may hold (`checkpoints.max_read_size`): configs, indexes, trainer_state.json,
+# DCP's .metadata. Their size is looked up first, so that a file of gigabytes is refused before it is read.
+_READ_LIMIT = {"bytes": 1 << 30, "setting": "1GB"}
+
+
+def bound_reads(setting: str | int) -> None:
+    """Set, for this process, the most bytes a file read whole may hold (a size such as "1GB", or a count)."""
+    from dask.utils import parse_bytes
+
+    _READ_LIMIT.update(bytes=parse_bytes(setting), setting=str(setting))
+
+
+def check_read_size(path: str, size: int) -> None:
+    """CheckpointError naming the file, its size and the setting, when a file to be read whole is larger than
+    `checkpoints.max_read_size`."""
+    if size > _READ_LIMIT["bytes"]:
+        raise CheckpointError(
+            path,
+            f"{posixpath.basename(path.rstrip('/'))} holds {size:,} bytes, more than checkpoints.max_read_size="
+            f"{_READ_LIMIT['setting']} allows for a file read whole; raise the setting if the file is genuine",
+        )
+
+
 def read_bytes(path: str) -> bytes:
+    """The whole file (local, or a URL), its size checked first (`check_read_size`)."""
     if is_url(path):
         import fsspec
 
         with fsspec.open(path, "rb") as f:
+            check_read_size(path, f.size)
             return f.read()
     with open(local_path(path), "rb") as f:
+        check_read_size(path, os.fstat(f.fileno()).st_size)
         return f.read()
 
 

@@ -30,6 +30,10 @@ class Checkpoint:
     model_config: str | None = None
     # byte ranges in flight per file when the weights are read from object storage (`checkpoints.read_concurrency`)
     read_concurrency: int = 16
+    # the waits on object storage allowed (`checkpoints.request_timeout`, `checkpoints.download_timeout`)
+    request_timeout: float = 60.0
+    download_timeout: float = 3600.0
+    max_read_size: str = "1GB"  # the most a file read whole may hold (`checkpoints.max_read_size`)
     loss: float | None = None  # the training loss logged at (or last before) this step
     # where the step came from beyond its folder (a Hub repository: revision, commit, the weights' sha256), JSON
     # types only: it is recorded in the store

@@ -34,6 +34,7 @@ class CheckpointsSettings:
     allow_torch_pickle: bool = False
     request_timeout: float = 60.0
     download_timeout: float = 3600.0
+    max_read_size: str = "1GB"  # the most a file read whole may hold: configs, indexes, DCP .metadata
 
 
 @dataclass
@@ -244,6 +245,15 @@ def check(cfg) -> None:
         raise UsageError(f"checkpoints.quiet_seconds={c.quiet_seconds}: must be 0 or more")
     if c.format not in CHECKPOINT_FORMATS:
         raise UsageError(f"checkpoints.format={c.format}: choose from {', '.join(CHECKPOINT_FORMATS)}")
+    for key in ("request_timeout", "download_timeout"):  # they bound every remote root's waits
+        if not c[key] > 0:
+            raise UsageError(f"checkpoints.{key}={c[key]}: must be a positive number of seconds")
+    try:
+        from dask.utils import parse_bytes
+
+        parse_bytes(c.max_read_size)
+    except (ValueError, TypeError):
+        raise UsageError(f"checkpoints.max_read_size={c.max_read_size}: give a size like 1GB") from None
     if c.read_concurrency < 1:
         raise UsageError(f"checkpoints.read_concurrency={c.read_concurrency}: at least 1 (1 reads one range at a time)")
     if c.key_map not in KEY_MAPS:
@@ -264,14 +274,24 @@ def check(cfg) -> None:
     if p.kind == "text":
         if p.packing not in PACKINGS:
             raise UsageError(f"probe.packing={p.packing}: choose from {', '.join(PACKINGS)}")
-        from .probe.text import read_documents
+        from .probe.text import check_text
 
         try:
-            read_documents(str(p.path))  # an unreadable text fails here, before any checkpoint is read
+            check_text(str(p.path))  # an unreadable text fails here, before any checkpoint is read
         except ValueError as e:
             raise UsageError(str(e)) from None
+    if p.name is not None:
+        _check_group_name(str(p.name))
     if not 0 < cfg.report.eps < 1:
         raise UsageError(f"report.eps={cfg.report.eps}: must lie between 0 and 1")
+    outputs = {
+        "report.tensorboard": cfg.report.tensorboard if {"replay", "report"} & set(cfg.stages) else None,
+        "report.out_dir": cfg.report.out_dir if "report" in cfg.stages else None,
+        "compare.out_dir": cfg.compare.out_dir if "compare" in cfg.stages else None,
+    }
+    for key, value in outputs.items():
+        if value is not None:
+            check_output_folder(key, str(value))
     if cfg.report.tensorboard is not None and {"replay", "report"} & set(cfg.stages):
         needs_tensorboard()
     _check_cluster(cfg.cluster)
@@ -333,6 +353,39 @@ def _check_compare(c) -> None:
             raise UsageError(f"{key}: {store}: no sinktrace store there")
     if c.align not in ALIGNS:
         raise UsageError(f"compare.align={c.align}: choose from {', '.join(ALIGNS)}")
+
+
+def _check_group_name(name: str) -> None:
+    """A probe's name is its group in the store: one Zarr node name, never a path."""
+    from .errors import UsageError
+
+    if not name.strip() or set(name) <= {"."} or "/" in name or "\\" in name or name.startswith("__"):
+        raise UsageError(
+            f"probe.name={name}: not a group name (a name holds no slash, is not made of dots only and does not "
+            "start with __); give a plain name, e.g. probe.name=wiki-keep"
+        )
+
+
+def check_output_folder(key: str, value: str) -> None:
+    """UsageError, in one line, unless `value` is a folder sinktrace can write into or create (a URL is left to
+    its filesystem)."""
+    from .errors import UsageError
+    from .locations import is_url, local_path
+
+    if is_url(value):
+        return
+    if not value.strip():
+        raise UsageError(f"{key}= is empty (an unset shell variable?): give a folder, or leave the key out")
+    path = local_path(value)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{key}={value}: a file is there, not a folder; choose another {key}")
+    existing = path
+    while not os.path.exists(existing):  # the nearest folder that exists is where the new ones are made
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"{key}={value}: {existing} is a file, so no folder can be made there")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{key}={value}: {existing} is not writable by this user; choose another {key}")
 
 
 def needs_tensorboard() -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from dataclasses import dataclass
 
 from ..locations import is_url, local_path
@@ -69,8 +69,7 @@ def read_files(ranges: dict[str, list[tuple[int, int]]], plan: ReadPlan = ReadPl
         for path in requests:
             if is_url(path):
                 fs, remote = _filesystem(path, plan.concurrency)
-                # start= and end= by name: s3fs's cat_file takes a version id second
-                fetchers[path] = functools.partial(_cat, fs, remote)
+                fetchers[path] = functools.partial(cat_range, fs, remote, path)
             else:
                 fds.append(os.open(local_path(path), os.O_RDONLY))
                 fetchers[path] = functools.partial(_pread, fds[-1])
@@ -79,18 +78,15 @@ def read_files(ranges: dict[str, list[tuple[int, int]]], plan: ReadPlan = ReadPl
         def fetch(job):
             return fetchers[job[0]](*job[1])
 
-        if plan.concurrency > 1 and len(jobs) > 1:
-            with ThreadPoolExecutor(min(plan.concurrency, len(jobs)), thread_name_prefix="sinktrace-ranges") as pool:
-                got = list(pool.map(fetch, jobs))
-        else:
-            got = [fetch(job) for job in jobs]
+        got = _in_threads(fetch, jobs, plan.concurrency)
     finally:
         for fd in fds:
             os.close(fd)
     by_file: dict[str, list] = {path: [] for path in requests}
     for (path, (start, stop)), data in zip(jobs, got):
         if len(data) != stop - start:
-            raise OSError(f"{path}: read {len(data)} of the {stop - start} bytes at {start}: the file is shorter")
+            what = "shorter than the range" if len(data) < stop - start else "longer than the range asked for"
+            raise OSError(f"{path}: read {len(data)} of the {stop - start} bytes at {start}: the answer is {what}")
         by_file[path].append(data)
     out: dict[str, list[bytes]] = {}
     for path, asked in ranges.items():
@@ -102,8 +98,72 @@ def read_files(ranges: dict[str, list[tuple[int, int]]], plan: ReadPlan = ReadPl
     return out
 
 
-def _cat(fs, remote: str, start: int, stop: int) -> bytes:
-    return fs.cat_file(remote, start=start, end=stop)
+def cat_range(fs, remote: str, url: str, start: int, stop: int) -> bytes:
+    """The bytes [start, stop) of an object, as `bounded` asks for them."""
+    # start= and end= by name: s3fs's cat_file takes a version id second
+    return bounded(fs, url, f"bytes {start}-{stop}", "cat_file", remote, start=start, end=stop)
+
+
+def bounded(fs, url: str, what: str, method: str, *args, **kwargs):
+    """fs.method(*args, **kwargs) on object storage: the whole call, its retries included, bounded by the
+    object-storage deadline (`locations.bound_waits`), and any error of the transport (aiohttp, botocore, s3fs) an
+    OSError naming the URL (a missing object stays FileNotFoundError)."""
+    from fsspec.asyn import AsyncFileSystem
+
+    from ..errors import describe
+    from ..locations import object_storage_deadline
+
+    deadline = object_storage_deadline()
+    try:
+        if isinstance(fs, AsyncFileSystem) and deadline:
+            return getattr(fs, method)(*args, timeout=deadline, **kwargs)
+        return getattr(fs, method)(*args, **kwargs)
+    except TimeoutError:  # fsspec's FSTimeoutError: the deadline passed
+        raise OSError(f"{url}: no whole answer for {what} within checkpoints.download_timeout={deadline:g} s") from None
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise OSError(f"{url}: reading {what} failed: {describe(e)}") from None
+
+
+def _in_threads(fn, jobs: list, concurrency: int) -> list:
+    """fn(job) for each of `jobs`, in order, with up to `concurrency` running at once on daemon threads. The caller
+    waits in short steps, so that Ctrl-C or SIGTERM ends it at once even while a request hangs (the threads are left
+    behind, never joined: a hanging request must not hold the process); the first error is raised as soon as it
+    comes, and no more jobs are started."""
+    if concurrency <= 1 or len(jobs) <= 1:
+        return [fn(job) for job in jobs]
+    results: list = [None] * len(jobs)
+    errors: list[BaseException] = []
+    todo = iter(enumerate(jobs))
+    lock = threading.Lock()
+    left = [len(jobs)]
+    finished = threading.Event()
+
+    def work():
+        while not errors:
+            with lock:
+                i, job = next(todo, (None, None))
+            if i is None:
+                return
+            try:
+                results[i] = fn(job)
+            except BaseException as e:
+                errors.append(e)
+                finished.set()
+                return
+            with lock:
+                left[0] -= 1
+                if not left[0]:
+                    finished.set()
+
+    for _ in range(min(concurrency, len(jobs))):
+        threading.Thread(target=work, name="sinktrace-ranges", daemon=True).start()
+    while not finished.wait(0.5):
+        pass
+    if errors:
+        raise errors[0]
+    return results
 
 
 def _pread(fd: int, start: int, stop: int) -> bytes:

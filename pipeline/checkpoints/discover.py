@@ -240,6 +240,8 @@ def _inspect(
             loss = _training_loss(state, step)
         except (ValueError, AttributeError) as e:  # a half-written file reads as bad JSON
             problems.append(f"{TRAINER_STATE_NAME} is not a valid JSON object ({e})")
+        except CheckpointError as e:  # larger than checkpoints.max_read_size
+            problems.append(e.problem)
         except FileNotFoundError:
             return None
     fmt, weight_files, weight_problems, unreadable = _weights(folder, files, entries, fmt)
@@ -345,7 +347,7 @@ def _step_inside(path: str) -> tuple[int | None, str]:
 def _megatron_latest(fs) -> int | None:
     try:
         text = fs.read_text(MEGATRON_TRACKER).strip()
-    except (OSError, UnicodeDecodeError):
+    except (OSError, UnicodeDecodeError, CheckpointError):
         return None
     return int(text) if text.isdigit() else None  # "release" marks a converted checkpoint, not a training step
 
@@ -362,6 +364,8 @@ def _weights(folder, files, entries, fmt="auto") -> tuple[str, list[str], list[s
             shards = shard_names(json.loads(folder.read_text(SAFE_INDEX_NAME)))
         except ValueError as e:
             return "hf", [], [f"{SAFE_INDEX_NAME} is unusable: {e}"], False
+        except CheckpointError as e:  # larger than checkpoints.max_read_size: waiting will not shrink it
+            return "hf", [], [e.problem], True
         except FileNotFoundError:
             return "hf", [], [f"{SAFE_INDEX_NAME} vanished while it was read"], False
         present = {e.name for e in entries if not e.is_dir}
@@ -614,10 +618,16 @@ class _Folder:
         return self.fs.exists(posixpath.join(self.path, name))
 
     def read_text(self, name: str) -> str:
+        from ..locations import check_read_size
+
         if self.fs is None:
-            with open(os.path.join(self.path, name), encoding="utf-8") as f:
-                return f.read()
-        return self.fs.cat_file(posixpath.join(self.path, name)).decode("utf-8")
+            path = os.path.join(self.path, name)
+            with open(path, "rb") as f:
+                check_read_size(path, os.fstat(f.fileno()).st_size)
+                return f.read().decode("utf-8")
+        path = posixpath.join(self.path, name)
+        check_read_size(self.fs.unstrip_protocol(path), self.fs.size(path))
+        return self.fs.cat_file(path).decode("utf-8")
 
 
 def _mtime(info: dict) -> float | None:

@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from ..locations import is_url, local_path
-from .byteranges import ReadPlan, read_ranges
+from .byteranges import ReadPlan, bounded, cat_range, read_ranges
 
 # safetensors dtype names (safetensors/src/tensor.rs) -> torch
 DTYPES = {
@@ -80,7 +80,7 @@ class SafetensorsFile:
             import fsspec
 
             self._fs, self._remote = fsspec.core.url_to_fs(path)
-            self.size = self._fs.size(self._remote)
+            self.size = bounded(self._fs, path, "its size", "size", self._remote)
             head = self._range(0, min(self.size, FIRST_READ))
         else:
             with open(local_path(path), "rb") as f:
@@ -165,8 +165,7 @@ class SafetensorsFile:
     def _range(self, start: int, stop: int) -> bytes:
         if self._map is not None:
             return bytes(self._map[start:stop])
-        # start= and end= by name: s3fs's cat_file takes a version id second
-        return self._fs.cat_file(self._remote, start=start, end=stop)
+        return cat_range(self._fs, self._remote, self.path, start, stop)
 
 
 def _sha256(data: bytearray) -> str:

@@ -56,7 +56,8 @@ class Folder:
         from .discover import discover
 
         c = self.settings
-        # how to read each checkpoint (model_config, key_map, read_concurrency) travels on its record to the worker
+        # how to read each checkpoint (model_config, key_map, read_concurrency, waits) travels on its record to the
+        # worker
         found = discover(
             self.root,
             quiet_seconds=self.quiet,
@@ -64,7 +65,12 @@ class Folder:
             key_map=str(c.key_map),
             model_config=os.path.expanduser(str(c.model_config)) if c.model_config else None,
         )
-        return [dataclasses.replace(ckpt, read_concurrency=int(c.read_concurrency)) for ckpt in found]
+        waits = {
+            "request_timeout": float(c.request_timeout),
+            "download_timeout": float(c.download_timeout),
+            "max_read_size": str(c.max_read_size),
+        }
+        return [dataclasses.replace(ckpt, read_concurrency=int(c.read_concurrency), **waits) for ckpt in found]
 
     def with_config(self, ckpt: Checkpoint) -> Checkpoint:
         return ckpt

@@ -4,7 +4,8 @@
 pool, no socket, nothing to start, and Ctrl-C stops the replay at once. Every other `cluster` group is a Dask
 cluster (pipeline/cluster/factories.py builds it, or connects to an existing scheduler's address): workers replay
 checkpoints and return a few kilobytes of statistics, which the driver alone writes into the store. Each worker
-keeps the last model it built (a ModelCache it owns), so consecutive checkpoints of one architecture reuse it.
+keeps the last model it built (a ModelCache its first replay makes), so consecutive checkpoints of one architecture
+reuse it.
 A checkpoint is submitted once its source has its files (at once for a folder, once fetched for a Hub
 repository). On Dask the checkpoints available together are cut into consecutive stretches of steps, one per
 worker, so that each worker also reads ahead the checkpoint it replays next; an idle worker takes work from a
@@ -23,12 +24,13 @@ Failures on Dask, by kind:
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
 from collections.abc import Iterator
 
 from ..errors import CheckpointError, ClusterLost
 from ..records import Checkpoint
 
-PLUGIN_NAME = "sinktrace-models"
 IN_PROCESS = "in-process"
 POLL = 0.5  # seconds between looks at the source while replays are in flight
 
@@ -75,49 +77,50 @@ def _next_of(todo: list[Checkpoint]) -> dict[int, Checkpoint | None]:
 # --------------------------------------------------------------------------------------------- Dask
 
 
-def replay_on_worker(ckpt, probe, settings, read_next):
+# each worker's own ModelCache, made by its first replay: a worker that joins later makes its own, one that dies
+# takes its cache along (nothing is registered with the scheduler, so nothing fails when a worker dies meanwhile)
+_WORKER_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MODELS_LOCK = threading.Lock()
+
+
+def worker_models(worker):
+    """The ModelCache of `worker` (a distributed Worker), created on its first call."""
+    with _MODELS_LOCK:
+        models = _WORKER_MODELS.get(worker)
+        if models is None:
+            from ..replay.load import ModelCache
+
+            models = _WORKER_MODELS[worker] = ModelCache()
+            # A heartbeat that meets a scheduler already closing logs a traceback from the worker's process; a lost
+            # scheduler is reported by the client in one line (ClusterLost), so the traceback only repeats it
+            logging.getLogger("distributed.worker").addFilter(_no_heartbeat_traceback)
+        return models
+
+
+def replay_on_worker(ckpt, probe, settings, read_next, per_host: dict[str, int] | None = None):
     """One replay task. A bad checkpoint comes back as its CheckpointError, not raised: Dask retries what is
-    raised, and a corrupt file stays corrupt."""
+    raised, and a corrupt file stays corrupt. `per_host`: the worker processes on each machine, which share its
+    cores."""
     from distributed import get_worker
 
     from ..devices import use_threads
+    from ..locations import bound_reads, bound_waits
     from ..replay.step import replay
 
+    bound_waits(ckpt.request_timeout, ckpt.download_timeout)  # the driver's settings, in the worker's process
+    bound_reads(ckpt.max_read_size)
     worker = get_worker()
-    plugin = worker.plugins[PLUGIN_NAME]
-    use_threads(settings.threads, plugin.workers_here)
+    use_threads(settings.threads, (per_host or {}).get(_host(worker.address), 1))
     try:
-        return replay(ckpt, probe, settings, read_next, models=plugin.models)
+        return replay(ckpt, probe, settings, read_next, models=worker_models(worker))
     except CheckpointError as e:
         return e
 
 
 def _on_dask(cluster_cfg, source, todo, probe, settings):
     import dask
-    from distributed import WorkerPlugin
 
     from .factories import close, connect
-
-    class KeepModels(WorkerPlugin):
-        """Gives every worker its own ModelCache, created on the worker when it joins."""
-
-        name = PLUGIN_NAME
-
-        def __init__(self, per_host: dict[str, int]):
-            self.per_host = per_host
-
-        def setup(self, worker) -> None:
-            from ..replay.load import ModelCache
-
-            self.models = ModelCache()
-            # the worker processes on one machine share its cores
-            self.workers_here = self.per_host.get(_host(worker.address), 1)
-            # A heartbeat that meets a scheduler already closing logs a traceback from the worker's process; a lost
-            # scheduler is reported by the client in one line (ClusterLost), so the traceback only repeats it
-            logging.getLogger("distributed.worker").addFilter(_no_heartbeat_traceback)
-
-        def teardown(self, worker) -> None:
-            self.models.clear()
 
     retries = int(cluster_cfg.get("retries") or 0)
     # a scheduler started here gives up on a step after this many of its workers died running it
@@ -125,8 +128,6 @@ def _on_dask(cluster_cfg, source, todo, probe, settings):
         client, cluster = connect(cluster_cfg)
     try:
         client.wait_for_workers(1)
-        hosts = [_host(a) for a in client.scheduler_info(n_workers=-1).get("workers", {})]
-        client.register_plugin(KeepModels({h: hosts.count(h) for h in hosts}))
         futures: dict = {}
         submitted = came_back = 0
         while came_back < len(todo):
@@ -182,6 +183,8 @@ def submit(client, available, probe, settings, retries: int, resources, submitte
     the next of its own), loosely, so that an idle or surviving worker may take them over. `submitted`: how many
     were submitted before these (earlier steps go first, and the stretches start at the next worker)."""
     workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    hosts = [_host(w) for w in workers]
+    per_host = {h: hosts.count(h) for h in hosts}
     turn = submitted % len(workers) if workers else 0
     plan = stretches(available, workers[turn:] + workers[:turn])
     futures = {}
@@ -192,6 +195,7 @@ def submit(client, available, probe, settings, retries: int, resources, submitte
             probe,
             settings,
             nxt,
+            per_host,
             key=f"replay-{probe.name}-{ckpt.step}",
             pure=False,
             retries=retries,

@@ -64,7 +64,7 @@ def build_probe(cfg, model_config: dict, first: Checkpoint | None = None, hub=No
         source = str(Path(cfg.path).resolve())
         default_name = f"tokens-{Path(cfg.path).stem}-{tokens_hash(tokens)[:8]}-{first_token}"
     elif cfg.kind == "text":
-        tokens, text = text_tokens(cfg, first, hub, rng)
+        tokens, text = text_tokens(cfg, first, hub, rng, vocab)
         check_in_vocab(tokens, vocab, f"probe.tokenizer ({text['tokenizer']}) on probe.path={cfg.path}")
         source = str(Path(cfg.path).expanduser().resolve())
         default_name = (
@@ -86,18 +86,18 @@ def build_probe(cfg, model_config: dict, first: Checkpoint | None = None, hub=No
     )
 
 
-def text_tokens(cfg, first: Checkpoint | None, hub, rng) -> tuple[np.ndarray, dict]:
+def text_tokens(cfg, first: Checkpoint | None, hub, rng, vocab: int | None = None) -> tuple[np.ndarray, dict]:
     """The rows of a text probe and what identifies them (packing, text and vocabulary hashes, tokenizer)."""
-    from .text import pack, read_documents
+    from .text import rows_of_text
     from .tokenizer import probe_tokenizer
 
-    documents, text_sha256 = read_documents(str(cfg.path))
     if first is None and not cfg.get("tokenizer"):
         raise UsageError("probe=text needs a tokenizer: give probe.tokenizer= a folder or a Hub repository id")
-    loaded = probe_tokenizer(cfg.get("tokenizer"), first, hub)
-    ids = loaded.tokenizer(documents, add_special_tokens=False)["input_ids"]
+    loaded = probe_tokenizer(cfg.get("tokenizer"), first, hub, vocab)
     separator = loaded.tokenizer.eos_token_id
-    tokens = pack(ids, cfg.packing, cfg.seq_len, cfg.rows, rng, separator, f"probe.path={cfg.path}")
+    tokens, text_sha256 = rows_of_text(
+        str(cfg.path), loaded.tokenizer, cfg.packing, cfg.seq_len, cfg.rows, rng, separator
+    )
     return tokens, {
         "packing": cfg.packing,
         "text_sha256": text_sha256,

@@ -58,14 +58,15 @@ def vocab_sha256(tokenizer) -> str:
     return hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode()).hexdigest()
 
 
-def probe_tokenizer(setting: str | None, first: Checkpoint, source=None) -> Loaded:
+def probe_tokenizer(setting: str | None, first: Checkpoint, source=None, vocab: int | None = None) -> Loaded:
     """The tokenizer for a text probe: `probe.tokenizer` when set, else the first checkpoint's own (module
-    docstring); UsageError when there is none or it cannot be loaded."""
+    docstring); UsageError when there is none, it cannot be loaded, or its files are far too large for a model of
+    `vocab` ids."""
     if setting:
-        return _pinned(str(setting))
+        return _pinned(str(setting), vocab)
     for folder, name, key in _candidates(first, source):
         if _has_tokenizer(folder):
-            loaded = _load(folder, name)
+            loaded = _load(folder, name, vocab)
             # the checkpoints whose tokenizer files are these (by bytes, or by the Hub's hashes) need no loading
             _VOCABS[key or _files_key(folder)] = loaded.vocab_sha256
             return loaded
@@ -133,12 +134,12 @@ def _listed(source, step: int) -> tuple[list[str], str | None]:
     return names, hashlib.sha256("".join(f"{n}:{rev.files[n][1]}\n" for n in names).encode()).hexdigest()
 
 
-def _pinned(setting: str) -> Loaded:
+def _pinned(setting: str, vocab: int | None) -> Loaded:
     path = local_path(setting)
     if os.path.isdir(path):
         if not _has_tokenizer(path):
             raise UsageError(f"probe.tokenizer={setting}: that folder holds none of {', '.join(MAIN_FILES)}")
-        return _load(path, path)
+        return _load(path, path, vocab)
     match = HUB_ID.fullmatch(setting)
     if match is None:
         raise UsageError(f"probe.tokenizer={setting}: neither a folder nor a Hub repository id (org/name)")
@@ -222,9 +223,34 @@ def _files_key(folder: str) -> str:
     return h.hexdigest()
 
 
-def _load(folder: str, name: str) -> Loaded:
+# A tokenizer's files take well under this per token id (the largest public ones, with their merges, about 130
+# bytes): files larger than this for the model's vocabulary cannot be its tokenizer, and are never loaded.
+BYTES_PER_ID = 1024
+BYTES_SLACK = 16 << 20
+
+
+def check_size(folder: str, name: str, vocab: int | None) -> None:
+    """UsageError, before anything is loaded, when the tokenizer files in `folder` are larger than any tokenizer of
+    `vocab` ids would be (a vocabulary that cannot fit the model, which loading would spend minutes and gigabytes
+    on)."""
+    if vocab is None:
+        return
+    bound = BYTES_PER_ID * vocab + BYTES_SLACK
+    for file in TOKENIZER_FILES:
+        path = os.path.join(folder, file)
+        size = os.path.getsize(path) if os.path.isfile(path) else 0
+        if size > bound:
+            raise UsageError(
+                f"probe.tokenizer: {os.path.join(name, file)} is {size:,} bytes, more than a tokenizer of the model's "
+                f"{vocab:,} token ids takes (at most {bound:,}, from its config.json's vocab_size): its vocabulary "
+                "cannot fit the model; give probe.tokenizer= the model's own tokenizer"
+            )
+
+
+def _load(folder: str, name: str, vocab: int | None = None) -> Loaded:
     from transformers import AutoTokenizer
 
+    check_size(folder, name, vocab)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as e:

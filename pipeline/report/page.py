@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
+import matplotlib.text
 import numpy as np
 import xarray as xr
 from matplotlib import colors as mcolors
@@ -243,6 +244,9 @@ def new_figure(nrows: int = 1, ncols: int = 1, *, figsize, **kwargs):
 
 
 def save_figure(fig, path: Path) -> Path:
+    # every label is text: a run, folder or probe name holding `$` must not be parsed as mathtext
+    for text in fig.findobj(matplotlib.text.Text):
+        text.set_parse_math(False)
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     return path
 

@@ -217,9 +217,15 @@ def _load_chunk(file: str, entry: str, data: bytes, chunk, dtype):
     """One chunk of the torch flavour: a torch.save stream holding a tensor of the chunk's sizes and dtype."""
     import torch
 
+    from .torchfile import refusal
+
     name = posixpath.basename(file)
     try:
         tensor = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's message advises full unpickling, which is never done here
+        raise CheckpointError(
+            file, f"{name} cannot be read: {entry} needs more than torch.load(weights_only=True): {refusal(e)}"
+        ) from None
     except Exception as e:
         raise CheckpointError(file, f"{name} cannot be read: {entry}: {describe(e)}") from None
     if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(chunk.sizes) or tensor.dtype != dtype:

@@ -25,7 +25,7 @@ import zipfile
 import torch
 
 from ...errors import CheckpointError, describe
-from ...locations import is_url, local_path
+from ...locations import file_size, is_url, local_path
 from .. import byteranges
 
 # litgpt's step_count counts optimizer steps, as its step-<N> folders do (its iter_num counts micro-batches);
@@ -68,7 +68,7 @@ def load(path: str) -> dict:
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             path,
-            f"{name} needs more than torch.load(weights_only=True) to be read: {_refusal(e)}; it "
+            f"{name} needs more than torch.load(weights_only=True) to be read: {refusal(e)}; it "
             "is refused, because full unpickling can run code: save the model's state_dict alone",
         ) from None
     except Exception as e:  # truncated zip, bad magic number, ...
@@ -109,14 +109,22 @@ def read(path: str, tensors: dict[str, torch.Tensor], plan: byteranges.ReadPlan)
     Raises:
         CheckpointError: the file is shorter than a storage's record, or cannot be read.
     """
-    spans = {}
-    for t in tensors.values():
+    spans, size = {}, None
+    for name, t in tensors.items():
         if t.is_meta:
+            size = _size(path) if size is None else size
             storage = t.untyped_storage()
             spans[storage._checkpoint_offset] = (
                 storage._checkpoint_offset,
                 storage._checkpoint_offset + storage.nbytes(),
             )
+            if spans[storage._checkpoint_offset][1] > size:  # never ask for more than the file holds
+                raise CheckpointError(
+                    path,
+                    f"{os.path.basename(path)}: tensor {name} declares a storage of {storage.nbytes()} bytes "
+                    f"({storage.nbytes() // t.element_size()} elements of {t.dtype}) at byte "
+                    f"{storage._checkpoint_offset}, past the end of the file ({size} bytes)",
+                )
     try:
         data = byteranges.read_files({path: list(spans.values())}, plan)[path] if spans else []
     except OSError as e:
@@ -138,13 +146,20 @@ def read(path: str, tensors: dict[str, torch.Tensor], plan: byteranges.ReadPlan)
     return out
 
 
+def _size(path: str) -> int:
+    try:
+        return file_size(path)
+    except OSError as e:
+        raise CheckpointError(path, f"{os.path.basename(path)} cannot be read ({describe(e)})") from None
+
+
 def _storage(data: bytes) -> torch.UntypedStorage:
     if not data:
         return torch.UntypedStorage(0)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).untyped_storage()
 
 
-def _refusal(e: pickle.UnpicklingError) -> str:
+def refusal(e: pickle.UnpicklingError) -> str:
     """What torch's restricted unpickler refused, without the advice around it (which suggests full unpickling)."""
     text = str(e)
     named = re.search(r"GLOBAL (\S+)", text)
