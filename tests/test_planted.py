@@ -213,3 +213,19 @@ def test_control_is_token_bound_and_never_recognised(replayed, family):
     assert defined.size and np.all(defined == 0.0)  # ... that no other first token keeps: the token-bound value
     assert math.isnan(float(an.recognition_step(groups["random"])))
     assert float(groups["random"]["p0_similarity"].sel(layer=[0, 1]).max()) < 0.5
+
+
+def test_report_shows_the_planted_circuit(replayed, tmp_path):
+    from pipeline.report.page import write_report
+
+    page = write_report(str(replayed["llama", False]["store"]), str(tmp_path / "report"))
+    text = page.read_text()
+    random_section = text[text.index("<h2>Probe group <code>random-T16-r16-s0-random") :]
+    assert "<td class=l>recognition step (p0_similarity in layers 0-1 stays &gt; 0.9)</td><td>300</td>" in (
+        random_section
+    )
+    assert "<td>layer 0 MLP</td>" in random_section and "<td>100.0 %</td>" in random_section
+    assert "step the writer settles</td><td>200</td>" in random_section
+    for fig in ("p0_circuit", "p0_recognition"):
+        assert (page.parent / f"random-T16-r16-s0-random_{fig}.png").stat().st_size > 10_000
+    assert "positional index" in text
