@@ -643,17 +643,30 @@ def mixing_effect(ds: xr.Dataset) -> xr.Dataset:
     return out
 
 
+# Relative difference below which two stored norms are the same: each is a mean of float32 norms, rounded at
+# about 1e-7 of its size.
+_ROUNDING = 1e-6
+
+
+def _excess(p0: xr.DataArray, rest: xr.DataArray) -> xr.DataArray:
+    """max(0, p0 - rest), and 0 where the difference is within ``_ROUNDING`` of p0 (NaN stays NaN)."""
+    diff = p0 - rest
+    return diff.where(diff > _ROUNDING * abs(p0), 0.0).where(diff.notnull())
+
+
 @_per_run
 def circuit_share(ds: xr.Dataset, k: int = 2) -> xr.DataArray:
     """Per step, the share of the position-0 writing done in the first ``k`` layers.
 
     Definition: e(l, c) = max(0, <c>_out_norm_p0 - <c>_out_norm), how much more sublayer c of layer l writes at
     position 0 than at the other positions; share = sum of e over layers < k / sum over all layers (both
-    components). NaN where the total is 0.
+    components). NaN where the total is 0. An excess within float32 rounding of the norms (relative
+    ``_ROUNDING``) counts as 0: a sublayer that writes the same norm everywhere has no excess, and without the
+    floor its rounding alone could make a share of 1.
     """
     _needs(ds, MEASURED["outputs"], "outputs")
     d = _done_data(ds)
-    excess = sum((d[f"{c}_out_norm_p0"] - d[f"{c}_out_norm"]).clip(min=0) for c in ("attn", "mlp"))
+    excess = sum(_excess(d[f"{c}_out_norm_p0"], d[f"{c}_out_norm"]) for c in ("attn", "mlp"))
     total = excess.sum("layer")
     return (
         (excess.isel(layer=slice(0, k)).sum("layer") / total)

@@ -7,12 +7,19 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from nbclient import NotebookClient
 
 from tests.cubes import realistic_cube, write_store
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "emergence.ipynb"
+
+
+@pytest.fixture(autouse=True)
+def planted_once(tmp_path_factory, monkeypatch):
+    """The notebook's planted series are replayed by the first test and read by the others."""
+    monkeypatch.setenv("SINKTRACE_PLANTED", str(tmp_path_factory.getbasetemp() / "notebook-planted"))
 
 
 def _run(store: Path, monkeypatch) -> nbformat.NotebookNode:
@@ -51,8 +58,9 @@ def test_notebook_runs_on_a_store_with_both_first_token_groups(tmp_path, monkeyp
     assert not [
         out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs if out.output_type == "error"
     ]
-    assert _images(nb) == 6  # one figure per question, the first-token comparison included
+    assert _images(nb) == 7  # one figure per question, the first-token comparison and the planted circuit included
     text = _text(nb)
+    assert "planted (GPT-2)" in text and "control (token-bound)" in text
     assert "group 'r64-keep'" in text and "19 of 20 steps done" in text
     assert "convergence step: 8000" in text
     assert "positional index at step 10000" in text
@@ -61,7 +69,7 @@ def test_notebook_runs_on_a_store_with_both_first_token_groups(tmp_path, monkeyp
 def test_notebook_without_a_first_token_pair(tmp_path, monkeypatch):
     store = write_store(tmp_path / "sinks.zarr", {"only": realistic_cube("keep", failed=())})
     nb = _run(store, monkeypatch)
-    assert _images(nb) == 5
+    assert _images(nb) == 5 + 1  # sections 1-4 and the planted circuit
     assert "no pair of probe groups" in _text(nb)
 
 
@@ -80,7 +88,7 @@ def test_notebook_reads_the_circuit_and_mixing_statistics(tmp_path, monkeypatch)
     text = _text(nb)
     assert "writer settles at step 200" in text
     assert "position zero recognised (p0_similarity > 0.9 in layers 0-1) from step 300" in text
-    assert _images(nb) == 5 + 2  # the five of sections 1-4 and the two new ones (no first-token pair)
+    assert _images(nb) == 5 + 2 + 1  # sections 1-4, the two P0 ones (no first-token pair), the planted circuit
 
 
 def test_notebook_compares_two_runs(tmp_path, monkeypatch):
@@ -89,7 +97,7 @@ def test_notebook_compares_two_runs(tmp_path, monkeypatch):
     slow = write_store(tmp_path / "slow.zarr", {"r64-keep": slow_cube})
     monkeypatch.setenv("SINKTRACE_RUNS", f"fast={fast}{os.pathsep}slow={slow}")
     nb = _run(fast, monkeypatch)
-    assert _images(nb) == 5 + 1  # sections 1-4 and the comparison
+    assert _images(nb) == 5 + 1 + 1  # sections 1-4, the planted circuit and the comparison
     text = _text(nb)
     assert "emergence step per run and layer:" in text
     # layer 0 of the hand-built run stays above 0.3 from step 3000; the slow run's first checkpoint past it is 6000

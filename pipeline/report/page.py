@@ -506,8 +506,7 @@ def fig_circuit(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Path
     fig, axes = new_figure(1, 2, figsize=(11, 4.2), sharex=True)
     writer = an.circuit_writer(ds)
     axes[0].plot(writer.step, writer, marker="o", markersize=_marker_size(n.steps.size), drawstyle="steps-post")
-    axes[0].set_ylim(-0.25, ds.sizes["layer"] - 0.25)
-    axes[0].set_ylabel("writer: layer (+0.5 = MLP)")
+    _writer_axis(axes[0], ds.sizes["layer"])
     axes[0].set_title(
         f"first sublayer writing position 0 > {writer.attrs['ratio']:g}x the rest "
         f"(settles at {fmt_step(float(an.writer_settle_step(ds)))})",
@@ -534,6 +533,48 @@ def fig_circuit(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Path
     return save_figure(fig, path)
 
 
+def _writer_axis(ax, n_layers: int) -> None:
+    """The writer's axis in words: one tick per sublayer, "0 attn", "0 MLP", "1 attn", ..."""
+    ax.set_ylim(-0.25, n_layers - 0.25)
+    ticks = np.arange(0, n_layers, 0.5)
+    if ticks.size <= 24:
+        ax.set_yticks(ticks, [f"{int(t)} {'MLP' if t % 1 else 'attn'}" for t in ticks], fontsize=7)
+    ax.set_ylabel("writer: layer and sublayer")
+
+
+def _mark_recognition(ax, ds: xr.Dataset) -> None:
+    """The recognition threshold (dotted) and, where position zero is recognised, the step (a vertical line)."""
+    step = an.recognition_step(ds)
+    ax.axhline(step.attrs["threshold"], color="0.4", linestyle=":", linewidth=1)
+    if np.isfinite(float(step)):
+        ax.axvline(float(step), color="black", linestyle=":", label=f"recognised from step {float(step):g}")
+        ax.legend(fontsize=8, loc="lower right")
+
+
+def circuit_rows(ds: xr.Dataset) -> list[list[str]]:
+    """The P0 circuit in numbers, for the group's table: the writer and its share at the last done step, the step
+    the writer settles, and (with a random first token) the recognition step. Empty without the measures."""
+    rows = []
+    has_outputs = all(v in ds.variables for v in MEASURED["outputs"])
+    if has_outputs and an.done(ds).sizes["step"]:
+        writer = float(an.circuit_writer(ds).isel(step=-1))
+        last = int(an.done(ds)["step"].values[-1])
+        name = "none" if not np.isfinite(writer) else f"layer {int(writer)} {'MLP' if writer % 1 else 'attention'}"
+        rows += [
+            [f"P0 circuit writer at step {last} (first sublayer writing position 0 > 3x the rest)", name],
+            ["step the writer settles", fmt_step(float(an.writer_settle_step(ds)))],
+            [
+                f"circuit share at step {last} (excess position-0 writing in layers 0-1)",
+                _fmt_share(float(an.circuit_share(ds).isel(step=-1))),
+            ],
+        ]
+    if "p0_similarity" in ds.variables and ds.attrs.get("probe_first_token") == "random":
+        rows.append(
+            ["recognition step (p0_similarity in layers 0-1 stays > 0.9)", fmt_step(float(an.recognition_step(ds)))]
+        )
+    return rows
+
+
 def fig_recognition(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> Path:
     """p0_similarity (solid) and rest_similarity (dashed) per layer over training."""
     n_layers = ds.sizes["layer"]
@@ -552,6 +593,8 @@ def fig_recognition(ds: xr.Dataset, n: GroupNumbers, path: Path, title: str) -> 
         ax.plot(d.step, d["rest_similarity"].sel(layer=layer), color=colors[i], linestyle="--")
     ax.set_ylabel("mean pairwise cosine across rows")
     random = ds.attrs.get("probe_first_token") == "random"
+    if random:
+        _mark_recognition(ax, ds)
     ax.set_title(
         "position 0 (solid) and later positions (dashed)"
         + ("" if random else ": one first token in every row, so position 0 is 1 by construction"),
@@ -736,7 +779,7 @@ def _group_section(name: str, ds: xr.Dataset, out: Path, eps: float, tol: float,
         [f"onset layer at step {n.last_step} (first layer with mean > {eps:g})", fmt_step(n.onset_last)],
         [f"early share at step {n.last_step} (sink mass in layers 0–1)", _fmt_share(n.early_last)],
     ]
-    parts.append(html_table(["quantity", "value"], scalars, left=1))
+    parts.append(html_table(["quantity", "value"], scalars + circuit_rows(ds), left=1))
     parts.append(
         "<p class=note>Sink mass: attention on key 0 averaged over probe rows and queries "
         "1..T-1, then over heads. Emergence step: first done step from which the layer stays "
