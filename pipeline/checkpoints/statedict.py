@@ -2,11 +2,11 @@
 
 Replay asks two things of a checkpoint that transformers cannot load by itself (a DCP folder, a `torch.save`
 file, or safetensors under a trainer's names): `hf_config` (the Hugging Face config describing its network) and
-its tensors (`Saved`, renamed and reshaped for that network by `OpenedCheckpoint.state_dict`). The reading is the format modules' job
-(`formats/`), the renaming the key maps' (`keymaps/`). A replay hands both the same `Saved`, so a torch.save
-file's pickle (or DCP's .metadata) is read once for the key map, the config and the tensors, and the tensors are
-read by byte ranges, a subset at a time if the caller asks so (`Saved.specs`, `Saved.tensors(names)`), from the
-local disk or any fsspec URL.
+its tensors (`Saved`, renamed and reshaped for that network by `OpenedCheckpoint.state_dict`). The reading is
+the format modules' job (`formats/`), the renaming the key maps' (`keymaps/`). A replay hands both the same
+`Saved`, so a torch.save file's pickle (or DCP's .metadata) is read once for the key map, the config and the
+tensors, and the tensors are read by byte ranges, a subset at a time if the caller asks so (`Saved.specs`,
+`Saved.tensors(names)`), from the local disk or any fsspec URL.
 
 Where the config comes from, first that applies: `checkpoints.model_config` (a config.json, or a folder holding
 one); a Hugging Face config.json in the checkpoint's folder (the Trainer writes one beside its FSDP shards); the
