@@ -14,7 +14,8 @@ from typing import Literal
 import numpy as np
 import xarray as xr
 
-from .analysis import MISSING, RUN, _strings, probe_groups
+from .analysis import probe_groups
+from .analysis.per_run import MISSING, RUN, _strings
 from .store.schema import STEP_COORDS, STRING_STEP_COORDS
 
 __all__ = ["open_runs"]

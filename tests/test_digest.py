@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 import pipeline
 from pipeline.analysis import same_weights, same_weights_lines
 from pipeline.checkpoints.digest import weights_digest
+from pipeline.checkpoints.opened import open_checkpoint
 from pipeline.cli import compose, run
 from pipeline.errors import CheckpointError
 from pipeline.records import Checkpoint, Probe
@@ -70,7 +71,8 @@ def test_both_routes_record_the_same_digest(tmp_path):
     whole = replay(ckpt, probe, ReplaySettings(device="cpu", max_device_memory=None))
     layered = replay(ckpt, probe, ReplaySettings(device="cpu", max_device_memory="1KB"))
     assert str(whole.weights_digest.values) == str(layered.weights_digest.values) == weights_digest(files(folder))
-    assert load_model(ckpt, attn_implementation="eager").weights_digest.result() == weights_digest(files(folder))
+    load_model(opened := open_checkpoint(ckpt), attn_implementation="eager")
+    assert opened.digest.result() == weights_digest(files(folder))
 
 
 def test_same_weights_are_flagged_in_summary_report_and_analysis(tmp_path, capsys):
@@ -160,9 +162,9 @@ def test_checkpoints_of_other_formats_get_a_digest_too(tmp_path):
         tc.torchtitan_step(tmp_path / "run", step, model)
     a.config.to_json_file(tmp_path / "config.json")
     found = discover(str(tmp_path / "run"), quiet_seconds=0)
-    digests = [
-        load_model(replace(c, model_config=str(tmp_path / "config.json")), dtype="float32").weights_digest.result()
-        for c in found
-    ]
+    opened = [open_checkpoint(replace(c, model_config=str(tmp_path / "config.json"))) for c in found]
+    for c in opened:
+        load_model(c, dtype="float32")
+    digests = [c.digest.result() for c in opened]
     assert [c.step for c in found] == [100, 200, 300]
     assert len(digests[0]) == 64 and digests[1] == digests[2] != digests[0]

@@ -121,6 +121,7 @@ def test_layer_by_layer_from_s3_stores_the_local_digest(runs, reference, tmp_pat
 def test_layered_replay_from_s3_reads_the_tensors_it_needs_by_byte_ranges(s3, tmp_path, monkeypatch):
     from pipeline.checkpoints import safetensorsfile
     from pipeline.checkpoints.digest import weights_digest
+    from pipeline.checkpoints.opened import open_checkpoint
     from pipeline.replay.layered import open_layered
     from pipeline.replay.measure import measure
 
@@ -148,13 +149,14 @@ def test_layered_replay_from_s3_reads_the_tensors_it_needs_by_byte_ranges(s3, tm
     import torch
 
     ids = torch.as_tensor(ids)
-    with open_layered(Checkpoint(1, f"s3://{BUCKET}/layered/step1"), device="cpu", dtype="float32") as (m, rows):
+    remote_ckpt, local_ckpt = open_checkpoint(Checkpoint(1, f"s3://{BUCKET}/layered/step1")), Checkpoint(1, str(folder))
+    with open_layered(remote_ckpt, device="cpu", dtype="float32") as (m, rows):
         remote = measure(m, ids, batch_size=2, key_positions=4, run_rows=rows)
         assert sorted(names) == sorted(k for k in saved if k != "lm_head.weight")  # each once; the head never
-        remote_digest = m.weights_digest.result()  # the head read now, for the digest alone
-    with open_layered(Checkpoint(1, str(folder)), device="cpu", dtype="float32") as (m, rows):
+        remote_digest = remote_ckpt.digest.result()  # the head read now, for the digest alone
+    with open_layered(local_ckpt := open_checkpoint(local_ckpt), device="cpu", dtype="float32") as (m, rows):
         local = measure(m, ids, batch_size=2, key_positions=4, run_rows=rows)
-        local_digest = m.weights_digest.result()
+        local_digest = local_ckpt.digest.result()
     for key in local:
         np.testing.assert_array_equal(np.asarray(remote[key]), np.asarray(local[key]), err_msg=key)
     assert remote_digest == local_digest == weights_digest([str(folder / "model.safetensors")])

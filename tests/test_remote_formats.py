@@ -12,6 +12,7 @@ import torch
 from pipeline.checkpoints import byteranges
 from pipeline.checkpoints.discover import discover
 from pipeline.checkpoints.formats.dcp import _model_entries, read_metadata
+from pipeline.checkpoints.opened import open_checkpoint
 from pipeline.checkpoints.safetensorsfile import SafetensorsFile
 from pipeline.checkpoints.statedict import Saved
 from pipeline.errors import CheckpointError
@@ -54,17 +55,18 @@ def assert_same_replay(local, remote, vocab: int, **how):
     remote one whole and layer by layer, against the local one whole."""
     ids = np.random.default_rng(1).integers(0, vocab - 1, size=(3, 24))
     ids[:, 0] = 5
-    a = load_model(replace(local, **how), device="cpu", dtype="float32")
-    b = load_model(replace(remote, **how), device="cpu", dtype="float32")
+    opened = [open_checkpoint(replace(c, **how)) for c in (local, remote, remote)]
+    a = load_model(opened[0], device="cpu", dtype="float32")
+    b = load_model(opened[1], device="cpu", dtype="float32")
     want, got = measure(a, ids, measures=()), measure(b, ids, measures=())
-    with open_layered(replace(remote, **how), device="cpu", dtype="float32") as (c, run_rows):
+    with open_layered(opened[2], device="cpu", dtype="float32") as (c, run_rows):
         layered = measure(c, ids, run_rows=run_rows, measures=())
-        layered_digest = c.weights_digest.result()
+        layered_digest = opened[2].digest.result()
     for stats in (got, layered):
         assert set(stats) == set(want)
         for name in want:
             np.testing.assert_allclose(stats[name], want[name], rtol=1e-6, atol=1e-6, err_msg=name)
-    assert a.weights_digest.result() == b.weights_digest.result() == layered_digest is not None
+    assert opened[0].digest.result() == opened[1].digest.result() == layered_digest is not None
 
 
 def dcp_spans(folder: Path, url: str) -> tuple[set, set, set]:

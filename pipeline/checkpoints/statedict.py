@@ -2,11 +2,11 @@
 
 Replay asks two things of a checkpoint that transformers cannot load by itself (a DCP folder, a `torch.save`
 file, or safetensors under a trainer's names): `hf_config` (the Hugging Face config describing its network) and
-`state_dict` (its tensors, renamed and reshaped for that network). The reading is the format modules' job
-(`formats/`), the renaming the key maps' (`keymaps/`). A replay hands both the same `Saved`, so a torch.save
-file's pickle (or DCP's .metadata) is read once for the key map, the config and the tensors, and the tensors are
-read by byte ranges, a subset at a time if the caller asks so (`Saved.specs`, `Saved.tensors(names)`), from the
-local disk or any fsspec URL.
+its tensors (`Saved`, renamed and reshaped for that network by `OpenedCheckpoint.state_dict`). The reading is
+the format modules' job (`formats/`), the renaming the key maps' (`keymaps/`). A replay hands both the same
+`Saved`, so a torch.save file's pickle (or DCP's .metadata) is read once for the key map, the config and the
+tensors, and the tensors are read by byte ranges, a subset at a time if the caller asks so (`Saved.specs`,
+`Saved.tensors(names)`), from the local disk or any fsspec URL.
 
 Where the config comes from, first that applies: `checkpoints.model_config` (a config.json, or a folder holding
 one); a Hugging Face config.json in the checkpoint's folder; for tensors already in transformers' names (the
@@ -207,20 +207,6 @@ def hf_config(ckpt: Checkpoint, saved: Saved | None = None) -> dict:
             "folder holding one) for the network it holds",
         )
     return derived
-
-
-def state_dict(ckpt: Checkpoint, config, saved: Saved | None = None) -> dict[str, torch.Tensor]:
-    """The checkpoint's model tensors, in transformers' names and layouts for a model of `config` (a
-    PretrainedConfig), on the CPU. Optimizer state is never read. `saved`: as for `hf_config`.
-
-    Raises:
-        CheckpointError: a file is missing or damaged, or the key map leaves tensors unused.
-    """
-    from . import keymaps
-
-    tensors = (saved if saved is not None else Saved(ckpt)).tensors()
-    name = keymaps.detect(tensors) if ckpt.key_map == "auto" else ckpt.key_map
-    return keymaps.apply(name, tensors, config, ckpt.path)
 
 
 def resolve_key_map(ckpt: Checkpoint, saved: Saved | None = None) -> str:

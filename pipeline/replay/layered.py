@@ -40,12 +40,10 @@ from .load import (
     check_state_dict,
     checked,
     mapped_config,
-    mapped_plan,
     parameters_on_meta,
     quiet_transformers,
     remote_code,
     stored_dtype,
-    transformers_config,
 )
 from .measure import find_blocks
 
@@ -62,9 +60,9 @@ def open_layered(
     """The checkpoint's model with only the weights outside its blocks loaded, and the `run_rows` that streams
     its blocks. `ckpt`, `dtype` and `attn_implementation` as for load_model.
 
-    Yields (model, run_rows); pass both to `measure(model, ids, run_rows=run_rows)`. The model's `weights_digest`
-    is that of load_model. Checks the files as `load_model` does; a tensor that is missing, unexpected or of the
-    wrong shape raises CheckpointError.
+    Yields (model, run_rows); pass both to `measure(model, ids, run_rows=run_rows)`. The opened checkpoint's
+    `digest` is then that of load_model. Checks the files as `load_model` does; a tensor that is missing,
+    unexpected or of the wrong shape raises CheckpointError.
     """
     from . import attention  # noqa: F401  (registers "sinkstats")
 
@@ -72,17 +70,16 @@ def open_layered(
     device = concrete_device(device)
     if opened.mapped:  # through a key map: its plan says which checkpoint tensors each block's come from
         config = mapped_config(opened, trust_remote_code)
-        plan = mapped_plan(opened, config)
+        plan = opened.plan
         want = load_dtype(dtype, device, stored_dtype(plan.outputs))
         model = _skeleton(opened, device, want, False, attn_implementation, config)
         stream = SavedBlockStream(opened, model, device, want, plan)
-        model.weights_digest = stream.digest
+        opened.digest_from(stream.digest)
     else:
         want = checked(opened, device, dtype, trust_remote_code)
-        digest = opened.digest
+        opened.digest  # noqa: B018  (hashing starts now, beside the build)
         # the weights are read from the files opened (byte ranges for a URL), block by block, the output head never
         model = _skeleton(opened, device, want, trust_remote_code, attn_implementation)
-        model.weights_digest = digest
         stream = BlockStream(opened, model, device, want)
     with stream:
         yield model, stream.run_rows
@@ -97,7 +94,7 @@ def _skeleton(opened: OpenedCheckpoint, device, dtype, trust_remote_code, attn_i
                 folder = stack.enter_context(local_folder(opened.path, weights=False))
                 config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=True)
             elif config is None:
-                config = transformers_config(opened)
+                config = opened.transformers_config
             with parameters_on_meta():
                 model = AutoModelForCausalLM.from_config(
                     config, attn_implementation=attn_implementation, dtype=dtype, trust_remote_code=trust_remote_code

@@ -11,13 +11,16 @@ stack trace from deep inside transformers, or worse, a model that silently runs 
   file fails), and each holding the tensors the index maps to it;
 - after loading: no parameter missing (it would be left at its random init), unexpected or of the wrong shape.
 
+A worker keeps the model between checkpoints (`ModelCache`): consecutive checkpoints of one config are copied into
+it instead of building a model each time, whichever route they come by.
+
 Every file is read once (`checkpoints.opened`): the model is built from the config already read and the tensors of
 the weight files already opened, so transformers reads no file itself, but for a model whose code ships with the
 checkpoint (remote code), which transformers builds from the folder.
 
-Checkpoints in other formats (DCP folders, torch.save files) or under a trainer's names come through
-`checkpoints.statedict` instead: the model is built from their config with empty parameters, which then take the
-checkpoint's tensors, with the same checks (nothing missing, unexpected or of the wrong shape).
+Checkpoints in other formats (DCP folders, torch.save files) or under a trainer's names come through their key map
+instead (`OpenedCheckpoint.state_dict`): the model is built from their config with empty parameters, which then take
+the checkpoint's tensors, with the same checks (nothing missing, unexpected or of the wrong shape).
 """
 
 from __future__ import annotations
@@ -29,10 +32,8 @@ import threading
 import torch
 from torch import nn
 
-from ..checkpoints.digest import start_tensor_digest
 from ..checkpoints.model_config import check_architecture, model_class
 from ..checkpoints.opened import OpenedCheckpoint, open_checkpoint
-from ..checkpoints.statedict import state_dict
 from ..checkpoints.weightfiles import CONFIG_NAME, main_dtype
 from ..devices import (
     SAFETENSORS_FLOATS,
@@ -90,11 +91,11 @@ def load_model(
     attn_implementation: str = "sinkstats",
     models: ModelCache | None = None,
 ):
-    """Build the checkpoint's causal LM from its config.json and safetensors weights, in eval mode. Its
-    `weights_digest` is the weights' digest being hashed in the background (pipeline/digest.PendingDigest).
+    """Build the checkpoint's causal LM from its config.json and safetensors weights, in eval mode. The weights'
+    digest is then being hashed in the background: the opened checkpoint's `digest`.
 
     Checkpoints of other formats, or with a `model_config` or a `key_map` set, get their config and tensors from
-    pipeline/checkpoints/statedict.py and are built whole (see `_from_state_dict`).
+    the opened checkpoint's key map (`OpenedCheckpoint.state_dict`) and are built whole (see `_from_state_dict`).
 
     Args:
         ckpt: the checkpoint, or the checkpoint opened (`checkpoints.opened`), whose files are then not read again.
@@ -106,7 +107,8 @@ def load_model(
             needed only for architectures transformers does not know. Off by default: it runs arbitrary code.
         attn_implementation: the transformers attention function; "sinkstats" (pipeline/replay/attention.py) measures
             the sink statistics, "eager" or "sdpa" are plain attention.
-        models: where a model of the same architecture may be waiting; give the model back to it when done.
+        models: where a model of the same architecture may be waiting, whatever the checkpoint's format; give the
+            model back to it when done.
 
     Raises:
         CheckpointError: the checkpoint cannot be loaded; the message names the file and the problem.
@@ -119,28 +121,37 @@ def load_model(
         from . import attention  # noqa: F401  (registers "sinkstats" with transformers on import)
 
     if opened.mapped:
-        return _from_state_dict(opened, device, dtype, trust_remote_code, attn_implementation)
-    want = checked(opened, device, dtype, trust_remote_code)
-    digest = opened.digest
-    key = (opened.fingerprint, str(device), want, attn_implementation)
+        config = mapped_config(opened, trust_remote_code)
+        tensors = opened.state_dict()
+        want = load_dtype(dtype, device, stored_dtype(tensors))
+    else:
+        want = checked(opened, device, dtype, trust_remote_code)
+        opened.digest  # noqa: B018  (hashing starts now, beside the build)
+    key = (opened.mapped, opened.fingerprint, str(device), want, attn_implementation)
     built = models.take(key) if models is not None else None
-    if built is not None and _load_into(built, opened):
+    if opened.mapped:
+        if built is not None:
+            _assign_into(built, opened.path, tensors, want)
+            model = built
+        else:
+            model = _from_state_dict(opened, config, tensors, device, want, attn_implementation)
+    elif built is not None and _load_into(built, opened):
         model = built
     else:
         model = _from_pretrained(opened, device, want, trust_remote_code, attn_implementation)
     if models is not None:
         models.lend(key, model)
-    model.weights_digest = digest
     return model
 
 
 def weights_in_memory(ckpt: Checkpoint | OpenedCheckpoint, device, dtype="auto") -> tuple[torch.dtype, int]:
     """The dtype `load_model(ckpt, device=device, dtype=dtype)` loads the weights in, and the bytes they then take
     (from the files' sizes, scaled from the dtype most of them are stored in). Reads headers only (for a URL, by
-    byte ranges); for a checkpoint read through `checkpoints.statedict`, from the shapes of its mapped tensors."""
+    byte ranges); for a checkpoint read through its key map, from the shapes of its mapped tensors (`plan`)."""
     opened = open_checkpoint(ckpt)
     if opened.mapped:
-        outputs = mapped_plan(opened, mapped_config(opened, False)).outputs
+        mapped_config(opened, False)
+        outputs = opened.plan.outputs
         want = load_dtype(dtype, device, stored_dtype(outputs))
         return want, sum(t.numel() for t in outputs.values()) * want.itemsize
     main = main_dtype(opened.weights)
@@ -183,16 +194,6 @@ def checked(opened: OpenedCheckpoint, device, dtype, trust_remote_code: bool) ->
 def remote_code(opened: OpenedCheckpoint, trust_remote_code: bool) -> bool:
     """Whether transformers builds the model from code shipped with the checkpoint (config.json's `auto_map`)."""
     return trust_remote_code and isinstance(opened.config.get("auto_map"), dict)
-
-
-def transformers_config(opened: OpenedCheckpoint):
-    """transformers' config object for a checkpoint without remote code, from the config already read."""
-    from transformers import CONFIG_MAPPING
-
-    try:
-        return CONFIG_MAPPING[opened.config["model_type"]].from_dict(opened.config)
-    except Exception as e:
-        raise CheckpointError(join(opened.path, CONFIG_NAME), f"transformers rejects it: {describe(e)}") from e
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -251,15 +252,11 @@ def _shares_storage(params: dict, name: str, present) -> bool:
     return any(params[other].data_ptr() == ptr for other in present if other in params)
 
 
-def _from_state_dict(opened: OpenedCheckpoint, device, dtype, trust_remote_code, attn_implementation):
-    """Build the model from a config and "the state dict in transformers' names" (`checkpoints.statedict`): the
-    parameters start on the meta device (no random init, no memory) and take the checkpoint's tensors."""
+def _from_state_dict(opened: OpenedCheckpoint, config, tensors: dict, device, want, attn_implementation):
+    """Build the model from a config and "the state dict in transformers' names" (`OpenedCheckpoint.state_dict`):
+    the parameters start on the meta device (no random init, no memory) and take the checkpoint's tensors."""
     from transformers import AutoModelForCausalLM
 
-    config = mapped_config(opened, trust_remote_code)
-    tensors = state_dict(opened.ckpt, config, opened.saved)
-    digest = start_tensor_digest(tensors)
-    want = load_dtype(dtype, device, stored_dtype(tensors))
     try:
         with parameters_on_meta(), quiet_transformers():
             model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=want)
@@ -268,27 +265,28 @@ def _from_state_dict(opened: OpenedCheckpoint, device, dtype, trust_remote_code,
     expected = check_state_dict(opened.path, tensors, model)
     model.load_state_dict({k: t.to(want) for k, t in tensors.items() if k in expected}, strict=False, assign=True)
     model.tie_weights()
-    model.weights_digest = digest
     return model.to(concrete_device(device)).eval()
 
 
+def _assign_into(model, where: str, tensors: dict, want) -> None:
+    """Copy a mapped state dict into a model built for the same config, as `_from_state_dict` would have assigned
+    it: the tied weights (the output head sharing the embedding) keep following the weight they are tied to."""
+    expected = check_state_dict(where, tensors, model)
+    tied = set(model.all_tied_weights_keys) if getattr(model, "all_tied_weights_keys", None) else set()
+    cuda = next(iter(expected.values())).is_cuda
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if name in expected and name not in tied:
+                expected[name].copy_(tensor.to(want), non_blocking=cuda)
+    if cuda:
+        torch.cuda.synchronize()
+
+
 def mapped_config(opened: OpenedCheckpoint, trust_remote_code: bool):
-    """transformers' config object for a checkpoint read through `checkpoints.statedict`, its architecture checked."""
-    from transformers import CONFIG_MAPPING
-
-    config_dict, where = opened.config, opened.config_path
-    check_architecture(where, config_dict, trust_remote_code)
-    try:
-        return CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict)
-    except Exception as e:
-        raise CheckpointError(where, f"transformers rejects the model config: {describe(e)}") from e
-
-
-def mapped_plan(opened: OpenedCheckpoint, config):
-    """The checkpoint's key map over its tensors' names and shapes (`keymaps.plan`): nothing is read."""
-    from ..checkpoints import keymaps
-
-    return keymaps.plan(opened.key_map, opened.saved.specs(), config, opened.path)
+    """transformers' config object for a checkpoint read through its key map (`OpenedCheckpoint`'s, built once),
+    its architecture checked."""
+    check_architecture(opened.config_path, opened.config, trust_remote_code)
+    return opened.transformers_config
 
 
 def stored_dtype(tensors: dict) -> torch.dtype:
@@ -346,7 +344,7 @@ def _from_pretrained(opened: OpenedCheckpoint, device, dtype, trust_remote_code,
                 raise CheckpointError(join(folder, CONFIG_NAME), f"transformers rejects it: {describe(e)}") from e
             files = {"use_safetensors": True, "local_files_only": True}
             return _build(AutoModelForCausalLM, folder, config, files, folder, device, dtype, True, attn_implementation)
-    config = transformers_config(opened)
+    config = opened.transformers_config
     # the class itself: AutoModelForCausalLM.from_pretrained looks for remote code in a folder even when handed tensors
     tensors = {"state_dict": opened.tensors()}
     return _build(

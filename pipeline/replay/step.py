@@ -101,7 +101,7 @@ def _replay_whole(opened, probe, settings, device, dtype, read_next, models, tim
         read_ahead(read_next)
     with times.phase("measure"):
         stats = _measure(opened, model, probe, settings)
-    digest = model.weights_digest.result()  # before the model goes back for another replay to load into
+    digest = opened.digest.result()  # before the model goes back for another replay to load into
     replayed = _replayed("whole", device, model)
     if models is not None:
         models.give_back(model)
@@ -127,7 +127,7 @@ def _replay_layered(opened, probe, settings, device, dtype, read_next, times):
             read_ahead(read_next)
         with times.phase("measure"):
             stats = _measure(opened, model, probe, settings, run_rows)
-        digest = model.weights_digest.result()
+        digest = opened.digest.result()
         replayed = _replayed("layered", device, model)
     return to_dataset(stats, opened.step_attrs, probe.seq_len, digest, replayed)
 

@@ -36,19 +36,27 @@ job. Four rules make it so:
 The repair runs when a writer first touches the store. Consolidated metadata is dropped before
 any metadata change and written again by :meth:`SinkStore.finalize`, so it can be missing but
 never stale.
+
+A writer reads each metadata file (``zarr.json``) of its store at most once in its life: it holds the
+store open and keeps what it read or wrote of the metadata (:class:`_HeldMetadata`). xarray and zarr
+open the group afresh for each region write; on object storage every one of those reads would be a
+round trip. Only one process writes a store at a time, so what the writer holds cannot go stale.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import xarray as xr
 import zarr
+from zarr.abc.store import ByteRequest, Store
+from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.errors import ZarrUserWarning
+from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from .schema import (
     DONE,
@@ -93,6 +101,7 @@ class SinkStore:
         self.path = os.fspath(path)
         self.group = group
         self._staging = group + _STAGING_SUFFIX
+        self._store = _HeldMetadata(_open_store(self.path))
         self._layout: _Layout | None = None
         self._repaired = False
 
@@ -186,7 +195,7 @@ class SinkStore:
             # an overwrite: while the data changes, the step must not claim to be done
             self._write_strings(i, status=PENDING)
         ds.drop_vars(list(ds.coords)).drop_attrs().expand_dims("step").to_zarr(
-            self.path, group=self.group, mode="r+", region=region, consolidated=False
+            self._store, group=self.group, mode="r+", region=region, consolidated=False
         )
         self._write_strings(i, error="", **replayed)
         self._write_strings(i, status=DONE)
@@ -207,7 +216,7 @@ class SinkStore:
             # the inline v3 form is outside the spec and may go (zarr-specs #371, zarr-python
             # #3709); it is only a read speed-up, and readers cope without it
             warnings.filterwarnings("ignore", "Consolidated metadata", ZarrUserWarning)
-            zarr.consolidate_metadata(self.path)
+            zarr.consolidate_metadata(self._store)
 
     # ---------------------------------------------------------------- layout
 
@@ -230,7 +239,7 @@ class SinkStore:
         root = self._root()
         if root is None or self.group not in root:
             return None
-        with xr.open_dataset(self.path, group=self.group, engine="zarr", consolidated=False, chunks=None) as ds:
+        with xr.open_dataset(self._store, group=self.group, engine="zarr", consolidated=False, chunks=None) as ds:
             steps = ds["step"].values.astype(np.int64)
             return _Layout(
                 steps=steps,
@@ -245,7 +254,7 @@ class SinkStore:
             )
 
     def _load(self, name: str) -> xr.Dataset:
-        with xr.open_dataset(self.path, group=name, engine="zarr", consolidated=False, chunks=None) as ds:
+        with xr.open_dataset(self._store, group=name, engine="zarr", consolidated=False, chunks=None) as ds:
             ds = ds.load()
         ds.attrs.pop(_COMPLETE, None)
         return ds.drop_encoding()
@@ -319,7 +328,7 @@ class SinkStore:
         )
         self._drop_consolidated()
         template.to_zarr(
-            self.path,
+            self._store,
             group=self.group,
             mode="a",
             compute=False,
@@ -348,7 +357,7 @@ class SinkStore:
             if dtype == STRING:
                 encoding[coord]["fill_value"] = fill
         ds.transpose("step", ...).to_zarr(
-            self.path, group=name, mode="w", consolidated=False, zarr_format=3, encoding=encoding
+            self._store, group=name, mode="w", consolidated=False, zarr_format=3, encoding=encoding
         )
 
     def _delete_staging(self) -> None:
@@ -382,7 +391,7 @@ class SinkStore:
                 },
             }
         ).to_zarr(
-            self.path,
+            self._store,
             group=self.group,
             mode="r+",
             region={"step": slice(n, n + k)},
@@ -400,7 +409,7 @@ class SinkStore:
                 updated[layout.index[s]] = v
             if not np.array_equal(updated, current, equal_nan=True):
                 xr.Dataset({name: ("step", updated)}).to_zarr(
-                    self.path,
+                    self._store,
                     group=self.group,
                     mode="r+",
                     region={"step": slice(0, updated.size)},
@@ -472,7 +481,7 @@ class SinkStore:
         self._drop_consolidated()
         n = group["step"].shape[0]
         xr.Dataset({name: ("step", np.full(n, STEP_COORDS[name][1], dtype=STRING)) for name in names}).to_zarr(
-            self.path,
+            self._store,
             group=self.group,
             mode="a",
             consolidated=False,
@@ -533,7 +542,7 @@ class SinkStore:
 
     def _write_strings(self, i: int, **values: str) -> None:
         xr.Dataset({k: ("step", np.array([v], dtype=STRING)) for k, v in values.items()}).to_zarr(
-            self.path,
+            self._store,
             group=self.group,
             mode="r+",
             region={"step": slice(i, i + 1)},
@@ -544,22 +553,96 @@ class SinkStore:
 
     def _root(self) -> zarr.Group | None:
         try:
-            return zarr.open_group(self.path, mode="r+", use_consolidated=False)
+            return zarr.open_group(self._store, mode="r+", use_consolidated=False)
         except FileNotFoundError:
             return None
 
     def _zgroup(self, name: str | None = None) -> zarr.Group:
-        return zarr.open_group(self.path, mode="r+", path=name or self.group, use_consolidated=False)
+        return zarr.open_group(self._store, mode="r+", path=name or self.group, use_consolidated=False)
 
     def _drop_consolidated(self) -> None:
         """Remove the consolidated metadata before the metadata it copies changes."""
         try:
-            root = zarr.open_group(self.path, mode="r")
+            root = zarr.open_group(self._store, mode="r")
         except FileNotFoundError:
             return
         if root.metadata.consolidated_metadata is not None:
             # opened without it, the root's metadata is saved back without it
-            zarr.open_group(self.path, mode="r+", use_consolidated=False).update_attributes({})
+            zarr.open_group(self._store, mode="r+", use_consolidated=False).update_attributes({})
+
+
+_METADATA = frozenset({"zarr.json", ".zgroup", ".zarray", ".zattrs", ".zmetadata"})
+
+
+def _open_store(path: str) -> Store:
+    if "://" in path:
+        return FsspecStore.from_url(path, read_only=False)
+    return LocalStore(path)
+
+
+class _HeldMetadata(WrapperStore):
+    """A store that keeps every metadata document it reads or writes (and which ones are missing), so that the
+    writer's many re-opens of its group read nothing again. Chunks pass straight through."""
+
+    def __init__(self, store: Store):
+        super().__init__(store)
+        self._held: dict[str, Buffer | None] = {}
+
+    def _with_store(self, store: Store) -> _HeldMetadata:
+        held = super()._with_store(store)
+        held._held = self._held
+        return held
+
+    async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
+        if byte_range is not None or key.rpartition("/")[2] not in _METADATA:
+            return await self._store.get(key, prototype, byte_range)
+        if key not in self._held:
+            self._held[key] = await self._store.get(key, prototype)
+        return self._held[key]
+
+    async def _get_many(
+        self, requests: Iterable[tuple[str, BufferPrototype, ByteRequest | None]]
+    ) -> AsyncGenerator[tuple[str, Buffer | None], None]:
+        for key, prototype, byte_range in requests:
+            yield key, await self.get(key, prototype, byte_range)
+
+    async def exists(self, key: str) -> bool:
+        if key in self._held:
+            return self._held[key] is not None
+        return await self._store.exists(key)
+
+    async def set(self, key: str, value: Buffer) -> None:
+        self._held.pop(key, None)
+        await self._store.set(key, value)
+        if key.rpartition("/")[2] in _METADATA:
+            self._held[key] = value
+
+    async def set_if_not_exists(self, key: str, value: Buffer) -> None:
+        # zarr writes the parents' metadata this way before each new node
+        await self._store.set_if_not_exists(key, value)
+        if self._held.get(key, ...) is None:  # known to be missing: it is written now
+            self._held[key] = value
+
+    async def _set_many(self, values: Iterable[tuple[str, Buffer]]) -> None:
+        for key, value in values:
+            await self.set(key, value)
+
+    async def delete(self, key: str) -> None:
+        self._held.pop(key, None)
+        await self._store.delete(key)
+
+    async def delete_dir(self, prefix: str) -> None:
+        self._forget(prefix)
+        await self._store.delete_dir(prefix)
+
+    async def clear(self) -> None:
+        self._held.clear()
+        await self._store.clear()
+
+    def _forget(self, prefix: str) -> None:
+        prefix = prefix.rstrip("/")
+        for key in [k for k in self._held if not prefix or k == prefix or k.startswith(prefix + "/")]:
+            del self._held[key]
 
 
 def open_sinks(path: str | os.PathLike, group: str | None = None) -> xr.Dataset | xr.DataTree:
