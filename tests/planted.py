@@ -9,8 +9,8 @@ Both families have three blocks and two heads of 16 dimensions in a 32-wide resi
 writes anything, and blocks 1 and 2 only read:
 
 * block 0 writes the *marker*, a fixed direction m, at position 0 and (in GPT-2 exactly, in Llama nearly) nowhere
-  else; its MLP is the sublayer that writes it (`circuit_writer` = 0.5; in Llama on probes shorter than about 26
-  tokens, beyond which the recognising head's averaging alone passes `writer_ratio` 3, see docs/data.md);
+  else; its MLP is the sublayer that writes it (`circuit_writer` = 0.5; in Llama on probes shorter than 24
+  tokens or so, beyond which the recognising head's averaging alone passes `writer_ratio` 3, see docs/data.md);
 * every head of blocks 1 and 2 is a *sink head*: its key reads the marker coordinate of its normalised input and its
   query is a positive constant, so it attends to position 0 as far as the marker stands out there. Their value and
   output weights are zero, so they change nothing downstream.
