@@ -9,7 +9,8 @@ Both families have three blocks and two heads of 16 dimensions in a 32-wide resi
 writes anything, and blocks 1 and 2 only read:
 
 * block 0 writes the *marker*, a fixed direction m, at position 0 and (in GPT-2 exactly, in Llama nearly) nowhere
-  else; its MLP is the sublayer that writes it (`circuit_writer` = 0.5);
+  else; its MLP is the sublayer that writes it (`circuit_writer` = 0.5; in Llama on probes shorter than 24
+  tokens or so, beyond which the recognising head's averaging alone passes `writer_ratio` 3, see docs/data.md);
 * every head of blocks 1 and 2 is a *sink head*: its key reads the marker coordinate of its normalised input and its
   query is a positive constant, so it attends to position 0 as far as the marker stands out there. Their value and
   output weights are zero, so they change nothing downstream.
@@ -37,7 +38,8 @@ has been cancelled, small elsewhere. The sink heads' keys read e1 and their quer
 slowest rotary pair (rope_theta 1e9: it turns by under 1e-6 rad over the probe), so rotary positions play no part.
 The mechanism is exact at position 0; elsewhere the marker is small but not 0, and it is as large as at position 0
 where every token so far is one and the same (no causal block without positions can tell position 1 of "a a" from
-position 0 of "a": both residuals are identical), so those rows share the sink; the tests' probes hold no such row.
+position 0 of "a": both residuals are identical), so such rows share the sink among those positions
+(`tied_sink_mass`).
 
 The control (``control=True``) has the same weights except that the marker is bound to a token instead of a
 position: in GPT-2 a * m moves from position 0's embedding into the BOS token's; in Llama head 0's output is zero and
@@ -52,6 +54,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -228,9 +232,6 @@ def write_series(
 ) -> dict[int, Path]:
     """Write one checkpoint per (step, strength) under `root`; return {step: folder}. Files are back-dated by `age`
     seconds so discovery's quiet period is over."""
-    import os
-    import time
-
     root = Path(root)
     out = {}
     for step, strength in zip(steps, strengths):

@@ -21,9 +21,9 @@ ROWS, SEQ_LEN = 16, 16
 U = an.uniform_sink_mass(SEQ_LEN)
 CONTROL_STEPS = (0, 200, 400)
 CONTROL_STRENGTHS = (0.0, 0.5, 1.0)
-# A saturated Llama sink head leaves at most this much of its attention off the keys in position 0's state: its
-# smallest score gap on these probes (about 6) gives e^-6 per key; checked with eager attention below.
-SATURATION = 0.01
+# A saturated Llama sink head (strength 0.85 and up) leaves at most this much of a query's attention off the keys in
+# position 0's state: on these probes eager attention leaves at most 2.5e-5 (checked below with this bound)
+SATURATION = 1e-4
 
 
 def probe_rows(first_token: str) -> np.ndarray:
@@ -193,7 +193,7 @@ def test_llama_positional_index_is_near_one_from_the_recognition_step(replayed):
     for step in (300, 400):  # strengths 0.85 and 1: the sink heads saturate on position 0's state
         m = {p: float(groups[p]["sink_mass"].sel(step=step, layer=1).mean()) for p in tied}
         for p in tied:
-            assert tied[p] - SATURATION <= m[p] <= tied[p], (step, p, m[p], tied[p])
+            assert tied[p] - SATURATION <= m[p] <= tied[p] + 1e-6, (step, p, m[p], tied[p])
         # the index the construction allows: each mass within SATURATION of its tied value
         low = (tied["random"] - SATURATION - U) / (tied["bos"] - U)
         got = index.sel(step=step).values
