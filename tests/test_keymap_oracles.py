@@ -382,6 +382,119 @@ def test_olmo_core_learned_sinks_and_feed_forward_biases_are_refused(tmp_path):
         refused(root, f"{part}.{field}")
 
 
+# ------------------------------------------------------------------------------------------ no trainer library here
+# nanoGPT and nanochat ship no package (PyPI's `nanochat` is another project) and torchtitan's requires datasets,
+# wandb and torchdata beside a model that needs FlexAttention: their maps are checked against the transformers model
+# their converters target, its tensors written under the trainer's names and layouts (tests/trainer_ckpts.py).
+
+
+def hf_outputs(model, ids):
+    with torch.no_grad():
+        logits = model(input_ids=torch.as_tensor(ids)).logits
+    return logits, eager_attention(model, ids)
+
+
+def nanogpt_model(rng: random.Random):
+    import transformers as tf
+
+    n_head = rng.choice([1, 2, 4])
+    config = tf.GPT2Config(
+        n_layer=rng.choice([1, 2]),
+        n_head=n_head,
+        n_embd=n_head * rng.choice([4, 8, 12]),
+        n_positions=rng.choice([32, 64]),
+        vocab_size=rng.randrange(40, 90),
+        activation_function="gelu",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return tf.GPT2LMHeadModel(config)
+
+
+def nanochat_model(rng: random.Random):
+    import transformers as tf
+
+    n_head = rng.choice([1, 2, 4])
+    n_embd = n_head * rng.choice([4, 8, 12])
+    config = tf.NanoChatConfig(
+        vocab_size=rng.randrange(40, 90),
+        hidden_size=n_embd,
+        intermediate_size=4 * n_embd,
+        num_hidden_layers=rng.choice([1, 2]),
+        num_attention_heads=n_head,
+        num_key_value_heads=rng.choice([g for g in (1, 2, 4) if n_head % g == 0]),
+        max_position_embeddings=64,
+    )
+    return tf.NanoChatForCausalLM(config)
+
+
+def torchtitan_model(rng: random.Random):
+    from tests.ckpt_factory import tiny_config
+
+    n_head = rng.choice([1, 2, 4])
+    config = tiny_config(
+        num_hidden_layers=rng.choice([1, 2]),
+        num_attention_heads=n_head,
+        num_key_value_heads=rng.choice([g for g in (1, 2, 4) if n_head % g == 0]),
+        head_dim=rng.choice([4, 8, 12]),
+        vocab_size=rng.randrange(40, 90),
+        rope_parameters={"rope_type": "default", "rope_theta": rng.choice([100.0, 10000.0, 500000.0])},
+    )
+    import transformers as tf
+
+    return tf.LlamaForCausalLM(config)
+
+
+def write_nanogpt(root: Path, model, rng: random.Random) -> None:
+    from tests import trainer_ckpts as tc
+
+    bias = rng.random() < 0.7
+    if not bias:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.zero_()
+    tc.nanogpt_checkpoint(root, model, 300, bias=bias, compiled=rng.random() < 0.5)
+
+
+def write_nanochat(root: Path, model, rng: random.Random) -> None:
+    from tests import trainer_ckpts as tc
+
+    tc.nanochat_checkpoint(root, 500, model)
+
+
+def write_torchtitan(root: Path, model, rng: random.Random) -> None:
+    from tests import trainer_ckpts as tc
+
+    tc.torchtitan_step(root, 5, model, release=rng.choice(["0.2", "0.3"]))
+    model.config.to_json_file(root.parent / "config.json")  # torchtitan saves none: checkpoints.model_config
+
+
+WITHOUT_LIBRARY = {
+    "nanogpt": (nanogpt_model, write_nanogpt),
+    "nanochat": (nanochat_model, write_nanochat),
+    "torchtitan": (torchtitan_model, write_torchtitan),
+}
+
+
+@pytest.mark.parametrize("trainer", sorted(WITHOUT_LIBRARY))
+@pytest.mark.parametrize("seed", range(CONFIGS))
+def test_maps_of_trainers_without_a_library_here_compute_their_target_model(tmp_path, trainer, seed):
+    rng = random.Random(f"{trainer}{seed}")
+    make, write = WITHOUT_LIBRARY[trainer]
+    model = noisy(make(rng), seed)
+    root = tmp_path / "run"
+    write(root, model, rng)
+    ids = probe(model.config.vocab_size, seed)
+    logits, attentions = hf_outputs(model, ids)
+    backdate(root, 3600)
+    given = {"model_config": str(tmp_path / "config.json")} if trainer == "torchtitan" else {}
+    [ckpt] = discover(str(root), quiet_seconds=0, **given)
+    built = load_model(ckpt, device="cpu", dtype="float32")
+    assert_same_network(built, ids, logits, attentions)
+
+
 # ------------------------------------------------------------------------------------------ the command
 
 
