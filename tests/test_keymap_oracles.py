@@ -383,9 +383,10 @@ def test_olmo_core_learned_sinks_and_feed_forward_biases_are_refused(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ no trainer library here
-# nanoGPT and nanochat ship no package (PyPI's `nanochat` is another project) and torchtitan's requires datasets,
-# wandb and torchdata beside a model that needs FlexAttention: their maps are checked against the transformers model
-# their converters target, its tensors written under the trainer's names and layouts (tests/trainer_ckpts.py).
+# nanoGPT and nanochat ship no package (PyPI's `nanochat` is another project), megatron-core is not in the test
+# extra, and torchtitan requires datasets, wandb and torchdata beside a model that needs FlexAttention: their maps
+# are checked against the transformers model their converters target, its tensors written under the trainer's names
+# and layouts (tests/trainer_ckpts.py).
 
 
 def hf_outputs(model, ids):
@@ -471,7 +472,15 @@ def write_torchtitan(root: Path, model, rng: random.Random) -> None:
     model.config.to_json_file(root.parent / "config.json")  # torchtitan saves none: checkpoints.model_config
 
 
+def write_megatron(root: Path, model, rng: random.Random) -> None:
+    from tests import trainer_ckpts as tc
+
+    tc.megatron_iteration(root, 500, model, per_layer=rng.random() < 0.5)
+    model.config.to_json_file(root.parent / "config.json")  # Megatron-Core saves none: checkpoints.model_config
+
+
 WITHOUT_LIBRARY = {
+    "megatron": (torchtitan_model, write_megatron),
     "nanogpt": (nanogpt_model, write_nanogpt),
     "nanochat": (nanochat_model, write_nanochat),
     "torchtitan": (torchtitan_model, write_torchtitan),
@@ -489,7 +498,7 @@ def test_maps_of_trainers_without_a_library_here_compute_their_target_model(tmp_
     ids = probe(model.config.vocab_size, seed)
     logits, attentions = hf_outputs(model, ids)
     backdate(root, 3600)
-    given = {"model_config": str(tmp_path / "config.json")} if trainer == "torchtitan" else {}
+    given = {"model_config": str(tmp_path / "config.json")} if trainer in ("torchtitan", "megatron") else {}
     [ckpt] = discover(str(root), quiet_seconds=0, **given)
     built = load_model(ckpt, device="cpu", dtype="float32")
     assert_same_network(built, ids, logits, attentions)
