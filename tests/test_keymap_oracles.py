@@ -409,6 +409,8 @@ def nanogpt_model(rng: random.Random):
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
+        bos_token_id=None,  # GPT-2's 50256 lies outside these vocabularies
+        eos_token_id=None,
     )
     return tf.GPT2LMHeadModel(config)
 
