@@ -316,6 +316,18 @@ def nanochat_config() -> dict:
     return {"sequence_len": 64, "vocab_size": 101, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 32}
 
 
+def nanochat_meta(config) -> dict:
+    """The GPTConfig nanochat records for a model of transformers' NanoChatConfig `config`."""
+    return {
+        "sequence_len": config.max_position_embeddings,
+        "vocab_size": config.vocab_size,
+        "n_layer": config.num_hidden_layers,
+        "n_head": config.num_attention_heads,
+        "n_kv_head": config.num_key_value_heads,
+        "n_embd": config.hidden_size,
+    }
+
+
 def nanochat_model(seed: int = 0):
     c = nanochat_config()
     torch.manual_seed(seed)
@@ -359,7 +371,7 @@ def nanochat_checkpoint(folder, step: int, model, *, age: float = HOUR) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(sd, folder / f"model_{step:06d}.pt")
     (folder / f"meta_{step:06d}.json").write_text(
-        json.dumps({"step": step, "val_bpb": 1.1, "model_config": nanochat_config(), "user_config": {"depth": 2}})
+        json.dumps({"step": step, "val_bpb": 1.1, "model_config": nanochat_meta(model.config), "user_config": {}})
     )
     torch.save([{"state": {}, "param_groups": []}], folder / f"optim_{step:06d}_rank0.pt")
     backdate(folder, age)

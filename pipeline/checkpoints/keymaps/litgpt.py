@@ -1,4 +1,4 @@
-"""litgpt's (and lit-gpt's, as in TinyLlama's code) Llama-style names -> transformers' LlamaForCausalLM.
+"""litgpt's (and lit-gpt's, as in TinyLlama's code) Llama-style names -> transformers' Llama (Qwen 2, Qwen 3).
 
 Follows litgpt's scripts/convert_lit_checkpoint.py (`copy_weights_llama`): renames, and splits the fused
 attention weight: litgpt's `attn.qkv` holds all query heads, then all key heads, then all value heads; lit-gpt's
@@ -34,6 +34,7 @@ RULES = [
     Rule(H + r"attn\.qkv\.(weight|bias)", QKV_OF, split_rows(*QKV_ROWS)),
     Rule(H + r"attn\.attn\.weight", QKV, split_grouped_qkv),
     Rule(H + r"attn\.proj\.(weight|bias)", "model.layers.{0}.self_attn.o_proj.{1}"),
+    Rule(H + r"attn\.norm_(q|k)\.weight", "model.layers.{0}.self_attn.{1}_norm.weight"),
     Rule(H + r"mlp\.fc_1\.(weight|bias)", "model.layers.{0}.mlp.gate_proj.{1}"),
     Rule(H + r"mlp\.fc_2\.(weight|bias)", "model.layers.{0}.mlp.up_proj.{1}"),
     Rule(H + r"mlp\.proj\.(weight|bias)", "model.layers.{0}.mlp.down_proj.{1}"),
@@ -58,6 +59,9 @@ CARRIED = frozenset(
         "rope_adjustments",
         "rope_condense_ratio",
         "bias",
+        "attn_bias",
+        "norm_qk",
+        "norm_qk_type",
         # required to hold a Llama's value (checked in hf_config), not their class defaults, which are Pythia's
         "norm_class_name",
         "mlp_class_name",
@@ -67,12 +71,9 @@ CARRIED = frozenset(
 )
 INERT = frozenset({"name", "hf_config", "padding_multiple"})
 DEFAULTS = {
-    "norm_qk": False,
-    "norm_qk_type": "default",
     "post_attention_norm": False,
     "post_mlp_norm": False,
     "shared_attention_norm": False,
-    "attn_bias": False,
     "attention_scores_scalar": None,
     "sliding_window_size": None,
     "sliding_window_indices": None,
@@ -109,7 +110,8 @@ def saved_config(saved) -> dict | None:
 
 
 def hf_config(cfg: dict, where: str = "model_config.yaml") -> dict:
-    """LlamaConfig from litgpt's model_config.yaml, as litgpt's convert_lit_checkpoint.py pairs them.
+    """The transformers config (Llama, Qwen 2 or Qwen 3: `family`) of litgpt's model_config.yaml, as litgpt's
+    convert_lit_checkpoint.py pairs them.
 
     Raises:
         Unmapped: a setting of `cfg` (read from `where`) that a LlamaConfig cannot express.
@@ -124,9 +126,8 @@ def hf_config(cfg: dict, where: str = "model_config.yaml") -> dict:
         )
     n_head = int(cfg["n_head"])
     n_embd = int(cfg["n_embd"])
-    bias = bool(cfg.get("bias", False))
     return {
-        "model_type": "llama",
+        **family(cfg, where),
         "hidden_size": n_embd,
         "num_hidden_layers": int(cfg["n_layer"]),
         "num_attention_heads": n_head,
@@ -137,11 +138,29 @@ def hf_config(cfg: dict, where: str = "model_config.yaml") -> dict:
         "max_position_embeddings": int(cfg.get("block_size", 4096)),
         "rms_norm_eps": float(cfg.get("norm_eps", 1e-5)),
         "rope_parameters": rope_parameters(cfg, where),
-        "attention_bias": bias,  # litgpt's `bias` puts one on every linear layer but the head, as Llama's two flags do
-        "mlp_bias": bias,
         "tie_word_embeddings": False,
         **NO_TOKEN_IDS,
     }
+
+
+def family(cfg: dict, where: str) -> dict:
+    """The transformers family whose block is litgpt's Llama-style block with its biases and QK-norm: Llama
+    (`bias`: a bias on every linear layer but the head, as Llama's two flags put them), Qwen 2 (`attn_bias` alone:
+    biased query, key and value projections only) or Qwen 3 (`norm_qk`: an RMSNorm over each head's queries and
+    keys before the rotation)."""
+    bias, attn_bias, norm_qk = (bool(cfg.get(k, False)) for k in ("bias", "attn_bias", "norm_qk"))
+    if norm_qk and cfg.get("norm_qk_type", "default") != "default":
+        raise unmapped(where, TRAINER, "norm_qk_type", cfg["norm_qk_type"], "only a per-head QK-norm is mapped")
+    if not norm_qk and cfg.get("norm_qk_type", "default") != "default":
+        raise unmapped(where, TRAINER, "norm_qk_type", cfg["norm_qk_type"], "its default is 'default'")
+    if norm_qk and (bias or attn_bias):
+        field = "bias" if bias else "attn_bias"
+        raise unmapped(where, TRAINER, field, True, "transformers' Qwen 3 block biases the output projection alike")
+    if norm_qk:
+        return {"model_type": "qwen3", "attention_bias": False}
+    if attn_bias and not bias:
+        return {"model_type": "qwen2"}
+    return {"model_type": "llama", "attention_bias": bias, "mlp_bias": bias}
 
 
 def rope_parameters(cfg: dict, where: str) -> dict:

@@ -23,10 +23,8 @@ def rules(config):
         Rule(r"embeddings\.weight", "model.embed_tokens.weight"),
         Rule(r"lm_head\.norm\.weight", "model.norm.weight"),
         Rule(r"lm_head\.w_out\.weight", "lm_head.weight"),
-        Rule(B + r"attention\.w_q\.weight", "model.layers.{0}.self_attn.q_proj.weight"),
-        Rule(B + r"attention\.w_k\.weight", "model.layers.{0}.self_attn.k_proj.weight"),
-        Rule(B + r"attention\.w_v\.weight", "model.layers.{0}.self_attn.v_proj.weight"),
-        Rule(B + r"attention\.w_out\.weight", "model.layers.{0}.self_attn.o_proj.weight"),
+        Rule(B + r"attention\.w_(q|k|v)\.(weight|bias)", "model.layers.{0}.self_attn.{1}_proj.{2}"),
+        Rule(B + r"attention\.w_out\.(weight|bias)", "model.layers.{0}.self_attn.o_proj.{1}"),
         Rule(B + r"attention\.q_norm\.weight", "model.layers.{0}.self_attn.q_norm.weight"),
         Rule(B + r"attention\.k_norm\.weight", "model.layers.{0}.self_attn.k_norm.weight"),
         Rule(B + r"feed_forward\.w1\.weight", "model.layers.{0}.mlp.gate_proj.weight"),
@@ -62,12 +60,11 @@ BLOCK = (
     {"feed_forward_moe": None, "attention_residual_alpha": None, "feed_forward_residual_alpha": None},
 )
 ATTENTION = (
-    {"n_heads", "n_kv_heads", "head_dim", "rope", "qk_norm", "name", "type"},
+    {"n_heads", "n_kv_heads", "head_dim", "rope", "qk_norm", "name", "type", "bias"},
     PRECISION
     | {"dropout", "use_flash", "backend", "use_recompute_qkv_prep", "mxfp8_save_qkv_for_backward"}
     | {"mxfp8_projections", "mxfp8_qkv_projection", "mxfp8_out_projection"},
     {
-        "bias": FLAG,
         "gate": None,
         "clip_qkv": None,
         "sliding_window": None,
@@ -89,11 +86,12 @@ def hf_config(model: dict, where: str = "config.json") -> dict:
     """The transformers config of an OLMo-core TransformerConfig (the `model` section of the config.json that
     OLMo-core's ConfigSaverCallback writes into every checkpoint folder), as olmo_core.nn.hf.config.get_hf_config
     builds it, for the two plain layouts it maps one to one: OLMo 2's reordered-norm block with QK-norm over the
-    whole projection (Olmo2ForCausalLM), and the default pre-norm block without QK-norm (LlamaForCausalLM).
+    whole projection (Olmo2ForCausalLM), and the default pre-norm block without QK-norm (LlamaForCausalLM), with
+    or without biased attention projections.
 
     Raises:
         Unmapped: any other setting (mixtures of experts, sliding windows, gates, learned sinks, per-head QK-norm,
-        biases, ...) at a value other than OLMo-core's default, named with its place in the config.
+        feed-forward biases, ...) at a value other than OLMo-core's default, named with its place in the config.
     """
     block = model.get("block") or {}
     attention = block.get("sequence_mixer") or block.get("attention") or {}
@@ -151,7 +149,7 @@ def hf_config(model: dict, where: str = "config.json") -> dict:
         "rms_norm_eps": eps["block.layer_norm"],
         "rope_theta": float(rope.get("theta", 500_000)),
         "tie_word_embeddings": bool(model.get("tie_word_embeddings", False)),
-        "attention_bias": False,
+        "attention_bias": bool(attention.get("bias")),  # on all four projections, in both
         **NO_TOKEN_IDS,
     }
 
