@@ -119,6 +119,7 @@ def replay_on_worker(ckpt, probe, settings, read_next, per_host: dict[str, int] 
 
 def _on_dask(cluster_cfg, source, todo, probe, settings):
     import dask
+    import distributed  # noqa: F401  (its config defaults must exist before dask.config.set changes one of them)
 
     from .factories import close, connect
 
