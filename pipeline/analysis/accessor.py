@@ -8,50 +8,30 @@ import inspect
 
 import xarray as xr
 
-from .circuit import (
-    circuit_convergence_step,
-    circuit_share,
-    circuit_writer,
-    mixing_effect,
-    recognition_step,
-    writer_ratio,
-    writer_settle_step,
-)
-from .emergence import (
-    convergence_step,
-    early_share,
-    emergence_step,
-    first_crossing_step,
-    massive_activation_ratio,
-    onset_layer,
-    profile_change,
-    sink_rate,
-)
-from .pairs import positional_index_pair, same_weights
-from .selection import done, layer_sink_mass, sink_score, training_loss
+from . import circuit, emergence, pairs, selection
 
 # accessor method -> the function it calls with the Dataset as its first argument
 METHODS = {
-    "score": sink_score,
-    "layer_mean": layer_sink_mass,
-    "sink_rate": sink_rate,
-    "emergence_step": emergence_step,
-    "first_crossing_step": first_crossing_step,
-    "onset_layer": onset_layer,
-    "early_share": early_share,
-    "profile_change": profile_change,
-    "convergence_step": convergence_step,
-    "massive_activation_ratio": massive_activation_ratio,
-    "writer_ratio": writer_ratio,
-    "circuit_writer": circuit_writer,
-    "writer_settle_step": writer_settle_step,
-    "recognition_step": recognition_step,
-    "mixing_effect": mixing_effect,
-    "circuit_share": circuit_share,
-    "circuit_convergence_step": circuit_convergence_step,
-    "training_loss": training_loss,
-    "same_weights": same_weights,
-    "positional_index": positional_index_pair,  # this group as the fixed-first-token probe
+    "score": selection.sink_score,
+    "layer_mean": selection.layer_sink_mass,
+    "sink_rate": emergence.sink_rate,
+    "emergence_step": emergence.emergence_step,
+    "first_crossing_step": emergence.first_crossing_step,
+    "onset_layer": emergence.onset_layer,
+    "early_share": emergence.early_share,
+    "profile_change": emergence.profile_change,
+    "convergence_step": emergence.convergence_step,
+    "massive_activation_ratio": emergence.massive_activation_ratio,
+    "writer_ratio": circuit.writer_ratio,
+    "circuit_writer": circuit.circuit_writer,
+    "writer_settle_step": circuit.writer_settle_step,
+    "recognition_step": circuit.recognition_step,
+    "mixing_effect": circuit.mixing_effect,
+    "circuit_share": circuit.circuit_share,
+    "circuit_convergence_step": circuit.circuit_convergence_step,
+    "training_loss": selection.training_loss,
+    "same_weights": pairs.same_weights,
+    "positional_index": pairs.positional_index_pair,  # this group as the fixed-first-token probe
 }
 
 
@@ -79,7 +59,7 @@ class SinkAccessor:
 
     @property
     def done(self) -> xr.Dataset:
-        return done(self._ds)
+        return selection.done(self._ds)
 
 
 for _name, _fn in METHODS.items():

@@ -273,13 +273,10 @@ def _assign_into(model, where: str, tensors: dict, want) -> None:
     it: the tied weights (the output head sharing the embedding) keep following the weight they are tied to."""
     expected = check_state_dict(where, tensors, model)
     tied = set(model.all_tied_weights_keys) if getattr(model, "all_tied_weights_keys", None) else set()
-    cuda = next(iter(expected.values())).is_cuda
     with torch.no_grad():
         for name, tensor in tensors.items():
             if name in expected and name not in tied:
-                expected[name].copy_(tensor.to(want), non_blocking=cuda)
-    if cuda:
-        torch.cuda.synchronize()
+                expected[name].copy_(tensor.to(want))
 
 
 def mapped_config(opened: OpenedCheckpoint, trust_remote_code: bool):
