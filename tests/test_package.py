@@ -3,12 +3,16 @@ dependencies resolved from the package registry as `pip install` resolves them (
 the test environment), run from a folder outside the repository.
 
 The environment is made once per module (torch 2.13.0 first: any other torch requirement would fetch a CUDA
-build of several GB); the tests that use it are marked `registry`. Checkpoints, the Hub and the S3 server are
-made here, by the test environment, and every number the installed sinktrace stores is compared with what this
-environment computes for the same checkpoints."""
+build of several GB); the tests that use it are marked `registry`, and all of the module's tests run on one
+pytest-xdist worker (`xdist_group`), which builds it once. uv installs the packages where the test environment has
+it (the `test` extra): the same resolution as pip's, the newest releases, in seconds rather than minutes, with its
+cache answering for the registry on later runs; pip still picks torch's file, as the machine's pip settings say.
+Checkpoints, the Hub and the S3 server are made here, by the test environment, and every number the installed
+sinktrace stores is compared with what this environment computes for the same checkpoints."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -30,6 +34,9 @@ GROUP = "random-T16-r4-s0-bos"  # the store group of that probe
 STEPS = [0, 100]
 INSTALL_TIMEOUT = 1800  # seconds for one `pip install` from the registry
 RUN_TIMEOUT = 600  # seconds for one command of the installed sinktrace
+UV = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
+
+pytestmark = pytest.mark.xdist_group("package")
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +105,19 @@ class Venv:
         return done
 
     def pip_install(self, *specs, cwd: Path) -> None:
-        self.run([self.python, "-m", "pip", "install", "-q", *specs], cwd=cwd, timeout=INSTALL_TIMEOUT)
+        """`pip install specs`, resolved from the registry: by uv where there is one, else by pip."""
+        if UV is None:
+            self.run([self.python, "-m", "pip", "install", "-q", *specs], cwd=cwd, timeout=INSTALL_TIMEOUT)
+        else:
+            self.run([UV, "pip", "install", "-q", "--python", self.python, *specs], cwd=cwd, timeout=INSTALL_TIMEOUT)
+
+    def torch_file(self, spec: str, cwd: Path) -> str:
+        """The torch wheel pip picks for `spec` with this machine's pip settings (uv does not read them: where a
+        CPU build lies on disk, uv would fetch a CUDA build of several GB instead)."""
+        out = cwd / "torch-wheel"
+        self.run([self.python, "-m", "pip", "download", "-q", "--no-deps", "-d", out, spec], cwd=cwd, timeout=600)
+        (found,) = out.glob("torch-*.whl")
+        return str(found)
 
     def replay(self, root, store, *extra, cwd: Path, **env):
         args = [f"checkpoints.root={root}", "checkpoints.quiet_seconds=0", f"store.path={store}", "stages=[replay]"]
@@ -123,7 +142,7 @@ def venv(wheel, tmp_path_factory) -> Venv:
     root = tmp_path_factory.mktemp("venv")
     env = Venv(root / "env", root / "home")
     subprocess.run([sys.executable, "-m", "venv", str(env.root)], check=True, timeout=300)
-    env.pip_install("torch==2.13.0", cwd=root)
+    env.pip_install("torch==2.13.0" if UV is None else env.torch_file("torch==2.13.0", root), cwd=root)
     env.pip_install(str(wheel), cwd=root)
     return env
 
