@@ -262,9 +262,13 @@ def _inspect(
     if markers:
         problems.append(f"{some(markers)} {'marks' if len(markers) == 1 else 'mark'} files still being written")
 
-    if TRAINER_STATE_NAME not in files and fmt != "torch" and any(TRAINING_STATE.search(n) for n in files):
+    state_files = sorted(n for n in files if TRAINING_STATE.search(n))
+    if TRAINER_STATE_NAME not in files and fmt != "torch" and state_files:
         # the Trainer saves the model, then optimizer, scheduler and RNG states, and trainer_state.json last
-        problems.append(f"the Trainer has not written {TRAINER_STATE_NAME} yet (it writes it last)")
+        problems.append(
+            f"still being written: it holds {some(state_files)} but no {TRAINER_STATE_NAME}, which the Trainer "
+            "writes last"
+        )
 
     quiet_in = None
     stamps = [e.mtime for e in entries if e.mtime is not None]
