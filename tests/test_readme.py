@@ -289,6 +289,6 @@ def test_discovery_says_a_trainer_checkpoint_without_its_state_is_still_being_wr
     assert sinktrace(f"checkpoints.root={root}", *args) == 0
     out = capsys.readouterr().out
     assert (
-        f"skipped step 50 ({root / 'checkpoint-50'}): still being written: it holds optimizer.pt but no "
-        "trainer_state.json, which the Trainer writes last"
+        f"skipped step 50 ({root / 'checkpoint-50'}): still being written: it holds the Trainer's "
+        "optimizer or scheduler state but no trainer_state.json, which the Trainer writes last"
     ) in out

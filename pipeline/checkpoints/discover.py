@@ -262,12 +262,11 @@ def _inspect(
     if markers:
         problems.append(f"{some(markers)} {'marks' if len(markers) == 1 else 'mark'} files still being written")
 
-    state_files = sorted(n for n in files if TRAINING_STATE.search(n))
-    if TRAINER_STATE_NAME not in files and fmt != "torch" and state_files:
+    if TRAINER_STATE_NAME not in files and fmt != "torch" and any(TRAINING_STATE.search(n) for n in files):
         # the Trainer saves the model, then optimizer, scheduler and RNG states, and trainer_state.json last
         problems.append(
-            f"still being written: it holds {some(state_files)} but no {TRAINER_STATE_NAME}, which the Trainer "
-            "writes last"
+            f"still being written: it holds the Trainer's optimizer or scheduler state but no {TRAINER_STATE_NAME}, "
+            "which the Trainer writes last"
         )
 
     quiet_in = None
