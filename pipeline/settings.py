@@ -211,11 +211,19 @@ OPEN_CLUSTER_NODES = ("build", "security")  # their keys are the arguments of wh
 
 
 def no_such_setting(key: str, known: list[str] | None = None) -> str:
-    """`replay.batchsize: no such setting; did you mean replay.batch_size?` (the closest known key, if any is close)."""
+    """`replay.batchsize: no such setting; did you mean replay.batch_size?`: the closest key, looked for among the
+    keys of the same group when the group exists (its shared prefix would make any of them look close)."""
     import difflib
 
-    close = difflib.get_close_matches(key, known if known is not None else known_keys(), n=1, cutoff=0.7)
-    hint = f"did you mean {close[0]}?" if close else "the README's Configuration table lists every key"
+    known = known if known is not None else known_keys()
+    group, _, name = key.rpartition(".")
+    siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == group] if group else []
+    if siblings:
+        close = [f"{group}.{k}" for k in difflib.get_close_matches(name, siblings, n=1, cutoff=0.7)]
+        hint = f"did you mean {close[0]}?" if close else f"{group} has {', '.join(siblings)}"
+    else:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.7)
+        hint = f"did you mean {close[0]}?" if close else "the README's Configuration table lists every key"
     return f"{key}: no such setting; {hint}"
 
 
