@@ -263,7 +263,7 @@ def run(overrides: list[str], families: tuple[str, ...] = FAMILIES) -> int:
         try:
             cfg = compose(overrides)
         except hydra_app.COMPOSITION_ERRORS as e:
-            raise UsageError(hydra_app.composition_message(e)) from None
+            raise UsageError(hydra_app.composition_message(e, settings.no_such_setting)) from None
         settings.check(cfg)
         if cfg.replay.key_positions >= SEQ_LEN:
             raise UsageError(f"replay.key_positions={cfg.replay.key_positions}: the check's probe has {SEQ_LEN} tokens")

@@ -21,9 +21,16 @@ def checkpoint_root(cfg: DictConfig) -> tuple[str, float]:
     if cfg.checkpoints.root:
         return str(cfg.checkpoints.root), float(cfg.checkpoints.quiet_seconds)
     from .demo import ensure_demo_run
+    from .signals import Interrupted, interruptible
 
     # the demo is written atomically by this process, so there is nothing to wait for
-    return str(ensure_demo_run(sinktrace_home() / "demo")), 0.0
+    try:
+        with interruptible():  # each checkpoint is renamed into place when whole: stopping anywhere is safe
+            return str(ensure_demo_run(sinktrace_home() / "demo")), 0.0
+    except Interrupted as e:
+        e.during = " while training the demo run"
+        e.kept = "the checkpoints it saved are kept and its training resumes from the last one"
+        raise
 
 
 def fit_probe_to_demo(cfg: DictConfig) -> None:
@@ -96,8 +103,7 @@ def run(cfg: DictConfig) -> int:
         return 1
     except Interrupted as e:
         print(
-            f"\nsinktrace: interrupted by {e}; every step stored so far is kept, the one in progress is left "
-            "pending: run the same command again to resume",
+            f"\nsinktrace: interrupted by {e}{e.during}; {e.kept}: run the same command again to resume",
             file=sys.stderr,
         )
         return e.exit_status
@@ -178,7 +184,7 @@ def print_same_weights(store_location: str) -> None:
             print(f"sinktrace: probe {name}: {line}")
 
 
-replay_main = hydra_app.command(CONF_MODULE, "config", run, rewrite=new_spelling)
+replay_main = hydra_app.command(CONF_MODULE, "config", run, rewrite=new_spelling, unknown_key=settings.no_such_setting)
 
 
 def main() -> None:

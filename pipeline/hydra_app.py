@@ -10,16 +10,21 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 
+def no_such_key(key: str) -> str:
+    return f"{key}: no such setting"
+
+
 def command(
     config_module: str,
     config_name: str,
     run: Callable[[DictConfig], int],
     rewrite: Callable[[str], str] = lambda arg: arg,
+    unknown_key: Callable[[str], str] = no_such_key,
 ) -> Callable[[], None]:
     """A console-script `main` that composes `config_name` from the package `config_module` (installed with the
     code, so the command works from a wheel as from a clone), runs `run` and exits with the worst status any of
     its jobs returned (a multirun must not stop at its first failing job). `rewrite` maps each command-line
-    argument first (old spellings of keys).
+    argument first (old spellings of keys); `unknown_key` says, in one line, that a key does not exist.
 
     A plain run (overrides only, none of Hydra's own settings) composes the config once and calls `run` itself,
     with Hydra's job logging and `HydraConfig` set as Hydra would set them: `hydra.main` composes it three more
@@ -42,7 +47,7 @@ def command(
         try:
             cfg = compose(config_module, config_name, overrides, hydra_config=True)
         except COMPOSITION_ERRORS as e:
-            print(f"{sys.argv[0].rsplit('/', 1)[-1]}: error: {composition_message(e)}", file=sys.stderr)
+            print(f"{sys.argv[0].rsplit('/', 1)[-1]}: error: {composition_message(e, unknown_key)}", file=sys.stderr)
             sys.exit(2)
         sys.exit(run(as_job(cfg)))
 
@@ -67,7 +72,7 @@ def as_job(cfg: DictConfig) -> DictConfig:
 COMPOSITION_ERRORS = (HydraException, OmegaConfBaseException, ValueError)
 
 
-def composition_message(e: BaseException) -> str:
+def composition_message(e: BaseException, unknown_key: Callable[[str], str] = no_such_key) -> str:
     """A composition error in one line."""
     lines = [str(e).splitlines()[0]]
     if e.__cause__ is not None and str(e.__cause__):
@@ -75,16 +80,21 @@ def composition_message(e: BaseException) -> str:
     message = ": ".join(line.strip().rstrip(".") for line in lines if line.strip())
     if "To append to your config use" in str(e):
         key = str(e).split("'")[1] if "'" in str(e) else ""
-        message = f"{key}: no such setting (a misspelt key? `sinktrace --help` lists them)"
+        message = unknown_key(key)
     return message
 
 
-def composition_problem(config_module: str, config_name: str, overrides: list[str]) -> str | None:
+def composition_problem(
+    config_module: str,
+    config_name: str,
+    overrides: list[str],
+    unknown_key: Callable[[str], str] = no_such_key,
+) -> str | None:
     """Why these overrides do not make a config, in one line (None: they do)."""
     try:
         compose(config_module, config_name, overrides)
     except COMPOSITION_ERRORS as e:
-        return composition_message(e)
+        return composition_message(e, unknown_key)
     return None
 
 

@@ -188,6 +188,84 @@ def register() -> None:
         cs.store(group=group, name=name, node=node)
 
 
+def known_keys() -> list[str]:
+    """Every dotted key a command line may set: the schemas' fields and the keys of conf/cluster/'s groups (whose
+    `build.*` and `security.*` hand their own keys to what they build, so their prefix stands for them)."""
+    import dataclasses
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    keys = {f.name for f in dataclasses.fields(Settings) if f.name not in GROUPS}
+    for (group, _), schema in SCHEMAS.items():
+        keys |= {f"{group}.{f.name}" for f in dataclasses.fields(schema)}
+    for yaml in files(CONF_MODULE).joinpath("cluster").iterdir():
+        if yaml.name.endswith(".yaml"):
+            node = OmegaConf.create(yaml.read_text())
+            keys |= {f"cluster.{k}" for k in node if k != "defaults"}
+            keys |= {f"cluster.{k}.{inner}" for k in OPEN_CLUSTER_NODES if k in node for inner in node[k]}
+    return sorted(keys - {"cluster.build._target_", "cluster.security._target_"})
+
+
+GROUPS = ("checkpoints", "probe", "replay", "store", "report", "compare", "cluster")
+OPEN_CLUSTER_NODES = ("build", "security")  # their keys are the arguments of what Hydra builds from them
+
+
+def no_such_setting(key: str, known: list[str] | None = None) -> str:
+    """`replay.batchsize: no such setting; did you mean replay.batch_size?`: the closest key, looked for among the
+    keys of the same group when the group exists (its shared prefix would make any of them look close)."""
+    import difflib
+
+    known = known if known is not None else known_keys()
+    group, _, name = key.rpartition(".")
+    siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == group] if group else []
+    if siblings:
+        close = [f"{group}.{k}" for k in difflib.get_close_matches(name, siblings, n=1, cutoff=0.7)]
+        hint = f"did you mean {close[0]}?" if close else f"{group} has {', '.join(siblings)}"
+    else:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.7)
+        hint = f"did you mean {close[0]}?" if close else "the README's Configuration table lists every key"
+    return f"{key}: no such setting; {hint}"
+
+
+def _first_leaf(node, prefix: str) -> str:
+    """`checkpoint` holding {root: /x} -> `checkpoint.root`: the key as the command line spelt it."""
+    from omegaconf import DictConfig
+
+    while isinstance(node, DictConfig) and len(node):
+        name = next(iter(node))
+        prefix, node = f"{prefix}.{name}", node[name]
+    return prefix
+
+
+def _check_keys(cfg) -> None:
+    """A key no schema knows, however it came in (`+verbos=true`, `+checkpoint.root=/x`, `+replay.anything=1`),
+    stops the command: a typo must never leave a setting silently unread (and the demo replayed instead)."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from .errors import UsageError
+
+    known = known_keys()
+    top = {f.name for f in dataclasses.fields(Settings)}
+    for key in cfg:
+        if key not in top:
+            raise UsageError(no_such_setting(_first_leaf(cfg[key], str(key)), known))
+    for group in GROUPS:
+        node = cfg[group]
+        schema = OmegaConf.get_type(node)
+        if dataclasses.is_dataclass(schema):
+            names = {f.name for f in dataclasses.fields(schema)}
+        elif group == "cluster":
+            names = {k.split(".")[1] for k in known if k.startswith("cluster.")}
+        else:
+            continue
+        extra = [k for k in node if k not in names]
+        if extra:
+            raise UsageError(no_such_setting(_first_leaf(node[extra[0]], f"{group}.{extra[0]}"), known))
+
+
 STAGES = ("replay", "report", "compare")
 ALIGNS = ("step", "tokens")  # compare.align: pipeline/runs.py
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
@@ -196,20 +274,11 @@ KEY_MAPS = ("auto", *keymaps.NAMES)  # the registry in pipeline/checkpoints/keym
 
 def check(cfg) -> None:
     """Every setting checked before any work: UsageError naming the first bad key and what is allowed."""
-    import dataclasses
-
     from omegaconf import OmegaConf
 
     from .errors import UsageError
 
-    for group in ("checkpoints", "probe", "replay", "store", "report", "compare"):
-        node = cfg[group]
-        schema = OmegaConf.get_type(node)
-        if dataclasses.is_dataclass(schema):
-            extra = sorted(set(node) - {f.name for f in dataclasses.fields(schema)})
-            if extra:
-                keys = ", ".join(f.name for f in dataclasses.fields(schema))
-                raise UsageError(f"{group}.{extra[0]}: no such setting; {group} has {keys}")
+    _check_keys(cfg)
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise UsageError(f"stages: unknown stage(s) {unknown}; choose from {list(STAGES)}")

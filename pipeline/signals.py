@@ -13,6 +13,9 @@ class Interrupted(BaseException):  # noqa: N818  (like KeyboardInterrupt, it is 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+        # what the message after it says was being done and what is kept; the demo's build says its own (cli.py)
+        self.during = ""
+        self.kept = "every step stored so far is kept, the one in progress is left pending"
 
     @property
     def exit_status(self) -> int:

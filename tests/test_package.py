@@ -221,8 +221,8 @@ def test_the_installed_environment_holds_only_what_sinktrace_declares(venv, fold
         assert f"(pip install 'sinktrace[{extra}]')" in refused.stderr.strip().splitlines()[-1], refused.stderr
 
     help_ = venv.run([venv.sinktrace, "--help"], cwd=elsewhere)
-    assert help_.stdout.startswith("sinktrace is powered by Hydra")
-    assert "checkpoints" in help_.stdout and "replay" in help_.stdout
+    assert help_.stdout.startswith("sinktrace replays a folder of training checkpoints")  # the packaged config's
+    assert "checkpoints.root" in help_.stdout and "sinktrace check" in help_.stdout
 
 
 @pytest.mark.registry

@@ -119,7 +119,9 @@ def test_summary_table_text():
     ]
     assert lines[1].split() == ["0", "0.100", "0.500", "100", "1000"]
     assert lines[2].split() == ["1", "0.050", "0.050", "—", "—"]
-    assert "4 done" in lines[3] and "50.0 % of heads" in lines[3]
+    assert lines[3].startswith("mass @ S: attention on token 0 at step S, mean over heads")
+    assert "stays > 0.3 from: the step from which it never falls back" in lines[3]
+    assert "4 done" in lines[4] and "50.0 % of heads" in lines[4]
 
 
 def test_summary_table_ignores_failed_steps_and_handles_none_done():

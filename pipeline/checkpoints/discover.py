@@ -269,7 +269,10 @@ def _inspect(
 
     if TRAINER_STATE_NAME not in files and fmt != "torch" and any(TRAINING_STATE.search(n) for n in files):
         # the Trainer saves the model, then optimizer, scheduler and RNG states, and trainer_state.json last
-        problems.append(f"the Trainer has not written {TRAINER_STATE_NAME} yet (it writes it last)")
+        problems.append(
+            f"still being written: it holds the Trainer's optimizer or scheduler state but no {TRAINER_STATE_NAME}, "
+            "which the Trainer writes last"
+        )
 
     quiet_in = None
     stamps = [e.mtime for e in entries if e.mtime is not None]

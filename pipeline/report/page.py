@@ -142,9 +142,10 @@ def summary_table(ds: xr.Dataset, eps: float = 0.3) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in [header, *rows]]
     lines.append(
-        f"sink mass: head mean of attention on token 0; steps: {counts}; "
-        f"sink rate at step {n.last_step}: {_fmt_share(n.rate_last)} of heads > {eps:g}"
+        f"mass @ S: attention on token 0 at step S, mean over heads and queries; first > {eps:g}: the first step "
+        f"above it; stays > {eps:g} from: the step from which it never falls back (—: never)"
     )
+    lines.append(f"steps: {counts}; sink rate at step {n.last_step}: {_fmt_share(n.rate_last)} of heads > {eps:g}")
     return "\n".join(lines)
 
 
