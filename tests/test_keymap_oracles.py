@@ -159,6 +159,8 @@ def litgpt_config(rng: random.Random, extra: str | None = None):
         options["rope_condense_ratio"] = rng.choice([2, 4])
     if extra is not None:
         options[extra] = LITGPT_REFUSED[extra]
+    if extra == "norm_qk_type":  # the kind of a QK-norm there is
+        options |= {"norm_qk": True, "bias": False, "attn_bias": False}
     return Config(**options)
 
 
