@@ -69,7 +69,8 @@ CARRIED = frozenset(
         "rotary_percentage",
     }
 )
-INERT = frozenset({"name", "hf_config", "padding_multiple"})
+# gelu_approximate shapes GptNeoxMLP's and GemmaMLP's GELU only, never LLaMAMLP's SiLU
+INERT = frozenset({"name", "hf_config", "padding_multiple", "gelu_approximate"})
 DEFAULTS = {
     "post_attention_norm": False,
     "post_mlp_norm": False,
@@ -80,7 +81,6 @@ DEFAULTS = {
     "attention_logit_softcapping": None,
     "rope_interleave": False,
     "moe_intermediate_size": None,
-    "gelu_approximate": "none",
     "n_expert": 0,
     "n_shared_expert": None,
     "n_expert_groups": None,
@@ -114,7 +114,7 @@ def hf_config(cfg: dict, where: str = "model_config.yaml") -> dict:
     convert_lit_checkpoint.py pairs them.
 
     Raises:
-        Unmapped: a setting of `cfg` (read from `where`) that a LlamaConfig cannot express.
+        Unmapped: a setting of `cfg` (read from `where`) that the transformers config cannot express.
     """
     check_settings(cfg, carried=CARRIED, inert=INERT, defaults=DEFAULTS, where=where, trainer=TRAINER)
     for field, value in LLAMA.items():
@@ -149,10 +149,8 @@ def family(cfg: dict, where: str) -> dict:
     biased query, key and value projections only) or Qwen 3 (`norm_qk`: an RMSNorm over each head's queries and
     keys before the rotation)."""
     bias, attn_bias, norm_qk = (bool(cfg.get(k, False)) for k in ("bias", "attn_bias", "norm_qk"))
-    if norm_qk and cfg.get("norm_qk_type", "default") != "default":
+    if norm_qk and cfg.get("norm_qk_type", "default") != "default":  # without norm_qk, the type selects nothing
         raise unmapped(where, TRAINER, "norm_qk_type", cfg["norm_qk_type"], "only a per-head QK-norm is mapped")
-    if not norm_qk and cfg.get("norm_qk_type", "default") != "default":
-        raise unmapped(where, TRAINER, "norm_qk_type", cfg["norm_qk_type"], "its default is 'default'")
     if norm_qk and (bias or attn_bias):
         field = "bias" if bias else "attn_bias"
         raise unmapped(where, TRAINER, field, True, "transformers' Qwen 3 block biases the output projection alike")
