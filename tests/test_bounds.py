@@ -323,3 +323,22 @@ def test_when_every_hub_revision_is_refused_the_run_ends_non_zero_in_one_line(tm
         "sinktrace: error: checkpoints.root=hf://org/pickles: none of its 1 revision(s) can be replayed (each is "
         "listed above with the reason it was skipped)"
     )
+
+
+def test_a_report_that_cannot_be_written_is_one_line_and_the_store_is_untouched(tmp_path, capsys, monkeypatch):
+    import pipeline.report
+    from tests.cubes import constant_cube, write_store
+
+    store = write_store(tmp_path / "s.zarr", {"probe_keep": constant_cube([[0.1, 0.5, 0.6]])})
+    before = sorted(p.relative_to(store) for p in store.rglob("*"))
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pipeline.report, "write_report", full_disk)
+    assert run(compose(["stages=[report]", f"store.path={store}", f"report.out_dir={tmp_path / 'rep'}"])) == 1
+    out = capsys.readouterr()
+    assert (
+        out.err.strip() == "sinktrace: error: the report was not written: OSError: [Errno 28] No space left on device"
+    )
+    assert sorted(p.relative_to(store) for p in store.rglob("*")) == before
