@@ -36,6 +36,9 @@ class LatencyProxy:
         # a test's stalled object: hold(method, path) true -> no answer at all, until the proxy stops
         self.hold = None
         self.held = 0  # requests held so far
+        # a test's lying object: misstate(method, path) -> bytes added to the Content-Length its answer declares (the
+        # body sent as it is, then the connection closed); unranged(method, path) true -> its Range header dropped
+        self.misstate = self.unranged = None
         self._stopping = threading.Event()
         proxy = self
 
@@ -67,16 +70,22 @@ class LatencyProxy:
                 upstream = http.client.HTTPConnection(proxy.upstream, timeout=UPSTREAM_TIMEOUT_S)
                 try:
                     upstream.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+                    unranged = proxy.unranged is not None and proxy.unranged(self.command, self.path)
                     for key, value in self.headers.items():
                         if key.lower() not in HOP_BY_HOP and key.lower() != "content-length":
-                            upstream.putheader(key, value)
+                            if not (unranged and key.lower() == "range"):
+                                upstream.putheader(key, value)
                     if body or self.command in ("PUT", "POST"):
                         upstream.putheader("Content-Length", str(len(body)))
                     upstream.endheaders(body or None)
                     answer = upstream.getresponse()
                     self.send_response_only(answer.status, answer.reason)
                     length = answer.getheader("Content-Length")
+                    extra = proxy.misstate(self.command, self.path) if proxy.misstate is not None else 0
                     for key, value in answer.getheaders():
+                        if key.lower() == "content-length" and extra:
+                            value = str(int(value) + extra)
+                            self.close_connection = True
                         if key.lower() not in HOP_BY_HOP:
                             self.send_header(key, value)
                     if length is None and self.command != "HEAD":

@@ -7,7 +7,7 @@ import sys
 from omegaconf import DictConfig
 
 from . import hydra_app, settings
-from .errors import CheckpointError, ClusterLost, UsageError
+from .errors import CheckpointError, ClusterLost, UsageError, describe
 from .locations import default_store_path, exists, sinktrace_home
 from .settings import CONF_MODULE, compose, new_spelling
 
@@ -62,6 +62,7 @@ def run(cfg: DictConfig) -> int:
     2: usage, or every checkpoint found unreadable; 128 + the signal's number: interrupted by Ctrl-C or SIGTERM)."""
     from .signals import Interrupted
 
+    report_failed = False
     try:
         settings.check(cfg)
         from .driver import check_root, check_store_path
@@ -90,7 +91,11 @@ def run(cfg: DictConfig) -> int:
             if outcome.unreadable and len(outcome.unreadable) == outcome.found:
                 return summary(outcome)  # nothing could be read, so there is nothing to report on
         if "report" in cfg.stages and not (outcome and outcome.failures and not exists(store)):  # all failed
-            report_stage(cfg, store)
+            try:
+                report_stage(cfg, store)
+            except OSError as e:  # an output's failure: what the store holds is untouched
+                print(f"sinktrace: error: the report was not written: {describe(e)}", file=sys.stderr)
+                report_failed = True
         if "compare" in cfg.stages:
             from .compare import compare_stage
 
@@ -108,7 +113,7 @@ def run(cfg: DictConfig) -> int:
         )
         return e.exit_status
     print_same_weights(store)
-    return summary(outcome)
+    return summary(outcome) or int(report_failed)
 
 
 def summary(outcome) -> int:

@@ -141,6 +141,11 @@ class Run:
                     time.sleep(wait)
                     continue
                 if not self.tried and not ready:
+                    if waiting and str(self.root).startswith("hf://"):  # a revision never changes: none ever will
+                        raise UsageError(
+                            f"checkpoints.root={self.root}: none of its {len(waiting)} revision(s) can be replayed "
+                            "(each is listed above with the reason it was skipped)"
+                        )
                     print("sinktrace: nothing to replay")
                 break
         if self.store is not None:

@@ -286,3 +286,59 @@ def test_a_config_larger_than_max_read_size_fails_its_step_naming_file_size_and_
     assert open_sinks(str(store), name).status.values.tolist() == ["done", "failed"]
     err = capsys.readouterr().err
     assert f"config.json holds {size + 4096:,} bytes, more than checkpoints.max_read_size={size + 1024} allows" in err
+
+
+# ------------------------------------------------------------------------------------------ Hub
+
+
+def test_when_every_hub_revision_is_refused_the_run_ends_non_zero_in_one_line(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    from pipeline.checkpoints import hub as hubmod
+    from tests.ckpt_factory import save_checkpoint
+    from tests.hub_server import FakeHub
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hubmod, "RETRY_WAIT", 0.01)
+    folder, state = save_checkpoint(tmp_path / "step10", step=10, trainer_state=False)
+    pickled = tmp_path / "pytorch_model.bin"
+    torch.save(state, pickled)
+    server = FakeHub().start()
+    try:
+        server.patch_client(monkeypatch)
+        server.add(
+            "org/pickles",
+            "step10",
+            {"config.json": (folder / "config.json").read_bytes(), "pytorch_model.bin": pickled.read_bytes()},
+        )
+        store = tmp_path / "hub.zarr"
+        assert run(compose(["checkpoints.root=hf://org/pickles", f"store.path={store}", "stages=[replay]"])) == 2
+    finally:
+        server.stop()
+    out = capsys.readouterr()
+    assert "skipped step 10" in out.out and "nothing to replay" not in out.out
+    (line,) = [x for x in out.err.splitlines() if x.startswith("sinktrace: ")]
+    assert line == (
+        "sinktrace: error: checkpoints.root=hf://org/pickles: none of its 1 revision(s) can be replayed (each is "
+        "listed above with the reason it was skipped)"
+    )
+
+
+def test_a_report_that_cannot_be_written_is_one_line_and_the_store_is_untouched(tmp_path, capsys, monkeypatch):
+    import pipeline.report
+    from tests.cubes import constant_cube, write_store
+
+    store = write_store(tmp_path / "s.zarr", {"probe_keep": constant_cube([[0.1, 0.5, 0.6]])})
+    before = sorted(p.relative_to(store) for p in store.rglob("*"))
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pipeline.report, "write_report", full_disk)
+    assert run(compose(["stages=[report]", f"store.path={store}", f"report.out_dir={tmp_path / 'rep'}"])) == 1
+    out = capsys.readouterr()
+    assert (
+        out.err.strip() == "sinktrace: error: the report was not written: OSError: [Errno 28] No space left on device"
+    )
+    assert sorted(p.relative_to(store) for p in store.rglob("*")) == before

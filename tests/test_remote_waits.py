@@ -104,3 +104,29 @@ def test_sigterm_ends_a_run_waiting_on_a_hanging_object_within_seconds(bucket, t
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize(
+    "lie, said",
+    [
+        ("overstated", "the answer is shorter than its declared length"),  # the connection closes before its end
+        ("unranged", "the answer is longer than the range asked for"),  # the whole object for a range
+    ],
+)
+def test_an_answer_of_another_length_fails_its_step_naming_the_url(bucket, tmp_path, capsys, lie, said):
+    proxy, url = bucket
+    weights = "/checkpoint-20/model.safetensors"
+    if lie == "overstated":
+        proxy.misstate = lambda method, path: 100 if method == "GET" and weights in path else 0
+    else:
+        proxy.unranged = lambda method, path: method == "GET" and weights in path
+    store = tmp_path / "s.zarr"
+    args = [f"checkpoints.root={url}", "checkpoints.quiet_seconds=0", f"store.path={store}", "stages=[replay]"]
+    try:
+        assert run(compose([*args, "probe.rows=4", "probe.seq_len=16", "replay.measure=[]"])) == 1
+    finally:
+        proxy.misstate = proxy.unranged = None
+    ds = open_sinks(str(store), GROUP)
+    assert ds.status.values.tolist() == ["done", "done", "failed"]
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.strip().startswith("step 20:")]
+    assert f"{url}{weights}" in line and said in line, line

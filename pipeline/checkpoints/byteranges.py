@@ -84,9 +84,7 @@ def read_files(ranges: dict[str, list[tuple[int, int]]], plan: ReadPlan = ReadPl
             os.close(fd)
     by_file: dict[str, list] = {path: [] for path in requests}
     for (path, (start, stop)), data in zip(jobs, got):
-        if len(data) != stop - start:
-            what = "shorter than the range" if len(data) < stop - start else "longer than the range asked for"
-            raise OSError(f"{path}: read {len(data)} of the {stop - start} bytes at {start}: the answer is {what}")
+        _check_length(path, start, stop, data)
         by_file[path].append(data)
     out: dict[str, list[bytes]] = {}
     for path, asked in ranges.items():
@@ -99,9 +97,18 @@ def read_files(ranges: dict[str, list[tuple[int, int]]], plan: ReadPlan = ReadPl
 
 
 def cat_range(fs, remote: str, url: str, start: int, stop: int) -> bytes:
-    """The bytes [start, stop) of an object, as `bounded` asks for them."""
+    """The bytes [start, stop) of an object, as `bounded` asks for them; OSError naming the URL when the answer
+    holds fewer or more bytes than asked for."""
     # start= and end= by name: s3fs's cat_file takes a version id second
-    return bounded(fs, url, f"bytes {start}-{stop}", "cat_file", remote, start=start, end=stop)
+    data = bounded(fs, url, f"bytes {start}-{stop}", "cat_file", remote, start=start, end=stop)
+    _check_length(url, start, stop, data)
+    return data
+
+
+def _check_length(path: str, start: int, stop: int, data: bytes) -> None:
+    if len(data) != stop - start:
+        what = "shorter than the range" if len(data) < stop - start else "longer than the range asked for"
+        raise OSError(f"{path}: read {len(data)} of the {stop - start} bytes at {start}: the answer is {what}")
 
 
 def bounded(fs, url: str, what: str, method: str, *args, **kwargs):
@@ -123,6 +130,11 @@ def bounded(fs, url: str, what: str, method: str, *args, **kwargs):
     except FileNotFoundError:
         raise
     except Exception as e:
+        if "ClientPayloadError" in {c.__name__ for c in type(e).__mro__}:  # aiohttp's, by name: s3fs brings it
+            raise OSError(
+                f"{url}: reading {what} failed: the answer is shorter than its declared length, the connection "
+                f"closed before its end ({describe(e)})"
+            ) from None
         raise OSError(f"{url}: reading {what} failed: {describe(e)}") from None
 
 

@@ -20,6 +20,7 @@ first `rows * seq_len` tokens of the stream (a longer text's rows are cut from t
 
 from __future__ import annotations
 
+import array
 import codecs
 import hashlib
 import json
@@ -222,10 +223,10 @@ def rows_of_text(
     where = f"probe.path={path}"
     sha256 = file_sha256(path)
     if packing == "document":
-        long_enough, count = [], 0
+        long_enough, count = array.array("q"), 0  # 8 bytes per document long enough, its index
         for batch in _batches(documents(path, CHARS_PER_TOKEN * seq_len), TOKENIZE_AT_ONCE):
             ids = token_ids(tokenizer, batch, seq_len)
-            long_enough += [count + i for i, row in enumerate(ids) if len(row) >= seq_len]
+            long_enough.extend(count + i for i, row in enumerate(ids) if len(row) >= seq_len)
             count += len(batch)
         if len(long_enough) < rows:
             raise ValueError(
