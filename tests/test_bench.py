@@ -36,6 +36,7 @@ def numbers(row):
     return {k: row[k] for k in keys if row[k] is not None}
 
 
+@pytest.mark.slow
 def test_smoke_preset_prints_the_table_and_writes_the_json(tmp_path, sinktrace_home):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
@@ -180,6 +181,7 @@ def test_oom_is_recognised():
     assert not is_oom(RuntimeError("shape mismatch"))
 
 
+@pytest.mark.slow
 def test_peers_in_their_own_processes_agree_with_eager(tmp_path, sinktrace_home):
     """sinktrace's command and the plain transformers script, each a whole process, over the same checkpoints
     and probe as the eager contender; TransformerLens, where not installed, is skipped with the reason."""

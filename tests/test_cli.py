@@ -7,6 +7,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import xarray as xr
 
 import pipeline
@@ -152,12 +153,14 @@ def cli(*args, env=None, **kw):
     )
 
 
+@pytest.mark.slow
 def test_unknown_config_key_is_rejected_by_name(tmp_path):
     res = cli("probe.sq_len=3")
     assert res.returncode != 0
     assert "probe.sq_len" in res.stderr + res.stdout
 
 
+@pytest.mark.slow
 def test_multirun_writes_one_group_per_probe_length(trained_run, tmp_path):
     store = tmp_path / "s.zarr"
     res = cli(
@@ -178,6 +181,7 @@ def test_multirun_writes_one_group_per_probe_length(trained_run, tmp_path):
         assert list(pipeline.open_sinks(str(store), name).status.values) == ["done", "done"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_store(run_copy, tmp_path):
     # more checkpoints, so the kill lands mid-run
     import shutil
@@ -223,6 +227,7 @@ def test_killed_run_resumes_to_the_same_store(run_copy, tmp_path):
     xr.testing.assert_equal(a.drop_attrs(), b.drop_attrs())
 
 
+@pytest.mark.slow
 def test_report_stage_alone_redraws_from_the_store(trained_run, tmp_path, capsys, sinktrace_home):
     store = tmp_path / "s.zarr"
     assert run(replay_cfg(trained_run, store)) == 0
@@ -251,6 +256,7 @@ HEAVY_IMPORTS = (
 )
 
 
+@pytest.mark.slow
 def test_default_run_never_imports_dask_and_report_never_imports_torch(trained_run, tmp_path):
     """The default in-process replay never loads Dask; `stages=[report]` never loads a model library."""
     store = tmp_path / "s.zarr"

@@ -148,6 +148,7 @@ def stop(procs):
         p.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_processes_cluster_survives_a_killed_worker(run_root, clean, tmp_path):
     store = tmp_path / "s.zarr"
     proc = sinktrace(*replay_args(run_root, store, "cluster=processes", "cluster.n_workers=2"))
@@ -247,6 +248,7 @@ def dask_scheduler(tmp_path):
         stop(procs)
 
 
+@pytest.mark.slow
 def test_scheduler_cluster_survives_a_killed_worker(run_root, clean, dask_scheduler, tmp_path):
     scheduler, address, start_workers = dask_scheduler
     assert address.startswith("tcp://127.0.0.1:")
@@ -264,6 +266,7 @@ def test_scheduler_cluster_survives_a_killed_worker(run_root, clean, dask_schedu
     assert_same_store(store, clean[0])
 
 
+@pytest.mark.slow
 def test_lost_scheduler_ends_with_a_clear_message_and_the_rerun_resumes(run_root, clean, dask_scheduler, tmp_path):
     scheduler, address, start_workers = dask_scheduler
     start_workers(1)

@@ -112,6 +112,7 @@ def test_a_truncated_distcp_fails_its_step_naming_the_file(titan, capsys):
     assert str(data) in error_of(store, 1)
 
 
+@pytest.mark.slow
 def test_a_truncated_distcp_on_a_processes_cluster_fails_its_step_and_ends(titan):
     root, config, store = titan
     data = root / "step-1" / "__0_0.distcp"

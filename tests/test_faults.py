@@ -39,18 +39,28 @@ def files_of(store: Path) -> dict[str, bytes]:
     return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture
-def small_run(tmp_path) -> Path:
-    root = tmp_path / "run"
-    make_run(root, [0, 10, 20])
-    return root
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """A run of three checkpoints and its store, made once for the module: tests get copies (below)."""
+    base = tmp_path_factory.mktemp("faults")
+    make_run(base / "run", [0, 10, 20])
+    assert run(cfg_for(base / "run", base / "s.zarr")) == 0
+    return base
 
 
 @pytest.fixture
-def stored(small_run, tmp_path) -> Path:
-    store = tmp_path / "s.zarr"
-    assert run(cfg_for(small_run, store)) == 0
-    return store
+def small_run(built, tmp_path, request) -> Path:
+    """The run: a copy of its own for the test to change, or, for a test of the store (`stored`), the module's run
+    the store was made from (a store names its run), which such a test only reads."""
+    if "stored" in request.fixturenames:
+        return built / "run"
+    return Path(shutil.copytree(built / "run", tmp_path / "run"))  # modification times kept: past the quiet period
+
+
+@pytest.fixture
+def stored(small_run, built, tmp_path) -> Path:
+    """A copy of the store of `small_run`, replayed whole, for the test to change."""
+    return Path(shutil.copytree(built / "s.zarr", tmp_path / "s.zarr"))
 
 
 # ------------------------------------------------------------------ settings checked before any work
@@ -191,6 +201,7 @@ def test_bad_paths_are_usage_errors(small_run, tmp_path, case, capsys):
         assert (store / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_the_command_line_says_it_in_one_line_with_exit_2(tmp_path):
     for args, message in (
         [["replay.batch_size=abc"], "replay.batch_size=abc"],
@@ -245,6 +256,7 @@ def cli_bounded(args, timeout=180, prefix=()):
         (["cluster=slurm", "cluster.jobs=0"], "cluster.jobs=0: give at least 1"),
     ],
 )
+@pytest.mark.slow
 def test_a_cluster_without_workers_is_a_usage_error_not_a_hang(small_run, tmp_path, cluster, message):
     store = tmp_path / "s.zarr"
     args = [f"checkpoints.root={small_run}", "checkpoints.quiet_seconds=0", f"store.path={store}", "stages=[replay]"]
@@ -458,6 +470,7 @@ def test_a_lock_file_that_is_a_symlink_never_writes_its_target(stored, small_run
     assert victim.read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_a_store_in_a_read_only_folder_is_one_line_naming_the_folder(small_run, tmp_path):
     # Root writes through permission bits: as root, the command runs without the capabilities that allow that
     # (setpriv drops them from its bounding set), so the kernel refuses the writes as it would for any user.
@@ -546,6 +559,7 @@ def wait_for_done(store: Path, n: int, proc, timeout: float = 240) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.slow
 def test_an_interrupt_stops_between_steps_and_the_rerun_finishes(tmp_path, sig):
     root = tmp_path / "run"
     make_run(root, list(range(0, 120, 10)))

@@ -139,6 +139,7 @@ def test_discovery_lists_step_revisions_and_says_why_others_are_skipped(tiny_rev
     ]
 
 
+@pytest.mark.slow
 def test_demo_run_published_on_the_hub_replays_into_the_folder_replays_store(trained_run, hub, cache, tmp_path):
     """One revision per checkpoint of the demo run, named with its step and tokens; through hf:// the store holds
     what the folder replay stores, and the steps' revisions and commits."""
@@ -179,6 +180,7 @@ def test_demo_run_published_on_the_hub_replays_into_the_folder_replays_store(tra
     assert [name for _, name in hub.served if name != "config.json"] == []
 
 
+@pytest.mark.slow
 def test_cache_limit_below_two_checkpoints_fetches_one_at_a_time(tiny_revisions, hub, cache, tmp_path):
     publish(hub, "org/tiny", tiny_revisions)
     one = sum((tiny_revisions[0] / n).stat().st_size for n in ("config.json", "model.safetensors"))
@@ -204,6 +206,7 @@ def test_cache_limit_below_two_checkpoints_fetches_one_at_a_time(tiny_revisions,
     assert len([b for b in blobs(cache, "org/tiny") if len(b) == 64]) == 3  # the three weight files (sha256)
 
 
+@pytest.mark.slow
 def test_two_revisions_with_the_same_weights_are_flagged(tiny_revisions, hub, cache, tmp_path, caplog):
     publish(hub, "org/tiny", {0: tiny_revisions[0], 10: tiny_revisions[0]})
     # step 20 sharded: the index, then the shards it lists
@@ -231,6 +234,7 @@ def test_two_revisions_with_the_same_weights_are_flagged(tiny_revisions, hub, ca
     xr.testing.assert_identical(ds.sel(step=[0, 20]).drop_attrs(), reference.sel(step=[0, 20]).drop_attrs())
 
 
+@pytest.mark.slow
 def test_download_killed_mid_file_leaves_nothing_trusted_and_the_rerun_completes(tiny_revisions, hub, cache, tmp_path):
     publish(hub, "org/tiny", tiny_revisions)
     hub.stall_on = ("step10", "model.safetensors")
@@ -491,6 +495,7 @@ def test_a_revision_listing_that_hangs_fails_the_run_in_one_line(hub, tmp_path, 
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_sigterm_ends_the_run_at_once_while_a_file_listing_hangs(tiny_revisions, hub, cache, tmp_path):
     publish(hub, "org/tiny", tiny_revisions)
     hub.hang = {"tree"}

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
 
 
@@ -99,6 +101,7 @@ def test_no_import_cycle_among_the_package_modules():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+@pytest.mark.slow
 def test_the_public_api_resolves_without_loading_torch():
     code = (
         "import sys, importlib, pipeline\n"

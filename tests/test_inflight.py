@@ -32,6 +32,7 @@ def each_its_own_request(concurrency: int) -> ReadPlan:
     return ReadPlan(concurrency=concurrency, gap=0, max_request=0)
 
 
+@pytest.mark.slow
 def test_requests_in_flight_beat_one_at_a_time_and_read_the_same(store, tmp_path):
     proxy, direct = store
     tensors = {f"model.layers.{i}.weight": torch.randn(64, 16) for i in range(TENSORS)}

@@ -86,6 +86,7 @@ def streamed(monkeypatch):
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # gc.get_objects() meets torch's deprecated aliases
 @pytest.mark.parametrize("sharded", [False, True])
+@pytest.mark.slow
 def test_one_block_resident_and_every_tensor_read_once(tmp_path, streamed, sharded):
     folder, saved = save_checkpoint(tmp_path / "c", sharded=sharded, num_hidden_layers=4)
     names = sorted(k for k in saved if k != "lm_head.weight")
@@ -202,6 +203,7 @@ def test_skeleton_patch_acts_only_in_its_own_thread():
     assert not torch.nn.Linear(2, 2).weight.is_meta  # and it is gone afterwards
 
 
+@pytest.mark.slow
 def test_cli_store_is_the_same_either_way(trained_run, tmp_path):
     import xarray as xr
 
@@ -239,6 +241,7 @@ def test_whole_model_out_of_memory_falls_back_to_layer_by_layer(trained_run, mon
         replay(c, probe_, ReplaySettings(max_device_memory=None))
 
 
+@pytest.mark.slow
 def test_tensors_transformers_drops_on_loading_are_no_error(tmp_path):
     model = build("gpt2")
     model.save_pretrained(tmp_path)

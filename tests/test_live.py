@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import xarray as xr
 
 import pipeline
@@ -79,6 +80,7 @@ class Trainer(threading.Thread):
             self.error = e
 
 
+@pytest.mark.slow
 def test_soak_watch_killed_at_random_equals_a_clean_replay(tmp_path, capsys):
     stash, root, store = tmp_path / "stash", tmp_path / "run", tmp_path / "watched.zarr"
     make_run(stash, STEPS)
@@ -122,6 +124,7 @@ def test_soak_watch_killed_at_random_equals_a_clean_replay(tmp_path, capsys):
     xr.testing.assert_equal(got.drop_attrs(), want.drop_attrs())
 
 
+@pytest.mark.slow
 def test_watch_stops_when_idle_and_says_what_it_waits_for(tmp_path):
     root = tmp_path / "run"
     make_run(root, [0, 10])
@@ -138,6 +141,7 @@ def test_watch_stops_when_idle_and_says_what_it_waits_for(tmp_path):
     assert ds.step.values.tolist() == [0, 10] and ds.status.values.tolist() == ["done", "done"]
 
 
+@pytest.mark.slow
 def test_two_runs_on_one_store_the_second_is_refused(tmp_path):
     root = tmp_path / "run"
     make_run(root, [0, 10])
@@ -204,6 +208,7 @@ def mutate_header(path: Path, rng: random.Random) -> None:
         path.write_bytes(raw[:8] + mutate(raw[8 : 8 + n], rng) + raw[8 + n :])
 
 
+@pytest.mark.slow
 def test_fuzz_of_what_discovery_and_loading_read(tmp_path, capsys):
     import resource
 

@@ -48,6 +48,7 @@ def _text(nb) -> str:
     return "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs)
 
 
+@pytest.mark.slow
 def test_notebook_runs_on_a_store_with_both_first_token_groups(tmp_path, monkeypatch):
     store = write_store(
         tmp_path / "sinks.zarr", {"r64-keep": realistic_cube("keep"), "r64-random": realistic_cube("random")}
@@ -66,6 +67,7 @@ def test_notebook_runs_on_a_store_with_both_first_token_groups(tmp_path, monkeyp
     assert "positional index at step 10000" in text
 
 
+@pytest.mark.slow
 def test_notebook_without_a_first_token_pair(tmp_path, monkeypatch):
     store = write_store(tmp_path / "sinks.zarr", {"only": realistic_cube("keep", failed=())})
     nb = _run(store, monkeypatch)
@@ -80,6 +82,7 @@ def test_notebook_is_stored_clean_and_explained():
     assert sum(c.cell_type == "markdown" for c in nb.cells) >= 7
 
 
+@pytest.mark.slow
 def test_notebook_reads_the_circuit_and_mixing_statistics(tmp_path, monkeypatch):
     from tests.test_analysis import circuit_cube
 
@@ -91,6 +94,7 @@ def test_notebook_reads_the_circuit_and_mixing_statistics(tmp_path, monkeypatch)
     assert _images(nb) == 5 + 2 + 1  # sections 1-4, the two P0 ones (no first-token pair), the planted circuit
 
 
+@pytest.mark.slow
 def test_notebook_compares_two_runs(tmp_path, monkeypatch):
     fast = write_store(tmp_path / "fast.zarr", {"r64-keep": realistic_cube("keep", failed=())})
     slow_cube = realistic_cube("keep", failed=(), steps=tuple(s * 2 for s in (0, 500, 1000, 3000, 5000, 7000, 9000)))

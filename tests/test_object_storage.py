@@ -50,6 +50,7 @@ def replay_args(root, store, *extra):
     ]
 
 
+@pytest.mark.slow
 def test_run_from_and_into_s3_equals_a_local_run(runs, reference, s3, monkeypatch):
     from pipeline.checkpoints import safetensorsfile
 

@@ -36,7 +36,7 @@ INSTALL_TIMEOUT = 1800  # seconds for one `pip install` from the registry
 RUN_TIMEOUT = 600  # seconds for one command of the installed sinktrace
 UV = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
 
-pytestmark = pytest.mark.xdist_group("package")
+pytestmark = [pytest.mark.xdist_group("package"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

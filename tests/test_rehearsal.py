@@ -6,6 +6,8 @@ import pytest
 pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
 
+pytestmark = pytest.mark.slow
+
 
 def test_the_rehearsal_agrees_at_its_smallest(tmp_path, capsys):
     from benchmarks.rehearsal import main

@@ -309,6 +309,7 @@ def dcp_spans_of(folder: Path, ckpt, name: str) -> set:
 # ------------------------------------------------------------------------------------------ through the command
 
 
+@pytest.mark.slow
 def test_a_run_from_s3_stores_what_the_local_run_stores(s3, tmp_path, capsys):
     """Two torchtitan steps, the bucket's copy of step 1 cut short: that step fails naming its data file, and step 2
     is stored as the local run stores it, the same weights digest included."""

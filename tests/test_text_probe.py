@@ -347,6 +347,7 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_is_a_usage_error(text_run,
     assert not store.exists()
 
 
+@pytest.mark.slow
 def test_the_notebook_sets_a_text_probe_beside_the_random_tokens(tmp_path, monkeypatch):
     from tests.cubes import realistic_cube, write_store
     from tests.test_notebook import _images, _run, _text

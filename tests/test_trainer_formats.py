@@ -330,6 +330,7 @@ REPLAY = ["checkpoints.quiet_seconds=0", "stages=[replay]", "probe.rows=3", "pro
 
 
 @pytest.mark.parametrize("layout", ["step_{}/ckpt.pt", "ckpt_{}.pt"])
+@pytest.mark.slow
 def test_nanogpt_series_kept_by_hand_replays_through_the_command(tmp_path, layout):
     models = tc.nanogpt_series(tmp_path / "out", SERIES, layout)
     store = tmp_path / "s.zarr"
