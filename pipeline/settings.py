@@ -262,8 +262,9 @@ def _check_keys(cfg) -> None:
         else:
             continue
         extra = [k for k in node if k not in names]
-        if extra:
-            raise UsageError(no_such_setting(_first_leaf(node[extra[0]], f"{group}.{extra[0]}"), known))
+        if extra:  # suggested from this group's own keys: probe=random has no `probe.packing`, probe=text has
+            own = sorted(f"{group}.{name}" for name in names)
+            raise UsageError(no_such_setting(_first_leaf(node[extra[0]], f"{group}.{extra[0]}"), own))
 
 
 STAGES = ("replay", "report", "compare")
