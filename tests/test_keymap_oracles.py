@@ -206,17 +206,6 @@ def litgpt_outputs(model, ids):
 
 
 @needs_litgpt
-@pytest.mark.parametrize("seed", range(CONFIGS))
-def test_litgpt_map_computes_litgpts_own_model(tmp_path, seed):
-    config = litgpt_config(random.Random(seed))
-    model = litgpt_run(tmp_path / "out", config, seed)
-    ids = probe(config.padded_vocab_size, seed)
-    logits, attentions = litgpt_outputs(model, ids)
-    _, built = replayed(tmp_path / "out")
-    assert_same_network(built, ids, logits, attentions)
-
-
-@needs_litgpt
 @pytest.mark.parametrize("field", sorted(LITGPT_REFUSED))
 def test_litgpt_settings_the_map_does_not_carry_are_refused_by_name(tmp_path, field):
     config = litgpt_config(random.Random(field), field)
@@ -345,12 +334,20 @@ def olmo_outputs(model, ids):
     return logits, matrices
 
 
+WITH_LIBRARY = {  # a configuration drawn, the run written, the trainer model's outputs, its vocabulary
+    "litgpt": (litgpt_config, litgpt_run, litgpt_outputs, "padded_vocab_size"),
+    "olmo_core": (olmo_config, olmo_run, olmo_outputs, "vocab_size"),
+}
+
+
+@pytest.mark.parametrize("trainer", [pytest.param("litgpt", marks=needs_litgpt), "olmo_core"])
 @pytest.mark.parametrize("seed", range(CONFIGS))
-def test_olmo_core_map_computes_olmo_cores_own_model(tmp_path, seed):
-    config = olmo_config(random.Random(seed))
-    model = olmo_run(tmp_path / "run", config, seed)
-    ids = probe(config.vocab_size, seed)
-    logits, attentions = olmo_outputs(model, ids)
+def test_maps_compute_the_trainers_own_model(tmp_path, trainer, seed):
+    draw, write, outputs, vocab = WITH_LIBRARY[trainer]
+    config = draw(random.Random(seed))
+    model = write(tmp_path / "run", config, seed)
+    ids = probe(getattr(config, vocab), seed)
+    logits, attentions = outputs(model, ids)
     _, built = replayed(tmp_path / "run")
     assert_same_network(built, ids, logits, attentions)
 
