@@ -3,16 +3,19 @@ computes the trainer model's logits and attention, or the run is refused, naming
 
 For every map, a seeded property test draws configurations from the trainer's option space (head counts and
 groups, head dims, rope bases and scalings, biases, norms, tied heads), builds the trainer's own model with random
-weights, saves it with the trainer's own writers, and replays it: logits within 1e-5 in float32, each head's
-attention matrix within 1e-5 of the one the trainer model computes, and sinktrace's measured statistics equal to
-eager attention's on the model it built. A configuration with a setting the map does not carry must be refused,
-and the refusal must name that setting.
+weights (where the trainer's library is not installed here, the transformers model its converter targets), saves
+it with the trainer's own writers (else under its names and layouts), and replays it: logits within 1e-5 in float32,
+each head's attention matrix within 1e-5 of the one the trainer model computes, and sinktrace's measured statistics
+equal to eager attention's on the model it built. A configuration with a setting the map does not carry must be
+refused, and the refusal must name that setting.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
+import json
 import random
 import re
 import warnings
@@ -99,7 +102,9 @@ def refused(root: Path, field: str) -> None:
 
 # ------------------------------------------------------------------------------------------ litgpt
 
-litgpt = pytest.importorskip("litgpt", reason="scripts/install.sh installs litgpt beside the test extra")
+needs_litgpt = pytest.mark.skipif(
+    importlib.util.find_spec("litgpt") is None, reason="scripts/install.sh installs litgpt beside the test extra"
+)
 
 # Settings the litgpt map does not carry, each with a value that changes the network (refused by name).
 LITGPT_REFUSED = {
@@ -200,16 +205,7 @@ def litgpt_outputs(model, ids):
     return logits, matrices
 
 
-@pytest.mark.parametrize("seed", range(CONFIGS))
-def test_litgpt_map_computes_litgpts_own_model(tmp_path, seed):
-    config = litgpt_config(random.Random(seed))
-    model = litgpt_run(tmp_path / "out", config, seed)
-    ids = probe(config.padded_vocab_size, seed)
-    logits, attentions = litgpt_outputs(model, ids)
-    _, built = replayed(tmp_path / "out")
-    assert_same_network(built, ids, logits, attentions)
-
-
+@needs_litgpt
 @pytest.mark.parametrize("field", sorted(LITGPT_REFUSED))
 def test_litgpt_settings_the_map_does_not_carry_are_refused_by_name(tmp_path, field):
     config = litgpt_config(random.Random(field), field)
@@ -217,6 +213,7 @@ def test_litgpt_settings_the_map_does_not_carry_are_refused_by_name(tmp_path, fi
     refused(tmp_path / "out", field)
 
 
+@needs_litgpt
 def test_litgpt_llama3_rope_is_transformers_llama3(tmp_path):
     """A Llama 3.x run: the config sinktrace derives is transformers' own llama3 rope scaling."""
     from litgpt.config import Config
@@ -238,6 +235,7 @@ def test_litgpt_llama3_rope_is_transformers_llama3(tmp_path):
     assert {derived[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")} == {None}
 
 
+@needs_litgpt
 def test_an_unknown_litgpt_setting_is_refused_by_name(tmp_path):
     """A field litgpt 0.5.13 does not have (a later release's, or a fork's) is not dropped."""
     from litgpt.config import Config
@@ -257,6 +255,7 @@ def test_an_unknown_litgpt_setting_is_refused_by_name(tmp_path):
     assert yaml.safe_dump(saved)  # the file as litgpt writes it holds plain values only
 
 
+@needs_litgpt
 def test_litgpts_final_folder_is_named_at_discovery_and_replays_at_its_step_count(tmp_path, caplog):
     """litgpt pretrain's `final/` (save_checkpoint of the whole training state at the end) has no step in its
     name: discovery names it with how to replay it, and given as the root its step is the optimizer steps its
@@ -307,8 +306,6 @@ def olmo_run(root: Path, config, seed: int, saved=None):
     """OLMo-core's `step<N>/`: its own model saved by its own checkpointer (save_model_and_optim_state into
     model_and_optim/), and the config.json its ConfigSaverCallback writes (the experiment config, whose `model` is
     `TransformerConfig.as_config_dict()`). `saved`: the config written, when not the model's."""
-    import json
-
     from olmo_core.distributed.checkpoint import save_model_and_optim_state
 
     torch.manual_seed(seed)
@@ -337,12 +334,20 @@ def olmo_outputs(model, ids):
     return logits, matrices
 
 
+WITH_LIBRARY = {  # a configuration drawn, the run written, the trainer model's outputs, its vocabulary
+    "litgpt": (litgpt_config, litgpt_run, litgpt_outputs, "padded_vocab_size"),
+    "olmo_core": (olmo_config, olmo_run, olmo_outputs, "vocab_size"),
+}
+
+
+@pytest.mark.parametrize("trainer", [pytest.param("litgpt", marks=needs_litgpt), "olmo_core"])
 @pytest.mark.parametrize("seed", range(CONFIGS))
-def test_olmo_core_map_computes_olmo_cores_own_model(tmp_path, seed):
-    config = olmo_config(random.Random(seed))
-    model = olmo_run(tmp_path / "run", config, seed)
-    ids = probe(config.vocab_size, seed)
-    logits, attentions = olmo_outputs(model, ids)
+def test_maps_compute_the_trainers_own_model(tmp_path, trainer, seed):
+    draw, write, outputs, vocab = WITH_LIBRARY[trainer]
+    config = draw(random.Random(seed))
+    model = write(tmp_path / "run", config, seed)
+    ids = probe(getattr(config, vocab), seed)
+    logits, attentions = outputs(model, ids)
     _, built = replayed(tmp_path / "run")
     assert_same_network(built, ids, logits, attentions)
 
@@ -529,6 +534,7 @@ def stored(store: Path):
     return tree[name].to_dataset()
 
 
+@needs_litgpt
 def test_a_litgpt_llama3_run_replays_as_litgpts_converter_and_eager_attention(tmp_path):
     """The command on a litgpt run with Llama 3.x rope scaling, against the reference its user would build:
     litgpt's own converter (convert_lit_checkpoint's copy_weights_llama) into transformers' Llama with the rope
@@ -582,6 +588,7 @@ def assert_refused(code: int, capsys, store: Path, *words: str) -> None:
     assert not store.exists()
 
 
+@needs_litgpt
 def test_an_unmapped_litgpt_setting_refuses_the_run(tmp_path, capsys):
     config = litgpt_config(random.Random(7), "attention_scores_scalar")
     litgpt_run(tmp_path / "out", config, 7)
@@ -628,7 +635,7 @@ def test_a_given_model_config_that_does_not_fit_the_tensors_refuses_the_run(tmp_
     llama = tc.llama(seed=4)  # 4 heads, 2 key/value heads, head dim 8, vocabulary 101
     tc.torchtitan_step(tmp_path / "titan", 5, llama)
     config = llama.config.to_dict() | change
-    (tmp_path / "config.json").write_text(__import__("json").dumps(config))
+    (tmp_path / "config.json").write_text(json.dumps(config))
     store = tmp_path / "s.zarr"
     code = replay_cli(tmp_path / "titan", store, f"checkpoints.model_config={tmp_path / 'config.json'}")
     assert_refused(code, capsys, store, "config.json", words)
