@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import CheckpointError, describe
-from .load import check_state_dict, mapped_config, mapped_plan, parameters_on_meta, quiet_transformers
+from .load import check_state_dict, mapped_config, parameters_on_meta, quiet_transformers
 
 EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight")
 
@@ -30,7 +30,7 @@ def check_fits(opened, trust_remote_code: bool) -> None:
     config = mapped_config(opened, trust_remote_code)
     where = opened.config_path
     try:
-        plan = mapped_plan(opened, config)
+        plan = opened.plan
     except RuntimeError as e:  # a layout change (a head permutation, a split) that the config's shapes do not allow
         raise CheckpointError(
             where, f"the key map cannot lay out the checkpoint's tensors for this model config: {describe(e)}"
