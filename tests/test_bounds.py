@@ -342,3 +342,25 @@ def test_a_report_that_cannot_be_written_is_one_line_and_the_store_is_untouched(
         out.err.strip() == "sinktrace: error: the report was not written: OSError: [Errno 28] No space left on device"
     )
     assert sorted(p.relative_to(store) for p in store.rglob("*")) == before
+
+
+class Unlisted:
+    """A class torch's restricted unpickler does not allow."""
+
+
+def test_a_dcp_chunk_holding_a_pickle_is_refused_without_torchs_advice_to_unpickle(tmp_path):
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+    from pipeline.checkpoints.formats import dcp
+
+    payload = io.BytesIO()
+    torch.save({"weight": Unlisted()}, payload)
+    chunk = ChunkStorageMetadata(offsets=torch.Size([0]), sizes=torch.Size([4]))
+    file = str(tmp_path / "__0_0.distcp")
+    with pytest.raises(CheckpointError) as err:
+        dcp._load_chunk(file, "tok_embeddings.weight", payload.getvalue(), chunk, torch.float32)
+    assert err.value.path == file
+    assert err.value.problem == (
+        "__0_0.distcp cannot be read: tok_embeddings.weight needs more than torch.load(weights_only=True): its pickle "
+        f"names the global {Unlisted.__module__}.Unlisted"
+    )

@@ -219,7 +219,7 @@ def _files_key(folder: str) -> str:
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             with open(path, "rb") as f:
-                h.update(name.encode() + b"\0" + hashlib.sha256(f.read()).digest())
+                h.update(name.encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())  # read in blocks
     return h.hexdigest()
 
 
