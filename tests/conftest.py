@@ -48,6 +48,27 @@ def pytest_configure(config):
     torch.set_num_threads(threads)  # more threads than cores only adds contention
 
 
+# Modules whose tests all run on one pytest-xdist worker, in one block scheduled first: they share module-scoped
+# fixtures that take minutes (the wheel's fresh environment) or start real clusters, built once that way.
+ONE_WORKER = ("tests/test_package.py", "tests/test_cluster.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadgroup` with the groups of ONE_WORKER, every other test on whichever worker is free. (pytest-xdist
+    3.8 groups `xdist_group` tests by renaming `item._nodeid`, which pytest 9.2 no longer reads: its groups are
+    silently split between workers.) Larger groups are sent first, so the longest block never starts last."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in ONE_WORKER else nodeid
+
+    return ByModule(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("registry"):  # minutes of installing: never in the quick lane

@@ -4,9 +4,10 @@ the test environment), run from a folder outside the repository.
 
 The environment is made once per module (torch 2.13.0 first: any other torch requirement would fetch a CUDA
 build of several GB); the tests that use it are marked `registry`, and all of the module's tests run on one
-pytest-xdist worker (`xdist_group`), which builds it once. uv installs the packages where the test environment has
-it (the `test` extra): the same resolution as pip's, the newest releases, in seconds rather than minutes, with its
-cache answering for the registry on later runs; pip still picks torch's file, as the machine's pip settings say.
+pytest-xdist worker (conftest's `ONE_WORKER`), which builds it once. uv installs the packages where the test
+environment has it (the `test` extra): the same resolution as pip's, the newest releases, in seconds rather than
+minutes, with its cache answering for the registry on later runs; pip still picks torch's file, as the machine's
+pip settings say.
 Checkpoints, the Hub and the S3 server are made here, by the test environment, and every number the installed
 sinktrace stores is compared with what this environment computes for the same checkpoints."""
 
@@ -36,7 +37,7 @@ INSTALL_TIMEOUT = 1800  # seconds for one `pip install` from the registry
 RUN_TIMEOUT = 600  # seconds for one command of the installed sinktrace
 UV = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
 
-pytestmark = [pytest.mark.xdist_group("package"), pytest.mark.slow]
+pytestmark = pytest.mark.slow  # and on one worker: tests/conftest.py's ONE_WORKER
 
 
 @pytest.fixture(scope="module")
