@@ -71,7 +71,12 @@ def on_the_demo(mp: pytest.MonkeyPatch, home: Path) -> None:
     mp.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     # The report stage runs as printed but draws no figures: tests/test_report.py checks those, and matplotlib
     # would take seconds per command here.
-    mp.setattr(report, "write_report", lambda store, out_dir=None, **kw: open_sinks(store) and Path(out_dir or "."))
+    mp.setattr(report, "write_report", no_figures)
+
+
+def no_figures(store: str, out_dir: str | None = None, **kw) -> Path:
+    open_sinks(store)  # the store the report would read opens
+    return Path(out_dir or f"{store}.report") / "index.html"
 
 
 @pytest.fixture
