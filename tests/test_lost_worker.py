@@ -98,17 +98,34 @@ def cluster(tmp_path_factory):
 
 
 @pytest.mark.parametrize("trial", range(TRIALS))
-def test_a_worker_killed_at_a_random_moment_leaves_the_clean_store(run_root, clean, cluster, tmp_path, trial):
+def test_a_worker_killed_at_a_random_moment_leaves_the_clean_store(
+    run_root, clean, cluster, tmp_path, monkeypatch, trial
+):
+    """Trial 0 kills the worker the moment the client has connected (before anything is sent to the workers); the
+    others at a random moment of the run's first seconds."""
+    from pipeline.cluster import factories
+
     address, two_workers = cluster
     victim = random.Random(trial).choice(two_workers())
-    delay = random.Random(100 + trial).uniform(0.0, 3.0)
-    killer = threading.Timer(delay, victim.send_signal, (signal.SIGKILL,))
+    killer = None
+    if trial == 0:
+        connect = factories.connect
+
+        def connect_then_kill(cluster_cfg):
+            connected = connect(cluster_cfg)
+            victim.send_signal(signal.SIGKILL)  # it dies while the client goes on talking to the scheduler
+            return connected
+
+        monkeypatch.setattr(factories, "connect", connect_then_kill)
+    else:
+        killer = threading.Timer(random.Random(100 + trial).uniform(0.0, 3.0), victim.send_signal, (signal.SIGKILL,))
+        killer.start()
     store = tmp_path / "s.zarr"
-    killer.start()
     try:
         assert run(compose(replay_args(run_root, store, "cluster=scheduler", f"cluster.address={address}"))) == 0
     finally:
-        killer.cancel()
+        if killer is not None:
+            killer.cancel()
     got, want = open_sinks(str(store), GROUP), open_sinks(str(clean), GROUP)
     assert got.step.values.tolist() == STEPS and got.status.values.tolist() == ["done"] * len(STEPS)
     for name in want.data_vars:
