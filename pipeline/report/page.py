@@ -1,4 +1,5 @@
-"""Report stage: PNG figures and one HTML page per store, plus the CLI's plain-text table."""
+"""Report stage: one HTML page per store, a section per probe group with its figures (`figures`,
+`circuit_figures`), its numbers (`numbers`, which also gives the CLI's plain-text table) and the HTML (`html`)."""
 
 from __future__ import annotations
 
