@@ -17,7 +17,9 @@ import xarray as xr
 
 from . import analysis as an
 from .errors import UsageError
-from .report.page import STEP_LABEL, fmt_mass, fmt_step, html_figure, html_table, new_figure, save_figure, write_page
+from .report.figures import STEP_LABEL, new_figure, save_figure
+from .report.html import html_figure, html_table, write_page
+from .report.numbers import fmt_mass, fmt_step
 from .runs import open_runs
 from .store.schema import MEASURED
 

@@ -27,7 +27,7 @@ class CheckpointsSettings:
     model_config: str | None = None
     key_map: str = "auto"
     read_concurrency: int = 16
-    # hf://<org>/<name> roots (pipeline/checkpoints/hub.py)
+    # hf://<org>/<name> roots (pipeline/checkpoints/hub/)
     revision_pattern: str | None = None
     cache_limit: str = "30GB"
     keep_downloads: bool = False

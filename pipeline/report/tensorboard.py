@@ -87,7 +87,7 @@ def write_scalars(
     folder mirrors the store. Returns the files written."""
     needs_tensorboard()
     from ..store.cube import open_sinks
-    from .page import safe_name
+    from .html import safe_name
 
     wanted = None if steps is None else {int(s) for s in steps}
     written = []
