@@ -7,7 +7,8 @@ build of several GB); the tests that use it are marked `registry`, and all of th
 pytest-xdist worker (conftest's `ONE_WORKER`), which builds it once. uv installs the packages where the test
 environment has it (the `test` extra): the same resolution as pip's, the newest releases, in seconds rather than
 minutes, with its cache answering for the registry on later runs; pip still picks torch's file, as the machine's
-pip settings say.
+pip settings say. The extras get a second environment of their own.
+
 Checkpoints, the Hub and the S3 server are made here, by the test environment, and every number the installed
 sinktrace stores is compared with what this environment computes for the same checkpoints."""
 
