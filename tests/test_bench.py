@@ -119,6 +119,7 @@ def test_eager_over_its_memory_budget_is_skipped_with_the_memory_it_would_need(t
     assert "skipped: would need" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_contenders_in_their_own_subprocesses(tmp_path):
     """isolate=length: each contender and length in a fresh worker process, peaks from that process."""
     cfg = compose(

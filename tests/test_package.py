@@ -7,7 +7,8 @@ build of several GB); the tests that use it are marked `registry`, and all of th
 pytest-xdist worker (conftest's `ONE_WORKER`), which builds it once. uv installs the packages where the test
 environment has it (the `test` extra): the same resolution as pip's, the newest releases, in seconds rather than
 minutes, with its cache answering for the registry on later runs; pip still picks torch's file, as the machine's
-pip settings say.
+pip settings say. The extras get a second environment of their own.
+
 Checkpoints, the Hub and the S3 server are made here, by the test environment, and every number the installed
 sinktrace stores is compared with what this environment computes for the same checkpoints."""
 
@@ -137,22 +138,27 @@ class Venv:
         return json.loads(self.run([self.python, "-c", code, store], cwd=cwd).stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="module")
-def venv(wheel, tmp_path_factory) -> Venv:
-    """A fresh virtual environment with torch 2.13.0 and then the wheel, everything else from the registry."""
-    root = tmp_path_factory.mktemp("venv")
+def fresh_env(root: Path, spec: str) -> Venv:
+    """A fresh virtual environment with torch 2.13.0 and then `spec` (the wheel, with extras or not), everything
+    else from the registry."""
     env = Venv(root / "env", root / "home")
     subprocess.run([sys.executable, "-m", "venv", str(env.root)], check=True, timeout=300)
     env.pip_install("torch==2.13.0" if UV is None else env.torch_file("torch==2.13.0", root), cwd=root)
-    env.pip_install(str(wheel), cwd=root)
+    env.pip_install(spec, cwd=root)
     return env
 
 
 @pytest.fixture(scope="module")
-def extras(venv, wheel, tmp_path_factory) -> Venv:
-    """The same environment with both extras added (the tests without extras run first, as the file orders them)."""
-    venv.pip_install(f"{wheel}[s3,slurm]", cwd=tmp_path_factory.mktemp("extras"))
-    return venv
+def venv(wheel, tmp_path_factory) -> Venv:
+    """The wheel alone, as `pip install sinktrace` leaves it."""
+    return fresh_env(tmp_path_factory.mktemp("venv"), str(wheel))
+
+
+@pytest.fixture(scope="module")
+def extras(wheel, tmp_path_factory) -> Venv:
+    """The wheel with both extras, in an environment of its own: the one without them stays without them whatever
+    order the tests run in (uv takes torch and the rest from its cache: seconds)."""
+    return fresh_env(tmp_path_factory.mktemp("extras"), f"{wheel}[s3,slurm]")
 
 
 @pytest.fixture(scope="module")
