@@ -234,27 +234,41 @@ class Run:
 
     def _open_store(self, fresh: list[Checkpoint]) -> dict[int, str]:
         """Set up the probe and the store from the first of `fresh` whose config and format can be read. Those
-        before it fail their own step: returns {step: error} for them (each also reported as it happens)."""
-        from .errors import CheckpointError
+        before it fail their own step: returns {step: error} for them (each also reported as it happens).
 
-        failed = {}
+        A checkpoint the model config does not fit (`Misfit`) is set aside: when a later one fits, the config is
+        right and that checkpoint is replayed like the others (its replay names what is wrong with its files); when
+        none fits, the config is wrong and the run stops before anything is stored.
+        """
+        from .errors import CheckpointError
+        from .replay.fits import Misfit
+
+        failed, misfits = {}, []
         for ckpt in fresh:
             try:
                 self._open_store_from(ckpt)
                 return failed
+            except Misfit as e:
+                misfits.append((ckpt.step, e))
             except CheckpointError as e:
-                error = f"{type(e).__name__}: {e}"
-                failed[ckpt.step] = error
-                self.outcome.failures.append((ckpt.step, error))
-                print(f"step {ckpt.step} failed: {error}")
+                self._failed_early(failed, ckpt.step, e)
+        if misfits and not failed:
+            raise UsageError(str(misfits[0][1]))
+        for step, e in misfits:
+            self._failed_early(failed, step, e)
         return failed
+
+    def _failed_early(self, failed: dict[int, str], step: int, e: Exception) -> None:
+        error = f"{type(e).__name__}: {e}"
+        failed[step] = error
+        self.outcome.failures.append((step, error))
+        print(f"step {step} failed: {error}")
 
     def _open_store_from(self, first: Checkpoint) -> None:
         from .checkpoints.model_config import check_architecture
         from .checkpoints.opened import open_checkpoint
         from .checkpoints.sources import Folder
         from .checkpoints.statedict import ModelConfigNeeded
-        from .errors import CheckpointError
         from .probe import build_probe, open_store, probe_attrs
         from .replay.fits import check_fits
         from .version import __version__
@@ -267,10 +281,7 @@ class Run:
             raise UsageError(str(e)) from None
         check_architecture(first.model_config or first.path, model_config, self.settings.trust_remote_code)
         if opened.mapped and isinstance(self.source, Folder):  # a Hub revision's weights are not fetched yet
-            try:
-                check_fits(opened, self.settings.trust_remote_code)
-            except CheckpointError as e:
-                raise UsageError(str(e)) from None
+            check_fits(opened, self.settings.trust_remote_code)
         key_map = opened.key_map
         try:
             self.probe = build_probe(self.cfg.probe, model_config, first, self.source)

@@ -301,7 +301,7 @@ def test_the_trainer_writes_its_state_last(tmp_path):
 
     save_checkpoint(tmp_path / "checkpoint-5", step=5, trainer_state=False, training_files=True)
     (c,) = discover(str(tmp_path), quiet_seconds=0)
-    assert not c.complete and "trainer_state.json yet" in c.reason
+    assert not c.complete and "no trainer_state.json, which the Trainer writes last" in c.reason
 
 
 def test_a_checkpoint_rotated_away_while_queued_is_gone_not_failed(small_run, tmp_path, monkeypatch, capsys):

@@ -16,10 +16,14 @@ from tests.cubes import realistic_cube, write_store
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "emergence.ipynb"
 
 
+def share_planted(tmp_path_factory, monkeypatch) -> None:
+    """The notebook's planted series are replayed by the first notebook run of a test worker and read by the rest."""
+    monkeypatch.setenv("SINKTRACE_PLANTED", str(tmp_path_factory.getbasetemp() / "notebook-planted"))
+
+
 @pytest.fixture(autouse=True)
 def planted_once(tmp_path_factory, monkeypatch):
-    """The notebook's planted series are replayed by the first test and read by the others."""
-    monkeypatch.setenv("SINKTRACE_PLANTED", str(tmp_path_factory.getbasetemp() / "notebook-planted"))
+    share_planted(tmp_path_factory, monkeypatch)
 
 
 def _run(store: Path, monkeypatch) -> nbformat.NotebookNode:

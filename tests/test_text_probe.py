@@ -348,9 +348,11 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_is_a_usage_error(text_run,
 
 
 @pytest.mark.slow
-def test_the_notebook_sets_a_text_probe_beside_the_random_tokens(tmp_path, monkeypatch):
+def test_the_notebook_sets_a_text_probe_beside_the_random_tokens(tmp_path, monkeypatch, tmp_path_factory):
     from tests.cubes import realistic_cube, write_store
-    from tests.test_notebook import _images, _run, _text
+    from tests.test_notebook import _images, _run, _text, share_planted
+
+    share_planted(tmp_path_factory, monkeypatch)
 
     text = realistic_cube("keep", failed=())
     text.attrs.update(
@@ -366,7 +368,7 @@ def test_the_notebook_sets_a_text_probe_beside_the_random_tokens(tmp_path, monke
         "text-wiki: packing stream, tokenizer /data/run/checkpoint-0, text sha256 abababababab, ids (4, 64)"
         in _text(nb)
     )
-    assert _images(nb) == 5 + 1  # sections 1-4 and the text probe's (no first-token pair: the probes differ)
+    assert _images(nb) == 5 + 1 + 1  # sections 1-4, the planted circuit and the text probe's (no first-token pair)
 
 
 def test_probe_ids_a_killed_writer_left_unwritten_are_written_again(tmp_path):

@@ -19,11 +19,17 @@ from .load import check_state_dict, mapped_config, parameters_on_meta, quiet_tra
 EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight")
 
 
+class Misfit(CheckpointError):
+    """The model config describes another network than this checkpoint's tensors (the tensors themselves could be
+    read): the config's fault when no checkpoint of the run fits it, this checkpoint's when another one does."""
+
+
 def check_fits(opened, trust_remote_code: bool) -> None:
     """That `opened` (a checkpoint read through its key map) fills the model its config describes exactly.
 
     Raises:
-        CheckpointError: naming the config and the first disagreement.
+        Misfit: naming the config and the first disagreement.
+        CheckpointError: the checkpoint's tensors cannot be listed (a damaged or refused file).
     """
     from transformers import AutoModelForCausalLM
 
@@ -32,18 +38,18 @@ def check_fits(opened, trust_remote_code: bool) -> None:
     try:
         plan = opened.plan
     except RuntimeError as e:  # a layout change (a head permutation, a split) that the config's shapes do not allow
-        raise CheckpointError(
+        raise Misfit(
             where, f"the key map cannot lay out the checkpoint's tensors for this model config: {describe(e)}"
         ) from None
     try:
         with parameters_on_meta(), quiet_transformers():
             model = AutoModelForCausalLM.from_config(config)
     except Exception as e:
-        raise CheckpointError(where, f"transformers could not build the model: {describe(e)}") from e
+        raise Misfit(where, f"transformers could not build the model: {describe(e)}") from e
     try:
         check_state_dict(opened.path, plan.outputs, model)
     except CheckpointError as e:
-        raise CheckpointError(where, f"the model config does not fit the checkpoint's tensors: {e.problem}") from None
+        raise Misfit(where, f"the model config does not fit the checkpoint's tensors: {e.problem}") from None
     if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in plan.outputs:
         _check_tied(opened, plan, where)
 
@@ -55,7 +61,7 @@ def _check_tied(opened, plan, where: str) -> None:
     wanted = plan.feeding([embedding, "lm_head.weight"])
     tensors = plan.subset(opened.saved.tensors(wanted), [embedding, "lm_head.weight"])
     if not torch.equal(tensors[embedding], tensors["lm_head.weight"]):
-        raise CheckpointError(
+        raise Misfit(
             where,
             "the model config ties the output head to the embeddings (tie_word_embeddings), but the checkpoint's "
             "head differs from its embeddings: the trainer trained an untied head",
