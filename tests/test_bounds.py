@@ -42,6 +42,7 @@ def tokenizer_dir(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_a_200_mb_text_gives_its_rows_with_the_process_under_1_gb(tokenizer_dir, tmp_path):
     """One document of 200 MB (the text a probe file of one long document holds): both packings take their rows
     from its start, in a process whose peak resident memory stays under 1 GB (reading it whole and tokenizing all of

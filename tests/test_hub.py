@@ -515,6 +515,7 @@ def test_sigterm_ends_the_run_at_once_while_a_file_listing_hangs(tiny_revisions,
         proc.stderr.close()
 
 
+@pytest.mark.slow
 def test_download_headers_that_hang_fail_the_step_within_the_request_timeout(tiny_revisions, hub, tmp_path, capsys):
     publish(hub, "org/tiny", tiny_revisions)
     hub.hang = {"resolve/step10"}
@@ -527,6 +528,7 @@ def test_download_headers_that_hang_fail_the_step_within_the_request_timeout(tin
     assert list(pipeline.open_sinks(str(tmp_path / "hub.zarr"), GROUP).status.values) == ["done", "failed", "done"]
 
 
+@pytest.mark.slow
 def test_a_download_that_trickles_fails_at_the_download_deadline(tiny_revisions, hub, cache, tmp_path, capsys):
     publish(hub, "org/tiny", tiny_revisions)
     hub.trickle_on = ("step10", "model.safetensors")

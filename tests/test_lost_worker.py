@@ -19,6 +19,8 @@ from pipeline.cli import compose, run
 from pipeline.store.cube import open_sinks
 from tests.ckpt_factory import make_run
 
+pytestmark = pytest.mark.slow  # real Dask clusters or a server that hangs on purpose: seconds each
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = [0, 10, 20, 30]
 GROUP = "random-T8-r2-s0-bos"

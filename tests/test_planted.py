@@ -215,6 +215,7 @@ def test_control_is_token_bound_and_never_recognised(replayed, family):
     assert float(groups["random"]["p0_similarity"].sel(layer=[0, 1]).max()) < 0.5
 
 
+@pytest.mark.slow
 def test_report_shows_the_planted_circuit(replayed, tmp_path):
     from pipeline.report.page import write_report
 

@@ -16,6 +16,8 @@ from pipeline.cli import compose, run
 from pipeline.store.cube import open_sinks
 from tests.ckpt_factory import make_run
 
+pytestmark = pytest.mark.slow  # real Dask clusters or a server that hangs on purpose: seconds each
+
 pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
 

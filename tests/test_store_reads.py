@@ -71,6 +71,7 @@ def test_a_stored_step_reads_no_metadata_on_a_local_store(tmp_path, reads):
     assert reads
 
 
+@pytest.mark.slow
 def test_a_stored_step_reads_no_metadata_on_s3(s3, reads, tmp_path):
     url = "s3://store-reads/s.zarr"
     check_counts(write_counting(url, reads))

@@ -107,6 +107,7 @@ def test_without_the_extra_the_setting_is_a_one_line_error(store, tmp_path, monk
     assert not (tmp_path / "tb").exists()
 
 
+@pytest.mark.slow
 def test_watch_appends_each_replayed_step(trained_run, tmp_path):
     tb, store = tmp_path / "tb", tmp_path / "s.zarr"
     args = [

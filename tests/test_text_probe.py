@@ -287,6 +287,7 @@ def hub(tmp_path, monkeypatch):
     server.stop()
 
 
+@pytest.mark.slow
 def test_a_hub_repository_serves_its_tokenizer_and_offline_runs_read_it_from_the_cache(
     text_run, hub, tmp_path, monkeypatch
 ):
