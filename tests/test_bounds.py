@@ -466,3 +466,16 @@ def test_a_store_lock_holder_file_is_read_only_as_far_as_a_holder_takes(tmp_path
             f.write(" " * (1 << 20) + holder)
         with pytest.raises(UsageError, match="being written by another process"):
             StoreLock(str(store)).__enter__()
+
+
+def test_a_token_probe_larger_than_max_read_size_is_refused_before_it_is_loaded(tmp_path, max_read_size):
+    from pipeline.probe.batch import load_token_file
+
+    path = tmp_path / "tokens.npy"
+    np.save(path, np.arange(64, dtype=np.int64).reshape(2, 32))
+    size = path.stat().st_size
+    assert load_token_file(str(path), 100).shape == (2, 32)
+    max_read_size(size - 1)
+    with pytest.raises(ValueError) as e:
+        load_token_file(str(path), 100)
+    assert str(e.value).startswith(f"probe.path={path}: {read_size_refusal(path, size, size - 1)}"), e.value
