@@ -479,3 +479,27 @@ def test_a_token_probe_larger_than_max_read_size_is_refused_before_it_is_loaded(
     with pytest.raises(ValueError) as e:
         load_token_file(str(path), 100)
     assert str(e.value).startswith(f"probe.path={path}: {read_size_refusal(path, size, size - 1)}"), e.value
+
+
+def test_a_hub_tokenizer_larger_than_max_read_size_is_refused_from_its_listing(max_read_size):
+    """A Hub revision's tokenizer files are refused from the sizes its listing gives, before any is downloaded."""
+    from types import SimpleNamespace
+
+    from pipeline.checkpoints.hub import HubRun
+    from pipeline.checkpoints.hub.revisions import Revision
+
+    hub = HubRun.__new__(HubRun)  # only what fetching a step's listed files uses
+    files = {"tokenizer_config.json": (300, "a" * 40), "tokenizer.json": (5000, "b" * 64)}
+    hub.repo_id, hub.storage = "org/name", "/nowhere"
+    hub.revisions = {10: Revision("step10", "c" * 40, 10, None, files)}
+    fetched = []
+    hub.cache = SimpleNamespace(download=lambda rev, name: fetched.append(name))
+    assert hub.fetch_files(10, list(files)) == os.path.join("/nowhere", "snapshots", "c" * 40)
+    assert fetched == list(files)
+    fetched.clear()
+    max_read_size(4096)
+    with pytest.raises(CheckpointError) as e:
+        hub.fetch_files(10, list(files))
+    assert e.value.path == "hf://org/name@step10/tokenizer.json"
+    assert e.value.problem.startswith(read_size_refusal("tokenizer.json", 5000, 4096)), e.value.problem
+    assert fetched == []  # nothing downloaded, not even the smaller file
