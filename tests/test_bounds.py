@@ -372,10 +372,11 @@ def test_a_dcp_chunk_holding_a_pickle_is_refused_without_torchs_advice_to_unpick
 
 @pytest.fixture
 def max_read_size(monkeypatch):
-    """Sets `checkpoints.max_read_size` for one test (as the driver does); the process's bound comes back after."""
+    """Sets `checkpoints.max_read_size` for one test (as the driver does), from its default whatever an earlier run
+    in this process set; the process's bound comes back after."""
     from pipeline import locations
 
-    monkeypatch.setattr(locations, "_READ_LIMIT", dict(locations._READ_LIMIT))
+    monkeypatch.setattr(locations, "_READ_LIMIT", {"bytes": 1 << 30, "setting": "1GB"})
     return locations.bound_reads
 
 
