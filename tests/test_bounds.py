@@ -6,6 +6,7 @@ file holds is refused before any byte is asked for, and names reach matplotlib a
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from pipeline.cli import compose, run
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, UsageError
 from tests.ckpt_factory import make_run
 
 WORDS = "the a cat dog sat ran on in under over mat park tree house river stone".split()
@@ -365,3 +366,142 @@ def test_a_dcp_chunk_holding_a_pickle_is_refused_without_torchs_advice_to_unpick
         "__0_0.distcp cannot be read: tok_embeddings.weight needs more than torch.load(weights_only=True): its pickle "
         f"names the global {Unlisted.__module__}.Unlisted"
     )
+
+
+# ------------------------------------------------------------------------------------------ files read whole
+
+
+@pytest.fixture
+def max_read_size(monkeypatch):
+    """Sets `checkpoints.max_read_size` for one test (as the driver does), from its default whatever an earlier run
+    in this process set; the process's bound comes back after."""
+    from pipeline import locations
+
+    monkeypatch.setattr(locations, "_READ_LIMIT", {"bytes": 1 << 30, "setting": "1GB"})
+    return locations.bound_reads
+
+
+def read_size_refusal(path, size: int, setting) -> str:
+    return (
+        f"{os.path.basename(str(path).rstrip('/'))} holds {size:,} bytes, more than checkpoints.max_read_size="
+        f"{setting} allows for a file read whole"
+    )
+
+
+def test_a_hub_index_larger_than_max_read_size_is_refused_naming_file_size_and_setting(tmp_path, max_read_size):
+    from pipeline.checkpoints.hub.convert import index_shards
+
+    path = tmp_path / "model.safetensors.index.json"
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    path.write_text(json.dumps({"weight_map": {"a": shards[1], "b": shards[0]}}) + " " * 4096)
+    size = path.stat().st_size
+    assert index_shards(str(path)) == shards  # within the bound, read as before
+    max_read_size(4096)
+    with pytest.raises(CheckpointError) as e:
+        index_shards(str(path))
+    assert e.value.path == str(path)
+    assert e.value.problem.startswith(read_size_refusal(path, size, 4096)), e.value.problem
+
+
+def test_a_hub_journal_larger_than_max_read_size_is_not_read_and_its_files_stay(tmp_path, max_read_size, caplog):
+    from pipeline.checkpoints.hub.cache import _read_journal
+
+    journal = tmp_path / "fetched.json"
+    journal.write_text(json.dumps([str(tmp_path / "blob")]) + " " * 4096)
+    size = journal.stat().st_size
+    assert _read_journal(journal) == {str(tmp_path / "blob")}
+    max_read_size(4096)
+    with caplog.at_level("WARNING"):
+        assert _read_journal(journal) == set()  # nothing adopted, so nothing it lists is deleted
+    assert read_size_refusal(journal, size, 4096) in caplog.text
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["folder", "url"])
+def test_a_later_checkpoints_tokenizer_larger_than_max_read_size_fails_its_step(
+    tokenizer_dir, tmp_path, monkeypatch, max_read_size, remote
+):
+    """The first checkpoint's tokenizer was loaded; a later checkpoint's own tokenizer files are checked against
+    `checkpoints.max_read_size` before they are fetched or loaded, and that step fails naming the file."""
+    import fsspec
+
+    from pipeline.probe import tokenizer as tokenizers
+    from pipeline.probe.tokenizer import _load, changed_tokenizers
+    from pipeline.records import Checkpoint, Probe
+
+    first = _load(str(tokenizer_dir), str(tokenizer_dir))
+    tokens = np.zeros((1, 4), np.int64)
+    probe = Probe("p", "text", tokens, 0, "keep", tokenizer=first.name, vocab_sha256=first.vocab_sha256)
+    if remote:
+        fs = fsspec.filesystem("memory")
+        folder = f"memory://{tmp_path.name}/step-10"
+        fs.put(str(tokenizer_dir), f"/{tmp_path.name}/step-10", recursive=True)
+    else:
+        folder = str(tmp_path / "step-10")
+        shutil.copytree(tokenizer_dir, folder)
+    later = [Checkpoint(10, folder)]
+    try:
+        monkeypatch.setattr(tokenizers, "_VOCABS", {})  # its files not loaded yet
+        assert changed_tokenizers({}, probe, later) == {}  # within the bound: the same vocabulary
+        size = (tokenizer_dir / "tokenizer.json").stat().st_size
+        max_read_size(size - 1)
+        monkeypatch.setattr(tokenizers, "_VOCABS", {})
+        (error,) = changed_tokenizers({}, probe, later).values()
+    finally:
+        if remote:
+            fs.rm(f"/{tmp_path.name}", recursive=True)
+    assert error.startswith("TokenizerError: its tokenizer could not be read"), error
+    assert f"step-10/tokenizer.json: {read_size_refusal('tokenizer.json', size, size - 1)}" in error, error
+
+
+def test_a_store_lock_holder_file_is_read_only_as_far_as_a_holder_takes(tmp_path):
+    from pipeline.store.lock import StoreLock
+
+    store = tmp_path / "s.zarr"
+    with StoreLock(str(store)) as held:
+        holder = json.dumps({"host": "h", "pid": 4242, "since": "then"})
+        with open(held.holder_path, "w") as f:
+            f.write(holder)
+        with pytest.raises(UsageError, match="process 4242 on h"):
+            StoreLock(str(store)).__enter__()
+        # a holder file sinktrace never wrote (its JSON after a megabyte of spaces) is not read to its end
+        with open(held.holder_path, "w") as f:
+            f.write(" " * (1 << 20) + holder)
+        with pytest.raises(UsageError, match="being written by another process"):
+            StoreLock(str(store)).__enter__()
+
+
+def test_a_token_probe_larger_than_max_read_size_is_refused_before_it_is_loaded(tmp_path, max_read_size):
+    from pipeline.probe.batch import load_token_file
+
+    path = tmp_path / "tokens.npy"
+    np.save(path, np.arange(64, dtype=np.int64).reshape(2, 32))
+    size = path.stat().st_size
+    assert load_token_file(str(path), 100).shape == (2, 32)
+    max_read_size(size - 1)
+    with pytest.raises(ValueError) as e:
+        load_token_file(str(path), 100)
+    assert str(e.value).startswith(f"probe.path={path}: {read_size_refusal(path, size, size - 1)}"), e.value
+
+
+def test_a_hub_tokenizer_larger_than_max_read_size_is_refused_from_its_listing(max_read_size):
+    """A Hub revision's tokenizer files are refused from the sizes its listing gives, before any is downloaded."""
+    from types import SimpleNamespace
+
+    from pipeline.checkpoints.hub import HubRun
+    from pipeline.checkpoints.hub.revisions import Revision
+
+    hub = HubRun.__new__(HubRun)  # only what fetching a step's listed files uses
+    files = {"tokenizer_config.json": (300, "a" * 40), "tokenizer.json": (5000, "b" * 64)}
+    hub.repo_id, hub.storage = "org/name", "/nowhere"
+    hub.revisions = {10: Revision("step10", "c" * 40, 10, None, files)}
+    fetched = []
+    hub.cache = SimpleNamespace(download=lambda rev, name: fetched.append(name))
+    assert hub.fetch_files(10, list(files)) == os.path.join("/nowhere", "snapshots", "c" * 40)
+    assert fetched == list(files)
+    fetched.clear()
+    max_read_size(4096)
+    with pytest.raises(CheckpointError) as e:
+        hub.fetch_files(10, list(files))
+    assert e.value.path == "hf://org/name@step10/tokenizer.json"
+    assert e.value.problem.startswith(read_size_refusal("tokenizer.json", 5000, 4096)), e.value.problem
+    assert fetched == []  # nothing downloaded, not even the smaller file

@@ -575,6 +575,8 @@ class _Folder:
         return _Folder(path, self.fs, mtime)
 
     def list_top(self) -> list[_Entry]:
+        # listings (here and in walk) are unbounded: fsspec lists a prefix whole and offers no count limit (s3fs's
+        # max_items truncates silently and counts no subfolder); the README asks for the run's own prefix
         if self.fs is None:
             with os.scandir(self.path) as it:
                 return [_Entry(d.name, d.is_dir(), None) for d in it]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
 
 from ..choices import FIRST_TOKENS
-from ..errors import UsageError
+from ..errors import CheckpointError, UsageError
+from ..locations import check_read_size
 from ..records import Checkpoint, Probe
 
 
@@ -120,9 +122,12 @@ def apply_first_token(tokens: np.ndarray, policy: str, model_config: dict, rng) 
 
 def load_token_file(path: str, vocab: int) -> np.ndarray:
     try:
+        check_read_size(path, os.path.getsize(path))  # np.load reads it whole
         tokens = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise ValueError(f"probe.path={path}: no such file") from None
+    except CheckpointError as e:
+        raise ValueError(f"probe.path={path}: {e.problem}") from None
     except (ValueError, OSError) as e:
         raise ValueError(f"probe.path={path}: not a readable .npy array ({e})") from None
     if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):

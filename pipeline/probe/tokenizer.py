@@ -23,8 +23,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import UsageError, describe
-from ..locations import is_url, local_path
+from ..errors import CheckpointError, UsageError, describe
+from ..locations import check_read_size, is_url, local_path
 from ..records import Checkpoint, Probe
 
 # The files transformers builds a tokenizer from; a folder holds a tokenizer when it has one of MAIN_FILES.
@@ -194,8 +194,10 @@ class _local_copy:
         fs, remote = fsspec.core.url_to_fs(self.path)
         self.tmp = tempfile.mkdtemp(prefix="sinktrace-tokenizer-")
         for name in TOKENIZER_FILES:
-            if fs.isfile(posixpath.join(remote, name)):
-                fs.get_file(posixpath.join(remote, name), os.path.join(self.tmp, name))
+            path = posixpath.join(remote, name)
+            if fs.isfile(path):
+                _check_read_size(fs.unstrip_protocol(path), fs.size(path))  # before it is fetched and read whole
+                fs.get_file(path, os.path.join(self.tmp, name))
         return self.tmp
 
     def __exit__(self, *exc) -> None:
@@ -232,19 +234,26 @@ BYTES_SLACK = 16 << 20
 def check_size(folder: str, name: str, vocab: int | None) -> None:
     """UsageError, before anything is loaded, when the tokenizer files in `folder` are larger than any tokenizer of
     `vocab` ids would be (a vocabulary that cannot fit the model, which loading would spend minutes and gigabytes
-    on)."""
-    if vocab is None:
-        return
-    bound = BYTES_PER_ID * vocab + BYTES_SLACK
+    on), or than `checkpoints.max_read_size` allows for a file read whole (every checkpoint's tokenizer)."""
+    bound = BYTES_PER_ID * vocab + BYTES_SLACK if vocab is not None else None
     for file in TOKENIZER_FILES:
         path = os.path.join(folder, file)
         size = os.path.getsize(path) if os.path.isfile(path) else 0
-        if size > bound:
+        _check_read_size(path, size)
+        if bound is not None and size > bound:
             raise UsageError(
                 f"probe.tokenizer: {os.path.join(name, file)} is {size:,} bytes, more than a tokenizer of the model's "
                 f"{vocab:,} token ids takes (at most {bound:,}, from its config.json's vocab_size): its vocabulary "
                 "cannot fit the model; give probe.tokenizer= the model's own tokenizer"
             )
+
+
+def _check_read_size(path: str, size: int) -> None:
+    """UsageError naming the file, its size and `checkpoints.max_read_size` when a tokenizer file exceeds it."""
+    try:
+        check_read_size(path, size)
+    except CheckpointError as e:
+        raise UsageError(f"probe.tokenizer: {e}") from None
 
 
 def _load(folder: str, name: str, vocab: int | None = None) -> Loaded:

@@ -19,6 +19,10 @@ import socket
 from ..errors import UsageError
 from ..locations import is_url, local_path, write_json_atomic
 
+# The most of a holder file read: one is a hundred bytes; a larger one was not written by sinktrace, and what it
+# names is not shown (the refusal says "another process").
+HOLDER_BYTES = 1 << 16
+
 
 class StoreLock:
     def __init__(self, store: str):
@@ -69,8 +73,8 @@ class StoreLock:
 
     def _holder_local(self) -> dict:
         try:
-            with open(os.open(self.holder_path, os.O_RDONLY | os.O_NOFOLLOW)) as f:
-                return json.load(f)
+            with open(os.open(self.holder_path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
+                return _holder(f.read(HOLDER_BYTES + 1))
         except (OSError, ValueError):
             return {}
 
@@ -80,7 +84,7 @@ class StoreLock:
         fs, path = fsspec.core.url_to_fs(self.holder_path)
         if fs.exists(path):
             try:
-                holder = json.loads(fs.cat_file(path))
+                holder = _holder(fs.cat_file(path, start=0, end=HOLDER_BYTES + 1))
             except ValueError:
                 holder = {}
             raise UsageError(self._refusal(holder, self.holder_path))
@@ -109,3 +113,10 @@ class StoreLock:
             f"finish, or choose another store.path. If that process is gone and the lock stayed (a network file "
             f"system or object store can keep it), remove {lock}."
         )
+
+
+def _holder(raw: bytes) -> dict:
+    """The holder a holder file names; ValueError when it is not one sinktrace wrote (too long, not JSON)."""
+    if len(raw) > HOLDER_BYTES:
+        raise ValueError(f"longer than {HOLDER_BYTES} bytes")
+    return json.loads(raw)

@@ -37,7 +37,7 @@ import os
 import re
 
 from ...errors import CheckpointError, UsageError
-from ...locations import sinktrace_home
+from ...locations import check_read_size, sinktrace_home
 from ...records import Checkpoint
 from ..weightfiles import CONFIG_NAME
 from .cache import AHEAD, STALE_PARTIAL, TRIES, HubCache
@@ -191,6 +191,9 @@ class HubRun:
         """Listed files of a step's revision beyond its weights (a text probe's tokenizer), fetched and checked like
         them and released with them; the snapshot folder holding them. CheckpointError naming a file not had."""
         rev = self.revisions[step]
+        for name in names:  # read whole once fetched: the listing's size meets checkpoints.max_read_size first
+            if name in rev.files:
+                check_read_size(f"{PREFIX}{self.repo_id}@{rev.name}/{name}", rev.files[name][0])
         for name in names:
             self.cache.download(rev, name)
         return os.path.join(self.storage, "snapshots", rev.commit)

@@ -14,7 +14,7 @@ import uuid
 from functools import partial
 
 from ...errors import CheckpointError, describe
-from ...locations import write_json_atomic
+from ...locations import read_bytes, write_json_atomic
 from ...records import Checkpoint
 from ..weightfiles import SAFE_INDEX_NAME
 from .convert import convert, index_shards
@@ -314,8 +314,11 @@ def _inside(path: str, folder: str) -> bool:
 
 def _read_journal(path) -> set[str]:
     try:
-        return set(json.loads(path.read_text()))
+        return set(json.loads(read_bytes(str(path))))
     except (OSError, ValueError):  # none yet, or unreadable: nothing to adopt
+        return set()
+    except CheckpointError as e:  # larger than checkpoints.max_read_size: its files are left, never deleted
+        log.warning("%s; the files it lists are left in the cache", e)
         return set()
 
 

@@ -7,6 +7,7 @@ import os
 import shutil
 
 from ...errors import CheckpointError, describe
+from ...locations import read_bytes
 from ..weightfiles import CONFIG_NAME, SAFE_WEIGHTS_NAME, shard_names
 from .revisions import PICKLE_INDEX, PICKLE_WEIGHTS
 
@@ -47,8 +48,7 @@ def convert(snapshot: str, fetched: list[str], folder: str) -> None:
 
 
 def index_shards(index_path: str) -> list[str]:
-    try:
-        with open(index_path, encoding="utf-8") as f:
-            return shard_names(json.load(f))
+    try:  # its size is checked against checkpoints.max_read_size before it is read
+        return shard_names(json.loads(read_bytes(index_path).decode("utf-8")))
     except ValueError as e:
         raise CheckpointError(index_path, f"{os.path.basename(index_path)} is unusable: {e}") from None
